@@ -1,0 +1,375 @@
+"""Images with physical geometry: reading, checking, writing, model grids, resampling, pre-alignment.
+
+Everything here works on SimpleITK images, whose geometry (size, spacing, origin, direction) is in
+ITK's LPS physical space. NumPy arrays taken from them are in (D, H, W) = (z, y, x) index order, the
+reverse of SimpleITK's (x, y, z) size/spacing order. Every problem with an input raises
+:class:`~morphseek.errors.MorphSeekError` with a message naming the file (or input) and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .errors import MorphSeekError
+
+PathLike = str | os.PathLike
+
+#: Relative tolerance when comparing two voxel grids (see :func:`same_grid`).
+GRID_TOLERANCE = 1e-4
+
+
+# --------------------------------------------------------------------------------------------------
+# Grids
+# --------------------------------------------------------------------------------------------------
+class Grid(NamedTuple):
+    """The geometry of a 3D image, in SimpleITK's (x, y, z) order."""
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "Grid":
+        return cls(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()),
+                   tuple(image.GetDirection()))
+
+    def describe(self) -> str:
+        fmt = lambda values: "(" + ", ".join(f"{v:.6g}" for v in values) + ")"  # noqa: E731
+        return (f"size {self.size}, spacing {fmt(self.spacing)} mm, origin {fmt(self.origin)} mm, "
+                f"direction {fmt(self.direction)}")
+
+
+def grid_differences(a: sitk.Image, b: sitk.Image, tolerance: float = GRID_TOLERANCE) -> list[str]:
+    """Which parts of the two grids differ: sizes exactly; spacings relative to their magnitude;
+    origins relative to the largest spacing (so 'a 1e-4 fraction of a voxel'); direction cosines
+    absolutely. An empty list means the grids match."""
+    ga, gb = Grid.of(a), Grid.of(b)
+    diffs = []
+    if ga.size != gb.size:
+        diffs.append(f"size {ga.size} vs {gb.size}")
+    sa, sb = np.asarray(ga.spacing), np.asarray(gb.spacing)
+    if sa.shape != sb.shape or np.any(np.abs(sa - sb) > tolerance * np.maximum(np.abs(sa), np.abs(sb))):
+        diffs.append(f"spacing {ga.spacing} vs {gb.spacing}")
+        return diffs
+    voxel = float(max(sa.max(), sb.max()))
+    if np.any(np.abs(np.subtract(ga.origin, gb.origin)) > tolerance * voxel):
+        diffs.append(f"origin {ga.origin} vs {gb.origin}")
+    if np.any(np.abs(np.subtract(ga.direction, gb.direction)) > tolerance):
+        diffs.append(f"direction {ga.direction} vs {gb.direction}")
+    return diffs
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = GRID_TOLERANCE) -> bool:
+    """True when ``a`` and ``b`` share a voxel grid (see :func:`grid_differences` for the tolerances)."""
+    return not grid_differences(a, b, tolerance)
+
+
+def index_to_physical(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """(A, origin) with physical = A @ index + origin, index in (i, j, k) = (x, y, z) order;
+    A = Direction @ diag(spacing)."""
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    return direction * spacing[None, :], np.asarray(image.GetOrigin(), dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------------
+def _require_3d_scalar(image: sitk.Image, name: str, what: str) -> None:
+    dim = image.GetDimension()
+    if dim != 3:
+        raise MorphSeekError(f"{what} '{name}' is {dim}D (size {image.GetSize()}); a 3D volume is needed")
+    comps = image.GetNumberOfComponentsPerPixel()
+    if comps != 1:
+        raise MorphSeekError(f"{what} '{name}' has {comps} components per voxel (a vector/colour image); "
+                             "a single-channel 3D volume is needed")
+    if min(image.GetSize()) < 2:
+        raise MorphSeekError(f"{what} '{name}' has size {image.GetSize()}: a single slice is not a 3D volume")
+
+
+def check_volume(image: sitk.Image, name: str, what: str = "image") -> sitk.Image:
+    """Check that ``image`` is a usable 3D intensity volume and return it as float32.
+
+    Raises MorphSeekError naming ``name`` when the image is not 3D, has several components, holds
+    NaN/inf values, or is constant (no contrast to register)."""
+    if not isinstance(image, sitk.Image):
+        raise MorphSeekError(f"{what} '{name}' is a {type(image).__name__}, not a SimpleITK image")
+    _require_3d_scalar(image, name, what)
+    image = sitk.Cast(image, sitk.sitkFloat32) if image.GetPixelID() != sitk.sitkFloat32 else image
+    values = sitk.GetArrayViewFromImage(image)
+    finite = np.isfinite(values)
+    if not finite.all():
+        raise MorphSeekError(f"{what} '{name}' holds {int(values.size - finite.sum())} NaN/inf voxels")
+    if float(values.max()) == float(values.min()):
+        raise MorphSeekError(f"{what} '{name}' is constant (every voxel is {float(values.min()):g}): "
+                             "it has no contrast to register")
+    return image
+
+
+def check_labels(labels: sitk.Image, reference: sitk.Image | None, name: str,
+                 reference_name: str = "reference image", what: str = "segmentation") -> sitk.Image:
+    """Check a label map and return it as an integer image (UInt16, or Int32 when values are negative
+    or above 65535).
+
+    Raises MorphSeekError naming ``name`` when it is not a 3D single-channel image, holds non-integer
+    or non-finite values, is empty (all zero), or, when ``reference`` is given, lies on a different grid
+    (message names both inputs and their grids)."""
+    if not isinstance(labels, sitk.Image):
+        raise MorphSeekError(f"{what} '{name}' is a {type(labels).__name__}, not a SimpleITK image")
+    _require_3d_scalar(labels, name, what)
+    values = sitk.GetArrayViewFromImage(labels)
+    if np.issubdtype(values.dtype, np.floating):
+        if not np.isfinite(values).all():
+            raise MorphSeekError(f"{what} '{name}' holds NaN/inf values; a label map holds integers")
+        if not np.equal(np.floor(values), values).all():
+            raise MorphSeekError(f"{what} '{name}' holds non-integer values (e.g. "
+                                 f"{float(values[np.floor(values) != values].flat[0]):g}); a label map "
+                                 "holds integers (is this an intensity image?)")
+    low, high = float(values.min()), float(values.max())
+    if low == 0 and high == 0:
+        raise MorphSeekError(f"{what} '{name}' is empty: every voxel is 0 (no labelled structure)")
+    if low < -2**31 or high >= 2**31:
+        raise MorphSeekError(f"{what} '{name}' has label values out of the int32 range ({low:g}..{high:g})")
+    pixel = sitk.sitkUInt16 if low >= 0 and high <= 65535 else sitk.sitkInt32
+    if reference is not None:
+        diffs = grid_differences(labels, reference)
+        if diffs:
+            raise MorphSeekError(
+                f"{what} '{name}' is not on the grid of '{reference_name}': " + "; ".join(diffs)
+                + f" ({what}: {Grid.of(labels).describe()}; {reference_name}: {Grid.of(reference).describe()})")
+    return labels if labels.GetPixelID() == pixel else sitk.Cast(labels, pixel)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading and writing
+# --------------------------------------------------------------------------------------------------
+def _read(path: PathLike, what: str) -> sitk.Image:
+    path = Path(path)
+    if not path.exists():
+        raise MorphSeekError(f"{what} file not found: '{path}'")
+    if path.is_dir():
+        raise MorphSeekError(f"{what} path '{path}' is a folder, not an image file")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()
+        detail = next((line.strip() for line in reversed(reason) if line.strip()), "unknown reason")
+        raise MorphSeekError(f"cannot read {what} file '{path}' (is it a NIfTI/NRRD/MHA image?): {detail}") from None
+
+
+def _squeeze_fourth(image: sitk.Image) -> sitk.Image:
+    """A 4D image whose fourth axis has length 1 is a 3D volume stored as 4D (common in NIfTI)."""
+    if image.GetDimension() == 4 and image.GetSize()[3] == 1:
+        return sitk.Extract(image, list(image.GetSize()[:3]) + [0], [0, 0, 0, 0])
+    return image
+
+
+def read_image(path: PathLike, what: str = "image") -> sitk.Image:
+    """Read a 3D NIfTI / NRRD / MHA intensity image as float32, keeping its physical geometry.
+
+    A 4D file whose fourth axis has length 1 is accepted as 3D. Raises MorphSeekError naming the file
+    when it is missing or unreadable, not 3D (the dimension found is given), has several components per
+    voxel, holds NaN/inf, or is constant."""
+    image = _squeeze_fourth(_read(path, what))
+    return check_volume(image, str(path), what)
+
+
+def read_labels(path: PathLike, reference: sitk.Image | PathLike | None = None,
+                what: str = "segmentation") -> sitk.Image:
+    """Read an integer label map (returned as UInt16, or Int32 for negative/large values).
+
+    Float files are accepted when every value is an integer (some tools write labels as float64).
+    **4D labels** (one channel per structure along the 4th axis, as in the prostate MR/US data) and
+    multi-component label images are reduced to **channel 0** (the prostate gland there; the other
+    channels are landmarks): register with channel 0 and pass the others separately if needed.
+    ``reference`` (an image, or the path of one) must share the label map's grid: size exactly;
+    spacing, origin (in voxels) and direction to 1e-4. Errors name both files and their grids."""
+    image = _squeeze_fourth(_read(path, what))
+    if image.GetDimension() == 4:
+        image = sitk.Extract(image, list(image.GetSize()[:3]) + [0], [0, 0, 0, 0])
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        image = sitk.VectorIndexSelectionCast(image, 0)
+    reference_name = "reference image"
+    if reference is not None and not isinstance(reference, sitk.Image):
+        reference_name = str(reference)
+        reference = read_image(reference)
+    return check_labels(image, reference, str(path), reference_name=reference_name, what=what)
+
+
+@contextmanager
+def atomic_target(path: PathLike) -> Iterator[str]:
+    """Yield a temporary file name in ``path``'s folder (same extension, so writers that choose the
+    format from the extension still work); on success it replaces ``path`` atomically, on failure it
+    is removed and ``path`` is left as it was. Parent folders are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_image(image: sitk.Image, path: PathLike) -> Path:
+    """Write ``image`` (any format SimpleITK knows from the extension), atomically, keeping its geometry.
+    Parent folders are created. Returns the path."""
+    path = Path(path)
+    try:
+        with atomic_target(path) as tmp:
+            sitk.WriteImage(image, tmp, True)
+    except RuntimeError as err:
+        raise MorphSeekError(f"cannot write image '{path}': {str(err).strip().splitlines()[-1]}") from None
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Intensities, grids, resampling
+# --------------------------------------------------------------------------------------------------
+def normalise_intensities(array: np.ndarray, low: float = 1.0, high: float = 99.0,
+                          name: str = "image") -> np.ndarray:
+    """Map the ``low``..``high`` percentile range linearly to [0, 1], clipping outside (float32).
+
+    When the two percentiles coincide (e.g. an image that is 99 % background) the minimum and maximum
+    are used instead. A constant array raises MorphSeekError."""
+    values = np.asarray(array, dtype=np.float64)
+    if values.size == 0 or not np.isfinite(values).all():
+        raise MorphSeekError(f"cannot normalise '{name}': it is empty or holds NaN/inf values")
+    lo, hi = np.percentile(values, [low, high])
+    if hi <= lo:
+        lo, hi = values.min(), values.max()
+    if hi <= lo:
+        raise MorphSeekError(f"cannot normalise '{name}': it is constant ({lo:g}), it has no contrast")
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def model_grid(reference: sitk.Image, shape: Sequence[int]) -> sitk.Image:
+    """An empty float32 image of ``shape`` (array order D, H, W) covering ``reference``'s extent.
+
+    Same direction and origin; the first and last voxel CENTRES coincide with the reference's first
+    and last voxel centres, so ``spacing_new = spacing * (n - 1) / (m - 1)`` per axis. This is the
+    ``align_corners=True`` convention of :func:`morphseek.geometry.resize_displacement`, so a field
+    resized between the two grids stays consistent with their physical geometry."""
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 3 or min(shape) < 2:
+        raise MorphSeekError(f"model grid shape must be three sizes >= 2 (D, H, W), got {shape}")
+    if reference.GetDimension() != 3:
+        raise MorphSeekError(f"model grid reference must be 3D, got {reference.GetDimension()}D")
+    size_xyz = shape[::-1]
+    old = reference.GetSize()
+    spacing = [s * (n - 1) / (m - 1) for s, n, m in zip(reference.GetSpacing(), old, size_xyz)]
+    grid = sitk.Image(list(size_xyz), sitk.sitkFloat32)
+    grid.SetSpacing(spacing)
+    grid.SetOrigin(reference.GetOrigin())
+    grid.SetDirection(reference.GetDirection())
+    return grid
+
+
+def resample_to(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform | None = None,
+                is_label: bool = False, default: float = 0.0) -> sitk.Image:
+    """Resample ``image`` onto ``reference``'s grid: linear for intensities, nearest neighbour for
+    labels (pixel type kept). ``transform`` maps reference (fixed) points to ``image`` points
+    (SimpleITK's convention); None is the identity. Points outside ``image`` get ``default``."""
+    transform = transform if transform is not None else sitk.Transform(3, sitk.sitkIdentity)
+    interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
+    return sitk.Resample(image, reference, transform, interpolator, default, image.GetPixelID())
+
+
+def affine_prealign(fixed: sitk.Image, moving: sitk.Image, iterations: int = 100,
+                    init: str = "moments", seed: int = 1234) -> sitk.AffineTransform:
+    """Affine registration of ``moving`` to ``fixed`` with SimpleITK (works across modalities).
+
+    Both images are percentile-normalised; the transform starts from the centres of mass
+    (``init="moments"``) or the geometric centres (``"geometry"``), then Mattes mutual information
+    (32 bins, 25 % random samples with a fixed ``seed``, so runs repeat) is minimised by gradient
+    descent over a 4-2-1 pyramid (coarser levels dropped for small images). Returns a transform that
+    maps FIXED physical points to MOVING physical points: ``resample_to(moving, fixed, T)`` aligns."""
+    fixed = _normalised_image(check_volume(fixed, "fixed", "image"))
+    moving = _normalised_image(check_volume(moving, "moving", "image"))
+    mode = {"moments": sitk.CenteredTransformInitializerFilter.MOMENTS,
+            "geometry": sitk.CenteredTransformInitializerFilter.GEOMETRY}.get(init)
+    if mode is None:
+        raise MorphSeekError(f"affine_prealign: init must be 'moments' or 'geometry', got {init!r}")
+    initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3), mode)
+
+    smallest = min(fixed.GetSize())
+    shrink = [f for f in (4, 2) if smallest / f >= 16] + [1]
+    smooth = [f / 2.0 for f in shrink[:-1]] + [0.0]
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(0.25, seed)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsGradientDescent(learningRate=1.0, numberOfIterations=int(iterations),
+                                      convergenceMinimumValue=1e-6, convergenceWindowSize=10,
+                                      estimateLearningRate=reg.EachIteration, maximumStepSizeInPhysicalUnits=0.0)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel(shrink)
+    reg.SetSmoothingSigmasPerLevel(smooth)
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    reg.SetInitialTransform(initial, inPlace=False)
+    try:
+        result = reg.Execute(fixed, moving)
+    except RuntimeError as err:
+        raise MorphSeekError(f"affine pre-alignment failed: {str(err).strip().splitlines()[-1]}") from None
+    return _as_affine(result)
+
+
+def _normalised_image(image: sitk.Image) -> sitk.Image:
+    out = sitk.GetImageFromArray(normalise_intensities(sitk.GetArrayViewFromImage(image)))
+    out.CopyInformation(image)
+    return out
+
+
+def _as_affine(transform: sitk.Transform) -> sitk.AffineTransform:
+    """The registration returns a composite holding one affine; unwrap it."""
+    transform = transform.Downcast()
+    if isinstance(transform, sitk.CompositeTransform):
+        transform = transform.GetNthTransform(transform.GetNumberOfTransforms() - 1).Downcast()
+    return sitk.AffineTransform(transform)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensors
+# --------------------------------------------------------------------------------------------------
+def to_tensor(image: sitk.Image) -> torch.Tensor:
+    """A 3D scalar image as a float32 tensor (1, 1, D, H, W) (values as they are: normalise first)."""
+    _require_3d_scalar(image, "image", "image")
+    return torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32, copy=False))[None, None]
+
+
+def labels_to_tensor(labels: sitk.Image) -> torch.Tensor:
+    """A 3D integer label map as an int64 tensor (1, 1, D, H, W)."""
+    _require_3d_scalar(labels, "labels", "segmentation")
+    return torch.from_numpy(sitk.GetArrayFromImage(labels).astype(np.int64))[None, None]
+
+
+def from_array(array: np.ndarray | torch.Tensor, reference: sitk.Image) -> sitk.Image:
+    """An image with ``reference``'s geometry holding ``array`` ((D, H, W), with any leading singleton
+    axes, e.g. (1, 1, D, H, W)). The pixel type follows the array's dtype."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    array = np.asarray(array)
+    while array.ndim > 3 and array.shape[0] == 1:
+        array = array[0]
+    expected = tuple(reference.GetSize())[::-1]
+    if array.shape != expected:
+        raise MorphSeekError(f"array of shape {array.shape} does not fit the reference grid {expected} (D, H, W)")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return image
