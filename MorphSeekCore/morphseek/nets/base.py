@@ -1,0 +1,90 @@
+"""The backbone interface every MorphSeek registration network implements.
+
+A backbone is an encoder E / decoder D pair with skip connections (docs/METHOD.md, "The network"):
+``encode(moving, fixed) -> (skips, top)`` gives the skip features f_1..f_{L-1} and the top feature
+f_L; ``decode(skips, z) -> disp`` maps the skips and a latent z shaped like f_L to a displacement.
+MorphSeek puts its Gaussian policy head between the two (``nets/policy.py``); a plain backbone
+is ``decode(*encode(moving, fixed))``.
+
+The displacement is (B, 3, D, H, W) in voxels of the input grid, channel c along array axis c,
+pull-back: ``warped(x) = moving(x + u(x))`` (``morphseek.geometry.warp``). The network learns
+these units directly (as VoxelMorph's ``SpatialTransformer`` does); nothing is rescaled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import MorphSeekError
+
+Tensor = torch.Tensor
+
+
+def flow_conv(in_channels: int, kernel_size: int = 3) -> nn.Conv3d:
+    """The final convolution to a 3-channel displacement, initialised as VoxelMorph does
+    (weights Normal(0, 1e-5), zero bias) so that an untrained network is close to the identity."""
+    conv = nn.Conv3d(in_channels, 3, kernel_size, padding=kernel_size // 2)
+    nn.init.normal_(conv.weight, mean=0.0, std=1e-5)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+class Backbone(nn.Module):
+    """Encoder/decoder registration network split at its top feature.
+
+    Subclasses set ``top_channels`` (C_L, channels of f_L) and ``divisor`` (every grid size must be
+    a multiple of it; f_L then has spatial shape ``grid // divisor``) and implement ``encode`` and
+    ``decode``. ``config()`` returns the JSON-serialisable constructor arguments.
+    """
+
+    top_channels: int
+    divisor: int
+
+    def encode(self, moving: Tensor, fixed: Tensor) -> tuple[list[Tensor], Tensor]:
+        """(B, 1, D, H, W) moving and fixed -> (skips f_1..f_{L-1}, top feature f_L)."""
+        raise NotImplementedError
+
+    def decode(self, skips: list[Tensor], z: Tensor) -> Tensor:
+        """Skips and a latent shaped like f_L -> displacement (B, 3, D, H, W) in voxels."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (JSON types) that rebuild this backbone."""
+        raise NotImplementedError
+
+    def forward(self, moving: Tensor, fixed: Tensor) -> Tensor:
+        """The plain deterministic backbone: decode(skips, f_L)."""
+        skips, top = self.encode(moving, fixed)
+        return self.decode(skips, top)
+
+    def latent_shape(self, grid: tuple[int, ...] | torch.Size) -> tuple[int, int, int, int]:
+        """Shape (C_L, D_L, H_L, W_L) of f_L (and of mu, sigma, z) for a grid (D, H, W)."""
+        self.check_grid(grid)
+        return (self.top_channels, *(int(n) // self.divisor for n in grid))
+
+    def check_grid(self, grid: tuple[int, ...] | torch.Size, name: str = "input grid") -> None:
+        """MorphSeekError unless ``grid`` is three positive multiples of ``divisor``."""
+        grid = tuple(int(n) for n in grid)
+        if len(grid) != 3 or any(n <= 0 for n in grid):
+            raise MorphSeekError(f"{name} {grid} is not a 3D grid (D, H, W)")
+        bad = [n for n in grid if n % self.divisor]
+        if bad:
+            raise MorphSeekError(
+                f"{name} {grid}: every size must be a multiple of {self.divisor} for "
+                f"{type(self).__name__} (sizes {bad} are not); resample or pad the images to e.g. "
+                f"{tuple(-(-n // self.divisor) * self.divisor for n in grid)}"
+            )
+
+    def check_pair(self, moving: Tensor, fixed: Tensor) -> None:
+        """MorphSeekError unless moving and fixed are (B, 1, D, H, W) on the same valid grid."""
+        for name, image in (("moving", moving), ("fixed", fixed)):
+            if image.dim() != 5 or image.shape[1] != 1:
+                raise MorphSeekError(f"{name} image must have shape (B, 1, D, H, W), got {tuple(image.shape)}")
+        if moving.shape != fixed.shape:
+            raise MorphSeekError(
+                f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} images must have the same shape"
+            )
+        self.check_grid(moving.shape[2:])
