@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -26,8 +27,10 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from .data import FORMAT, VERSION, default_split, ordered_pairs
 from .errors import MorphSeekError
 from .geometry import compose, resize_displacement, warp_labels
+from .io import write_image
 
 Shape = tuple[int, int, int]
 
@@ -375,7 +378,7 @@ def make_pair(
     return image(moving), image(fixed), labels(moving), labels(fixed)
 
 
-def _to_sitk(array: np.ndarray, spacing: Sequence[float], origin: Sequence[float]) -> sitk.Image:
+def _with_geometry(array: np.ndarray, spacing: Sequence[float], origin: Sequence[float]) -> sitk.Image:
     image = sitk.GetImageFromArray(array)  # array (D, H, W) -> image size (W, H, D)
     image.SetSpacing(tuple(float(s) for s in spacing))
     image.SetOrigin(tuple(float(o) for o in origin))
@@ -397,39 +400,38 @@ def write_dataset(
     ``manifest.json`` (docs/DATA.md) in ``folder``; returns the manifest's path.
 
     Images carry a real geometry (``spacing`` and ``origin`` in mm, SimpleITK x, y, z order).
-    The last ``val_subjects`` subjects (default a quarter, at least 2 when there are 4 or more) are
-    held out: train pairs are all ordered pairs among the others, val pairs all ordered pairs among
-    the held-out ones."""
-    subjects = make_dataset(n_subjects, shape, seed, n_labels, modality)
+    The last ``val_subjects`` subjects are held out (default ``data.default_split``: a quarter, at
+    least 2, when there are 6 or more): train pairs are all ordered pairs among the others, val
+    pairs all ordered pairs among the held-out ones."""
     if val_subjects is None:
-        val_subjects = max(2, n_subjects // 4) if n_subjects >= 4 else 0
+        val_subjects = len(default_split([str(i) for i in range(n_subjects)])[1])
     if val_subjects < 0 or n_subjects - val_subjects < 2:
-        raise MorphSeekError(f"cannot hold out {val_subjects} of {n_subjects} subjects and still train")
+        raise MorphSeekError(f"cannot hold out {val_subjects} of {n_subjects} subjects and keep two to train on")
+    subjects = make_dataset(n_subjects, shape, seed, n_labels, modality)
     folder = Path(folder)
-    (folder / "imgs").mkdir(parents=True, exist_ok=True)
-    (folder / "labels").mkdir(parents=True, exist_ok=True)
     entries = []
     for subject in subjects:
         image_path = f"imgs/{subject.id}.nii.gz"
         label_path = f"labels/{subject.id}.nii.gz"
-        sitk.WriteImage(_to_sitk(subject.image, spacing, origin), str(folder / image_path), True)
-        sitk.WriteImage(_to_sitk(subject.labels, spacing, origin), str(folder / label_path), True)
+        write_image(_with_geometry(subject.image, spacing, origin), folder / image_path)
+        write_image(_with_geometry(subject.labels, spacing, origin), folder / label_path)
         entries.append({"id": subject.id, "image": image_path, "labels": label_path})
     ids = [s.id for s in subjects]
     train, val = ids[: len(ids) - val_subjects], ids[len(ids) - val_subjects :]
 
-    def ordered_pairs(group: list[str]) -> list[list[str]]:
-        return [[m, f] for m in group for f in group if m != f]
-
     manifest = {
-        "format": "morphseek-dataset",
-        "version": 1,
+        "format": FORMAT,
+        "version": VERSION,
         "description": f"synthetic SynthMorph-style dataset (seed {seed}, {n_labels} labels, {modality}-modal)",
         "modality": modality,
         "grid": [int(n) for n in shape],
         "subjects": entries,
-        "pairs": {"train": ordered_pairs(train), "val": ordered_pairs(val)},
+        "pairs": {"train": [list(p) for p in ordered_pairs(train)], "val": [list(p) for p in ordered_pairs(val)]},
     }
     path = folder / "manifest.json"
-    path.write_text(json.dumps(manifest, indent=1) + "\n")
+    text = json.dumps(manifest, indent=1)
+    # Readable: one subject, one pair and the grid per line.
+    text = re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
+    text = re.sub(r"\{\s+(\"id\"[^{}]*?)\s+\}", lambda m: "{" + re.sub(r",\s+", ", ", m.group(1)) + "}", text)
+    path.write_text(text + "\n")
     return path
