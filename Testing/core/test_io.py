@@ -1,0 +1,338 @@
+"""morphseek.io: reading with clear errors, geometry round trips, normalisation, model grids, resampling,
+affine pre-alignment."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from morphseek import io
+from morphseek.errors import MorphSeekError
+
+torch.manual_seed(0)
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def rotation(axis, degrees):
+    """Rotation matrix about ``axis`` by ``degrees`` (Rodrigues)."""
+    axis = np.asarray(axis, dtype=float) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    t = np.deg2rad(degrees)
+    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
+
+
+def image_from_function(size, spacing, origin, direction, function, dtype=np.float32):
+    """An image whose voxel values are ``function(physical points (..., 3))``."""
+    image = sitk.Image(list(size), sitk.sitkFloat32)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(np.asarray(direction, dtype=float).ravel().tolist())
+    a, o = io.index_to_physical(image)
+    k, j, i = np.meshgrid(*[np.arange(n) for n in size[::-1]], indexing="ij")
+    points = np.stack([i, j, k], axis=-1).astype(float) @ a.T + o
+    return io.from_array(function(points).astype(dtype), image)
+
+
+def oblique_image(size=(10, 12, 9), dtype=np.float32):
+    rng = np.random.default_rng(1)
+    values = rng.random(tuple(size[::-1])) * 1000.0
+    image = sitk.GetImageFromArray(values.astype(dtype))
+    image.SetSpacing((0.7, 1.3, 2.9))
+    image.SetOrigin((-101.25, 33.5, 7.125))
+    image.SetDirection(rotation((1, -2, 0.5), 23).ravel().tolist())
+    return image
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors name the file and the problem
+# --------------------------------------------------------------------------------------------------
+def _expect_error(call, *fragments):
+    with pytest.raises(MorphSeekError) as info:
+        call()
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return message
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "no_such_scan.nii.gz"
+    _expect_error(lambda: io.read_image(path), "no_such_scan.nii.gz", "not found")
+    _expect_error(lambda: io.read_labels(path), "no_such_scan.nii.gz", "segmentation")
+
+
+def test_unreadable_file(tmp_path):
+    path = tmp_path / "garbage.nii.gz"
+    path.write_bytes(b"this is not an image")
+    _expect_error(lambda: io.read_image(path), "garbage.nii.gz", "cannot read")
+
+
+def test_2d_image(tmp_path):
+    path = tmp_path / "slice2d.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(8, 9).astype(np.float32)), str(path))
+    _expect_error(lambda: io.read_image(path), "slice2d.nrrd", "2D")
+
+
+def test_4d_image(tmp_path):
+    path = tmp_path / "series4d.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(3, 5, 6, 7).astype(np.float32), isVector=False), str(path))
+    _expect_error(lambda: io.read_image(path), "series4d.nii.gz", "4D")
+
+
+def test_4d_with_single_volume_is_accepted(tmp_path):
+    path = tmp_path / "single4d.nii.gz"
+    values = np.random.rand(1, 5, 6, 7).astype(np.float32)
+    sitk.WriteImage(sitk.GetImageFromArray(values, isVector=False), str(path))
+    image = io.read_image(path)
+    assert image.GetSize() == (7, 6, 5)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), values[0])
+
+
+def test_vector_image(tmp_path):
+    path = tmp_path / "colour.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.rand(5, 6, 7, 3).astype(np.float32), isVector=True), str(path))
+    _expect_error(lambda: io.read_image(path), "colour.mha", "3 components")
+
+
+def test_nan_inf_and_constant_images(tmp_path):
+    # (ITK's NIfTI reader turns NaN into 0, so NaN is checked with MetaImage and NRRD files.)
+    for name, bad in [("has_nan.mha", np.nan), ("has_inf.nrrd", np.inf)]:
+        values = np.random.rand(6, 7, 8).astype(np.float32)
+        values[2, 3, 4] = bad
+        sitk.WriteImage(sitk.GetImageFromArray(values), str(tmp_path / name))
+        _expect_error(lambda: io.read_image(tmp_path / name), name, "NaN/inf")
+    flat_path = tmp_path / "flat.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((6, 7, 8), 3.0, np.float32)), str(flat_path))
+    _expect_error(lambda: io.read_image(flat_path), "flat.nii.gz", "constant")
+
+
+def test_image_is_float32_with_geometry(tmp_path):
+    source = oblique_image(dtype=np.int16)
+    path = tmp_path / "ct.mha"
+    sitk.WriteImage(source, str(path))
+    image = io.read_image(path)
+    assert image.GetPixelID() == sitk.sitkFloat32
+    assert io.Grid.of(image) == io.Grid.of(source)
+
+
+def test_empty_and_non_integer_labels(tmp_path):
+    empty = tmp_path / "empty_seg.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((5, 6, 7), np.uint8)), str(empty))
+    _expect_error(lambda: io.read_labels(empty), "empty_seg.nii.gz", "empty")
+    fractional = tmp_path / "soft_seg.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((5, 6, 7), 0.5, np.float32)), str(fractional))
+    _expect_error(lambda: io.read_labels(fractional), "soft_seg.nii.gz", "non-integer")
+
+
+def test_float_labels_become_integers(tmp_path):
+    values = np.zeros((5, 6, 7), np.float64)
+    values[1:3, 2:4, 3:6] = 7
+    values[4, 0, 0] = 300
+    path = tmp_path / "float_seg.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(path))
+    labels = io.read_labels(path)
+    assert labels.GetPixelID() == sitk.sitkUInt16
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labels), values.astype(np.uint16))
+    negative = tmp_path / "negative_seg.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(-values.astype(np.int16)), str(negative))
+    assert io.read_labels(negative).GetPixelID() == sitk.sitkInt32
+
+
+def test_mismatched_label_grid_names_both_files(tmp_path):
+    image = oblique_image()
+    image_path = tmp_path / "scan_t1.nii.gz"
+    sitk.WriteImage(image, str(image_path))
+    labels = sitk.Cast(sitk.GetImageFromArray((sitk.GetArrayFromImage(image) > 500).astype(np.uint8)), sitk.sitkUInt8)
+    labels.CopyInformation(image)
+    good = tmp_path / "seg_ok.nii.gz"
+    sitk.WriteImage(labels, str(good))
+    assert io.Grid.of(io.read_labels(good, reference=image_path)).size == image.GetSize()
+    io.read_labels(good, reference=image)  # an image object works too
+
+    shifted = sitk.Image(labels)
+    shifted.SetOrigin(tuple(np.add(image.GetOrigin(), (0.0, 0.5, 0.0))))
+    bad = tmp_path / "seg_shifted.nii.gz"
+    sitk.WriteImage(shifted, str(bad))
+    _expect_error(lambda: io.read_labels(bad, reference=image_path), "seg_shifted.nii.gz", "scan_t1.nii.gz", "origin")
+
+    smaller = tmp_path / "seg_small.nrrd"
+    sitk.WriteImage(labels[:-1, :, :], str(smaller))
+    message = _expect_error(lambda: io.read_labels(smaller, reference=image_path), "seg_small.nrrd", "scan_t1.nii.gz")
+    assert "(9, 12, 9)" in message and "(10, 12, 9)" in message
+
+
+def test_grid_tolerance_is_relative():
+    image = oblique_image()
+    close = sitk.Image(image)
+    close.SetSpacing(tuple(s * (1 + 5e-5) for s in image.GetSpacing()))
+    assert io.same_grid(image, close)
+    far = sitk.Image(image)
+    far.SetSpacing(tuple(s * (1 + 5e-4) for s in image.GetSpacing()))
+    assert not io.same_grid(image, far)
+
+
+def test_four_d_labels_take_channel_zero(tmp_path):
+    channels = np.zeros((3, 5, 6, 7), np.float64)
+    channels[0, 1:4, 2:5, 1:3] = 1  # gland
+    channels[1, 0, 0, 0] = 1  # a landmark
+    path = tmp_path / "prostate_labels.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(channels, isVector=False), str(path))
+    labels = io.read_labels(path)
+    assert labels.GetDimension() == 3
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labels), channels[0])
+
+
+def test_check_validators_name_the_input():
+    image = oblique_image()
+    _expect_error(lambda: io.check_volume(image * 0.0, "MRHead node"), "MRHead node", "constant")
+    labels = sitk.Cast(image > 500, sitk.sitkUInt8)
+    other = sitk.Image(labels)
+    other.SetDirection(np.eye(3).ravel().tolist())
+    _expect_error(lambda: io.check_labels(other, image, "Segmentation node", reference_name="MRHead node"),
+                  "Segmentation node", "MRHead node", "direction")
+    assert io.check_labels(labels, image, "Segmentation node").GetPixelID() == sitk.sitkUInt16
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_round_trip_keeps_geometry_exactly(tmp_path, suffix):
+    image = oblique_image()
+    path = io.write_image(image, tmp_path / "new" / "deeper" / f"scan{suffix}")
+    assert path.exists()
+    assert sorted(p.name for p in path.parent.iterdir()) == [f"scan{suffix}"]  # no temporary left behind
+    back = io.read_image(path)
+    if suffix == ".nii.gz":  # NIfTI stores geometry in float32: exact to its precision
+        np.testing.assert_allclose(back.GetSpacing(), image.GetSpacing(), rtol=1e-7)
+        np.testing.assert_allclose(back.GetOrigin(), image.GetOrigin(), rtol=1e-7)
+        np.testing.assert_allclose(back.GetDirection(), image.GetDirection(), atol=1e-6)
+    elif suffix == ".nrrd":  # NRRD stores direction * spacing: exact up to the last bit of the division
+        assert back.GetSize() == image.GetSize() and back.GetOrigin() == image.GetOrigin()
+        np.testing.assert_allclose(back.GetSpacing(), image.GetSpacing(), rtol=1e-15)
+        np.testing.assert_allclose(back.GetDirection(), image.GetDirection(), rtol=0, atol=1e-15)
+    else:  # MetaImage: bit-exact
+        assert io.Grid.of(back) == io.Grid.of(image)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
+
+
+def test_failed_write_leaves_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "result.nrrd"
+    io.write_image(oblique_image(), path)
+    before = path.read_bytes()
+
+    def crash_half_way(image, file_name, *args):
+        Path(file_name).write_bytes(b"half an image")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(io.sitk, "WriteImage", crash_half_way)
+    _expect_error(lambda: io.write_image(oblique_image(), path), "result.nrrd", "disk full")
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.nrrd"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Intensities, grids, resampling, tensors
+# --------------------------------------------------------------------------------------------------
+def test_normalisation_hand_computed():
+    values = np.arange(101, dtype=np.float64)  # percentiles are exact: p10 = 10, p90 = 90
+    out = io.normalise_intensities(values, low=10, high=90)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out[[0, 10, 30, 50, 90, 100]], [0, 0, 0.25, 0.5, 1, 1], atol=1e-7)
+
+
+def test_normalisation_falls_back_to_min_max_and_rejects_constants():
+    mostly_background = np.zeros(1000)
+    mostly_background[:3] = [4.0, 2.0, 1.0]
+    np.testing.assert_allclose(io.normalise_intensities(mostly_background)[:4], [1.0, 0.5, 0.25, 0.0])
+    with pytest.raises(MorphSeekError, match="constant"):
+        io.normalise_intensities(np.full((4, 4, 4), 2.5), name="flat")
+
+
+def test_model_grid_corner_centres_coincide():
+    reference = oblique_image(size=(41, 37, 19))
+    grid = io.model_grid(reference, (8, 16, 24))  # array order D, H, W
+    assert grid.GetSize() == (24, 16, 8)
+    assert grid.GetDirection() == reference.GetDirection()
+    for ref_corner, new_corner in [((0, 0, 0), (0, 0, 0)), ((40, 36, 18), (23, 15, 7)), ((40, 0, 18), (23, 0, 7))]:
+        np.testing.assert_allclose(grid.TransformIndexToPhysicalPoint(new_corner),
+                                   reference.TransformIndexToPhysicalPoint(ref_corner), atol=1e-9)
+    np.testing.assert_allclose(grid.GetSpacing(), np.multiply(reference.GetSpacing(), [40 / 23, 36 / 15, 18 / 7]))
+
+
+def test_resample_to_identity_and_labels():
+    image = oblique_image()
+    same = io.resample_to(image, image)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(same), sitk.GetArrayFromImage(image), atol=1e-6)
+    labels = sitk.Cast(image > 500, sitk.sitkUInt16) * 3
+    shift = sitk.TranslationTransform(3, (0.0, 0.0, 0.0))
+    warped = io.resample_to(labels, image, shift, is_label=True)
+    assert warped.GetPixelID() == sitk.sitkUInt16
+    assert set(np.unique(sitk.GetArrayFromImage(warped))) <= {0, 3}
+
+
+def test_tensor_helpers_round_trip():
+    image = oblique_image()
+    tensor = io.to_tensor(image)
+    assert tensor.shape == (1, 1, 9, 12, 10) and tensor.dtype == torch.float32
+    back = io.from_array(tensor * 2, image)
+    assert io.Grid.of(back) == io.Grid.of(image)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(back), 2 * sitk.GetArrayFromImage(image), rtol=1e-6)
+    labels = io.labels_to_tensor(sitk.Cast(image > 500, sitk.sitkUInt16))
+    assert labels.dtype == torch.int64 and set(labels.unique().tolist()) == {0, 1}
+    with pytest.raises(MorphSeekError, match="does not fit"):
+        io.from_array(np.zeros((9, 12, 11)), image)
+
+
+# --------------------------------------------------------------------------------------------------
+# Affine pre-alignment
+# --------------------------------------------------------------------------------------------------
+# A phantom: a body ellipsoid with four inner structures, soft (about 1 mm) edges.
+PHANTOM = [((0, 0, 0), (24, 19, 15), 0.3), ((8, -5, 3), (6, 4, 5), 0.7), ((-9, 6, -2), (5, 7, 4), 0.5),
+           ((2, 10, -6), (3, 3, 6), 0.4), ((-6, -8, 5), (3, 3, 3), 0.6)]
+
+
+def phantom(points):
+    value = np.zeros(points.shape[:-1])
+    for centre, axes, intensity in PHANTOM:
+        radius = np.sqrt((((points - np.asarray(centre)) / np.asarray(axes)) ** 2).sum(-1))
+        value += intensity / (1 + np.exp((radius - 1) * min(axes) / 0.7))
+    return value
+
+
+def test_affine_prealign_recovers_known_affine():
+    # T_true maps fixed points to moving points: 8 degree rotation, mild anisotropic scaling, translation.
+    matrix = rotation((0.3, 1.0, 0.2), 8.0) @ np.diag([1.03, 0.97, 1.0])
+    translation = np.array([4.0, -3.0, 2.0])
+    inverse = np.linalg.inv(matrix)
+    grid = dict(size=(36, 36, 36), spacing=(2.0, 2.0, 2.0), origin=(-35.0, -35.0, -35.0), direction=np.eye(3))
+    fixed = image_from_function(function=phantom, **grid)
+    # moving(T_true(x)) = fixed(x), and a different intensity mapping (MI must cope with it)
+    moving = image_from_function(function=lambda y: 1.0 - 0.8 * phantom((y - translation) @ inverse.T), **grid)
+
+    transform = io.affine_prealign(fixed, moving)
+    points = np.stack(np.meshgrid(*[np.linspace(-20, 20, 5)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    found = np.array([transform.TransformPoint(tuple(p)) for p in points])
+    errors = np.linalg.norm(found - (points @ matrix.T + translation), axis=1)
+    start = np.linalg.norm(points - (points @ matrix.T + translation), axis=1)
+    assert start.mean() > 5.0  # the problem is not trivial
+    assert errors.mean() < 1.0 and errors.max() < 1.5, (errors.mean(), errors.max())
+    again = io.affine_prealign(fixed, moving)
+    np.testing.assert_allclose(again.GetParameters(), transform.GetParameters(), atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Real data (optional)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.shared_data
+@pytest.mark.skipif(not (SHARED_DATA / "prostate-mr-us").is_dir(), reason="../shared/data/prostate-mr-us is absent")
+def test_prostate_pairs_read_with_their_labels():
+    root = SHARED_DATA / "prostate-mr-us"
+    for case in ("case000000", "case000002"):  # 4D and 3D label files
+        for side in ("fixed", "moving"):
+            image = io.read_image(root / f"{side}_images" / f"{case}.nii.gz")
+            labels = io.read_labels(root / f"{side}_labels" / f"{case}.nii.gz", reference=image)
+            assert labels.GetSize() == image.GetSize()
+            assert set(np.unique(sitk.GetArrayViewFromImage(labels))) == {0, 1}
