@@ -149,6 +149,20 @@ def temporary_nodes(scene: slicer.vtkMRMLScene, keep: Iterable = ()) -> Iterator
                 scene.RemoveNode(node)
 
 
+@contextmanager
+def rollback_on_error(scene: slicer.vtkMRMLScene) -> Iterator[None]:
+    """If an error escapes the block, remove every node it added: all or nothing."""
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    try:
+        yield
+    except BaseException:
+        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for node in added:
+            if node.GetID() not in before and node.GetScene() is scene:
+                scene.RemoveNode(node)
+        raise
+
+
 # ----------------------------------------------------------------------------------------------
 # Segmentations
 # ----------------------------------------------------------------------------------------------

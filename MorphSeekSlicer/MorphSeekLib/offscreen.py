@@ -8,13 +8,14 @@ with EGL (Mesa's software renderer works without a display; see docs/SLICER.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import slicer
 import vtk
 from vtk.util import numpy_support
+
+from .preview import SliceViewLayers, apply_layers
 
 _APPLICATION_LOGIC: dict[int, slicer.vtkSlicerApplicationLogic] = {}
 
@@ -47,18 +48,6 @@ def new_scene() -> slicer.vtkMRMLScene:
 def application_logic(scene: slicer.vtkMRMLScene) -> slicer.vtkSlicerApplicationLogic:
     """The application logic ``new_scene`` created for ``scene``."""
     return _APPLICATION_LOGIC[id(scene)]
-
-
-@dataclass
-class SliceViewLayers:
-    """What one slice view shows (node IDs; None leaves a layer empty)."""
-
-    background: str | None = None
-    foreground: str | None = None
-    foreground_opacity: float = 0.5
-    label: str | None = None
-    label_opacity: float = 1.0
-    label_outline: bool = False
 
 
 class OffscreenSliceView:
@@ -106,13 +95,7 @@ class OffscreenSliceView:
 
     def show(self, layers: SliceViewLayers, orientation: str = "Axial", offset: float | None = None) -> None:
         """Set the layers, the orientation and the slice position (mm; centre of the volume if None)."""
-        composite = self.logic.GetSliceCompositeNode()
-        composite.SetBackgroundVolumeID(layers.background)
-        composite.SetForegroundVolumeID(layers.foreground)
-        composite.SetForegroundOpacity(layers.foreground_opacity)
-        composite.SetLabelVolumeID(layers.label)
-        composite.SetLabelOpacity(layers.label_opacity)
-        self.slice_node.SetUseLabelOutline(layers.label_outline)
+        apply_layers(self.logic.GetSliceCompositeNode(), self.slice_node, layers)
         self.slice_node.SetOrientation(orientation)
         self.logic.ResizeSliceNode(*self.size)
         self.logic.FitSliceToAll()
