@@ -66,30 +66,36 @@ def _check_shape(shape: Sequence[int]) -> Shape:
     return shape  # type: ignore[return-value]
 
 
+def _gaussian_kernel(sigma: float, radius: int, dtype: torch.dtype) -> torch.Tensor:
+    x = torch.arange(-radius, radius + 1, dtype=dtype)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def _blur_axes(volume: torch.Tensor, sigmas: Sequence[float], radii: Sequence[int], pad: bool) -> torch.Tensor:
+    channels = volume.shape[1]
+    out = volume
+    for axis, (s, radius) in enumerate(zip(sigmas, radii)):
+        if s <= 0 or radius == 0:
+            continue
+        view = [1, 1, 1]
+        view[axis] = 2 * radius + 1
+        weight = _gaussian_kernel(s, radius, out.dtype).view(1, 1, *view).repeat(channels, 1, 1, 1, 1)
+        if pad:
+            padding = [0, 0, 0, 0, 0, 0]
+            padding[2 * (2 - axis)] = padding[2 * (2 - axis) + 1] = radius  # F.pad lists the last axis first
+            out = F.pad(out, padding, mode="replicate")
+        out = F.conv3d(out, weight, groups=channels)
+    return out
+
+
 def gaussian_blur(volume: torch.Tensor, sigma: float | Sequence[float]) -> torch.Tensor:
     """Separable Gaussian blur of (N, C, D, H, W) (each channel alone, edges replicated);
     ``sigma`` in voxels, one value or one per axis; sigma <= 0 leaves that axis alone."""
     sigmas = [float(sigma)] * 3 if np.isscalar(sigma) else [float(s) for s in sigma]  # type: ignore[arg-type]
-    channels = volume.shape[1]
-    out = volume
-    for axis, s in enumerate(sigmas):
-        if s <= 0:
-            continue
-        radius = max(1, int(math.ceil(3.0 * s)))
-        # A kernel longer than the axis adds nothing but cost: replicate-padding covers the rest.
-        radius = min(radius, out.shape[2 + axis] - 1) if out.shape[2 + axis] > 1 else 0
-        if radius == 0:
-            continue
-        x = torch.arange(-radius, radius + 1, dtype=out.dtype)
-        kernel = torch.exp(-0.5 * (x / s) ** 2)
-        kernel = kernel / kernel.sum()
-        view = [1, 1, 1]
-        view[axis] = kernel.numel()
-        weight = kernel.view(1, 1, *view).repeat(channels, 1, 1, 1, 1)
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius  # F.pad lists the last axis first
-        out = F.conv3d(F.pad(out, pad, mode="replicate"), weight, groups=channels)
-    return out
+    # A kernel longer than the axis adds nothing but cost: replicate padding covers the rest.
+    radii = [min(max(1, math.ceil(3.0 * s)), n - 1) if s > 0 else 0 for s, n in zip(sigmas, volume.shape[2:])]
+    return _blur_axes(volume, sigmas, radii, pad=True)
 
 
 def smooth_noise(
@@ -98,14 +104,18 @@ def smooth_noise(
     """Gaussian noise smoothed with a Gaussian of ``sigma`` voxels, (1, channels, D, H, W) float32,
     each channel rescaled to zero mean and unit standard deviation.
 
-    Large ``sigma`` is done on a coarser grid (white noise drawn there, blurred with sigma / factor,
-    upsampled trilinearly): the same statistics at a fraction of the cost."""
+    The noise is drawn with a margin of 3 sigma and blurred without padding, so its statistics are
+    the same everywhere (padding would give the borders a larger variance). Large ``sigma`` is done
+    on a coarser grid (blurred with sigma / factor, upsampled trilinearly): the same statistics at a
+    fraction of the cost."""
     rng = _rng(seed)
     shape = _check_shape(shape)
     factor = max(1, int(sigma // 2))
     coarse = tuple(max(2, -(-n // factor)) for n in shape)
-    noise = torch.from_numpy(rng.standard_normal((1, channels, *coarse), dtype=np.float32))
-    field = gaussian_blur(noise, sigma / factor)
+    fine_sigma = sigma / factor
+    radius = max(1, math.ceil(3.0 * fine_sigma))
+    noise = rng.standard_normal((1, channels, *(n + 2 * radius for n in coarse)), dtype=np.float32)
+    field = _blur_axes(torch.from_numpy(noise), [fine_sigma] * 3, [radius] * 3, pad=False)
     if coarse != shape:
         field = F.interpolate(field, size=shape, mode="trilinear", align_corners=True)
     field = field - field.mean(dim=(2, 3, 4), keepdim=True)
@@ -295,7 +305,7 @@ def random_smooth_displacement(
 
 
 def _default_max_displacement(shape: Shape) -> float:
-    return 0.12 * min(shape)
+    return 0.1 * min(shape)
 
 
 def make_subject(
