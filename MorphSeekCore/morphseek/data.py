@@ -164,7 +164,7 @@ class Dataset:
 
     def _read_image(self, subject_id: str) -> sitk.Image:
         entry = self.subject(subject_id)
-        image = io.read_image(entry.image, what=f"image of subject '{subject_id}' in '{self.source}'")
+        image = io.read_image(entry.image, what=f"image of subject '{subject_id}'")
         self._grids[subject_id] = io.Grid.of(image)
         return image
 
@@ -182,7 +182,7 @@ class Dataset:
         labels = None
         if entry.labels is not None:
             labels = io.read_labels(entry.labels, reference=image,
-                                    what=f"label map of subject '{subject_id}' in '{self.source}'")
+                                    what=f"label map of subject '{subject_id}'")
         if stretch_to is not None:
             normalised = _with_extent_of(normalised, stretch_to)
             labels = None if labels is None else _with_extent_of(labels, stretch_to)
