@@ -170,7 +170,8 @@ def head_parameter_fraction(model: MorphSeekNet) -> float:
 BACKBONES: dict[str, tuple[type[Backbone], dict[str, Any]]] = {
     "tiny": (VoxelMorph, {"enc_channels": [8, 16, 16, 16], "dec_channels": [16, 16, 16, 16, 16, 8, 8]}),
     "voxelmorph": (VoxelMorph, {"enc_channels": [16, 32, 32, 32], "dec_channels": [32, 32, 32, 32, 32, 16, 16]}),
-    # Decoder mirrors the encoder widths, then three full-resolution convolutions (see docs).
+    # Decoder mirrors the encoder widths, then three full-resolution convolutions: 10.0 M parameters.
+    # The paper gives "about 27 M" for its VoxelMorph-L without its decoder; widen dec_channels to match.
     "voxelmorph-l": (
         VoxelMorph,
         {"enc_channels": [32, 64, 128, 256, 256], "dec_channels": [256, 256, 128, 64, 32, 32, 16, 16]},
@@ -198,7 +199,10 @@ def build_model(config: dict[str, Any]) -> MorphSeekNet:
     if name not in BACKBONES:
         raise MorphSeekError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}")
     cls, defaults = BACKBONES[name]
-    head_args = {k: float(config.get(k, v)) for k, v in HEAD_DEFAULTS.items()}
+    try:
+        head_args = {k: float(config.get(k, v)) for k, v in HEAD_DEFAULTS.items()}
+    except (TypeError, ValueError) as error:
+        raise MorphSeekError(f"bad Gaussian head settings in model config {config!r}: {error}") from error
     backbone_args = {**defaults, **{k: v for k, v in config.items() if k != "backbone" and k not in HEAD_DEFAULTS}}
     try:
         backbone = cls(**backbone_args)

@@ -42,7 +42,7 @@ def window_partition(x: Tensor, window: Triple) -> Tensor:
     """(B, D, H, W, C) with sizes multiples of ``window`` -> (B * n_windows, N = prod(window), C),
     windows ordered batch-major, then along D, H, W."""
     b, d, h, w, c = x.shape
-    x = x.view(b, d // window[0], window[0], h // window[1], window[1], w // window[2], window[2], c)
+    x = x.reshape(b, d // window[0], window[0], h // window[1], window[1], w // window[2], window[2], c)
     return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, window[0] * window[1] * window[2], c)
 
 
@@ -50,7 +50,7 @@ def window_reverse(windows: Tensor, window: Triple, shape: Triple) -> Tensor:
     """Inverse of ``window_partition`` for a grid ``shape`` (D, H, W)."""
     d, h, w = shape
     c = windows.shape[-1]
-    x = windows.view(-1, d // window[0], h // window[1], w // window[2], *window, c)
+    x = windows.reshape(-1, d // window[0], h // window[1], w // window[2], *window, c)
     return x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(-1, d, h, w, c)
 
 
