@@ -9,15 +9,21 @@ Conventions and math (all points in ITK's LPS millimetres; vectors in (x, y, z) 
   in voxels, channel c along array axis c (so its index-space vector is ``(u_2, u_1, u_0)``), and means
   pull-back: the model-grid point p is taken from ``p + u(p)``.
 * For a fixed-grid point x: ``p = A_M^-1 (x - origin_M)``; ``q = p + u(p)`` (u trilinear at p, edge
-  values beyond the model grid); ``y = origin_M + A_M q``; then the pre-alignment T (fixed points to
-  moving points, SimpleITK's convention) gives the moving point ``T(y)``. The exported field is
-  ``U(x) = T(y) - x`` on the fixed grid: an ITK displacement field whose transform maps fixed points to
-  moving points, i.e. exactly what ``sitk.Resample(moving, fixed, transform)`` needs. Slicer wants the
-  same field in RAS (negate x and y) as a grid transform "from parent".
-* Jacobian of the physical map ``x + U(x)``: ``J = I + (dU/dp) A_F^-1`` (chain rule through the fixed
-  grid's direction and spacing), index derivatives by central differences (``numpy.gradient``).
+  values beyond the model grid); ``y = origin_M + A_M q = x + A_M u(p)``; then the pre-alignment T
+  (fixed points to moving points, SimpleITK's convention) gives the moving point ``T(y)``. The
+  exported field is ``U(x) = T(y) - x`` on the fixed grid: an ITK displacement field whose transform
+  maps fixed points to moving points, i.e. exactly what ``sitk.Resample(moving, fixed, transform)``
+  needs. For a linear T(y) = M y + t this is ``(M - I) x + t + M A_M u(p)``. Slicer wants the same map
+  in RAS (negate the x and y of both the grid geometry and the vectors) as a grid transform
+  "from parent".
+* ``warp_original`` reads the moving image at ``x + U(x)`` with torch, using ITK's image extent (voxel
+  centres plus half a voxel; edge values inside that band, 0 beyond), so it reproduces SimpleITK's
+  resampling through the exported transform, borders included.
+* Jacobian of the physical map ``x + U(x)``: ``J = I + G A_F^-1 = (A_F + G) A_F^-1`` with
+  ``G = dU/dp`` (chain rule through the fixed grid's direction and spacing; index derivatives by
+  central differences as ``numpy.gradient``), so ``det J = det(A_F + G) / det(A_F)``.
 
-Every step is vectorised, in float64, over slabs of fixed-grid slices to bound memory.
+Every step is vectorised, in float64, over slabs of fixed-grid slices (SLAB_POINTS voxels) to bound memory.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import MorphSeekError
-from .io import PathLike, atomic_target, index_to_physical, same_grid, grid_differences, write_image
+from .io import PathLike, atomic_target, grid_differences, index_to_physical, same_grid, write_image
 
 #: Fixed-grid points handled at once (about 100 MB of float64 work arrays per slab).
 SLAB_POINTS = 2_000_000
@@ -47,28 +53,50 @@ def _slabs(image: sitk.Image) -> Iterator[tuple[int, int]]:
         yield k0, min(depth, k0 + step)
 
 
-def _slab_indices(image: sitk.Image, k0: int, k1: int) -> torch.Tensor:
-    """Integer indices (n, 3) in (i, j, k) order of the slices k0..k1-1, in array (k, j, i) order."""
+def _affine_grid(image: sitk.Image, k0: int, k1: int, matrix: np.ndarray, offset: np.ndarray,
+                 channels_first: bool = False) -> torch.Tensor:
+    """``matrix @ (i, j, k) + offset`` for every voxel of slices k0..k1-1 of ``image`` (float64), built
+    by broadcasting one term per index axis: shape (K, H, W, 3), or (3, K, H, W) if ``channels_first``."""
     width, height, _ = image.GetSize()
-    k, j, i = torch.meshgrid(torch.arange(k0, k1, dtype=torch.float64),
-                             torch.arange(height, dtype=torch.float64),
-                             torch.arange(width, dtype=torch.float64), indexing="ij")
-    return torch.stack([i, j, k], dim=-1).reshape(-1, 3)
+    m = torch.from_numpy(np.asarray(matrix, dtype=np.float64))
+    b = torch.from_numpy(np.asarray(offset, dtype=np.float64))
+    i = torch.arange(width, dtype=torch.float64)
+    j = torch.arange(height, dtype=torch.float64)
+    k = torch.arange(k0, k1, dtype=torch.float64)
+    if channels_first:
+        return ((m[:, 2, None] * k + b[:, None]).view(3, -1, 1, 1) + (m[:, 1, None] * j).view(3, 1, -1, 1)
+                + (m[:, 0, None] * i).view(3, 1, 1, -1))
+    return ((k[:, None] * m[:, 2] + b).view(-1, 1, 1, 3) + (j[:, None] * m[:, 1]).view(1, -1, 1, 3)
+            + (i[:, None] * m[:, 0]).view(1, 1, -1, 3))
 
 
-def _affine(image: sitk.Image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A, A^-1, origin) of the index -> physical map, float64 tensors."""
+def _affine(image: sitk.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A, A^-1, origin) of the index -> physical map, float64."""
     a, origin = index_to_physical(image)
-    return torch.from_numpy(a), torch.from_numpy(np.linalg.inv(a)), torch.from_numpy(origin)
+    return a, np.linalg.inv(a), origin
 
 
-def _sample(volume: torch.Tensor, index_xyz: torch.Tensor, mode: str, padding: str) -> torch.Tensor:
-    """Values (C, n) of ``volume`` (1, C, D, H, W) at continuous indices (n, 3) in (i, j, k) order."""
-    size_xyz = torch.tensor(volume.shape[2:][::-1], dtype=index_xyz.dtype)
-    normalised = 2.0 * index_xyz / torch.clamp(size_xyz - 1.0, min=1.0) - 1.0
-    grid = normalised.to(volume.dtype).view(1, -1, 1, 1, 3)  # grid_sample's last axis is (x, y, z)
-    out = F.grid_sample(volume, grid, mode=mode, padding_mode=padding, align_corners=True)
+def _normaliser(volume: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(N, n0) mapping a continuous index (i, j, k) of ``volume`` (1, C, D, H, W) to grid_sample's
+    align_corners=True coordinates: N @ index + n0 (-1 at the first voxel centre, +1 at the last)."""
+    size_xyz = np.asarray(volume.shape[2:][::-1], dtype=np.float64)
+    return np.diag(2.0 / np.maximum(size_xyz - 1.0, 1.0)), -np.ones(3)
+
+
+def _sample(volume: torch.Tensor, grid: torch.Tensor, mode: str, padding: str) -> torch.Tensor:
+    """Values (C, n) of ``volume`` (1, C, D, H, W) at normalised points ``grid`` (..., 3), whose last
+    axis is ordered (x, y, z) = (i, j, k) as grid_sample wants."""
+    out = F.grid_sample(volume, grid.reshape(1, -1, 1, 1, 3).to(volume.dtype), mode=mode, padding_mode=padding,
+                        align_corners=True)
     return out.view(volume.shape[1], -1)
+
+
+def _vector_image(components: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """A float64 3-vector image from a (3, D, H, W) array, with ``reference``'s geometry."""
+    images = [sitk.GetImageFromArray(components[c]) for c in range(3)]
+    field = sitk.Compose(images)
+    field.CopyInformation(reference)
+    return field
 
 
 def _field_array(field: sitk.Image, name: str = "field") -> np.ndarray:
@@ -103,29 +131,23 @@ def linear_parts(transform: sitk.Transform) -> tuple[np.ndarray, np.ndarray] | N
     return np.stack(columns, axis=1), origin
 
 
-class _PointMap:
-    """Applies a SimpleITK transform to many points at once: exactly for linear transforms, and by
-    trilinear interpolation of the transform's displacement rasterised on ``grid`` otherwise."""
+class _RasterisedTransform:
+    """Applies a non-linear SimpleITK transform to many points at once, by trilinear interpolation
+    (edge values outside) of its displacement rasterised on ``grid``."""
 
     def __init__(self, transform: sitk.Transform, grid: sitk.Image):
-        if transform.GetDimension() != 3:
-            raise MorphSeekError(f"pre-alignment transform must be 3D, got {transform.GetDimension()}D")
-        parts = linear_parts(transform)
-        if parts is not None:
-            self.matrix, self.offset = (torch.from_numpy(p) for p in parts)
-            return
-        self.matrix = None
         raster = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, grid.GetSize(),
                                                    grid.GetOrigin(), grid.GetSpacing(), grid.GetDirection())
-        values = torch.from_numpy(sitk.GetArrayFromImage(raster))  # (D, H, W, 3)
-        self.raster = values.permute(3, 0, 1, 2)[None].contiguous()
-        _, self.inverse, self.origin = _affine(grid)
+        self.raster = torch.from_numpy(sitk.GetArrayFromImage(raster)).permute(3, 0, 1, 2)[None].contiguous()
+        _, inverse, origin = _affine(grid)
+        norm, norm0 = _normaliser(self.raster)
+        self.matrix = torch.from_numpy(norm @ inverse)
+        self.offset = torch.from_numpy(norm0 - norm @ inverse @ origin)
 
     def __call__(self, points: torch.Tensor) -> torch.Tensor:
-        if self.matrix is not None:
-            return points @ self.matrix.T + self.offset
-        index = (points - self.origin) @ self.inverse.T
-        return points + _sample(self.raster, index, "bilinear", "border").T
+        """Transformed points (3, n) of points (3, n)."""
+        grid = (self.matrix @ points + self.offset[:, None]).T
+        return points + _sample(self.raster, grid, "bilinear", "border")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -144,20 +166,28 @@ def physical_displacement(disp_vox: torch.Tensor | np.ndarray, model_ref: sitk.I
     disp = _voxel_field(disp_vox, model_ref)
     a_m, a_m_inv, o_m = _affine(model_ref)
     a_f, _, o_f = _affine(fixed)
-    point_map = _PointMap(prealign, fixed) if prealign is not None else None
+    if prealign is not None and prealign.GetDimension() != 3:
+        raise MorphSeekError(f"pre-alignment transform must be 3D, got {prealign.GetDimension()}D")
+    parts = linear_parts(prealign) if prealign is not None else (np.eye(3), np.zeros(3))
+    rasterised = _RasterisedTransform(prealign, fixed) if parts is None else None
+    # p = model index of the fixed voxel (i, j, k), an affine function of it; sampled in grid_sample units
+    norm, norm0 = _normaliser(disp)
+    to_model, to_model_offset = norm @ a_m_inv @ a_f, norm @ a_m_inv @ (o_f - o_m) + norm0
+    # origin_M + A_M p = x, so y = x + A_M u_xyz(p); u is stored (z, y, x): reverse A_M's columns
+    u_to_mm = a_m[:, ::-1]
     width, height, depth = fixed.GetSize()
-    out = np.empty((depth, height, width, 3), dtype=np.float64)
+    out = np.empty((3, depth, height, width), dtype=np.float64)
     for k0, k1 in _slabs(fixed):
-        x = _slab_indices(fixed, k0, k1) @ a_f.T + o_f
-        p = (x - o_m) @ a_m_inv.T
-        u = _sample(disp, p, "bilinear", "border")  # (3, n), channels along (k, j, i)
-        y = (p + u.flip(0).T) @ a_m.T + o_m
-        if point_map is not None:
-            y = point_map(y)
-        out[k0:k1] = (y - x).reshape(k1 - k0, height, width, 3).numpy()
-    field = sitk.GetImageFromArray(out, isVector=True)
-    field.CopyInformation(fixed)
-    return field
+        u = _sample(disp, _affine_grid(fixed, k0, k1, to_model, to_model_offset), "bilinear", "border")  # (3, n)
+        if parts is not None:  # T(y) - x = (M - I) x + t + M A_M u, with x = A_F (i, j, k) + origin_F
+            m, t = parts
+            value = _affine_grid(fixed, k0, k1, (m - np.eye(3)) @ a_f, (m - np.eye(3)) @ o_f + t, channels_first=True)
+            value += (torch.from_numpy(m @ u_to_mm) @ u).view(value.shape)
+        else:
+            x = _affine_grid(fixed, k0, k1, a_f, o_f, channels_first=True).reshape(3, -1)
+            value = rasterised(x + torch.from_numpy(np.ascontiguousarray(u_to_mm)) @ u) - x
+        out[:, k0:k1] = value.reshape(3, k1 - k0, height, width).numpy()
+    return _vector_image(out, fixed)
 
 
 def displacement_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform:
@@ -206,17 +236,23 @@ def warp_original(moving: sitk.Image, fixed: sitk.Image, field: sitk.Image, is_l
     source = torch.from_numpy(sitk.GetArrayFromImage(moving).astype(np.float64))[None, None]
     _, a_mov_inv, o_mov = _affine(moving)
     a_f, _, o_f = _affine(fixed)
-    low = torch.full((3,), -0.5, dtype=torch.float64)
-    high = torch.tensor(moving.GetSize(), dtype=torch.float64) - 0.5
+    # moving index of x + U(x): A_mov^-1 (A_F (i, j, k) + origin_F - origin_mov) + A_mov^-1 U, then
+    # grid_sample units g = N index + n0
+    norm, norm0 = _normaliser(source)
+    to_moving, to_moving_offset = norm @ a_mov_inv @ a_f, norm @ (a_mov_inv @ (o_f - o_mov)) + norm0
+    field_to_grid = torch.from_numpy(np.ascontiguousarray((norm @ a_mov_inv).T))
+    # ITK's image extent: voxel centres +- half a voxel, i.e. -0.5 <= index < size - 0.5
+    size_xyz = np.asarray(moving.GetSize(), dtype=np.float64)
+    low = torch.from_numpy(norm @ np.full(3, -0.5) + norm0)
+    high = torch.from_numpy(norm @ (size_xyz - 0.5) + norm0)
     width, height, depth = fixed.GetSize()
     out = np.empty((depth, height, width), dtype=np.float64)
     mode = "nearest" if is_label else "bilinear"
     for k0, k1 in _slabs(fixed):
-        x = _slab_indices(fixed, k0, k1) @ a_f.T + o_f
-        y = x + torch.from_numpy(np.array(values[k0:k1])).reshape(-1, 3)
-        r = (y - o_mov) @ a_mov_inv.T
-        inside = ((r >= low) & (r < high)).all(dim=1)
-        sampled = _sample(source, r, mode, "border")[0]
+        g = _affine_grid(fixed, k0, k1, to_moving, to_moving_offset).reshape(-1, 3)
+        g += torch.from_numpy(np.array(values[k0:k1])).reshape(-1, 3) @ field_to_grid
+        inside = ((g >= low) & (g < high)).all(dim=1)
+        sampled = _sample(source, g, mode, "border")[0]
         out[k0:k1] = torch.where(inside, sampled, torch.zeros_like(sampled)).reshape(k1 - k0, height, width).numpy()
     if is_label:
         image = sitk.GetImageFromArray(np.rint(out).astype(sitk.GetArrayViewFromImage(moving).dtype))
@@ -229,22 +265,17 @@ def warp_original(moving: sitk.Image, fixed: sitk.Image, field: sitk.Image, is_l
 def jacobian_image(field: sitk.Image) -> sitk.Image:
     """det of the Jacobian of the physical map x -> x + field(x), on the field's grid (float32).
 
-    ``J = I + (dU/dp) A^-1`` with dU/dp by central differences (one-sided at the edges, as
-    ``numpy.gradient``) along the index axes and ``A = Direction @ diag(spacing)``. For an identity
-    direction this equals :func:`morphseek.geometry.jacobian_determinant` of the same map in voxels."""
+    With index p, x = A p + origin and ``A = Direction @ diag(spacing)``, the chain rule gives
+    ``J = I + G A^-1 = (A + G) A^-1`` where ``G = dU/dp`` (central differences, one-sided at the edges,
+    as ``numpy.gradient``), so ``det J = det(A + G) / det(A)``. For an identity direction this equals
+    :func:`morphseek.geometry.jacobian_determinant` of the same map in voxels."""
     values = _field_array(field)
-    a_inv = np.linalg.inv(index_to_physical(field)[0])
-    rows = []
-    for comp in range(3):  # component of U along physical axis comp (x, y, z)
-        # dU/dp_b for index axis b = (i, j, k), i.e. array axis 2 - b
-        grads = np.gradient(values[..., comp], axis=(2, 1, 0))
-        rows.append([(1.0 if comp == col else 0.0) + sum(grads[b] * a_inv[b, col] for b in range(3))
-                     for col in range(3)])
-        del grads
-    j = rows
-    det = (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
-           - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
-           + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
-    image = sitk.GetImageFromArray(det.astype(np.float32))
+    a = index_to_physical(field)[0]
+    # m[r][c] = A[r, c] + dU_r / dp_c, index axis c = (i, j, k) being array axis 2 - c
+    m = [[g + a[r, c] for c, g in enumerate(np.gradient(values[..., r], axis=(2, 1, 0)))] for r in range(3)]
+    det = (m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+           - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+           + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]))
+    image = sitk.GetImageFromArray((det / np.linalg.det(a)).astype(np.float32))
     image.CopyInformation(field)
     return image
