@@ -166,6 +166,15 @@ def rollback_on_error(scene: slicer.vtkMRMLScene) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------
 # Segmentations
 # ----------------------------------------------------------------------------------------------
+# Distinct segment colours for labels without one (no yellow: that is the folding overlay's colour).
+PALETTE = ((0.90, 0.16, 0.16), (0.12, 0.56, 1.00), (0.15, 0.80, 0.25), (1.00, 0.50, 0.05),
+           (0.65, 0.30, 0.90), (0.00, 0.80, 0.80), (0.95, 0.40, 0.70), (0.60, 0.40, 0.20))
+
+
+def default_color(value: int) -> tuple[float, float, float]:
+    return PALETTE[(int(value) - 1) % len(PALETTE)]
+
+
 @dataclass
 class LabelScheme:
     """Segment name -> label value and colour, shared by the fixed and the moving segmentation."""
@@ -186,7 +195,7 @@ class LabelScheme:
         table.SetNumberOfColors(max(self.values.values(), default=0) + 1)
         table.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
         for segment_name, value in self.values.items():
-            r, g, b = self.colors.get(segment_name, (1.0, 1.0, 0.0))
+            r, g, b = self.colors.get(segment_name, default_color(value))
             table.SetColor(value, segment_name, r, g, b, 1.0)
         return table
 
