@@ -184,8 +184,8 @@ class Dataset:
             labels = io.read_labels(entry.labels, reference=image,
                                     what=f"label map of subject '{subject_id}'")
         if stretch_to is not None:
-            normalised = _with_extent_of(normalised, stretch_to)
-            labels = None if labels is None else _with_extent_of(labels, stretch_to)
+            normalised = with_extent_of(normalised, stretch_to)
+            labels = None if labels is None else with_extent_of(labels, stretch_to)
         volume_image = io.to_tensor(io.resample_to(normalised, reference))
         volume_labels, values = None, frozenset()
         if labels is not None:
@@ -213,7 +213,7 @@ def _blank(grid: io.Grid) -> sitk.Image:
     return image
 
 
-def _with_extent_of(image: sitk.Image, target: io.Grid) -> sitk.Image:
+def with_extent_of(image: sitk.Image, target: io.Grid) -> sitk.Image:
     """``image`` with a new header so that its voxels exactly fill ``target``'s extent (outer voxel
     edges aligned, as a half-pixel-centred resize does), keeping its own size and voxel values."""
     size = np.asarray(image.GetSize(), dtype=np.float64)
