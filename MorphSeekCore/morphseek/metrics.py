@@ -129,6 +129,8 @@ def _displacement_array(disp) -> np.ndarray:
 def jacobian_determinant_np(disp) -> np.ndarray:
     """det of the Jacobian of x + u(x) for a voxel displacement (3, D, H, W) -> (D, H, W).
 
+    Also takes a (1, 3, D, H, W) batch of one and torch tensors (copied to NumPy).
+
     Derivatives by ``numpy.gradient`` (central differences, one-sided at the edges), as TransMorph
     reports folding; agrees with ``geometry.jacobian_determinant``.
     """
@@ -236,7 +238,8 @@ def dice_torch(fixed: torch.Tensor, warped: torch.Tensor, label_values) -> torch
 
     The torch twin of ``mean_dice(fixed[b], warped[b], labels=label_values)``: a label absent from
     both maps of an item is left out of that item's mean (nan if all are absent). Vectorised with
-    bincounts of label indices offset per batch item (no weights, so it stays deterministic on CUDA).
+    bincounts of label values offset per batch item (no weights, so it stays deterministic on CUDA);
+    label values must lie in [0, 2^20).
     """
     if fixed.shape != warped.shape or fixed.dim() != 5 or fixed.shape[1] != 1:
         raise MorphSeekError(
@@ -248,28 +251,26 @@ def dice_torch(fixed: torch.Tensor, warped: torch.Tensor, label_values) -> torch
     values = torch.as_tensor(label_values, device=fixed.device).to(torch.long).flatten()
     if values.numel() == 0 or int(values.min()) < 0 or values.unique().numel() != values.numel():
         raise MorphSeekError(f"dice_torch: label_values must be distinct non-negative labels, got {label_values}")
-    k = values.numel()
-    top = int(values.max())
-    # Lookup table value -> index 0..k-1; every other value (and anything > top) -> k, ignored.
-    table = torch.full((top + 2,), k, dtype=torch.long, device=fixed.device)
-    table[values] = torch.arange(k, device=fixed.device)
-
-    def label_index(labels: torch.Tensor) -> torch.Tensor:
-        # Clamping sends values > top to top + 1 and negative ones to -1, which torch.take reads
-        # from the end of the table: entry top + 1 as well, i.e. "ignored".
-        return torch.take(table, labels.to(torch.long).flatten(1).clamp(-1, top + 1))
-
-    fi, wi = label_index(fixed), label_index(warped)
+    (low_f, high_f), (low_w, high_w) = torch.aminmax(fixed), torch.aminmax(warped)
+    if int(torch.minimum(low_f, low_w)) < 0:
+        raise MorphSeekError("dice_torch: label values must be >= 0")
+    largest = int(torch.maximum(high_f, high_w))
+    if largest >= _DIRECT_BINCOUNT_LIMIT:
+        raise MorphSeekError(f"dice_torch: label values must be below {_DIRECT_BINCOUNT_LIMIT}, found {largest}")
+    # One row of bins per batch item, bin = label value (requested labels beyond every value
+    # present read zeros).
     batch = fixed.shape[0]
-    offset = (torch.arange(batch, device=fixed.device) * (k + 1)).unsqueeze(1)
-    bins = batch * (k + 1)
+    width = max(largest, int(values.max())) + 1
+    fixed, warped = fixed.flatten(1), warped.flatten(1)
+    if batch > 1:
+        offset = (torch.arange(batch, device=fixed.device) * width).unsqueeze(1)
+        fixed, warped = fixed.to(torch.long) + offset, warped.to(torch.long) + offset
 
-    def counts(index: torch.Tensor) -> torch.Tensor:
-        flat = (index + offset).flatten() if batch > 1 else index.flatten()
-        return torch.bincount(flat, minlength=bins).view(batch, k + 1)[:, :k]
+    def counts(labels: torch.Tensor) -> torch.Tensor:
+        return torch.bincount(labels.flatten(), minlength=batch * width).view(batch, width)[:, values]
 
-    in_fixed, in_warped = counts(fi), counts(wi)
-    in_both = counts(torch.where(fi == wi, fi, k))
+    in_fixed, in_warped = counts(fixed), counts(warped)
+    in_both = counts(fixed[fixed == warped])  # equal bins <=> same item and same label
     total = (in_fixed + in_warped).to(torch.float64)
     defined = total > 0
     dice = torch.where(defined, 2.0 * in_both.to(torch.float64) / total.clamp(min=1), 0.0)

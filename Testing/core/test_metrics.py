@@ -98,6 +98,10 @@ def test_torch_dice_perfect_disjoint_and_ignored_values():
     assert torch.isnan(metrics.dice_torch(fixed, warped, [4])).all()
     with pytest.raises(MorphSeekError, match="integer"):
         metrics.dice_torch(fixed.float(), warped, [3])
+    with pytest.raises(MorphSeekError, match=">= 0"):
+        metrics.dice_torch(fixed - 4, warped, [3])
+    with pytest.raises(MorphSeekError, match="distinct"):
+        metrics.dice_torch(fixed, warped, [3, 3])
 
 
 # -------------------------------------------------------------------------------------- Jacobian
