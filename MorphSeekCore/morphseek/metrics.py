@@ -148,13 +148,35 @@ def jacobian_determinant_np(disp) -> np.ndarray:
 
 def njd_percent(disp) -> float:
     """NJD% = 100 * fraction of voxels whose Jacobian determinant is <= 0."""
-    return float(100.0 * np.mean(jacobian_determinant_np(disp) <= 0))
+    return njd_percent_from_det(jacobian_determinant_np(disp))
 
 
 def sd_log_j(disp) -> float:
     """SDlogJ = standard deviation of log(clip(det J, 1e-9, 1e9)) over all voxels."""
-    det = jacobian_determinant_np(disp)
+    return sd_log_j_from_det(jacobian_determinant_np(disp))
+
+
+def njd_percent_from_det(det) -> float:
+    """NJD% from an already computed determinant map (array or ``sitk.Image``, e.g. of a physical field)."""
+    det = _determinant_array(det)
+    return float(100.0 * np.mean(det <= 0))
+
+
+def sd_log_j_from_det(det) -> float:
+    """SDlogJ from an already computed determinant map (array or ``sitk.Image``)."""
+    det = _determinant_array(det)
     return float(np.std(np.log(np.clip(det, 1e-9, 1e9))))
+
+
+def _determinant_array(det) -> np.ndarray:
+    if isinstance(det, sitk.Image):
+        det = sitk.GetArrayViewFromImage(det)
+    elif isinstance(det, torch.Tensor):
+        det = det.detach().cpu().numpy()
+    array = np.asarray(det, dtype=np.float64)
+    if array.size == 0:
+        raise MorphSeekError("an empty Jacobian determinant map was given")
+    return array
 
 
 # --------------------------------------------------------------------------------------- HD95

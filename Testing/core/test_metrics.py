@@ -160,6 +160,16 @@ def test_sd_log_j_hand_cases():
         metrics.njd_percent(np.zeros((2, 4, 4, 4)))
 
 
+def test_metrics_from_a_precomputed_determinant():
+    disp = _axis0_field((6, 10, 10), -2.0, (slice(2, 7), slice(3, 7)))
+    det = metrics.jacobian_determinant_np(disp)
+    image = sitk.GetImageFromArray(det.astype(np.float32))
+    assert metrics.njd_percent_from_det(image) == pytest.approx(20.0)
+    assert metrics.sd_log_j_from_det(det) == pytest.approx(metrics.sd_log_j(disp))
+    # det in {-1, 1}: log clip -> {log 1e-9, 0} with 20 % / 80 %: std = |log 1e-9| * sqrt(0.2 * 0.8)
+    assert metrics.sd_log_j_from_det(det) == pytest.approx(abs(math.log(1e-9)) * 0.4)
+
+
 # ----------------------------------------------------------------------------------------- HD95
 SPACING_XYZ = (0.5, 1.0, 2.5)  # mm along array axes (W, H, D) = (2, 1, 0)
 
