@@ -47,7 +47,10 @@ def new_scene() -> slicer.vtkMRMLScene:
 
 def application_logic(scene: slicer.vtkMRMLScene) -> slicer.vtkSlicerApplicationLogic:
     """The application logic ``new_scene`` created for ``scene``."""
-    return _APPLICATION_LOGIC[id(scene)]
+    logic = _APPLICATION_LOGIC.get(id(scene))
+    if logic is None or logic.GetMRMLScene() != scene:  # ids are reused after a scene is freed
+        raise KeyError("this scene was not made by offscreen.new_scene()")
+    return logic
 
 
 class OffscreenSliceView:

@@ -146,7 +146,7 @@ def sequences_logic(scene: slicer.vtkMRMLScene):
     if sequences is not None:
         return sequences.logic()
     logic = _STANDALONE_SEQUENCES_LOGIC.get(id(scene))
-    if logic is None:
+    if logic is None or logic.GetMRMLScene() != scene:  # ids are reused after a scene is freed
         logic = slicer.vtkSlicerSequencesLogic()
         logic.SetMRMLScene(scene)
         _STANDALONE_SEQUENCES_LOGIC[id(scene)] = logic
