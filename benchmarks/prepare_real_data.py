@@ -44,10 +44,6 @@ CSF_CLASS = 6  # image synthesis only: inside the brain mask but unlabelled
 T1_MEANS = np.array([0.0, 0.85, 0.5, 0.55, 0.55, 0.72, 0.15], dtype=np.float32)
 
 
-def _relative(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
-
-
 def _write_manifest(folder: Path, subjects: list[dict], train: list, val: list, grid, modality: str,
                     description: str) -> Path:
     manifest = {

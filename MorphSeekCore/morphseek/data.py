@@ -159,7 +159,8 @@ class Dataset:
         if isinstance(pair, str) or len(pair) != 2:
             raise MorphSeekError(f"dataset '{self.source}': a pair is (moving_id, fixed_id), got {pair!r}")
         moving, fixed = (str(p) for p in pair)
-        self.subject(moving), self.subject(fixed)
+        for subject_id in (moving, fixed):
+            self.subject(subject_id)  # raises for an unknown id
         return moving, fixed
 
     def _read_image(self, subject_id: str) -> sitk.Image:
