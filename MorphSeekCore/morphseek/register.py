@@ -1,0 +1,358 @@
+"""Step-wise registration (inference) with optional test-time trajectory search.
+
+Two levels:
+- ``refine`` works on tensors on the model grid: T steps, each encoding the current state
+  (I_m o Phi_{t-1}, I_f), decoding one or J candidate steps, composing them onto the total map and
+  keeping the best; the moving image of the next step is resampled once from the original.
+- ``register_images`` works on SimpleITK images with their physical geometry: checks, optional
+  affine pre-alignment, resampling onto the model grid, ``refine``, then every step's total map
+  exported as a physical field on the fixed grid with the warped images and the Jacobian.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import export, geometry, io, metrics
+from .checkpoint import load_checkpoint, resolve_device
+from .errors import Cancelled, MorphSeekError
+from .losses import similarity_loss
+
+ProgressCallback = Callable[["ProgressEvent"], None]
+CancelCallback = Callable[[], bool]
+
+
+@dataclass
+class Candidate:
+    """One sampled trajectory of a step, scored on the model grid."""
+
+    reward: float
+    dice_gain: float | None  # mean Dice (fraction) gained over the previous state; None without labels
+    similarity_gain: float  # relative decrease of the similarity loss over the previous state
+    njd_percent: float  # folding of the candidate's total map (model grid)
+
+
+@dataclass
+class StepTensors:
+    """A step's result on the model grid."""
+
+    index: int
+    total: torch.Tensor  # (1, 3, D, H, W) total displacement in model-grid voxels
+    candidates: list[Candidate]
+    kept: int
+    seconds: float
+
+
+@dataclass
+class StepRecord:
+    """A step's result in the user's space: metrics and images on the fixed grid."""
+
+    index: int
+    candidates: list[Candidate]
+    kept: int
+    dice: float | None  # mean Dice over labels present in both, percent
+    dice_per_label: dict[int, float] | None  # percent
+    njd_percent: float  # fixed-grid Jacobian of the total physical map
+    seconds: float
+    warped: sitk.Image | None = field(default=None, repr=False)
+    warped_seg: sitk.Image | None = field(default=None, repr=False)
+    jacobian: sitk.Image | None = field(default=None, repr=False)
+    field: sitk.Image | None = field(default=None, repr=False)
+
+    def summary(self) -> dict:
+        return {
+            "step": self.index,
+            "kept": self.kept,
+            "candidates": [asdict(c) for c in self.candidates],
+            "dice_percent": self.dice,
+            "dice_per_label_percent": {str(k): v for k, v in (self.dice_per_label or {}).items()} or None,
+            "njd_percent": self.njd_percent,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class ProgressEvent:
+    stage: str  # "prepare" | "step" | "export" | "done"
+    step: int
+    total_steps: int
+    fraction: float  # 0..1 of the whole job
+    message: str
+    record: StepRecord | None = None
+
+
+def _check_cancel(cancel: CancelCallback | None) -> None:
+    if cancel is not None and cancel():
+        raise Cancelled("registration cancelled by the user")
+
+
+@torch.no_grad()
+def refine(
+    model: torch.nn.Module,
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    steps: int = 3,
+    trajectories: int = 1,
+    tau: float = 0.3,
+    moving_labels: torch.Tensor | None = None,
+    fixed_labels: torch.Tensor | None = None,
+    label_values: list[int] | None = None,
+    similarity: str = "mse",
+    w_dice: float = 1.0,
+    w_njd: float = -10.0,
+    generator: torch.Generator | None = None,
+    cancel: CancelCallback | None = None,
+    on_step: Callable[[StepTensors], None] | None = None,
+) -> list[StepTensors]:
+    """T refinement steps on the model grid. With ``trajectories`` J > 1, each step scores the mean
+    latent (candidate 0, what deterministic inference would keep) and J - 1 samples at temperature
+    ``tau`` and keeps the best: by Dice gain when both label maps are given, otherwise by relative
+    similarity gain; both minus ``|w_njd|`` times the folded fraction. Keeping the mean among the
+    candidates means the search never scores below deterministic inference."""
+    if steps < 1 or trajectories < 1:
+        raise MorphSeekError(f"steps and trajectories must be >= 1 (got {steps}, {trajectories})")
+    use_labels = moving_labels is not None and fixed_labels is not None
+    if use_labels and not label_values:
+        raise MorphSeekError("label maps were given but they share no label")
+    sim = similarity_loss(similarity)
+    total = torch.zeros(1, 3, *fixed.shape[2:], device=fixed.device, dtype=fixed.dtype)
+    state = moving
+    prev_sim = float(sim(state, fixed))
+    prev_dice = float(metrics.dice_torch(fixed_labels, moving_labels, label_values)[0]) if use_labels else None
+    results: list[StepTensors] = []
+    for t in range(1, steps + 1):
+        _check_cancel(cancel)
+        start = time.perf_counter()
+        enc = model.encode(state, fixed)
+        candidates: list[Candidate] = []
+        totals: list[torch.Tensor] = []
+        for j in range(trajectories):
+            _check_cancel(cancel)
+            z = enc.mu if j == 0 else model.sample(enc, tau, generator=generator)
+            candidate_total = geometry.compose(total, model.decode(enc.skips, z))
+            warped = geometry.warp(moving, candidate_total)
+            sim_value = float(sim(warped, fixed))
+            sim_gain = (prev_sim - sim_value) / max(abs(prev_sim), 1e-12)
+            folded = float(geometry.folding_fraction(candidate_total)[0])
+            dice_gain = None
+            if use_labels:
+                warped_labels = geometry.warp_labels(moving_labels, candidate_total)
+                dice_gain = float(metrics.dice_torch(fixed_labels, warped_labels, label_values)[0]) - prev_dice
+            reward = (w_dice * dice_gain if use_labels else sim_gain) + w_njd * folded
+            candidates.append(Candidate(reward, dice_gain, sim_gain, 100.0 * folded))
+            totals.append(candidate_total)
+        kept = int(np.argmax([c.reward for c in candidates]))
+        total = totals[kept]
+        state = geometry.warp(moving, total)  # once from the original, never a warped image
+        prev_sim = float(sim(state, fixed))
+        if use_labels:
+            prev_dice += candidates[kept].dice_gain
+        record = StepTensors(t, total, candidates, kept, time.perf_counter() - start)
+        results.append(record)
+        if on_step is not None:
+            on_step(record)
+    return results
+
+
+@dataclass
+class RegistrationResult:
+    """Everything a registration produced, in the fixed image's physical space."""
+
+    field: sitk.Image  # total map x -> x + field(x), LPS mm, fixed grid (pre-alignment included)
+    warped: sitk.Image
+    warped_seg: sitk.Image | None
+    jacobian: sitk.Image
+    steps: list[StepRecord]
+    initial_dice: float | None
+    settings: dict
+
+    @property
+    def transform(self) -> sitk.DisplacementFieldTransform:
+        return export.displacement_transform(self.field)
+
+    def report(self) -> dict:
+        return {
+            "settings": self.settings,
+            "initial_dice_percent": self.initial_dice,
+            "steps": [s.summary() for s in self.steps],
+            "final": self.steps[-1].summary() if self.steps else None,
+        }
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write the outputs of ``morphseek register`` into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        io.write_image(self.warped, out / "warped.nii.gz")
+        if self.warped_seg is not None:
+            io.write_image(self.warped_seg, out / "warped_seg.nii.gz")
+        export.write_field(self.field, out / "displacement.nii.gz")
+        export.write_transform(self.field, out / "transform.h5")
+        io.write_image(self.jacobian, out / "jacobian.nii.gz")
+        for step in self.steps:
+            folder = out / f"step_{step.index:02d}"
+            folder.mkdir(exist_ok=True)
+            io.write_image(step.warped, folder / "warped.nii.gz")
+            if step.warped_seg is not None:
+                io.write_image(step.warped_seg, folder / "warped_seg.nii.gz")
+            io.write_image(step.jacobian, folder / "jacobian.nii.gz")
+            export.write_field(step.field, folder / "displacement.nii.gz")
+        report_path = out / "report.json"
+        tmp = report_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.report(), indent=2))
+        tmp.replace(report_path)
+        return out
+
+
+def _label_values(fixed_seg: sitk.Image, moving_seg: sitk.Image) -> list[int]:
+    f = np.unique(sitk.GetArrayViewFromImage(fixed_seg))
+    m = np.unique(sitk.GetArrayViewFromImage(moving_seg))
+    return [int(v) for v in np.intersect1d(f, m) if v != 0]
+
+
+def _dice_percent(fixed_seg: sitk.Image, warped_seg: sitk.Image, labels: list[int]) -> dict[int, float]:
+    per_label = metrics.dice_per_label(
+        sitk.GetArrayViewFromImage(fixed_seg), sitk.GetArrayViewFromImage(warped_seg), labels
+    )
+    return {k: 100.0 * v for k, v in per_label.items()}
+
+
+def load_model(model, device: torch.device):
+    """A model object, or a checkpoint path -> (model in eval mode on ``device``, training config)."""
+    if isinstance(model, (str, Path)):
+        model, config, _ = load_checkpoint(model, device=device)
+    else:
+        config = getattr(model, "training_config", {}) or {}
+        model = model.to(device)
+    model.eval()
+    return model, config
+
+
+def register_images(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    model,
+    *,
+    fixed_seg: sitk.Image | None = None,
+    moving_seg: sitk.Image | None = None,
+    steps: int = 3,
+    trajectories: int = 1,
+    tau: float = 0.3,
+    prealign: str = "affine",
+    device: str = "auto",
+    seed: int = 0,
+    grid: tuple[int, int, int] | None = None,
+    keep_step_images: bool = True,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCallback | None = None,
+    names: dict[str, str] | None = None,
+) -> RegistrationResult:
+    """Register ``moving`` to ``fixed`` with a MorphSeek model (object or checkpoint path).
+
+    ``names`` gives the inputs' names (files or Slicer nodes) for error messages."""
+    names = {"fixed": "fixed image", "moving": "moving image", "fixed_seg": "fixed segmentation",
+             "moving_seg": "moving segmentation", **(names or {})}
+    if prealign not in ("affine", "none"):
+        raise MorphSeekError(f"prealign must be 'affine' or 'none', got {prealign!r}")
+
+    def report(stage, step, fraction, message, record=None):
+        if progress is not None:
+            progress(ProgressEvent(stage, step, steps, fraction, message, record))
+
+    report("prepare", 0, 0.0, "checking inputs")
+    fixed = io.check_volume(fixed, names["fixed"])
+    moving = io.check_volume(moving, names["moving"])
+    if fixed_seg is not None:
+        fixed_seg = io.check_labels(fixed_seg, fixed, names["fixed_seg"], names["fixed"])
+    if moving_seg is not None:
+        moving_seg = io.check_labels(moving_seg, moving, names["moving_seg"], names["moving"])
+    use_labels = fixed_seg is not None and moving_seg is not None
+    label_values = _label_values(fixed_seg, moving_seg) if use_labels else None
+    if use_labels and not label_values:
+        raise MorphSeekError(
+            f"{names['fixed_seg']} and {names['moving_seg']} share no label value: Dice cannot be measured"
+        )
+
+    torch_device = resolve_device(device)
+    report("prepare", 0, 0.02, f"loading the model on {torch_device}")
+    net, config = load_model(model, torch_device)
+    grid = tuple(grid or config.get("grid") or (64, 64, 64))
+    divisor = net.divisor
+    if any(n % divisor for n in grid):
+        raise MorphSeekError(f"model grid {grid} must be a multiple of {divisor} for this backbone")
+
+    _check_cancel(cancel)
+    transform = sitk.Transform(3, sitk.sitkIdentity)
+    if prealign == "affine":
+        report("prepare", 0, 0.05, "affine pre-alignment")
+        transform = io.affine_prealign(fixed, moving)
+    _check_cancel(cancel)
+
+    report("prepare", 0, 0.1, f"resampling onto the model grid {grid}")
+    model_ref = io.model_grid(fixed, grid)
+    low, high = config.get("percentiles", (1.0, 99.0))
+
+    def image_tensor(image, tfm=None):
+        resampled = io.resample_to(image, model_ref, transform=tfm)
+        array = io.normalise_intensities(sitk.GetArrayFromImage(resampled), low, high)
+        return torch.from_numpy(array)[None, None].to(torch_device)
+
+    fixed_t = image_tensor(fixed)
+    moving_t = image_tensor(moving, transform)
+    fixed_l = moving_l = None
+    if use_labels:
+        fixed_l = io.labels_to_tensor(io.resample_to(fixed_seg, model_ref, is_label=True)).to(torch_device)
+        moving_l = io.labels_to_tensor(io.resample_to(moving_seg, model_ref, transform, is_label=True)).to(torch_device)
+
+    generator = torch.Generator(device=torch_device).manual_seed(seed)
+    initial_dice = None
+    if use_labels:
+        moved0 = export.warp_original(moving_seg, fixed, export.physical_displacement(
+            torch.zeros(1, 3, *grid), model_ref, fixed, prealign=transform), is_label=True)
+        initial_dice = float(np.mean(list(_dice_percent(fixed_seg, moved0, label_values).values())))
+
+    records: list[StepRecord] = []
+
+    def finish_step(step: StepTensors) -> None:
+        _check_cancel(cancel)
+        field_img = export.physical_displacement(step.total, model_ref, fixed, prealign=transform)
+        warped = export.warp_original(moving, fixed, field_img)
+        warped_seg = export.warp_original(moving_seg, fixed, field_img, is_label=True) if moving_seg is not None else None
+        jac = export.jacobian_image(field_img)
+        njd = 100.0 * float((sitk.GetArrayViewFromImage(jac) <= 0).mean())
+        per_label = _dice_percent(fixed_seg, warped_seg, label_values) if use_labels else None
+        dice = float(np.mean(list(per_label.values()))) if per_label else None
+        keep = keep_step_images or step.index == steps
+        record = StepRecord(step.index, step.candidates, step.kept, dice, per_label, njd, step.seconds,
+                            warped if keep else None, warped_seg if keep else None,
+                            jac if keep else None, field_img if keep else None)
+        records.append(record)
+        dice_text = f", Dice {dice:.1f} %" if dice is not None else ""
+        report("step", step.index, 0.15 + 0.85 * step.index / steps,
+               f"step {step.index}/{steps}: kept candidate {step.kept + 1} of {len(step.candidates)}"
+               f"{dice_text}, folding {njd:.3f} %", record)
+
+    try:
+        refine(net, moving_t, fixed_t, steps=steps, trajectories=trajectories, tau=tau,
+               moving_labels=moving_l, fixed_labels=fixed_l, label_values=label_values,
+               similarity=config.get("similarity", "mse"), generator=generator, cancel=cancel,
+               on_step=finish_step)
+    except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU
+        raise MorphSeekError(
+            f"out of GPU memory registering at grid {grid} with {trajectories} candidates: "
+            "use fewer candidates, a smaller grid or --device cpu") from exc
+
+    last = records[-1]
+    settings = {"steps": steps, "trajectories": trajectories, "tau": tau, "prealign": prealign,
+                "device": str(torch_device), "seed": seed, "grid": list(grid),
+                "model": str(model) if isinstance(model, (str, Path)) else net.config.get("backbone", "model"),
+                "labels": label_values}
+    report("done", steps, 1.0, "registration finished")
+    return RegistrationResult(last.field, last.warped, last.warped_seg, last.jacobian, records, initial_dice, settings)
