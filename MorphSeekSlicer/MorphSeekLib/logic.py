@@ -243,6 +243,50 @@ class MorphSeekLogic:
         result = self.compute(request, progress=progress, cancel=cancel)
         return self.create_nodes(request, result)
 
+    # -- fine-tuning --------------------------------------------------------------------------
+    @staticmethod
+    def finetune(dataset: str | Path, model: Any = None, checkpointOut: str | Path | None = None, *,
+                 warmupIterations: int = 0, episodes: int = 20, steps: int = 3, trajectories: int = 4,
+                 tau: float = 0.3, device: str = "auto", progress: ProgressCallback | None = None,
+                 cancel: CancelCallback | None = None):
+        """Warm-up (optional, ``warmupIterations`` > 0) then GRPO on a folder or manifest of labelled
+        cases (see docs/DATA.md); the checkpoint is written to ``checkpointOut``. Thread-safe (no
+        MRML). ``progress`` receives dicts: {"stage": "warmup" | "grpo", "done", "total", and the
+        engine's metrics of that iteration or episode (reward, Dice...)}. Returns the engine's
+        FinetuneResult."""
+        if importlib.util.find_spec("torch") is None:
+            raise MorphSeekError("PyTorch is not installed: install it from the MorphSeek panel first")
+        from morphseek.checkpoint import load_checkpoint, resolve_device
+        from morphseek.data import load_dataset
+        from morphseek.train.grpo import GRPOConfig, grpo_finetune
+        from morphseek.train.warmup import WarmupConfig, warmup
+
+        if not checkpointOut:
+            raise MorphSeekError("choose where to save the fine-tuned checkpoint")
+        out = Path(checkpointOut)
+        torch_device = resolve_device(device)
+        net, run_config, _ = load_checkpoint(resolve_model(model), device=torch_device)
+        data = load_dataset(dataset)
+        grid = tuple(int(n) for n in (run_config.get("grid") or data.grid or ()))
+        if not grid:
+            raise MorphSeekError(f"{dataset}: neither the model's configuration nor the dataset names a model grid")
+
+        def report(stage: str, done: int, total: int, metrics: dict) -> None:
+            if progress is not None:
+                progress({"stage": stage, "done": done, "total": total, **metrics})
+
+        if warmupIterations > 0:
+            config = WarmupConfig(grid=grid, iterations=int(warmupIterations),
+                                  similarity=run_config.get("similarity", "mse"))
+            warmup(net, data, config, out, device=torch_device, cancel=cancel,
+                   progress=lambda i, n, row: report("warmup", i, n, dict(row)))
+            net, run_config, _ = load_checkpoint(out, device=torch_device)
+        train = [data.load_pair(pair, grid).to(torch_device) for pair in data.train_pairs]
+        val = [data.load_pair(pair, grid).to(torch_device) for pair in data.val_pairs]
+        config = GRPOConfig(steps=int(steps), trajectories=int(trajectories), tau=float(tau), episodes=int(episodes))
+        return grpo_finetune(net, train, val, config, run_config=run_config, out=out, cancel=cancel,
+                             progress=lambda row: report("grpo", int(row.get("episode", 0)) + 1, int(episodes), dict(row)))
+
     # -- saving -------------------------------------------------------------------------------
     def save_outputs(self, outputs: RegistrationOutputs, folder: str | Path) -> list[Path]:
         """Write the outputs with Slicer's storage nodes: transform (.h5, ITK LPS), volumes (.nrrd),

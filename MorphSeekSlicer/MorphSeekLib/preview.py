@@ -309,3 +309,35 @@ def apply_layers(composite: slicer.vtkMRMLSliceCompositeNode, slice_node: slicer
     composite.SetLabelVolumeID(layers.label)
     composite.SetLabelOpacity(layers.label_opacity)
     slice_node.SetUseLabelOutline(layers.label_outline)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning plot
+# ----------------------------------------------------------------------------------------------
+TRAINING_SERIES = (("reward_mean", "mean reward"), ("dice_best", "best Dice"))
+
+
+def training_plot(scene: slicer.vtkMRMLScene, history: Sequence[dict], name: str = "MorphSeek fine-tuning",
+                  chart: slicer.vtkMRMLPlotChartNode | None = None) -> slicer.vtkMRMLPlotChartNode:
+    """A plot chart of the GRPO updates so far (mean reward and best Dice per optimiser step);
+    called again with the same ``chart`` it updates the curves in place (live plot)."""
+    rows = [row for row in history if "optimizer_step" in row]
+    table = vtk.vtkTable()
+    _column(table, vtk.vtkDoubleArray, "update", [float(r["optimizer_step"]) for r in rows])
+    for key, title in TRAINING_SERIES:
+        _column(table, vtk.vtkDoubleArray, title, [float(r.get(key, math.nan)) for r in rows])
+    if chart is None:
+        table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{name} history")
+        chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", name)
+        chart.SetTitle(name)
+        chart.SetXAxisTitle("GRPO update")
+        for _, title in TRAINING_SERIES:
+            series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", title)
+            series.SetAndObserveTableNodeID(table_node.GetID())
+            series.SetXColumnName("update")
+            series.SetYColumnName(title)
+            series.SetPlotType(series.PlotTypeScatter)
+            chart.AddAndObservePlotSeriesNodeID(series.GetID())
+    series = chart.GetNthPlotSeriesNode(0)
+    series.GetTableNode().SetAndObserveTable(table)
+    return chart
