@@ -312,7 +312,19 @@ def affine_prealign(fixed: sitk.Image, moving: sitk.Image, iterations: int = 100
     affine.SetCenter(rigid.GetCenter())
     affine.SetMatrix(rigid.GetMatrix())
     affine.SetTranslation(rigid.GetTranslation())
-    return sitk.AffineTransform(_unwrap(_register(fixed, moving, affine, iterations, seed)))
+    rigid_as_affine = sitk.AffineTransform(affine)
+    affine = sitk.AffineTransform(_unwrap(_register(fixed, moving, affine, iterations, seed)))
+    # On small or nearly symmetric fields of view the 12-parameter stage can drift into a reflection
+    # or an implausible scaling; then the rigid result is the safer pre-alignment.
+    return affine if plausible_affine(affine) else rigid_as_affine
+
+
+def plausible_affine(transform: sitk.AffineTransform, max_scale: float = 1.5) -> bool:
+    """True when the linear part keeps orientation (det > 0) and scales each axis by at most
+    ``max_scale`` (singular values in [1 / max_scale, max_scale])."""
+    matrix = np.asarray(transform.GetMatrix(), dtype=float).reshape(3, 3)
+    singular = np.linalg.svd(matrix, compute_uv=False)
+    return bool(np.linalg.det(matrix) > 0 and singular.max() <= max_scale and singular.min() >= 1.0 / max_scale)
 
 
 def _register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, iterations: int,
