@@ -326,7 +326,7 @@ def register_images(
         warped = export.warp_original(moving, fixed, field_img)
         warped_seg = export.warp_original(moving_seg, fixed, field_img, is_label=True) if moving_seg is not None else None
         jac = export.jacobian_image(field_img)
-        njd = 100.0 * float((sitk.GetArrayViewFromImage(jac) <= 0).mean())
+        njd = metrics.njd_percent_from_det(sitk.GetArrayViewFromImage(jac))
         per_label = _dice_percent(fixed_seg, warped_seg, label_values) if use_labels else None
         dice = float(np.mean(list(per_label.values()))) if per_label else None
         keep = keep_step_images or step.index == steps
