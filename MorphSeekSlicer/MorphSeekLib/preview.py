@@ -239,10 +239,12 @@ def _percent(value: float | None) -> float:
     return math.nan if value is None else 100.0 * float(value)
 
 
-def candidates_table(scene: slicer.vtkMRMLScene, steps: Sequence, name: str) -> slicer.vtkMRMLTableNode:
-    """One row per candidate of every step: reward, Dice gain (percentage points), similarity gain,
-    NJD %, and whether it was kept."""
-    rows = [(step.index, j + 1, c, j == step.kept) for step in steps for j, c in enumerate(step.candidates)]
+def candidates_table(scene: slicer.vtkMRMLScene, steps: Sequence, name: str, only_step: int | None = None,
+                     node: slicer.vtkMRMLTableNode | None = None) -> slicer.vtkMRMLTableNode:
+    """One row per candidate of every step (or of step ``only_step``): reward, Dice gain (percentage
+    points), similarity gain, NJD %, and whether it was kept. ``node``: a table to refill."""
+    rows = [(step.index, j + 1, c, j == step.kept) for step in steps for j, c in enumerate(step.candidates)
+            if only_step is None or step.index == only_step]
     table = vtk.vtkTable()
     _column(table, vtk.vtkIntArray, "step", [r[0] for r in rows])
     _column(table, vtk.vtkIntArray, "candidate", [r[1] for r in rows])
@@ -251,7 +253,8 @@ def candidates_table(scene: slicer.vtkMRMLScene, steps: Sequence, name: str) -> 
     _column(table, vtk.vtkDoubleArray, "similarity gain", [float(r[2].similarity_gain) for r in rows])
     _column(table, vtk.vtkDoubleArray, "NJD %", [float(r[2].njd_percent) for r in rows])
     _column(table, vtk.vtkStringArray, "kept", ["kept" if r[3] else "" for r in rows])
-    node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     node.SetAndObserveTable(table)
     node.SetColumnDescription("Dice gain (pp)", "mean Dice gained over the previous step, percentage points")
     node.SetColumnDescription("NJD %", "folded voxels (det J <= 0) of the candidate's total map, model grid")

@@ -150,6 +150,8 @@ def test_tables_from_hand_made_steps(scene):
     assert candidates.GetNumberOfRows() == 4
     assert [candidates.GetCellText(r, 6) for r in range(4)] == ["kept", "", "", "kept"]
     assert float(candidates.GetCellText(0, 3)) == pytest.approx(1.0)  # Dice gain in percentage points
+    preview.candidates_table(scene, steps, "candidates", only_step=2, node=candidates)
+    assert candidates.GetNumberOfRows() == 2 and candidates.GetCellText(1, 6) == "kept"
     metrics = preview.metrics_table(scene, steps, mrml.LabelScheme(values={"organ": 1}), 79.0, "metrics")
     assert metrics.GetNumberOfRows() == 3 and metrics.GetColumnName(5) == "Dice % organ"
     assert float(metrics.GetCellText(0, 1)) == 79.0 and float(metrics.GetCellText(2, 5)) == 82.0

@@ -1,0 +1,122 @@
+"""The parts of the Slicer module that need the desktop application (Qt panel, CMake build) are
+checked statically: the .ui is valid XML with every widget the widget code uses, its parameter
+bindings match the parameter node, the module file has Slicer's four classes, the CMake files
+list every script, and the Extensions Index entry and the icons are well formed."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE = REPO / "MorphSeekSlicer"
+UI_FILE = MODULE / "Resources" / "UI" / "MorphSeek.ui"
+MODULE_FILE = MODULE / "MorphSeek.py"
+
+
+@pytest.fixture(scope="module")
+def ui():
+    return ElementTree.parse(UI_FILE).getroot()  # raises on invalid XML
+
+
+@pytest.fixture(scope="module")
+def module_tree():
+    return ast.parse(MODULE_FILE.read_text())
+
+
+def ui_widget_names(root) -> dict[str, str]:
+    return {w.get("name"): w.get("class") for w in root.iter("widget")}
+
+
+def parameter_fields(tree) -> dict[str, str]:
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MorphSeekParameterNode")
+    return {s.target.id: ast.unparse(s.annotation) for s in cls.body if isinstance(s, ast.AnnAssign)}
+
+
+def test_ui_is_a_qt_designer_file(ui):
+    assert ui.tag == "ui" and ui.find("class").text == "MorphSeek"
+    top = ui.find("widget")
+    assert top.get("class") == "qMRMLWidget"
+    declared = {c.find("class").text for c in ui.iter("customwidget")}
+    used = set(ui_widget_names(ui).values())
+    qt_classes = {c for c in used if c.startswith("Q")}
+    assert used - qt_classes <= declared, f"custom widgets not declared: {used - qt_classes - declared}"
+
+
+def test_every_widget_the_code_uses_exists_in_the_ui(ui):
+    names = ui_widget_names(ui)
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
+    assert used, "the widget uses no .ui widget?"
+    assert used <= set(names), f"missing in MorphSeek.ui: {sorted(used - set(names))}"
+
+
+def test_parameter_bindings_match_the_parameter_node(ui, module_tree):
+    fields = parameter_fields(module_tree)
+    bindings = {}
+    for widget in ui.iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bindings[prop.find("string").text] = widget.get("class")
+    assert bindings, "no widget is bound to the parameter node"
+    assert set(bindings) <= set(fields), f"bound to unknown parameters: {set(bindings) - set(fields)}"
+    # Each binding has a widget type that parameterNodeWrapper can connect to the field's type.
+    compatible = {"qMRMLNodeComboBox": "vtkMRML", "ctkSliderWidget": "float", "QCheckBox": "bool"}
+    for name, widget_class in bindings.items():
+        assert compatible[widget_class] in fields[name], f"{name}: {widget_class} cannot show {fields[name]}"
+
+
+def test_module_file_has_slicers_four_classes(module_tree):
+    classes = {n.name: [ast.unparse(b) for b in n.bases] for n in module_tree.body if isinstance(n, ast.ClassDef)}
+    assert "ScriptedLoadableModule" in classes["MorphSeek"]
+    assert "ScriptedLoadableModuleWidget" in classes["MorphSeekWidget"]
+    assert "ScriptedLoadableModuleLogic" in classes["MorphSeekLogic"]
+    assert "ScriptedLoadableModuleTest" in classes["MorphSeekTest"]
+    source = MODULE_FILE.read_text()
+    assert "pip_install" not in source.split("class MorphSeek(")[0], "nothing may be installed at import"
+    assert "selftest.check_registration" in source, "the self-test must run the pytest scenario"
+
+
+def test_module_library_imports_without_qt():
+    import MorphSeekLib.jobs  # noqa: F401
+    import MorphSeekLib.logic  # noqa: F401
+    import MorphSeekLib.preview  # noqa: F401
+
+    for path in (MODULE / "MorphSeekLib").glob("*.py"):
+        assert not re.search(r"^\s*(import|from)\s+(qt|ctk)\b", path.read_text(), re.M), f"{path.name} imports Qt"
+
+
+def test_cmake_files_follow_slicer_conventions():
+    top = (REPO / "CMakeLists.txt").read_text()
+    for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                     "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+        assert re.search(rf"set\({variable}\s", top), variable
+    assert re.search(r'set\(EXTENSION_DEPENDS "PyTorch"\)', top)
+    assert "find_package(Slicer REQUIRED)" in top and "add_subdirectory(MorphSeekSlicer)" in top
+    assert "Slicer_EXTENSION_GENERATE_CONFIG" in top and "Slicer_EXTENSION_CPACK" in top
+    module = (MODULE / "CMakeLists.txt").read_text()
+    assert "slicerMacroBuildScriptedModule" in module
+    listed = set(re.findall(r"\$\{MODULE_NAME\}(Lib/\w+\.py|\.py)", module))
+    present = {"Lib/" + p.name for p in (MODULE / "MorphSeekLib").glob("*.py")} | {".py"}
+    assert listed == present, f"CMake lists {sorted(listed)}, the folder has {sorted(present)}"
+    for resource in re.findall(r"(Resources/\S+/\$\{MODULE_NAME\}\.\w+)", module):
+        assert (MODULE / resource.replace("${MODULE_NAME}", "MorphSeek")).is_file(), resource
+
+
+def test_extensions_index_entry_and_icons():
+    entry = json.loads((REPO / "MorphSeek.json").read_text())
+    assert {"$schema", "category", "scm_url"} <= set(entry)
+    assert entry["build_dependencies"] == ["PyTorch"] and entry["category"] == "Registration"
+    allowed = {"$schema", "build_dependencies", "build_subdirectory", "category", "enabled", "scm_revision",
+               "scm_type", "scm_url", "tier"}
+    assert set(entry) <= allowed, "the catalog schema allows no other keys"
+    for icon in (REPO / "Resources/Icons/MorphSeek.png", MODULE / "Resources/Icons/MorphSeek.png"):
+        data = icon.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        assert (width, height) == (128, 128)
+    assert "Apache License" in (REPO / "LICENSE.txt").read_text()[:200]
