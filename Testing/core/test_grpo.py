@@ -1,0 +1,242 @@
+"""Stage C (GRPO with LDVN): the pieces against hand computations, the memory-flat gradients against
+the all-at-once graph, and a short fine-tune on synthetic labelled pairs."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from morphseek.data import PairSample
+from morphseek.errors import MorphSeekError
+from morphseek.losses import similarity_loss
+from morphseek.nets.policy import build_model
+from morphseek.synth import make_dataset
+from morphseek.train.grpo import (
+    GRPOConfig,
+    TargetKLController,
+    check_pair_labels,
+    compute_grpo_gradients,
+    evaluate_pairs,
+    grpo_finetune,
+    group_advantages,
+    relative_log_likelihoods,
+)
+from morphseek.train.trainlog import RunLogger
+
+torch.manual_seed(0)
+GRID = (32, 32, 32)
+
+
+def _sample(moving, fixed) -> PairSample:
+    ml = torch.from_numpy(moving.labels.astype(np.int64))[None, None]
+    fl = torch.from_numpy(fixed.labels.astype(np.int64))[None, None]
+    values = sorted(set(ml.unique().tolist()) & set(fl.unique().tolist()) - {0})
+    return PairSample(torch.from_numpy(moving.image)[None, None], torch.from_numpy(fixed.image)[None, None],
+                      ml, fl, values, (moving.id, fixed.id))
+
+
+@pytest.fixture(scope="module")
+def subjects():
+    return make_dataset(6, GRID, seed=3, n_labels=5, max_displacement=5.0)
+
+
+@pytest.fixture(scope="module")
+def lively_model():
+    """A tiny model whose displacement responds to z by several voxels (so hard-label rewards differ
+    between trajectories and the policy term is exercised)."""
+    torch.manual_seed(1)
+    model = build_model({"backbone": "tiny"})
+    with torch.no_grad():  # an untrained decoder barely responds to z: amplify the latent's path
+        model.backbone.flow.weight.normal_(0.0, 0.3)
+        model.backbone.up_convs[0][0].weight.mul_(300.0)
+    return model
+
+
+# ------------------------------------------------------------------------------------ LDVN
+def test_ldvn_keeps_order_and_only_rescales_relative_values():
+    torch.manual_seed(2)
+    J, shape, tau = 6, (1, 4, 3, 3, 2), 0.3
+    mu, log_sigma = torch.randn(shape), 0.3 * torch.randn(shape)
+    z = mu + tau * torch.exp(log_sigma) * torch.randn((J, *shape[1:]))
+    n = mu[0].numel()
+
+    exact, s_none = relative_log_likelihoods(z, mu, log_sigma, tau, "none")
+    # Cross-check the unscaled value against torch.distributions (sum of per-dimension log-densities).
+    log_density = torch.distributions.Normal(mu, tau * torch.exp(log_sigma)).log_prob(z).flatten(1).sum(1)
+    torch.testing.assert_close(exact, log_density - log_density.mean(), rtol=1e-5, atol=1e-4)
+    assert s_none == 1.0
+
+    scaled, s_sqrt = relative_log_likelihoods(z, mu, log_sigma, tau, "sqrt")
+    assert s_sqrt == pytest.approx(math.sqrt(n))
+    torch.testing.assert_close(scaled * math.sqrt(n), exact, rtol=1e-5, atol=1e-4)
+    assert torch.equal(torch.argsort(scaled), torch.argsort(exact))  # order kept
+    assert abs(float(scaled.mean())) < 1e-5  # still relative
+
+    adaptive, s_adapt = relative_log_likelihoods(z, mu, log_sigma, tau, "adaptive", target_std=0.7)
+    assert float(adaptive.std(unbiased=False)) == pytest.approx(0.7, rel=1e-4)
+    assert torch.equal(torch.argsort(adaptive), torch.argsort(exact))
+    torch.testing.assert_close(adaptive * s_adapt, exact, rtol=1e-5, atol=1e-4)
+
+
+def test_ldvn_gradient_is_the_exact_gradient_divided_by_s():
+    torch.manual_seed(3)
+    shape, tau = (1, 2, 4, 4, 4), 0.5
+    mu = torch.randn(shape, requires_grad=True)
+    log_sigma = (0.2 * torch.randn(shape)).requires_grad_()
+    z = (mu + tau * torch.exp(log_sigma) * torch.randn((4, *shape[1:]))).detach()
+    weights = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    grads = {}
+    for mode in ("none", "sqrt"):
+        rel, _ = relative_log_likelihoods(z, mu, log_sigma, tau, mode)
+        grads[mode] = torch.autograd.grad((weights * rel).sum(), (mu, log_sigma))
+    s = math.sqrt(mu[0].numel())
+    for exact, scaled in zip(grads["none"], grads["sqrt"]):
+        torch.testing.assert_close(scaled * s, exact, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ advantages
+def test_advantages_are_zero_mean_unit_spread_and_ordered():
+    rewards = torch.tensor([0.02, -0.01, 0.05, 0.0, 0.011, -0.3])
+    a = group_advantages(rewards)
+    assert float(a.mean()) == pytest.approx(0.0, abs=1e-6)
+    assert float(a.std(unbiased=False)) == pytest.approx(1.0, rel=1e-5)
+    assert torch.equal(torch.argsort(a), torch.argsort(rewards))
+    # hand computation of one entry
+    r = rewards.double()
+    assert float(a[2]) == pytest.approx(float((r[2] - r.mean()) / r.std(unbiased=False)), rel=1e-5)
+    assert torch.equal(group_advantages(torch.full((4,), 0.3)), torch.zeros(4))  # no spread: no push
+
+
+def test_target_kl_controller_raises_and_lowers_beta():
+    c = TargetKLController(beta=1e-3, target=0.1, tolerance=1.5, factor=2.0)
+    assert c.update(0.2) == pytest.approx(2e-3)  # above target * 1.5
+    assert c.update(0.1) == pytest.approx(2e-3)  # inside the band
+    assert c.update(0.01) == pytest.approx(1e-3)  # below target / 1.5
+    auto = TargetKLController(beta=1e-3)
+    auto.update(0.02)
+    assert auto.target == pytest.approx(0.04)  # 2 x the warm-up policy's KL
+    state = auto.state_dict()
+    other = TargetKLController(beta=5.0)
+    other.load_state_dict(state)
+    assert other.beta == auto.beta and other.target == auto.target
+
+
+# ----------------------------------------------------------------- memory-flat == all-at-once
+def _gradients(model, sample, memory_flat, config):
+    model.zero_grad(set_to_none=True)
+    total = torch.zeros((1, 3, *GRID))
+    outcome = compute_grpo_gradients(model, sample, total, None, config, beta_kl=1e-2,
+                                     similarity=similarity_loss("mse"), lambda_reg=0.02,
+                                     generator=torch.Generator().manual_seed(7), memory_flat=memory_flat)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, outcome
+
+
+def test_one_at_a_time_gradients_equal_the_all_at_once_gradients(subjects, lively_model):
+    sample = _sample(subjects[0], subjects[1])
+    config = GRPOConfig(trajectories=3, tau=1.0, lambda_warm=1.0, lambda_dice=1.0)
+    flat, out_flat = _gradients(lively_model, sample, True, config)
+    whole, out_whole = _gradients(lively_model, sample, False, config)
+    assert torch.equal(out_flat.rewards, out_whole.rewards) and out_flat.best == out_whole.best
+    assert float(out_flat.rewards.std()) > 0, "rewards must differ so that the policy term is tested"
+    assert out_flat.stats["loss_policy"] != 0.0
+    assert set(flat) == set(whole)
+    encoder = [n for n in flat if n.startswith("backbone.encoder")]
+    head = [n for n in flat if n.startswith("head.")]
+    assert encoder and head
+    for name in flat:
+        scale = float(whole[name].abs().max())
+        assert scale > 0, f"no gradient reached {name}"
+        torch.testing.assert_close(flat[name], whole[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+    # The greedy state is the best candidate's total map.
+    torch.testing.assert_close(out_flat.total, out_whole.total)
+
+
+def test_label_free_pair_contributes_only_through_the_warm_up_term(subjects, lively_model):
+    labelled = _sample(subjects[0], subjects[1])
+    free = PairSample(labelled.moving, labelled.fixed, None, None, [], ("a", "b"))
+    assert check_pair_labels(free) is False
+    config = GRPOConfig(trajectories=3, tau=1.0)
+    grads, outcome = _gradients(lively_model, free, True, config)
+    assert outcome.best == -1 and outcome.stats["loss_policy"] == 0.0 and outcome.stats["loss_dice"] == 0.0
+    assert grads and all(torch.isfinite(g).all() for g in grads.values())
+    whole, _ = _gradients(lively_model, free, False, config)
+    for name in grads:
+        torch.testing.assert_close(grads[name], whole[name], rtol=1e-4, atol=1e-7)
+
+
+def test_pair_whose_labels_share_no_structure_is_rejected(subjects):
+    s = _sample(subjects[0], subjects[1])
+    disjoint = PairSample(s.moving, s.fixed, s.moving_labels, s.fixed_labels + 100, [], ("m01", "f02"))
+    with pytest.raises(MorphSeekError, match="share no structure"):
+        check_pair_labels(disjoint)
+    with pytest.raises(MorphSeekError, match="m01 -> f02"):
+        grpo_finetune(build_model({"backbone": "tiny"}), [disjoint], [], GRPOConfig(episodes=1))
+
+
+# ---------------------------------------------------------------------- a short fine-tune
+def _warm_up(model, pairs, iterations, lr=3e-3):
+    from morphseek.train.warmup import warmup_loss
+
+    sim = similarity_loss("mse")
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    for i in range(iterations):
+        s = pairs[i % len(pairs)]
+        loss, _ = warmup_loss(model, s.moving, s.fixed, sim, 0.02, 1e-3)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return model
+
+
+def test_short_finetune_raises_held_back_dice_without_folding(subjects, tmp_path):
+    torch.manual_seed(4)
+    train = [_sample(subjects[i], subjects[j]) for i, j in itertools.permutations(range(4), 2)]
+    val = [_sample(subjects[i], subjects[j]) for i, j in itertools.permutations(range(4, 6), 2)]
+    model = _warm_up(build_model({"backbone": "tiny"}), train, iterations=40)
+    before = evaluate_pairs(model, val, steps=2)
+    config = GRPOConfig(steps=2, trajectories=3, tau=0.5, lr=1e-3, episodes=6, val_every=6)
+    rows = []
+    result = grpo_finetune(model, train, val, config, run_config={"lambda_reg": 0.02, "grid": list(GRID)},
+                           out=tmp_path / "ft.ckpt", log=tmp_path / "ft", progress=rows.append)
+    after = result.validation
+    assert not result.stopped and result.optimizer_steps == 12
+    # Stated bound: held-back Dice rises by at least 0.5 points; NJD% rises by at most 0.5 points.
+    assert after["val_dice"] > before["val_dice"] + 0.5, (before, after)
+    assert after["val_njd"] <= before["val_njd"] + 0.5, (before, after)
+    # The log has one row per optimiser step with every item a person needs to follow the run.
+    logged = RunLogger(tmp_path / "ft", append=True).rows()
+    assert len(logged) == len(rows) == 12
+    for key in ("reward_mean", "reward_std", "kl", "beta_kl", "loss_policy", "loss_warm", "loss_dice", "loss"):
+        assert all(key in row for row in logged), key
+    assert logged[-1]["val_dice"] == pytest.approx(after["val_dice"])
+    assert (tmp_path / "ft.csv").read_text().splitlines()[0].startswith("episode,")
+
+
+def test_cancel_keeps_the_last_checkpoint_and_resume_continues(subjects, tmp_path):
+    torch.manual_seed(5)
+    train = [_sample(subjects[0], subjects[1]), _sample(subjects[2], subjects[3])]
+    model = build_model({"backbone": "tiny"})
+    config = GRPOConfig(steps=1, trajectories=2, episodes=3)
+    out, log = tmp_path / "ft.ckpt", tmp_path / "ft"
+    calls = {"n": 0}
+
+    def cancel_after_two_steps():  # polled before each optimiser step
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    result = grpo_finetune(model, train, [], config, out=out, log=log, cancel=cancel_after_two_steps)
+    assert result.stopped and result.episodes_done == 2 and out.exists()
+    from morphseek.checkpoint import load_checkpoint
+
+    saved, run_config, extra = load_checkpoint(out)
+    assert extra["state"]["grpo"]["episode"] == 2 and run_config["stage"] == "finetune"
+    for name, tensor in saved.state_dict().items():  # the checkpoint is the model after episode 2
+        torch.testing.assert_close(tensor, model.state_dict()[name])
+
+    resumed = grpo_finetune(saved, train, [], config, out=out, log=log, resume=True)
+    assert not resumed.stopped and resumed.episodes_done == 3 and resumed.optimizer_steps == 3
+    assert [row["episode"] for row in RunLogger(log, append=True).rows()] == [0, 1, 2]
