@@ -197,14 +197,17 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             _("MorphSeek needs {names}, which are not installed. Install them now {how}? "
               "This can take several minutes.").format(names=", ".join(missing), how=how)):
             return False
-        with slicer.util.tryWithErrorDisplay(_("Installing {names} failed.").format(names=", ".join(missing)),
-                                             waitCursor=True):
-            dependencies.install(missing, slicer.util.pip_install, PyTorchUtils)
-            self.ui.deviceComboBox.clear()
-            for choice in registration.available_devices():
-                self.ui.deviceComboBox.addItem(choice.label, choice.key)
-            return not dependencies.missing()
-        return False
+        try:
+            with slicer.util.WaitCursor():
+                dependencies.install(missing, slicer.util.pip_install, PyTorchUtils)
+        except Exception as error:  # pip or PyTorchUtils failures: show them, do not start the job
+            slicer.util.errorDisplay(_("Installing {names} failed.").format(names=", ".join(missing)),
+                                     detailedText=str(error))
+            return False
+        self.ui.deviceComboBox.clear()
+        for choice in registration.available_devices():
+            self.ui.deviceComboBox.addItem(choice.label, choice.key)
+        return not dependencies.missing()
 
     # -- registration -----------------------------------------------------------------------------
     def onRegisterOrCancel(self) -> None:
