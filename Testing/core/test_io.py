@@ -319,8 +319,8 @@ def test_affine_prealign_recovers_known_affine():
     start = np.linalg.norm(points - (points @ matrix.T + translation), axis=1)
     assert start.mean() > 5.0  # the problem is not trivial
     assert errors.mean() < 1.0 and errors.max() < 1.5, (errors.mean(), errors.max())
-    again = io.affine_prealign(fixed, moving)
-    np.testing.assert_allclose(again.GetParameters(), transform.GetParameters(), atol=1e-4)
+    again = io.affine_prealign(fixed, moving)  # fixed sampling seed, one thread: the same answer
+    np.testing.assert_allclose(again.GetParameters(), transform.GetParameters(), rtol=0, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------------
