@@ -346,11 +346,17 @@ def _register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, it
     reg.SetInitialTransform(initial, inPlace=False)
     # One thread: multithreaded metric sums are added in a varying order, and the optimiser
     # amplifies those 1e-16 differences; a pre-alignment must give the same answer every run.
+    # The method's own setting does not reach every internal stage, so the process-wide ITK default
+    # is also set to 1 for the duration (and restored).
     reg.SetNumberOfThreads(1)
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     try:
         return reg.Execute(fixed, moving)
     except RuntimeError as err:
         raise MorphSeekError(f"affine pre-alignment failed: {str(err).strip().splitlines()[-1]}") from None
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
 
 def _normalised_image(image: sitk.Image) -> sitk.Image:

@@ -312,7 +312,9 @@ def test_affine_prealign_recovers_known_affine():
     # moving(T_true(x)) = fixed(x), and a different intensity mapping (MI must cope with it)
     moving = image_from_function(function=lambda y: 1.0 - 0.8 * phantom((y - translation) @ inverse.T), **grid)
 
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     transform = io.affine_prealign(fixed, moving)
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == threads  # restored after the run
     points = np.stack(np.meshgrid(*[np.linspace(-20, 20, 5)] * 3, indexing="ij"), -1).reshape(-1, 3)
     found = np.array([transform.TransformPoint(tuple(p)) for p in points])
     errors = np.linalg.norm(found - (points @ matrix.T + translation), axis=1)
