@@ -190,8 +190,6 @@ def test_non_linear_prealign_goes_through_its_displacement():
     fixed = make_grid(**FIXED)
     model_ref = io.model_grid(fixed, (12, 12, 12))
     shift = np.array([1.25, -0.5, 2.0])
-    constant = sitk.Image(list(fixed.GetSize()), sitk.sitkVectorFloat64, 3)
-    constant.CopyInformation(fixed)
     constant = sitk.GetImageFromArray(np.broadcast_to(shift, tuple(fixed.GetSize()[::-1]) + (3,)).copy(), isVector=True)
     constant.CopyInformation(fixed)
     prealign = sitk.DisplacementFieldTransform(constant)
