@@ -22,7 +22,7 @@ import slicer
 
 from morphseek.errors import MorphSeekError
 
-from . import mrml, preview
+from . import mrml, preview, training
 
 DEFAULT_MODEL_NAME = "morphseek-default.pt"
 ProgressCallback = Callable[[Any], None]
@@ -286,6 +286,24 @@ class MorphSeekLogic:
         config = GRPOConfig(steps=int(steps), trajectories=int(trajectories), tau=float(tau), episodes=int(episodes))
         return grpo_finetune(net, train, val, config, run_config=run_config, out=out, cancel=cancel,
                              progress=lambda row: report("grpo", int(row.get("episode", 0)) + 1, int(episodes), dict(row)))
+
+    def export_cases(self, cases, folder: str | Path | None = None) -> training.SceneDataset:
+        """Labelled cases of the scene (``training.LabelledCase`` or ``(volume, segmentation)``)
+        written to a temporary manifest dataset for ``finetune`` (main thread; nothing is added to
+        the scene). Remove it afterwards: ``with logic.export_cases(cases) as dataset: ...``."""
+        return training.export_cases(self.scene, cases, folder)
+
+    def finetune_from_scene(self, cases, model: Any = None, checkpointOut: str | Path | None = None,
+                            **options) -> Any:
+        """``finetune`` on labelled cases of the scene (synchronous): the cases are exported to a
+        temporary dataset (at least 2 cases; from 4 on, a quarter is held back for validation),
+        fine-tuned on, and the dataset is removed, also on error or cancel. ``options``: those of
+        ``finetune``. The widget does the same in two parts: export here, fine-tune in a thread."""
+        if not checkpointOut:
+            raise MorphSeekError("choose where to save the fine-tuned checkpoint")
+        model = resolve_model(model)  # a missing model is reported before anything is exported
+        with self.export_cases(cases) as dataset:
+            return self.finetune(dataset.manifest, model, checkpointOut, **options)
 
     # -- saving -------------------------------------------------------------------------------
     def save_outputs(self, outputs: RegistrationOutputs, folder: str | Path) -> list[Path]:
