@@ -34,6 +34,7 @@ dependencies.add_source_engine_to_path()  # a source checkout: MorphSeekCore/ ne
 
 from MorphSeekLib import logic as registration  # noqa: E402
 from MorphSeekLib import preview  # noqa: E402
+from MorphSeekLib import training  # noqa: E402
 from MorphSeekLib.jobs import BackgroundJob, EventKind  # noqa: E402
 
 POLL_MS = 100
@@ -70,7 +71,9 @@ class MorphSeekParameterNode:
     temperature: Annotated[float, WithinRange(0, 1)] = 0.3
     prealign: bool = True
     outputTransform: vtkMRMLGridTransformNode
+    finetuneFromScene: bool = True
     datasetPath: str = ""
+    warmupIterations: Annotated[float, WithinRange(0, 2000)] = 0
     episodes: Annotated[float, WithinRange(1, 500)] = 20
     checkpointOut: str = ""
 
@@ -281,7 +284,11 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onFinished(self, result) -> None:
         if self._jobKind == "finetune":
-            self._status(_("Fine-tuned checkpoint written: {path}").format(path=self._parameterNode.checkpointOut))
+            validation = getattr(result, "validation", None) or {}
+            heldBack = (_(", held-back Dice {dice:.1f} %").format(dice=validation["val_dice"])
+                        if "val_dice" in validation else "")
+            self._status(_("Fine-tuned checkpoint written: {path}{heldBack}").format(
+                path=self._parameterNode.checkpointOut, heldBack=heldBack))
             self._parameterNode.modelPath = self._parameterNode.checkpointOut
             self.ui.modelPathLineEdit.currentPath = self._parameterNode.checkpointOut
             return
@@ -351,13 +358,37 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._ensureDependencies():
             return
         p = self._parameterNode
-        dataset, model, out = p.datasetPath, p.modelPath or None, p.checkpointOut
-        episodes, steps, device = int(p.episodes), int(p.steps), p.device
-        trajectories = max(2, int(p.candidates))
+        model, out = p.modelPath or None, p.checkpointOut
+        options = dict(warmupIterations=int(p.warmupIterations), episodes=int(p.episodes), steps=int(p.steps),
+                       trajectories=max(2, int(p.candidates)), tau=float(p.temperature), device=p.device)
+        self._jobKind = "finetune"  # errors below go to the fine-tune status line
+        exported = None
+        if p.finetuneFromScene:
+            # Scene cases are exported here, on the main thread; the job only reads the files.
+            try:
+                if not out:
+                    raise registration.MorphSeekError(_("choose where to save the fine-tuned checkpoint"))
+                cases = training.cases_from_segmentations(self.ui.finetuneSegmentationsComboBox.checkedNodes())
+                with slicer.util.WaitCursor():
+                    exported = self.logic.export_cases(cases)
+            except Exception as error:  # MorphSeekError: too few cases, no shared segment, a 2D volume...
+                self._showError(error)
+                return
+            dataset = exported.manifest
+            self.ui.finetuneStatusLabel.text = _("{n} cases: {train} training pairs, {val} held-back pairs").format(
+                n=len(exported.subjects), train=len(exported.train_pairs), val=len(exported.val_pairs))
+        else:
+            dataset = p.datasetPath
+
+        def work(progress, cancel):
+            try:
+                return self.logic.finetune(dataset, model, out, progress=progress, cancel=cancel, **options)
+            finally:
+                if exported is not None:
+                    exported.cleanup()  # the temporary dataset, also on error or cancel
+
         self._trainingHistory = []
-        self._startJob("finetune", lambda progress, cancel: self.logic.finetune(
-            dataset, model, out, episodes=episodes, steps=steps, trajectories=trajectories,
-            device=device, progress=progress, cancel=cancel))
+        self._startJob("finetune", work)
 
     def _showTrainingProgress(self, row: dict) -> None:
         total = max(int(row.get("total", 1)), 1)

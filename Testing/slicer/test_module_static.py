@@ -55,6 +55,18 @@ def test_every_widget_the_code_uses_exists_in_the_ui(ui):
     assert used <= set(names), f"missing in MorphSeek.ui: {sorted(used - set(names))}"
 
 
+def test_every_mrml_widget_receives_the_scene(ui):
+    """A qMRML combo box or table view shows nothing until it has the scene: each must receive
+    the top widget's mrmlSceneChanged (the fine-tune case picker included)."""
+    mrml_widgets = {name for name, cls in ui_widget_names(ui).items()
+                    if cls.startswith("qMRML") and cls != "qMRMLWidget"}
+    assert "finetuneSegmentationsComboBox" in mrml_widgets
+    receivers = {c.find("receiver").text for c in ui.iter("connection")
+                 if c.find("signal").text == "mrmlSceneChanged(vtkMRMLScene*)"
+                 and c.find("slot").text == "setMRMLScene(vtkMRMLScene*)"}
+    assert mrml_widgets <= receivers, f"never given the scene: {sorted(mrml_widgets - receivers)}"
+
+
 def test_parameter_bindings_match_the_parameter_node(ui, module_tree):
     fields = parameter_fields(module_tree)
     bindings = {}
