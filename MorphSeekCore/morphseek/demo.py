@@ -54,13 +54,18 @@ def run_demo(out: str | Path = "demo-output", grid=(48, 48, 48), n_subjects: int
     timings["warmup_seconds"] = time.perf_counter() - tic
 
     if finetune_iterations:
-        from .train import grpo
+        from .checkpoint import load_checkpoint
+        from .train.grpo import GRPOConfig, grpo_finetune
 
         tic = time.perf_counter()
-        print(f"[2b] GRPO fine-tuning: {finetune_iterations} episodes")
+        print(f"[2b] GRPO fine-tuning: {finetune_iterations} episodes of {steps} steps")
+        model, run_config, _ = load_checkpoint(checkpoint, device=device)
+        train = [dataset.load_pair(p, tuple(grid)).to(device) for p in dataset.train_pairs]
+        val = [dataset.load_pair(p, tuple(grid)).to(device) for p in dataset.val_pairs]
         finetuned = out / "model-finetuned.pt"
-        grpo.finetune_from_checkpoint(checkpoint, manifest, finetuned, iterations=finetune_iterations,
-                                      device=str(device), seed=seed)
+        grpo_finetune(model, train, val, GRPOConfig(steps=steps, episodes=finetune_iterations, seed=seed,
+                                                    val_every=max(finetune_iterations, 1)),
+                      run_config=run_config, out=finetuned, log=out / "finetune.log", progress=True)
         checkpoint = finetuned
         timings["finetune_seconds"] = time.perf_counter() - tic
 

@@ -115,7 +115,8 @@ def warmup(
     """Train ``model`` unsupervised on ``dataset.train_pairs``; write checkpoints to ``out``.
 
     On interruption (KeyboardInterrupt or ``cancel()``) the state after the last completed
-    iteration is checkpointed before the exception propagates, so nothing done is lost."""
+    iteration is checkpointed before the exception propagates, so nothing done is lost; a run
+    stopped before its first iteration leaves ``out`` as it was (absent, or the resumed checkpoint)."""
     out = Path(out)
     device = torch.device(device)
     if not dataset.train_pairs:
@@ -135,8 +136,14 @@ def warmup(
         start = int(extra.get("state", {}).get("iteration", 0))
     rng = random.Random(config.seed + start)  # the pair order continues deterministically on resume
     torch.manual_seed(config.seed + start)
-    logger = RunLogger(log_path or out.with_suffix(".log.jsonl"), append=resume)
-    logger.truncate(lambda row: row.get("iteration", 0) <= start)  # drop rows after the resumed checkpoint
+    logger: RunLogger | None = None  # opened at the first logged row: a run stopped at once writes nothing
+
+    def log(row: dict) -> None:
+        nonlocal logger
+        if logger is None:
+            logger = RunLogger(log_path or out.with_suffix(".log.jsonl"), append=resume)
+            logger.truncate(lambda r: r.get("iteration", 0) <= start)  # drop rows after the resumed checkpoint
+        logger.log(row)
     model.training_config = config.to_dict()
 
     def checkpoint(iteration: int) -> None:
@@ -161,16 +168,15 @@ def warmup(
             if config.validate_every and (iteration % config.validate_every == 0 or iteration == config.iterations):
                 if dataset.val_pairs:
                     row.update(validate(model, dataset, config.grid, device))
-            logger.log(row)
+            log(row)
             if progress is not None:
                 progress(iteration, config.iterations, row)
             if iteration % config.checkpoint_every == 0:
                 checkpoint(iteration)
     except (KeyboardInterrupt, Cancelled):
-        checkpoint(completed)
-        logger.close()
+        if completed > start:  # nothing new otherwise: keep what is on disk (or write nothing)
+            checkpoint(completed)
         raise
     checkpoint(config.iterations)
-    logger.close()
     model.eval()
     return model
