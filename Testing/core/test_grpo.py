@@ -196,20 +196,21 @@ def test_short_finetune_raises_held_back_dice_without_folding(subjects, tmp_path
     torch.manual_seed(4)
     train = [_sample(subjects[i], subjects[j]) for i, j in itertools.permutations(range(4), 2)]
     val = [_sample(subjects[i], subjects[j]) for i, j in itertools.permutations(range(4, 6), 2)]
-    model = _warm_up(build_model({"backbone": "tiny"}), train, iterations=40)
+    model = _warm_up(build_model({"backbone": "tiny"}), train, iterations=24, lr=5e-3)
     before = evaluate_pairs(model, val, steps=2)
-    config = GRPOConfig(steps=2, trajectories=3, tau=0.5, lr=1e-3, episodes=6, val_every=6)
+    config = GRPOConfig(steps=2, trajectories=3, tau=0.5, lr=1e-3, episodes=4, val_every=4)
     rows = []
     result = grpo_finetune(model, train, val, config, run_config={"lambda_reg": 0.02, "grid": list(GRID)},
                            out=tmp_path / "ft.ckpt", log=tmp_path / "ft", progress=rows.append)
     after = result.validation
-    assert not result.stopped and result.optimizer_steps == 12
+    assert not result.stopped and result.optimizer_steps == 8
     # Stated bound: held-back Dice rises by at least 0.5 points; NJD% rises by at most 0.5 points.
+    print("held-back before/after:", before, after)
     assert after["val_dice"] > before["val_dice"] + 0.5, (before, after)
     assert after["val_njd"] <= before["val_njd"] + 0.5, (before, after)
     # The log has one row per optimiser step with every item a person needs to follow the run.
     logged = RunLogger(tmp_path / "ft", append=True).rows()
-    assert len(logged) == len(rows) == 12
+    assert len(logged) == len(rows) == 8
     for key in ("reward_mean", "reward_std", "kl", "beta_kl", "loss_policy", "loss_warm", "loss_dice", "loss"):
         assert all(key in row for row in logged), key
     assert logged[-1]["val_dice"] == pytest.approx(after["val_dice"])

@@ -92,16 +92,21 @@ class GRPOConfig:
     checkpoint_every: int = 1  # save every this many episodes (and after the last)
     seed: int = 0
     memory_flat: bool = True  # False: build the whole graph at once (reference, J-times the memory)
+    policy: bool = True  # False: no policy term (the Dice-supervised baselines of the ablation, J = 1, tau = 0)
 
     def validate(self) -> None:
         """Raise MorphSeekError for settings that cannot work."""
         problems = []
         if self.steps < 1:
             problems.append(f"steps must be >= 1 (got {self.steps})")
-        if self.trajectories < 2:
+        if self.policy and self.trajectories < 2:
             problems.append(f"trajectories must be >= 2 for group-relative advantages (got {self.trajectories})")
-        if not self.tau > 0:
+        if self.trajectories < 1:
+            problems.append(f"trajectories must be >= 1 (got {self.trajectories})")
+        if self.policy and not self.tau > 0:
             problems.append(f"tau must be > 0 in fine-tuning (got {self.tau})")
+        if self.tau < 0:
+            problems.append(f"tau must be >= 0 (got {self.tau})")
         if not self.w_dice > 0:
             problems.append(f"w_dice must be > 0 (got {self.w_dice})")
         if self.w_njd > 0:
@@ -366,14 +371,20 @@ def compute_grpo_gradients(
     for j in range(J):
         # Reparameterised (soft Dice reaches mu and sigma); exp is taken per trajectory so that each
         # trajectory's graph, freed by its own backward, owns all of its nodes.
-        z = mu + tau * torch.exp(log_sigma) * eps[j : j + 1]
+        with torch.set_grad_enabled(config.lambda_dice > 0):  # without L_dice only the reward is needed
+            z = mu + tau * torch.exp(log_sigma) * eps[j : j + 1]
+            total_j = compose(total_prev, model.decode(skips, z))
         z_all.append(z.detach())
-        total_j = compose(total_prev, model.decode(skips, z))
         r, d, n = hard_rewards(total_j.detach(), sample.moving_labels, sample.fixed_labels, values,
                                previous_dice, config.w_dice, config.w_njd)
         rewards[j], dices[j], njds[j] = r[0], d[0], n[0]
         if best < 0 or rewards[j] > rewards[best]:
             best, best_total = j, total_j.detach()
+        if config.lambda_dice == 0:  # logged only
+            with torch.no_grad():
+                value = _soft_dice(fixed_oh, sample.moving_labels, total_j, values)
+            dice_losses.append(float(value) if memory_flat else value)
+            continue
         dice_j = _soft_dice(fixed_oh, sample.moving_labels, total_j, values)
         if memory_flat:
             # Free this trajectory's graph now; keep the leaves' (and mu/sigma's) gradients.
@@ -383,10 +394,14 @@ def compute_grpo_gradients(
             dice_losses.append(dice_j)
         del total_j
 
-    advantages = group_advantages(rewards).to(mu.device)
-    rel_log_pi, scale = relative_log_likelihoods(torch.cat(z_all), mu, log_sigma, tau, config.ldvn,
-                                                 config.ldvn_target_std)
-    policy = -(advantages * rel_log_pi).mean()
+    if config.policy:
+        advantages = group_advantages(rewards).to(mu.device)
+        rel_log_pi, scale = relative_log_likelihoods(torch.cat(z_all), mu, log_sigma, tau, config.ldvn,
+                                                     config.ldvn_target_std)
+        policy = -(advantages * rel_log_pi).mean()
+    else:  # Dice-supervised baseline: the same step without the policy term
+        rel_log_pi, scale = torch.zeros(J), float("nan")
+        policy = (mu * 0.0).sum()
 
     if memory_flat:
         policy.backward()
