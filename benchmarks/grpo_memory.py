@@ -58,7 +58,7 @@ def measure(grid: int, backbone: str, trajectories: int, mode: str, threads: int
                 torch.Generator().manual_seed(0))
     seconds = time.perf_counter() - tick
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-    return {"grid": grid, "backbone": backbone, "J": trajectories, "mode": mode, "rss_before_mib": round(before, 1),
+    return {"mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "grid": grid, "backbone": backbone, "J": trajectories, "mode": mode, "rss_before_mib": round(before, 1),
             "peak_rss_mib": round(peak, 1), "update_mib": round(peak - before, 1), "seconds": round(seconds, 2),
             "labels": len(values), "threads": threads, "torch": torch.__version__}
 
@@ -70,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--js", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--modes", nargs="+", default=["flat", "whole"], choices=["flat", "whole"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--mmap-threshold", type=int, default=65536,
+                        help="glibc MALLOC_MMAP_THRESHOLD_ for the measured process (0: glibc's default). "
+                             "Blocks above it are mmap-ed and returned to the system when freed, so the "
+                             "peak RSS is the peak of live memory instead of also counting freed heap "
+                             "that glibc keeps (which made repeated runs differ by +-30 %%)")
     parser.add_argument("--out", default=None, help="append JSON lines here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--J", type=int, default=None, help=argparse.SUPPRESS)
@@ -83,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         for j in args.js:
             command = [sys.executable, __file__, "--child", "--grid", str(args.grid), "--backbone", args.backbone,
                        "--J", str(j), "--mode", mode, "--threads", str(args.threads)]
-            done = subprocess.run(command, capture_output=True, text=True)
+            env = dict(os.environ)
+            if args.mmap_threshold:
+                env.setdefault("MALLOC_MMAP_THRESHOLD_", str(args.mmap_threshold))
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 print(f"J={j} {mode}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
                 continue

@@ -734,7 +734,10 @@ def run_finetune(args: argparse.Namespace) -> int:
     val_pairs = list(dataset.val_pairs)
     if args.max_val_pairs is not None:
         val_pairs = val_pairs[: args.max_val_pairs]
-    val = _dataset_samples(dataset, val_pairs, grid, device)
+    val = [s for s in _dataset_samples(dataset, val_pairs, grid, device) if s.has_labels]
+    if len(val) < len(val_pairs):
+        print(f"{len(val_pairs) - len(val)} held-back pairs have no labels and are not used for validation",
+              file=sys.stderr)
     config = GRPOConfig(steps=args.steps, trajectories=args.trajectories, tau=args.tau, w_dice=args.w_dice,
                         w_njd=args.w_njd, lambda_warm=args.lambda_warm, lambda_dice=args.lambda_dice,
                         target_kl=args.target_kl, ldvn=args.ldvn, lr=args.lr, episodes=args.episodes,
