@@ -202,7 +202,10 @@ def figure(report: dict, path: Path) -> None:
             axes[2].errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method, color=colour)
     axes[2].set_xlabel("labelled training pairs")
     axes[2].set_ylabel("held-back Dice %")
-    axes[2].legend()
+    if report["label_efficiency"]:
+        axes[2].legend()
+    else:
+        axes[2].text(0.5, 0.5, "label efficiency not run", ha="center", va="center", transform=axes[2].transAxes)
     fig.suptitle(f"GRPO ablation on {report['dataset']} (grid {tuple(report['grid'])}, {report['episodes']} pair visits)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
