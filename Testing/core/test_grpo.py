@@ -192,6 +192,7 @@ def _warm_up(model, pairs, iterations, lr=3e-3):
     return model
 
 
+@pytest.mark.slow
 def test_short_finetune_raises_held_back_dice_without_folding(subjects, tmp_path):
     torch.manual_seed(4)
     train = [_sample(subjects[i], subjects[j]) for i, j in itertools.permutations(range(4), 2)]
