@@ -187,7 +187,7 @@ def figure(report: dict, path: Path) -> None:
     dice_std = [report["ablation"][n]["val_dice_std"] for n in names]
     njd = [report["ablation"][n]["val_njd"] for n in names]
     axes[0].barh(names, dice, xerr=dice_std, color="tab:blue")
-    axes[0].set_xlim(min(dice) - 5, max(dice) + 3)
+    axes[0].set_xlim(max(0.0, min(d - e for d, e in zip(dice, dice_std)) - 3), max(d + e for d, e in zip(dice, dice_std)) + 2)
     axes[0].set_xlabel("held-back Dice %")
     axes[0].invert_yaxis()
     axes[1].barh(names, njd, color="tab:red")
