@@ -8,7 +8,6 @@ trainers have saved their last good checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -171,15 +170,16 @@ def _run_evaluate(args) -> int:
 # ----------------------------------------------------------------------------------------- demo
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job on built-in synthetic data (a few minutes on CPU)",
-                       description="Generates synthetic labelled subjects, warms a model up, registers "
-                       "held-back pairs step by step, prints a per-step table and writes images, "
-                       "a PNG montage and report.json.")
+                       description="Generates synthetic labelled subjects, warms a model up (stage B), "
+                       "fine-tunes it with GRPO (stage C), registers held-back pairs step by step, prints "
+                       "a per-step table and writes images, PNG montages and report.json.")
     p.add_argument("--out", default="demo-output")
     p.add_argument("--grid", type=_grid, default=(48, 48, 48))
     p.add_argument("--subjects", type=int, default=12)
     p.add_argument("--iterations", type=int, default=150, help="warm-up iterations")
-    p.add_argument("--finetune-iterations", type=int, default=0,
-                   help="GRPO episodes after warm-up (0: skip; see `morphseek finetune`)")
+    p.add_argument("--finetune-iterations", type=int, default=8,
+                   help="GRPO episodes (each --steps optimiser steps) after warm-up; 0 skips GRPO")
+    p.add_argument("--trajectories", type=int, default=4, help="GRPO trajectories J per step (default 4)")
     p.add_argument("--backbone", default="voxelmorph")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -191,7 +191,8 @@ def _run_demo(args) -> int:
     from .demo import run_demo
 
     run_demo(args.out, grid=args.grid, n_subjects=args.subjects, iterations=args.iterations,
-             finetune_iterations=args.finetune_iterations, backbone=args.backbone, steps=args.steps,
+             finetune_iterations=args.finetune_iterations, trajectories=args.trajectories,
+             backbone=args.backbone, steps=args.steps,
              seed=args.seed, device=args.device)
     return 0
 

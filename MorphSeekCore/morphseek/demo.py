@@ -1,4 +1,4 @@
-"""The main job, ``morphseek demo``: synthetic labelled subjects -> warm-up -> (optional GRPO) ->
+"""The main job, ``morphseek demo``: synthetic labelled subjects -> warm-up -> GRPO fine-tuning ->
 step-wise registration of held-back pairs, with a per-step table, images, PNG montages and a report.
 Nothing is downloaded; a few minutes on 2 CPU cores."""
 
@@ -25,7 +25,7 @@ from .train.warmup import WarmupConfig, warmup
 
 
 def run_demo(out: str | Path = "demo-output", grid=(48, 48, 48), n_subjects: int = 12,
-             iterations: int = 150, finetune_iterations: int = 0, backbone: str = "voxelmorph",
+             iterations: int = 150, finetune_iterations: int = 8, trajectories: int = 4, backbone: str = "voxelmorph",
              steps: int = 3, seed: int = 0, device: str = "auto", pairs_to_show: int = 3) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,12 +58,12 @@ def run_demo(out: str | Path = "demo-output", grid=(48, 48, 48), n_subjects: int
         from .train.grpo import GRPOConfig, grpo_finetune
 
         tic = time.perf_counter()
-        print(f"[2b] GRPO fine-tuning: {finetune_iterations} episodes of {steps} steps")
+        print(f"[2b] GRPO fine-tuning: {finetune_iterations} episodes of {steps} steps, {trajectories} trajectories")
         model, run_config, _ = load_checkpoint(checkpoint, device=device)
         train = [dataset.load_pair(p, tuple(grid)).to(device) for p in dataset.train_pairs]
         val = [dataset.load_pair(p, tuple(grid)).to(device) for p in dataset.val_pairs]
         finetuned = out / "model-finetuned.pt"
-        grpo_finetune(model, train, val, GRPOConfig(steps=steps, episodes=finetune_iterations, seed=seed,
+        grpo_finetune(model, train, val, GRPOConfig(steps=steps, trajectories=trajectories, episodes=finetune_iterations, seed=seed,
                                                     val_every=max(finetune_iterations, 1)),
                       run_config=run_config, out=finetuned, log=out / "finetune.log", progress=True)
         checkpoint = finetuned
@@ -99,7 +99,7 @@ def run_demo(out: str | Path = "demo-output", grid=(48, 48, 48), n_subjects: int
         summary[f"step_{t + 1}"] = {"dice": dice, "njd_percent": njd}
         print(f"  step {t + 1}: Dice {dice:.2f}   NJD {njd:.3f}")
     report = {"grid": list(grid), "backbone": backbone, "device": str(device), "iterations": iterations,
-              "finetune_iterations": finetune_iterations, "steps": steps, "seed": seed,
+              "finetune_iterations": finetune_iterations, "trajectories": trajectories, "steps": steps, "seed": seed,
               "timings": timings, "summary": summary, "pairs": pair_reports, "checkpoint": str(checkpoint)}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(f"\nwrote {out}/report.json, the montages {out}/*.png and per-pair folders "
