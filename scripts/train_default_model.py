@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from morphseek import io
-from morphseek.checkpoint import load_checkpoint
+from morphseek.checkpoint import load_checkpoint, save_checkpoint
 from morphseek.data import load_dataset
 from morphseek.nets.policy import build_model
 from morphseek.synth import make_dataset, write_dataset
@@ -83,6 +83,8 @@ def main() -> int:
     provenance["grpo"] = {"episodes": args.episodes, "seconds": time.perf_counter() - tic,
                           "held_back": result.validation}
     print("after GRPO:", result.validation, flush=True)
+    shipped, shipped_config, _ = load_checkpoint(out)  # ship the weights and configuration only,
+    save_checkpoint(out, shipped, shipped_config)      # not the optimiser state (a third of the size)
     out.with_suffix(".json").write_text(json.dumps(provenance, indent=2))
     write_sample_pair(Path(args.sample_data), grid, seed=args.seed + 1000)
     print(f"wrote {out}, {out.with_suffix('.json')} and {args.sample_data}")

@@ -25,6 +25,7 @@ from torch import nn
 
 from . import __version__
 from .errors import MorphSeekError
+from .io import give_default_permissions
 from .nets.policy import MorphSeekNet, build_model
 
 FORMAT_VERSION = 1
@@ -117,6 +118,7 @@ def save_checkpoint(
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        give_default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException as error:
         Path(tmp).unlink(missing_ok=True)

@@ -205,6 +205,14 @@ def read_labels(path: PathLike, reference: sitk.Image | PathLike | None = None,
     return check_labels(image, reference, str(path), reference_name=reference_name, what=what)
 
 
+def give_default_permissions(path: PathLike) -> None:
+    """chmod a temporary file to what a plain ``open()`` would have given it (0666 minus the umask):
+    ``mkstemp`` makes files only their owner can read, which would hide results from colleagues."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 @contextmanager
 def atomic_target(path: PathLike) -> Iterator[str]:
     """Yield a temporary file name in ``path``'s folder (same extension, so writers that choose the
@@ -217,6 +225,7 @@ def atomic_target(path: PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        give_default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -197,3 +197,21 @@ def test_affine_plausibility_guard_rejects_reflections_and_extreme_scaling():
     assert io.plausible_affine(ok)
     assert not io.plausible_affine(reflection)
     assert not io.plausible_affine(squash)
+
+
+def test_written_files_get_ordinary_permissions(tmp_path, tiny_checkpoint):
+    import os
+    import stat
+
+    from morphseek.checkpoint import load_checkpoint, save_checkpoint
+
+    umask = os.umask(0o022)
+    try:
+        image = _image(np.ones((4, 4, 4), np.float32), (1, 1, 1), (0, 0, 0), np.eye(3).ravel().tolist())
+        written = io.write_image(image, tmp_path / "a.nii.gz")
+        model, config, _ = load_checkpoint(tiny_checkpoint)
+        ckpt = save_checkpoint(tmp_path / "m.pt", model, config)
+    finally:
+        os.umask(umask)
+    for path in (written, ckpt):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path  # not mkstemp's owner-only 0600
