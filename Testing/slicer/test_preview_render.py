@@ -1,11 +1,11 @@
 """The step preview renders offscreen with Slicer's slice logic and displayable managers (EGL):
 fixed in the background, warped in the foreground, segmentation outlines, the folding overlay where
-det J <= 0, and the Jacobian with a diverging colour map. The PNGs are checked for content, and the
-README's screenshots are written from the real registration."""
+det J <= 0, and the Jacobian with a diverging colour map. The PNGs are checked for content (written
+to a temp dir; the README's screenshots come from the shipped model's registration in
+test_shipped_model.py)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,16 +14,10 @@ import pytest
 import SimpleITK as sitk
 import vtk
 
-from conftest import REPO, STEPS
+from conftest import STEPS
 from MorphSeekLib import mrml, preview
 from MorphSeekLib.offscreen import OffscreenSliceView, side_by_side, write_png
 
-import os
-
-# The README's screenshots are rewritten only on request (the tests otherwise write to a temp dir):
-#   MORPHSEEK_UPDATE_SCREENSHOTS=1 make test-slicer
-SCREENSHOTS = REPO / "Resources" / "Screenshots"
-UPDATE_SCREENSHOTS = os.environ.get("MORPHSEEK_UPDATE_SCREENSHOTS") == "1"
 SHAPE = (24, 40, 48)  # k, j, i
 SPACING = (0.9, 0.8, 2.0)  # anisotropic (x, y, z)
 FOLD_BOX = (slice(10, 15), slice(6, 14), slice(8, 18))  # k, j, i: where step 2 folds
@@ -130,9 +124,7 @@ def test_folding_overlay_and_outlines_are_drawn_where_expected(hand_made_preview
     blues = (jacobian_pixels[..., 2].astype(int) - jacobian_pixels[..., 0] > 60).sum()
     assert reds > 500 and blues > 500, (reds, blues)
     assert yellow_mask(jacobian_pixels).sum() > 20, "folded voxels not outlined on the Jacobian"
-    written = write_png(side_by_side(captures[2], jacobian_pixels), tmp_path / "folding-overlay.png")
-    if UPDATE_SCREENSHOTS:
-        shutil.copy(written, SCREENSHOTS / "folding-overlay.png")
+    write_png(side_by_side(captures[2], jacobian_pixels), tmp_path / "folding-overlay.png")
 
 
 def test_step_browser_switches_every_proxy(hand_made_preview):
@@ -164,7 +156,7 @@ def test_tables_from_hand_made_steps(scene):
 
 
 def test_screenshots_of_the_real_registration(registered, tmp_path):
-    """The README's screenshots: every step of the real registration, overlay view over Jacobian view."""
+    """Every step of the tiny model's registration renders: overlay view over Jacobian view."""
     scene, nodes, outputs, *_ = registered
     overlay_layers, jacobian_layers = preview.preview_layers(nodes["fixed"].GetID(), outputs.preview)
     view = OffscreenSliceView(scene, "Red", (256, 256))
@@ -195,6 +187,3 @@ def test_screenshots_of_the_real_registration(registered, tmp_path):
     sheet = np.concatenate([np.concatenate([row, np.full((4, row.shape[1], 3), 255, np.uint8)]) for row in rows])
     written = write_png(sheet, tmp_path / "step-preview.png")
     assert written.stat().st_size < 500_000
-    if UPDATE_SCREENSHOTS:
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        shutil.copy(written, SCREENSHOTS / "step-preview.png")
