@@ -428,20 +428,19 @@ class MorphSeekTest(ScriptedLoadableModuleTest):
     def test_registration_scenario(self) -> None:
         from MorphSeekLib import selftest
 
-        self.delayDisplay("Building a synthetic case and a tiny MorphSeek checkpoint")
-        nodes = selftest.synthetic_case(slicer.mrmlScene)
-        model = selftest.tiny_checkpoint(os.path.join(slicer.app.temporaryPath, "morphseek-selftest.pt"))
-        self.delayDisplay("Registering")
+        scenario = selftest.scenario(slicer.mrmlScene, slicer.app.temporaryPath)
+        self.delayDisplay(scenario.description)
+        nodes = scenario.nodes
         before = slicer.mrmlScene.GetNumberOfNodes()
         logic = MorphSeekLogic()
         try:
-            logic.register(nodes["fixed"], nodes["moving"], model=model, steps=2, device="cpu", cancel=lambda: True)
+            logic.register(nodes["fixed"], nodes["moving"], model=scenario.model, steps=2, device="cpu",
+                           cancel=lambda: True)
             raise AssertionError("cancel was ignored")
         except registration.MorphSeekError:
             pass
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before, "cancel left nodes behind")
-        outputs = logic.register(nodes["fixed"], nodes["moving"], nodes["fixed_seg"], nodes["moving_seg"],
-                                 model=model, steps=selftest.STEPS, trajectories=selftest.TRAJECTORIES, device="cpu")
-        failures = selftest.check_registration(slicer.mrmlScene, nodes, outputs)
-        self.assertEqual(failures, [])
+        self.delayDisplay("Registering")
+        outputs = scenario.register(logic, device="cpu")
+        self.assertEqual(scenario.check(slicer.mrmlScene, outputs), [])
         self.delayDisplay("Test passed")
