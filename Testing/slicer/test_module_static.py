@@ -90,7 +90,8 @@ def test_module_file_has_slicers_four_classes(module_tree):
     assert "ScriptedLoadableModuleTest" in classes["MorphSeekTest"]
     source = MODULE_FILE.read_text()
     assert "pip_install" not in source.split("class MorphSeek(")[0], "nothing may be installed at import"
-    assert "selftest.check_registration" in source, "the self-test must run the pytest scenario"
+    # the self-test runs the pytest scenario (selftest.scenario -> Scenario.check -> check_registration)
+    assert "selftest.scenario(" in source and "scenario.check(" in source, "the self-test must run the pytest scenario"
 
 
 def test_module_library_imports_without_qt():
