@@ -76,29 +76,13 @@ def _to_device(sample, device, channels_last):
             sample.fixed.to(device).contiguous(memory_format=fmt))
 
 
-@torch.no_grad()
-def validate(model, dataset, grid, device, pairs=None, steps: int = 1) -> dict:
-    """Deterministic registration of held-back pairs: mean Dice (%) where labels exist, NJD %."""
-    from .. import metrics
-    from ..register import refine
+def validate(model, dataset, grid, device, steps: int = 1) -> dict:
+    """Deterministic registration of the labelled held-back pairs: Dice (%) and NJD% (mean, std),
+    the same evaluation as stage C's (``grpo.evaluate_pairs``); {} when no held-back pair has labels."""
+    from .grpo import evaluate_pairs
 
-    was_training = model.training
-    model.eval()
-    dices, njds = [], []
-    for pair in pairs if pairs is not None else dataset.val_pairs:
-        s = dataset.load_pair(pair, grid)
-        has_labels = s.moving_labels is not None and s.fixed_labels is not None and s.label_values
-        result = refine(model, s.moving.to(device), s.fixed.to(device), steps=steps,
-                        moving_labels=s.moving_labels.to(device) if has_labels else None,
-                        fixed_labels=s.fixed_labels.to(device) if has_labels else None,
-                        label_values=s.label_values if has_labels else None)
-        total = result[-1].total
-        njds.append(metrics.njd_percent(total[0].cpu().numpy()))
-        if has_labels:
-            warped = geometry.warp_labels(s.moving_labels.to(device), total)
-            dices.append(100.0 * float(metrics.dice_torch(s.fixed_labels.to(device), warped, s.label_values)[0]))
-    model.train(was_training)
-    return {"val_dice": float(np.mean(dices)) if dices else None, "val_njd": float(np.mean(njds)) if njds else None}
+    samples = [dataset.load_pair(pair, grid).to(device) for pair in dataset.val_pairs]
+    return evaluate_pairs(model, [s for s in samples if s.has_labels and s.label_values], steps)
 
 
 def warmup(
