@@ -7,7 +7,6 @@ thread), logic (the Qt-free ``MorphSeekLib.logic.MorphSeekLogic`` on Slicer's sc
 from __future__ import annotations
 
 import logging
-import os
 from typing import Annotated
 
 import qt

@@ -79,7 +79,7 @@ def test_cancelled_warmup_keeps_a_checkpoint_and_resumes(dataset_path, tmp_path)
         warmup(build_model({"backbone": "tiny"}), dataset, config, out, cancel=cancel)
     _, _, extra = load_checkpoint(out)
     assert extra["state"]["iteration"] == 3 and extra["optimizer"] is not None
-    model = warmup(build_model({"backbone": "tiny"}), dataset, config, out, resume=True)
+    warmup(build_model({"backbone": "tiny"}), dataset, config, out, resume=True)
     _, _, extra = load_checkpoint(out)
     assert extra["state"]["iteration"] == 6
     rows = [json.loads(line) for line in out.with_suffix(".log.jsonl").read_text().splitlines()]

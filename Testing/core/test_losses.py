@@ -1,6 +1,5 @@
 """morphseek.losses: hand-computed values, invariances, reference transcriptions and finite gradients."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from morphseek import export, geometry, io
+from morphseek import geometry, io
 from morphseek.checkpoint import save_checkpoint
 from morphseek.errors import Cancelled, MorphSeekError
 from morphseek.nets.policy import Encoded, build_model

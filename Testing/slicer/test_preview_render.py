@@ -6,13 +6,11 @@ test_shipped_model.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import vtk
 
 from conftest import STEPS
 from MorphSeekLib import mrml, preview

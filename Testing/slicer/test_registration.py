@@ -14,15 +14,11 @@ import slicer
 import torch
 import vtk
 
-from morphseek.checkpoint import save_checkpoint
 from morphseek.errors import Cancelled, MorphSeekError
-from morphseek.nets.policy import build_model
-from morphseek.synth import make_subject
 from MorphSeekLib import logic as logic_module
 from MorphSeekLib import mrml, selftest
 from MorphSeekLib.jobs import BackgroundJob, EventKind
 from MorphSeekLib.logic import MorphSeekLogic
-from MorphSeekLib.offscreen import new_scene
 
 from conftest import LABELS, SHAPE, STEPS, TRAJECTORIES
 
