@@ -222,12 +222,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
     except MorphSeekError as exc:
         print(f"morphseek {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # torch.OutOfMemoryError (GPU) and CPU allocation failures
+        if not _is_out_of_memory(exc):
+            raise
+        print(f"morphseek {args.command}: error: out of memory ({str(exc).splitlines()[0][:200]}). "
+              "Use a smaller --grid, fewer --trajectories, or another --device; files already written "
+              "(checkpoints, outputs) are kept.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"morphseek {args.command}: interrupted (the last good checkpoint is kept)", file=sys.stderr)

@@ -155,3 +155,30 @@ def test_cli_warmup_then_finetune_on_a_labelled_folder(dataset_path, tmp_path):
                      "--no-progress"]) == 0
     _, config, extra = load_checkpoint(ft)
     assert config["stage"] == "finetune" and config["grpo"]["trajectories"] == 2
+
+
+def test_cli_turns_out_of_memory_into_a_clear_message(monkeypatch, capsys, tmp_path):
+    def exhausted(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    def other_failure(args):
+        raise RuntimeError("shape mismatch")
+
+    parser = cli.build_parser
+    for run, expect_exit in ((exhausted, 2), (other_failure, None)):
+        def patched_parser(run=run):
+            p = parser()
+            p.set_defaults(run=run)
+            for action in p._subparsers._group_actions[0].choices.values():
+                action.set_defaults(run=run)
+            return p
+
+        monkeypatch.setattr(cli, "build_parser", patched_parser)
+        argv = ["register", "--fixed", "f", "--moving", "m", "--model", "x", "--out", str(tmp_path)]
+        if expect_exit is None:
+            with pytest.raises(RuntimeError, match="shape mismatch"):  # not hidden behind a generic message
+                cli.main(argv)
+        else:
+            assert cli.main(argv) == expect_exit
+            err = capsys.readouterr().err
+            assert "out of memory" in err and "--grid" in err and "20.00 GiB" in err
