@@ -109,11 +109,10 @@ def _run_register(args) -> int:
     moving_seg = io.read_labels(args.moving_seg, reference=moving, what="moving segmentation") if args.moving_seg else None
     if not Path(args.model).exists():
         raise MorphSeekError(f"{args.model}: model checkpoint not found")
-    with tqdm(total=100, desc="register", unit="%", bar_format="{l_bar}{bar}| {postfix}") as bar:
+    with tqdm(total=100, desc="register", bar_format="{percentage:3.0f}%|{bar:20}| {desc}") as bar:
         def progress(event):
             bar.n = int(100 * event.fraction)
-            bar.set_postfix_str(event.message)
-            bar.refresh()
+            bar.set_description_str(event.message)  # refreshes
         result = register_images(fixed, moving, args.model, fixed_seg=fixed_seg, moving_seg=moving_seg,
                                  steps=args.steps, trajectories=args.trajectories, tau=args.tau,
                                  prealign=args.prealign, device=args.device, seed=args.seed,
