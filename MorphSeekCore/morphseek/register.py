@@ -133,7 +133,7 @@ def refine(
         start = time.perf_counter()
         enc = model.encode(state, fixed)
         candidates: list[Candidate] = []
-        totals: list[torch.Tensor] = []
+        kept_state: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (total, warped, similarity)
         for j in range(trajectories):
             _check_cancel(cancel)
             z = enc.mu if j == 0 else model.sample(enc, tau, generator=generator)
@@ -148,11 +148,10 @@ def refine(
                 dice_gain = float(metrics.dice_torch(fixed_labels, warped_labels, label_values)[0]) - prev_dice
             reward = (w_dice * dice_gain if use_labels else sim_gain) + w_njd * folded
             candidates.append(Candidate(reward, dice_gain, sim_gain, 100.0 * folded))
-            totals.append(candidate_total)
+            kept_state.append((candidate_total, warped, sim_value))
         kept = int(np.argmax([c.reward for c in candidates]))
-        total = totals[kept]
-        state = geometry.warp(moving, total)  # once from the original, never a warped image
-        prev_sim = float(sim(state, fixed))
+        # the kept candidate's image was resampled once from the original: it is the next state
+        total, state, prev_sim = kept_state[kept]
         if use_labels:
             prev_dice += candidates[kept].dice_gain
         record = StepTensors(t, total, candidates, kept, time.perf_counter() - start)
