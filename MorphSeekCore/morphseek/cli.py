@@ -50,7 +50,6 @@ def _add_warmup(sub) -> None:
 
 def _run_warmup(args) -> int:
     import torch
-    from tqdm import tqdm
 
     from .checkpoint import resolve_device
     from .data import load_dataset
@@ -65,12 +64,7 @@ def _run_warmup(args) -> int:
                           similarity=args.similarity, lambda_reg=args.lambda_reg, beta_kl=args.beta_kl,
                           checkpoint_every=args.checkpoint_every, seed=args.seed,
                           channels_last=device.type == "cpu")
-    with tqdm(total=args.iterations, desc="warm-up", unit="it") as bar:
-        def progress(i, n, row):
-            bar.n = i
-            bar.set_postfix(loss=f"{row['loss']:.4f}", **({"val_dice": f"{row['val_dice']:.1f}"} if row.get("val_dice") else {}))
-            bar.refresh()
-        warmup(model, dataset, config, args.out, device=device, resume=args.resume, progress=progress)
+    warmup(model, dataset, config, args.out, device=device, resume=args.resume, progress=True)
     print(f"wrote {args.out}")
     return 0
 

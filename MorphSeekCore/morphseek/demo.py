@@ -10,8 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from . import io
 from .checkpoint import resolve_device
 from .cli import format_step_table
@@ -44,12 +42,7 @@ def run_demo(out: str | Path = "demo-output", grid=(48, 48, 48), n_subjects: int
     config = WarmupConfig(grid=tuple(grid), iterations=iterations, seed=seed,
                           checkpoint_every=max(iterations, 1), validate_every=0,
                           channels_last=device.type == "cpu")
-    with tqdm(total=iterations, desc="warm-up", unit="it") as bar:
-        def progress(i, n, row):
-            bar.n = i
-            bar.set_postfix(loss=f"{row['loss']:.4f}")
-            bar.refresh()
-        warmup(model, dataset, config, checkpoint, device=device, progress=progress)
+    warmup(model, dataset, config, checkpoint, device=device, progress=True)
     timings["warmup_seconds"] = time.perf_counter() - tic
 
     if finetune_iterations:

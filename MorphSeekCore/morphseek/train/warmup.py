@@ -91,7 +91,7 @@ def warmup(
     out: str | Path,
     device: torch.device | str = "cpu",
     resume: bool = False,
-    progress: Callable[[int, int, dict], None] | None = None,
+    progress: bool | Callable[[int, int, dict], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     log_path: str | Path | None = None,
 ):
@@ -99,7 +99,9 @@ def warmup(
 
     On interruption (KeyboardInterrupt or ``cancel()``) the state after the last completed
     iteration is checkpointed before the exception propagates, so nothing done is lost; a run
-    stopped before its first iteration leaves ``out`` as it was (absent, or the resumed checkpoint)."""
+    stopped before its first iteration leaves ``out`` as it was (absent, or the resumed checkpoint).
+    ``progress``: True for a tqdm bar (loss, held-back Dice when validated), or a callable given
+    (iteration, iterations, row) after every iteration (as ``grpo.grpo_finetune`` takes it)."""
     out = Path(out)
     device = torch.device(device)
     if not dataset.train_pairs:
@@ -133,6 +135,11 @@ def warmup(
         save_checkpoint(out, model, config.to_dict(), optimizer=optimiser, state={"iteration": iteration})
 
     completed = start  # last iteration whose optimiser step finished
+    bar = None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.iterations, initial=start, desc="warm-up", unit="it", dynamic_ncols=True)
     try:
         for iteration in range(start + 1, config.iterations + 1):
             if cancel is not None and cancel():
@@ -152,7 +159,11 @@ def warmup(
                 if dataset.val_pairs:
                     row.update(validate(model, dataset, config.grid, device))
             log(row)
-            if progress is not None:
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}",
+                                **({"val_dice": f"{row['val_dice']:.1f}"} if row.get("val_dice") else {}))
+            elif callable(progress):
                 progress(iteration, config.iterations, row)
             if iteration % config.checkpoint_every == 0:
                 checkpoint(iteration)
@@ -160,6 +171,9 @@ def warmup(
         if completed > start:  # nothing new otherwise: keep what is on disk (or write nothing)
             checkpoint(completed)
         raise
+    finally:
+        if bar is not None:
+            bar.close()
     checkpoint(config.iterations)
     model.eval()
     return model
