@@ -429,3 +429,51 @@ def describe_checkpoint(path: str | os.PathLike) -> str | None:
     if "episode" in grpo:
         return f"{file} ({stage}, {grpo['episode']} episodes done)"
     return f"{file} ({stage})"
+
+
+def dataset_files(dataset) -> list[Path]:
+    """Every file a dataset reads (its manifest, images and label maps): outputs must never replace them."""
+    files = [Path(dataset.source)] if Path(dataset.source).is_file() else []
+    for subject in getattr(dataset, "subjects", []):
+        files += [Path(p) for p in (subject.image, subject.labels) if p is not None]
+    return files
+
+
+def check_checkpoint_target(out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
+                            inputs=(), logs=()) -> None:
+    """Refuse a training ``--out`` before any work starts.
+
+    Raises MorphSeekError naming ``out`` when one of its files (``NAME.safetensors``, ``NAME.json``,
+    the run's ``logs``) is one of the ``inputs`` (a dataset manifest, an image, the starting model:
+    they are never overwritten); when a checkpoint already exists there and neither ``resume`` nor
+    ``overwrite`` is given (it may be another run's trained model); when a path is a folder; when its
+    folder cannot be created or written."""
+    weights, sidecar = checkpoint_files(out)
+    targets = {os.path.abspath(p): p for p in (weights, sidecar, *logs)}
+    for item in inputs:
+        if item is None or str(item) == "":
+            continue
+        source = os.path.abspath(str(item))
+        for file in ([source] + [os.path.abspath(f) for f in checkpoint_files(source)]
+                     if Path(source).suffix in CHECKPOINT_SUFFIXES else [source]):
+            if file in targets:
+                raise MorphSeekError(f"--out '{out}' would overwrite the input '{item}' ({targets[file]}); "
+                                     "choose another --out")
+    for path in targets.values():
+        if Path(path).is_dir():
+            raise MorphSeekError(f"--out '{out}': '{path}' is a folder; a checkpoint name is needed "
+                                 "(e.g. model.safetensors)")
+    existing = describe_checkpoint(out) if checkpoint_exists(out) else None
+    if checkpoint_exists(out) and not resume and not overwrite:
+        raise MorphSeekError(
+            f"--out '{out}' already holds a checkpoint{': ' + existing if existing else ''}; add --resume to "
+            "continue that run, --overwrite to replace it, or choose another --out")
+    folder = weights.parent
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise MorphSeekError(f"--out '{out}': '{probe}' is a file, so the folder cannot be created there")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise MorphSeekError(f"--out '{out}': no permission to write in '{probe}' (read-only?); choose a "
+                             "folder you can write to")

@@ -226,7 +226,7 @@ def check_memory(fixed: sitk.Image, moving: sitk.Image, steps: int, fixed_name: 
 # --------------------------------------------------------------------------------------------------
 # Reading and writing
 # --------------------------------------------------------------------------------------------------
-#: Smallest size along any axis of an image read from a file: a few voxels carry no anatomy to register
+#: Smallest size along any axis of an image to register (``check_size``): a few voxels carry no anatomy
 #: (a 3x3x3 volume would be stretched over the whole model grid).
 MIN_IMAGE_SIZE = 8
 
@@ -322,7 +322,8 @@ def _read(path: PathLike, what: str) -> sitk.Image:
         raise MorphSeekError(f"cannot read {what} file '{path}' (is it a NIfTI/NRRD/MHA image?): {detail}") from None
 
 
-def _check_size(image: sitk.Image, name: str, what: str) -> None:
+def check_size(image: sitk.Image, name: str, what: str = "image") -> None:
+    """MorphSeekError naming ``name`` when ``image`` has fewer than MIN_IMAGE_SIZE voxels along an axis."""
     size = image.GetSize()
     if image.GetDimension() == 3 and min(size) < MIN_IMAGE_SIZE:
         raise MorphSeekError(
@@ -344,9 +345,7 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
     when it is missing or unreadable, not 3D (the dimension found is given), has several components per
     voxel, holds NaN/inf, or is constant."""
     image = _squeeze_fourth(_read(path, what))
-    image = check_volume(image, str(path), what)
-    _check_size(image, str(path), what)
-    return image
+    return check_volume(image, str(path), what)
 
 
 def read_labels(path: PathLike, reference: sitk.Image | PathLike | None = None,
