@@ -11,6 +11,7 @@ written whole at the end, or not at all: ``morphseek.outputs``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 from pathlib import Path
@@ -22,6 +23,7 @@ DEVICE_HELP = "auto (a GPU when present, else CPU), cpu, cuda or cuda:N"
 
 
 _grid = options.grid  # kept for callers of the old name
+_abandoned_worker = False  # set when Ctrl-C left a worker inside a library call (see main)
 
 
 def _interruptible(function, *args, **kwargs):
@@ -46,6 +48,9 @@ def _interruptible(function, *args, **kwargs):
     except KeyboardInterrupt:
         stop.set()
         worker.join(2.0)
+        if worker.is_alive():  # inside a library call that cannot be stopped: main() exits hard
+            global _abandoned_worker
+            _abandoned_worker = True
         raise
     if "error" in outcome:
         raise outcome["error"]
@@ -96,7 +101,8 @@ def _run_warmup(args) -> int:
     dataset = load_dataset(args.data)
     out = Path(args.out)
     check_checkpoint_target(out, resume=args.resume, overwrite=args.overwrite,
-                            inputs=[args.data, *dataset_files(dataset)], logs=[out.with_suffix(".log.jsonl")])
+                            inputs=[args.data, *dataset_files(dataset)],
+                            logs=[out.with_suffix(".log.jsonl"), out.with_suffix(".log.csv")])
     config = WarmupConfig(grid=args.grid, iterations=args.iterations, learning_rate=args.lr,
                           similarity=args.similarity, lambda_reg=args.lambda_reg, beta_kl=args.beta_kl,
                           checkpoint_every=args.checkpoint_every, seed=args.seed,
@@ -315,6 +321,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"morphseek {args.command}: interrupted; {_kept(args)}", file=sys.stderr)
+        if _abandoned_worker:
+            # A worker still inside SimpleITK/ITK code: a normal interpreter shutdown would unwind
+            # that thread through C++ and abort ("exception not rethrown"). Nothing of it is kept.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
 
 

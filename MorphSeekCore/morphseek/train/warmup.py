@@ -196,7 +196,9 @@ def warmup(
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     start = 0
     rng = random.Random(config.seed)  # the pair order
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # and every global generator, so that runs (and resumes) repeat
+    np.random.seed(config.seed)
+    random.seed(config.seed)
     if resume and checkpoint_exists(out):
         model_state, saved_config, extra = load_checkpoint(out, device=device)
         _check_same_run(extra.get("path", out), saved_config, model_state.config, config, model)
