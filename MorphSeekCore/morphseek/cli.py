@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -31,7 +32,7 @@ def _interruptible(function, *args, **kwargs):
     so that Ctrl-C is handled at once even while a library call that ignores signals runs (SimpleITK's
     affine registration, a long resampling): the main thread raises KeyboardInterrupt and the worker's
     ``cancel()`` turns true, which stops it at its next check. Errors in the worker are re-raised."""
-    stop = threading.Event()
+    stop, done = threading.Event(), threading.Event()
     outcome: dict = {}
 
     def work():
@@ -39,16 +40,24 @@ def _interruptible(function, *args, **kwargs):
             outcome["value"] = function(*args, cancel=stop.is_set, **kwargs)
         except BaseException as error:  # re-raised in the main thread
             outcome["error"] = error
+        finally:
+            done.set()
 
     worker = threading.Thread(target=work, name="morphseek-work", daemon=True)
+    in_main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if in_main else None
     worker.start()
     try:
-        while worker.is_alive():
-            worker.join(0.2)
+        # (an Event, not Thread.join: a join interrupted by Ctrl-C can leave is_alive() wrongly False)
+        while not done.wait(0.1):
+            if in_main and handler is not None:
+                # SimpleITK installs its own C-level SIGINT handler for the length of a filter's or a
+                # registration's Execute, which swallows Ctrl-C (an ImageRegistrationMethod does not
+                # stop); putting Python's back keeps Ctrl-C working in every stage.
+                signal.signal(signal.SIGINT, handler)
     except KeyboardInterrupt:
         stop.set()
-        worker.join(2.0)
-        if worker.is_alive():  # inside a library call that cannot be stopped: main() exits hard
+        if not done.wait(2.0):  # inside a library call that cannot be stopped: main() exits hard
             global _abandoned_worker
             _abandoned_worker = True
         raise

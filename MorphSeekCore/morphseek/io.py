@@ -510,11 +510,20 @@ def model_grid(reference: sitk.Image, shape: Sequence[int]) -> sitk.Image:
 
 
 def resample_to(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform | None = None,
-                is_label: bool = False, default: float = 0.0) -> sitk.Image:
+                is_label: bool = False, default: float | None = None) -> sitk.Image:
     """Resample ``image`` onto ``reference``'s grid: linear for intensities, nearest neighbour for
     labels (pixel type kept). ``transform`` maps reference (fixed) points to ``image`` points
-    (SimpleITK's convention); None is the identity. Points outside ``image`` get ``default``."""
+    (SimpleITK's convention); None is the identity. Points outside ``image`` get ``default``; None
+    means the image's background: its minimum for intensities (air, -1000 HU or so, in CT, where 0
+    would be soft tissue) and 0 for labels."""
     transform = transform if transform is not None else sitk.Transform(3, sitk.sitkIdentity)
+    if default is None:
+        if is_label:
+            default = 0.0
+        else:
+            stats = sitk.MinimumMaximumImageFilter()
+            stats.Execute(image)
+            default = float(stats.GetMinimum())
     interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
     return sitk.Resample(image, reference, transform, interpolator, default, image.GetPixelID())
 

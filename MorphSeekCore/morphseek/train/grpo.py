@@ -535,7 +535,7 @@ class FinetuneResult:
     stopped: bool  # True when cancelled or interrupted (the last saved checkpoint is kept)
     history: list[dict[str, Any]] = field(default_factory=list)
     validation: dict[str, float] = field(default_factory=dict)
-    checkpoint: Path | None = None
+    checkpoint: Path | None = None  # NAME.safetensors of ``out`` (with NAME.json beside it)
 
 
 #: GRPO settings that must match for ``resume=True``: another value means another run.
@@ -705,6 +705,10 @@ def grpo_finetune(
         from morphseek.checkpoint import checkpoint_exists as _exists, load_checkpoint as _load
 
         done = int(((_load(out)[2].get("state") or {}).get("grpo") or {}).get("episode", 0)) if _exists(out) else 0
+    if out is not None:
+        from morphseek.checkpoint import checkpoint_files
+
+        out = checkpoint_files(out)[0]  # the file written (NAME.safetensors), for callers that open it
     return FinetuneResult(done, optimizer_steps, stopped, history, validation, out)
 
 
