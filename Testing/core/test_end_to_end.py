@@ -137,7 +137,7 @@ def test_demo_runs_end_to_end_at_a_tiny_scale(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["finetune_iterations"] == 1 and len(report["pairs"]) >= 1
     assert set(report["summary"]) == {"initial_dice", "step_1", "step_2"}
-    assert (out / "model-finetuned.pt").exists()
+    assert (out / "model-finetuned.safetensors").exists() and (out / "model-finetuned.json").exists()
     pngs = list(out.glob("*.png"))
     assert pngs and pngs[0].stat().st_size > 10_000
 
