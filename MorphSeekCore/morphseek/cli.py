@@ -328,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
               "Use a smaller --grid, fewer --trajectories, smaller (cropped or coarser) images, or another "
               f"--device; {_kept(args)}.", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a permission or I/O error outside the checked writers
+        where = f" '{exc.filename}'" if getattr(exc, "filename", None) else ""
+        print(f"morphseek {args.command}: error: cannot read or write{where}: {exc.strerror or exc} "
+              f"(is the disk full or read-only?); {_kept(args)}.", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"morphseek {args.command}: interrupted; {_kept(args)}", file=sys.stderr)
         if _abandoned_worker:

@@ -434,6 +434,27 @@ def test_out_of_memory_and_ctrl_c_during_register_write_nothing(workspace, capsy
         assert snapshot(root) == before
 
 
+def test_disk_full_in_a_plain_writer_is_one_line_and_leaves_no_folder(workspace, capsys, monkeypatch):
+    """evaluate's JSON/CSV are written with plain open(): an OSError there is still one clear line,
+    and the staged folder is removed."""
+    from morphseek import evaluate
+
+    root, paths = workspace
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(root / "eval" / "evaluation.json"))
+
+    monkeypatch.setattr(evaluate, "evaluate_dataset", full_disk)
+    data = root / "data.json"
+    data.write_text(json.dumps({"format": "morphseek-dataset", "subjects": [{"id": "f", "image": str(paths["fixed"]), "labels": str(paths["fixed_seg"])},
+                                             {"id": "m", "image": str(paths["moving"]), "labels": str(paths["moving_seg"])}]}))
+    before = snapshot(root)
+    code, err = run_cli(["evaluate", "--data", data, "--model", paths["model"], "--out", root / "eval",
+                         "--device", "cpu", "--all"], capsys)
+    assert code == 2 and "No space left on device" in err and "evaluation.json" in err, err
+    assert "Traceback" not in err and snapshot(root) == before
+
+
 def test_demo_refuses_settings_that_give_no_result(tmp_path):
     from morphseek.demo import run_demo
 
