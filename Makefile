@@ -13,7 +13,7 @@ $(STAMP): MorphSeekCore/pyproject.toml Testing/requirements.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/morphseek demo --out demo-output
+	$(VENV)/bin/morphseek demo --out demo-output --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest Testing

@@ -1,17 +1,17 @@
-"""Train the model the Slicer extension ships (Resources/Models/morphseek-default.pt) and the sample
+"""Train the model the Slicer extension ships (Resources/Models/morphseek-default.safetensors + .json) and the sample
 pair it ships (Resources/SampleData/), from synthetic data only: nothing downloaded, reproducible.
 
     .venv/bin/python scripts/train_default_model.py            # ~15-25 min on 2 CPU cores
     .venv/bin/python scripts/train_default_model.py --warmup-iterations 50 --episodes 2 --out /tmp/m   # smoke run
 
 Stage B (unsupervised warm-up) then stage C (GRPO, J = 6, T = 3) on SynthMorph-style subjects; the
-held-back pairs' Dice and NJD% after each stage are written next to the model (``.json``).
+held-back pairs' Dice and NJD% after each stage are written into the model's configuration
+(``config.provenance``, readable in its ``.json``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -42,7 +42,7 @@ def write_sample_pair(folder: Path, shape, seed: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(ROOT / "Resources" / "Models" / "morphseek-default.pt"))
+    parser.add_argument("--out", default=str(ROOT / "Resources" / "Models" / "morphseek-default"))
     parser.add_argument("--sample-data", default=str(ROOT / "Resources" / "SampleData"))
     parser.add_argument("--work", default="/tmp/morphseek-default-model")
     parser.add_argument("--grid", type=int, nargs=3, default=(48, 48, 48))
@@ -84,10 +84,11 @@ def main() -> int:
                           "held_back": result.validation}
     print("after GRPO:", result.validation, flush=True)
     shipped, shipped_config, _ = load_checkpoint(out)  # ship the weights and configuration only,
-    save_checkpoint(out, shipped, shipped_config)      # not the optimiser state (a third of the size)
-    out.with_suffix(".json").write_text(json.dumps(provenance, indent=2))
+    # not the optimiser state (a third of the size); how it was made goes into its configuration
+    # (config["provenance"]), which the checkpoint's readable .json shows
+    out = save_checkpoint(out, shipped, {**shipped_config, "provenance": provenance})
     write_sample_pair(Path(args.sample_data), grid, seed=args.seed + 1000)
-    print(f"wrote {out}, {out.with_suffix('.json')} and {args.sample_data}")
+    print(f"wrote {out}, {out.with_suffix('.json')} (with the provenance) and {args.sample_data}")
     return 0
 
 

@@ -1,21 +1,43 @@
-"""Checkpoints that rebuild their model: save atomically, load safely, pick a device.
+"""Checkpoints that rebuild their model: safetensors weights + a JSON configuration, saved
+atomically, loaded without ever running code, resumable exactly.
 
-A checkpoint is one ``torch.save`` file holding only tensors and plain Python values (dict, list,
-tuple, str, int, float, bool, None), so that it loads with ``torch.load(weights_only=True)``: opening
-a checkpoint can never run code, which matters when models are passed around between hospitals.
+Files. A checkpoint named ``NAME`` (or ``NAME.safetensors``, ``NAME.json``, ``NAME.pt``: the suffix
+is dropped) is two files side by side:
 
-Contents: ``format_version`` (1), ``model_config`` (``model.config``: rebuilds the network with
+* ``NAME.safetensors``: every tensor (the weights under ``model/``, the optimiser's moments and the
+  random generators' states under ``t/N``) and, in its header's metadata, the whole JSON document
+  below. It is self-contained: the header is the authoritative record, and a model exchanged as
+  this one file loads.
+* ``NAME.json``: a readable copy of the configuration (``model_config``, ``config``, versions, a
+  summary of the training state) with the SHA-256 of the ``.safetensors`` file and the save's id.
+  It is written after the weights; when its id matches the header's, loading checks the checksum (a
+  corrupt download is refused); a ``.json`` left from an earlier save (a run killed between the two
+  renames) is ignored, so a checkpoint is usable at every moment.
+
+Neither format can hold code: safetensors stores raw tensors, JSON plain values. The JSON document
+is ``format_version`` (2), ``model_config`` (``model.config``: rebuilds the network with
 ``build_model``), ``config`` (grid, normalisation, similarity, training hyper-parameters...),
-``state_dict`` (weights, on the CPU), ``optimizer`` (its state dict or None), ``state`` (epoch,
-iteration, RNG states, history for resuming, or None), ``morphseek_version`` and ``torch_version``.
-NumPy scalars in ``config`` / ``state`` are stored as Python numbers, NumPy arrays as tensors and
-paths as strings; any other object is refused with a MorphSeekError naming where it is.
+``optimizer`` and ``state`` (epoch, iteration, random states, KL controller... for resuming; None
+when not saved), ``morphseek_version``, ``torch_version``, ``save_id``. Tensors inside ``optimizer``
+/ ``state`` / ``config`` are stored as ``{"__tensor__": key}``, tuples as ``{"__tuple__": [...]}``
+and dicts with non-string keys as ``{"__items__": [[key, value], ...]}``, so that
+``random.Random.setstate`` and ``Optimizer.load_state_dict`` get back exactly what was saved. NumPy
+scalars are stored as Python numbers, NumPy arrays as tensors, paths as strings; any other object is
+refused with a MorphSeekError naming where it is.
+
+Backward compatibility: a file written by ``torch.save`` (the format-1 ``.pt`` checkpoints of
+MorphSeek 0.1) is still read, with ``torch.load(weights_only=True)`` (tensors and plain values
+only). When both ``NAME.safetensors`` and a legacy ``NAME.pt`` exist, the ``.safetensors`` is read.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +50,37 @@ from .errors import MorphSeekError
 from .io import give_default_permissions
 from .nets.policy import MorphSeekNet, build_model
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+LEGACY_FORMAT_VERSION = 1
+WEIGHTS_SUFFIX = ".safetensors"
+CONFIG_SUFFIX = ".json"
+#: Suffixes dropped from a checkpoint name to find its two files.
+CHECKPOINT_SUFFIXES = (WEIGHTS_SUFFIX, CONFIG_SUFFIX, ".pt", ".pth")
+
+
+def checkpoint_files(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(``NAME.safetensors``, ``NAME.json``) for a checkpoint named ``path`` (see the module notes)."""
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in CHECKPOINT_SUFFIXES else path
+    return stem.with_name(stem.name + WEIGHTS_SUFFIX), stem.with_name(stem.name + CONFIG_SUFFIX)
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path | None:
+    """The file :func:`load_checkpoint` would read for ``path``, or None when there is none: the
+    ``.safetensors`` of the checkpoint when it exists, else ``path`` itself when it is a file (a
+    legacy ``.pt``)."""
+    weights, _ = checkpoint_files(path)
+    if weights.is_file():
+        return weights
+    path = Path(path)
+    if path.is_file() and path.suffix != CONFIG_SUFFIX:
+        return path
+    return None
+
+
+def checkpoint_exists(path: str | os.PathLike) -> bool:
+    """True when a checkpoint (new or legacy format) can be found for ``path``."""
+    return find_checkpoint(path) is not None
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -58,30 +110,97 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
-def _plain(value: Any, where: str) -> Any:
-    """``value`` made of types ``torch.load(weights_only=True)`` accepts, or MorphSeekError."""
-    if value is None:
-        return None
-    for plain in (bool, int, float, str):  # subclasses (enums, TorchVersion) would need unpickling code
-        if isinstance(value, plain):
-            return plain(value)
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(value))
-    if isinstance(value, Path):
-        return str(value)
+class _Encoder:
+    """Turns nested plain values with tensors into a JSON-ready structure and a tensor table."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def tensor(self, value: torch.Tensor) -> dict:
+        key = f"t/{len(self.tensors)}"
+        self.tensors[key] = value.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+
+    def encode(self, value: Any, where: str) -> Any:
+        if value is None:
+            return None
+        for plain in (bool, int, float, str):  # subclasses (enums, TorchVersion) are stored as the base type
+            if isinstance(value, plain):
+                return plain(value)
+        if isinstance(value, torch.Tensor):
+            return self.tensor(value)
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return self.tensor(torch.from_numpy(np.ascontiguousarray(value)))
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, dict):
+            if all(isinstance(k, str) for k in value):
+                return {k: self.encode(v, f"{where}[{k!r}]") for k, v in value.items()}
+            return {"__items__": [[self.encode(k, f"{where} key"), self.encode(v, f"{where}[{k!r}]")]
+                                  for k, v in value.items()]}
+        if isinstance(value, list):
+            return [self.encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, tuple):
+            return {"__tuple__": [self.encode(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+        raise MorphSeekError(
+            f"cannot store {where} ({type(value).__name__}) in a checkpoint: only tensors, numbers, "
+            f"strings, None, lists, tuples and dicts of them are allowed"
+        )
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor], where: Path) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors, where) for v in value]
     if isinstance(value, dict):
-        return {_plain(k, f"{where} key"): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
-        return items if isinstance(value, list) else tuple(items)
-    raise MorphSeekError(
-        f"cannot store {where} ({type(value).__name__}) in a checkpoint: only tensors, numbers, "
-        f"strings, None, lists, tuples and dicts of them are allowed"
-    )
+        if set(value) == {"__tensor__"}:
+            try:
+                return tensors[value["__tensor__"]]
+            except KeyError:
+                raise MorphSeekError(f"checkpoint {where}: incomplete, tensor {value['__tensor__']!r} "
+                                     "is missing") from None
+        if set(value) == {"__tuple__"}:
+            return tuple(_decode(v, tensors, where) for v in value["__tuple__"])
+        if set(value) == {"__items__"}:
+            return {_decode(k, tensors, where): _decode(v, tensors, where) for k, v in value["__items__"]}
+        return {k: _decode(v, tensors, where) for k, v in value.items()}
+    return value
+
+
+def _summary(state: dict | None) -> dict:
+    """The scalar entries of a training state (iteration, episode...), for the readable JSON."""
+    out = {}
+    for key, value in (state or {}).items():
+        if isinstance(value, (bool, int, float, str)):
+            out[key] = value
+        elif isinstance(value, dict):
+            inner = _summary(value)
+            if inner:
+                out[key] = inner
+    return out
+
+
+def _write_atomically(path: Path, data: bytes, what: str) -> None:
+    """Write ``data`` to a temporary file beside ``path``, flush it to disk, check its size, rename."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise MorphSeekError(f"checkpoint {path}: cannot write to its folder ({error.strerror or error})") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if os.path.getsize(tmp) != len(data):
+            raise OSError(f"only {os.path.getsize(tmp)} of {len(data)} bytes of its {what} were written")
+        give_default_permissions(tmp)
+        os.replace(tmp, path)
+    except BaseException as error:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise MorphSeekError(f"checkpoint {path}: writing failed ({error}); is the disk full?") from None
+        raise
 
 
 def save_checkpoint(
@@ -92,73 +211,189 @@ def save_checkpoint(
     state: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (a MorphSeekNet, possibly ``torch.compile``-d), the run ``config`` and, for
-    resuming, the optimiser and trainer ``state`` to ``path`` atomically (a temporary file in the
-    same folder, then ``os.replace``: a crash never leaves a half-written checkpoint)."""
-    path = Path(path)
+    resuming, the optimiser and trainer ``state`` as ``NAME.safetensors`` + ``NAME.json`` (see the
+    module notes), each atomically (a temporary file in the same folder, flushed to disk, its size
+    checked, then ``os.replace``): a crash or a full disk never leaves a half-written checkpoint, and
+    a failed save leaves the previous one as it was. Returns the ``.safetensors`` path."""
+    from safetensors.torch import save as safetensors_bytes
+
+    weights, sidecar = checkpoint_files(path)
     net = getattr(model, "_orig_mod", model)  # torch.compile wrapper -> the module itself
     if not isinstance(net, MorphSeekNet):
-        raise MorphSeekError(f"checkpoint {path}: can only save a MorphSeekNet, got {type(net).__name__}")
-    payload = {
+        raise MorphSeekError(f"checkpoint {weights}: can only save a MorphSeekNet, got {type(net).__name__}")
+    encoder = _Encoder()
+    document = {
         "format_version": FORMAT_VERSION,
-        "model_config": _plain(net.config, "model config"),
-        "config": _plain(dict(config or {}), "config"),
-        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-        "optimizer": _plain(optimizer.state_dict(), "optimizer state") if optimizer is not None else None,
-        "state": _plain(dict(state), "state") if state is not None else None,
+        "model_config": encoder.encode(net.config, "model config"),
+        "config": encoder.encode(dict(config or {}), "config"),
+        "optimizer": encoder.encode(optimizer.state_dict(), "optimizer state") if optimizer is not None else None,
+        "state": encoder.encode(dict(state), "state") if state is not None else None,
         "morphseek_version": __version__,
         "torch_version": str(torch.__version__),
+        "save_id": uuid.uuid4().hex,
+    }
+    tensors = {f"model/{k}": v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+    tensors.update(encoder.tensors)
+    data = safetensors_bytes(tensors, metadata={"format": "morphseek", "morphseek": json.dumps(document)})
+    readable = {
+        "format_version": FORMAT_VERSION,
+        "weights": weights.name,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "save_id": document["save_id"],
+        "model_config": document["model_config"],
+        "config": document["config"],
+        "resumable": optimizer is not None or state is not None,
+        "state_summary": _summary(state),
+        "morphseek_version": __version__,
+        "torch_version": document["torch_version"],
     }
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        weights.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise MorphSeekError(f"checkpoint {path}: cannot write to its folder ({error})") from error
+        raise MorphSeekError(f"checkpoint {weights}: cannot create its folder ({error.strerror or error})") from None
+    _write_atomically(weights, data, "weights")
+    _write_atomically(sidecar, (json.dumps(readable, indent=2) + "\n").encode(), "configuration")
+    return weights
+
+
+def _load_legacy(path: Path) -> dict:
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        give_default_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise MorphSeekError(f"checkpoint {path}: writing failed ({error})") from error
-        raise
-    return path
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # zip/pickle errors of every kind: corrupt, truncated, foreign, unsafe
+        import pickle
+
+        if isinstance(error, pickle.UnpicklingError):
+            # torch's own message suggests weights_only=False, i.e. running the file's code: never.
+            raise MorphSeekError(
+                f"checkpoint {path}: refused: it holds Python objects other than tensors and plain values, "
+                "which could run code when loaded (not a MorphSeek checkpoint, or a tampered one). "
+                "MorphSeek only loads safe checkpoints; ask for the model as .safetensors + .json"
+            ) from None
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "weights_only" in detail:
+            detail = type(error).__name__
+        raise MorphSeekError(
+            f"checkpoint {path}: cannot be read (corrupt, truncated, or not a MorphSeek checkpoint): {detail}"
+        ) from None
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # SafetensorError, OSError: corrupt, truncated, not safetensors
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise MorphSeekError(
+            f"checkpoint {path}: cannot be read (corrupt, truncated, or not a MorphSeek checkpoint): {detail}"
+        ) from None
+    if metadata.get("format") != "morphseek" or "morphseek" not in metadata:
+        raise MorphSeekError(f"checkpoint {path}: not a MorphSeek checkpoint (a safetensors file without "
+                             "MorphSeek's configuration in its header)")
+    try:
+        document = json.loads(metadata["morphseek"])
+    except json.JSONDecodeError as error:
+        raise MorphSeekError(f"checkpoint {path}: its configuration is not valid JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise MorphSeekError(f"checkpoint {path}: not a MorphSeek checkpoint (no format_version)")
+    _, sidecar = checkpoint_files(path)
+    if sidecar.is_file():
+        try:
+            readable = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            readable = {}
+        if isinstance(readable, dict) and readable.get("save_id") == document.get("save_id"):
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            if readable.get("sha256") != digest:
+                raise MorphSeekError(f"checkpoint {path}: corrupt: its checksum does not match the one in "
+                                     f"{sidecar.name} (a damaged copy?); copy the checkpoint again")
+    payload = {key: _decode(value, tensors, path) for key, value in document.items()}
+    if "model_config" in document or "format_version" in document:
+        prefix = "model/"
+        payload["state_dict"] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not payload["state_dict"]:
+            payload.pop("state_dict")
+    return payload
+
+
+def _check_run_config(path: Path, config: Any, model: MorphSeekNet) -> dict:
+    """The run configuration, checked where the engine relies on it (grid, normalisation, similarity)."""
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise MorphSeekError(f"checkpoint {path}: its configuration is a {type(config).__name__}, not a mapping")
+    grid = config.get("grid")
+    if grid is not None:
+        try:
+            sizes = tuple(int(n) for n in grid)
+        except (TypeError, ValueError):
+            raise MorphSeekError(f"checkpoint {path}: its configuration's grid {grid!r} is not three sizes") from None
+        if len(sizes) != 3 or any(n < 1 for n in sizes) or any(n % model.divisor for n in sizes):
+            raise MorphSeekError(
+                f"checkpoint {path}: its configuration's grid {list(grid)} is not three sizes that are "
+                f"multiples of {model.divisor} (what its {model.config.get('backbone', 'backbone')} backbone needs)")
+    percentiles = config.get("percentiles")
+    if percentiles is not None:
+        try:
+            low, high = (float(v) for v in percentiles)
+            valid = 0 <= low < high <= 100
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise MorphSeekError(f"checkpoint {path}: its configuration's percentiles {percentiles!r} are not "
+                                 "two numbers 0 <= low < high <= 100")
+    similarity = config.get("similarity")
+    if similarity is not None and similarity not in ("mse", "ncc", "mind"):
+        raise MorphSeekError(f"checkpoint {path}: its configuration names an unknown similarity {similarity!r} "
+                             "(mse, ncc or mind)")
+    for key in ("lambda_reg", "beta_kl", "learning_rate"):
+        value = config.get(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise MorphSeekError(f"checkpoint {path}: its configuration's {key} is {value}")
+    return config
 
 
 def load_checkpoint(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[MorphSeekNet, dict[str, Any], dict[str, Any]]:
-    """Rebuild the model from ``path`` on ``device`` -> (model, run config, extra) where extra holds
+    """Rebuild the model from the checkpoint ``path`` (``NAME``, ``NAME.safetensors``, ``NAME.json``
+    or a legacy ``NAME.pt``) on ``device`` -> (model, run config, extra) where extra holds
     "optimizer" (None if not saved), "state" ({} if not saved), "morphseek_version", "torch_version",
-    "format_version". The model is in training mode, as ``nn.Module``s are built; its run config
-    is also ``model.training_config``."""
-    path = Path(path)
+    "format_version" and "path" (the file read). The model is in training mode, as ``nn.Module``s
+    are built; its run config is also ``model.training_config``. Every problem raises a
+    MorphSeekError naming the file."""
     target = resolve_device(device)
-    if not path.is_file():
+    file = find_checkpoint(path)
+    if file is None:
         raise MorphSeekError(f"checkpoint {path}: file not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # zip/pickle errors of every kind: corrupt, truncated, foreign
-        raise MorphSeekError(
-            f"checkpoint {path}: cannot be read (corrupt, truncated, or not a MorphSeek checkpoint): {error}"
-        ) from error
+    if not os.access(file, os.R_OK):
+        raise MorphSeekError(f"checkpoint {file}: permission denied")
+    with open(file, "rb") as handle:
+        legacy = handle.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+    payload = _load_legacy(file) if legacy else _load_safetensors(file)
+    path = file
     if not isinstance(payload, dict) or "format_version" not in payload:
         raise MorphSeekError(f"checkpoint {path}: not a MorphSeek checkpoint (no format_version)")
-    if payload["format_version"] != FORMAT_VERSION:
+    expected = LEGACY_FORMAT_VERSION if legacy else FORMAT_VERSION
+    if payload["format_version"] != expected:
         raise MorphSeekError(
             f"checkpoint {path}: format version {payload['format_version']!r}, this MorphSeek "
-            f"({__version__}) reads version {FORMAT_VERSION}"
+            f"({__version__}) reads version {expected} in this kind of file"
         )
     missing = [key for key in ("model_config", "state_dict") if key not in payload]
     if missing:
         raise MorphSeekError(f"checkpoint {path}: incomplete, missing {', '.join(missing)}")
+    if not isinstance(payload["model_config"], dict):
+        raise MorphSeekError(f"checkpoint {path}: its model configuration is not a mapping")
     try:
         model = build_model(payload["model_config"])
     except MorphSeekError as error:
         raise MorphSeekError(f"checkpoint {path}: cannot rebuild its model: {error}") from error
+    except (TypeError, ValueError, KeyError) as error:
+        raise MorphSeekError(f"checkpoint {path}: cannot rebuild its model from its configuration "
+                             f"{payload['model_config']}: {error}") from None
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except (RuntimeError, TypeError, AttributeError) as error:
@@ -167,9 +402,78 @@ def load_checkpoint(
             f"{payload['model_config']}: {error}"
         ) from error
     model.to(target)
-    config = payload.get("config") or {}
+    config = _check_run_config(path, payload.get("config"), model)
     model.training_config = config
     extra = {key: payload.get(key) for key in ("optimizer", "morphseek_version", "torch_version")}
     extra["state"] = payload.get("state") or {}
     extra["format_version"] = payload["format_version"]
+    extra["path"] = path
     return model, config, extra
+
+
+def describe_checkpoint(path: str | os.PathLike) -> str | None:
+    """One line about the checkpoint at ``path`` (its stage and progress), None when there is none
+    or it cannot be read (for messages such as "what was kept" after an interruption)."""
+    file = find_checkpoint(path)
+    if file is None:
+        return None
+    try:
+        _, config, extra = load_checkpoint(file)
+    except MorphSeekError:
+        return None
+    state = extra.get("state") or {}
+    stage = config.get("stage", "model")
+    if "iteration" in state:
+        return f"{file} ({stage}, {state['iteration']} of {config.get('iterations', '?')} iterations)"
+    grpo = state.get("grpo") or {}
+    if "episode" in grpo:
+        return f"{file} ({stage}, {grpo['episode']} episodes done)"
+    return f"{file} ({stage})"
+
+
+def dataset_files(dataset) -> list[Path]:
+    """Every file a dataset reads (its manifest, images and label maps): outputs must never replace them."""
+    files = [Path(dataset.source)] if Path(dataset.source).is_file() else []
+    for subject in getattr(dataset, "subjects", []):
+        files += [Path(p) for p in (subject.image, subject.labels) if p is not None]
+    return files
+
+
+def check_checkpoint_target(out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
+                            inputs=(), logs=()) -> None:
+    """Refuse a training ``--out`` before any work starts.
+
+    Raises MorphSeekError naming ``out`` when one of its files (``NAME.safetensors``, ``NAME.json``,
+    the run's ``logs``) is one of the ``inputs`` (a dataset manifest, an image, the starting model:
+    they are never overwritten); when a checkpoint already exists there and neither ``resume`` nor
+    ``overwrite`` is given (it may be another run's trained model); when a path is a folder; when its
+    folder cannot be created or written."""
+    weights, sidecar = checkpoint_files(out)
+    targets = {os.path.abspath(p): p for p in (weights, sidecar, *logs)}
+    for item in inputs:
+        if item is None or str(item) == "":
+            continue
+        source = os.path.abspath(str(item))
+        for file in ([source] + [os.path.abspath(f) for f in checkpoint_files(source)]
+                     if Path(source).suffix in CHECKPOINT_SUFFIXES else [source]):
+            if file in targets:
+                raise MorphSeekError(f"--out '{out}' would overwrite the input '{item}' ({targets[file]}); "
+                                     "choose another --out")
+    for path in targets.values():
+        if Path(path).is_dir():
+            raise MorphSeekError(f"--out '{out}': '{path}' is a folder; a checkpoint name is needed "
+                                 "(e.g. model.safetensors)")
+    existing = describe_checkpoint(out) if checkpoint_exists(out) else None
+    if checkpoint_exists(out) and not resume and not overwrite:
+        raise MorphSeekError(
+            f"--out '{out}' already holds a checkpoint{': ' + existing if existing else ''}; add --resume to "
+            "continue that run, --overwrite to replace it, or choose another --out")
+    folder = weights.parent
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise MorphSeekError(f"--out '{out}': '{probe}' is a file, so the folder cannot be created there")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise MorphSeekError(f"--out '{out}': no permission to write in '{probe}' (read-only?); choose a "
+                             "folder you can write to")

@@ -1,28 +1,69 @@
 """The ``morphseek`` command: warmup, finetune, register, evaluate, demo.
 
-Every subcommand has ``--help``. Errors a user can act on (bad files, missing checkpoint, out of
-memory) are printed as one clear line and exit with status 2; Ctrl-C exits with 130 after the
-trainers have saved their last good checkpoint.
+Every subcommand has ``--help``. Numeric options are checked when the command line is parsed
+(``morphseek.options``); ``--out`` is checked before any work starts. Errors a user can act on (bad
+files, missing checkpoint, out of memory) are printed as one clear line and exit with status 2;
+Ctrl-C exits with 130 and says what was kept: the trainers' last complete checkpoint (resume with
+``--resume``), or for ``register``, ``evaluate`` and ``demo`` nothing (their output folder is
+written whole at the end, or not at all: ``morphseek.outputs``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
+from . import options
 from .errors import MorphSeekError
 
 DEVICE_HELP = "auto (a GPU when present, else CPU), cpu, cuda or cuda:N"
 
 
-def _grid(text: str) -> tuple[int, int, int]:
-    parts = [int(p) for p in text.replace("x", ",").split(",") if p]
-    if len(parts) == 1:
-        parts *= 3
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"a grid is D,H,W or DxHxW or one number, got {text!r}")
-    return tuple(parts)
+_grid = options.grid  # kept for callers of the old name
+_abandoned_worker = False  # set when Ctrl-C left a worker inside a library call (see main)
+
+
+def _interruptible(function, *args, **kwargs):
+    """Run ``function(*args, cancel=..., **kwargs)`` in a worker thread while the main thread waits,
+    so that Ctrl-C is handled at once even while a library call that ignores signals runs (SimpleITK's
+    affine registration, a long resampling): the main thread raises KeyboardInterrupt and the worker's
+    ``cancel()`` turns true, which stops it at its next check. Errors in the worker are re-raised."""
+    stop, done = threading.Event(), threading.Event()
+    outcome: dict = {}
+
+    def work():
+        try:
+            outcome["value"] = function(*args, cancel=stop.is_set, **kwargs)
+        except BaseException as error:  # re-raised in the main thread
+            outcome["error"] = error
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=work, name="morphseek-work", daemon=True)
+    in_main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if in_main else None
+    worker.start()
+    try:
+        # (an Event, not Thread.join: a join interrupted by Ctrl-C can leave is_alive() wrongly False)
+        while not done.wait(0.1):
+            if in_main and handler is not None:
+                # SimpleITK installs its own C-level SIGINT handler for the length of a filter's or a
+                # registration's Execute, which swallows Ctrl-C (an ImageRegistrationMethod does not
+                # stop); putting Python's back keeps Ctrl-C working in every stage.
+                signal.signal(signal.SIGINT, handler)
+    except KeyboardInterrupt:
+        stop.set()
+        if not done.wait(2.0):  # inside a library call that cannot be stopped: main() exits hard
+            global _abandoned_worker
+            _abandoned_worker = True
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 # --------------------------------------------------------------------------------------- warmup
@@ -31,19 +72,25 @@ def _add_warmup(sub) -> None:
                        description="Train a MorphSeek model without labels (tau = 0): similarity + "
                        "diffusion regulariser + a small KL on the Gaussian policy head.")
     p.add_argument("--data", required=True, help="dataset manifest (.json) or folder (see docs/DATA.md)")
-    p.add_argument("--out", required=True, help="checkpoint to write (.pt); its log goes beside it")
+    p.add_argument("--out", required=True,
+                   help="checkpoint to write: NAME (or NAME.safetensors) -> NAME.safetensors + NAME.json; "
+                   "its log goes beside it")
     p.add_argument("--backbone", default="voxelmorph",
                    help="tiny | voxelmorph | voxelmorph-l | transmorph-tiny | transmorph (default: voxelmorph)")
-    p.add_argument("--grid", type=_grid, default=(64, 64, 64), help="model grid D,H,W (default 64)")
-    p.add_argument("--iterations", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--grid", type=options.grid, default=(64, 64, 64), help="model grid D,H,W (default 64)")
+    p.add_argument("--iterations", type=options.positive_int, default=1000)
+    p.add_argument("--lr", type=options.positive_float, default=1e-3, help="Adam learning rate")
     p.add_argument("--similarity", choices=["mse", "ncc", "mind"], default="mse",
                    help="mse for same modality, mind (MIND-SSC) across modalities, or local ncc")
-    p.add_argument("--lambda-reg", type=float, default=None, help="diffusion weight (default per similarity)")
-    p.add_argument("--beta-kl", type=float, default=1e-3)
-    p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--resume", action="store_true", help="continue from --out if it exists")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lambda-reg", type=options.non_negative_float, default=None,
+                   help="diffusion weight (default per similarity)")
+    p.add_argument("--beta-kl", type=options.non_negative_float, default=1e-3)
+    p.add_argument("--checkpoint-every", type=options.positive_int, default=50)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run whose checkpoint is --out (exactly: same result as uninterrupted)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing checkpoint at --out (without it an existing one is refused)")
+    p.add_argument("--seed", type=options.non_negative_int, default=0)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(run=_run_warmup)
 
@@ -51,21 +98,33 @@ def _add_warmup(sub) -> None:
 def _run_warmup(args) -> int:
     import torch
 
-    from .checkpoint import resolve_device
+    from .checkpoint import check_checkpoint_target, checkpoint_files, dataset_files, describe_checkpoint, resolve_device
     from .data import load_dataset
     from .nets.policy import build_model
     from .train.warmup import WarmupConfig, warmup
 
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
-    dataset = load_dataset(args.data)
     model = build_model({"backbone": args.backbone})
+    model.backbone.check_grid(args.grid, "--grid")
+    dataset = load_dataset(args.data)
+    out = Path(args.out)
+    check_checkpoint_target(out, resume=args.resume, overwrite=args.overwrite,
+                            inputs=[args.data, *dataset_files(dataset)],
+                            logs=[out.with_suffix(".log.jsonl"), out.with_suffix(".log.csv")])
     config = WarmupConfig(grid=args.grid, iterations=args.iterations, learning_rate=args.lr,
                           similarity=args.similarity, lambda_reg=args.lambda_reg, beta_kl=args.beta_kl,
                           checkpoint_every=args.checkpoint_every, seed=args.seed,
                           channels_last=device.type == "cpu")
-    warmup(model, dataset, config, args.out, device=device, resume=args.resume, progress=True)
-    print(f"wrote {args.out}")
+
+    def kept() -> str:
+        held = describe_checkpoint(out)
+        return (f"the checkpoint {held} is kept; rerun the same command with --resume to continue exactly"
+                if held else f"nothing was written to {out}")
+    args.on_interrupt = kept
+    warmup(model, dataset, config, out, device=device, resume=args.resume, progress=True)
+    weights, sidecar = checkpoint_files(out)
+    print(f"wrote {weights} and {sidecar}")
     return 0
 
 
@@ -79,17 +138,19 @@ def _add_register(sub) -> None:
     p.add_argument("--moving", required=True)
     p.add_argument("--fixed-seg")
     p.add_argument("--moving-seg")
-    p.add_argument("--model", required=True, help="checkpoint (.pt) from warmup or finetune")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=int, default=3, help="refinement steps T (default 3)")
-    p.add_argument("--trajectories", type=int, default=1,
+    p.add_argument("--model", required=True, help="checkpoint (.safetensors, or a legacy .pt) from warmup or finetune")
+    p.add_argument("--out", required=True, help="output folder (written whole at the end, or not at all)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing result in --out as a whole (without it an existing result is refused)")
+    p.add_argument("--steps", type=options.positive_int, default=3, help="refinement steps T (default 3)")
+    p.add_argument("--trajectories", type=options.positive_int, default=1,
                    help="candidates J per step for test-time search (default 1: deterministic)")
-    p.add_argument("--tau", type=float, default=0.3, help="sampling temperature of the search")
+    p.add_argument("--tau", type=options.non_negative_float, default=0.3, help="sampling temperature of the search")
     p.add_argument("--prealign", choices=["affine", "none"], default="affine")
-    p.add_argument("--adapt", type=int, default=0, metavar="N",
+    p.add_argument("--adapt", type=options.non_negative_int, default=0, metavar="N",
                    help="after the network's steps, N iterations of test-time optimisation of the map on "
                    "this pair (one more step in the report; default 0: none)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=options.non_negative_int, default=0)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(run=_run_register)
 
@@ -98,25 +159,40 @@ def _run_register(args) -> int:
     from tqdm import tqdm
 
     from . import io
+    from .checkpoint import checkpoint_files, find_checkpoint, load_checkpoint
+    from .outputs import check_output_folder
     from .register import register_images
 
+    inputs = [args.fixed, args.moving, args.fixed_seg, args.moving_seg, args.model,
+              *checkpoint_files(args.model)]
+    check_output_folder(args.out, overwrite=args.overwrite, inputs=inputs)
+    args.on_interrupt = lambda: f"nothing was written to {args.out}" + (
+        " (the previous result there is unchanged)" if Path(args.out).is_dir() and any(Path(args.out).iterdir()) else "")
     fixed = io.read_image(args.fixed, "fixed image")
     moving = io.read_image(args.moving, "moving image")
-    fixed_seg = io.read_labels(args.fixed_seg, reference=fixed, what="fixed segmentation") if args.fixed_seg else None
-    moving_seg = io.read_labels(args.moving_seg, reference=moving, what="moving segmentation") if args.moving_seg else None
-    if not Path(args.model).exists():
+    io.check_size(fixed, args.fixed, "fixed image")
+    io.check_size(moving, args.moving, "moving image")
+    fixed_seg = (io.read_labels(args.fixed_seg, reference=fixed, what="fixed segmentation", reference_name=args.fixed)
+                 if args.fixed_seg else None)
+    moving_seg = (io.read_labels(args.moving_seg, reference=moving, what="moving segmentation",
+                                 reference_name=args.moving) if args.moving_seg else None)
+    if find_checkpoint(args.model) is None:
         raise MorphSeekError(f"{args.model}: model checkpoint not found")
+    load_checkpoint(args.model)  # a bad checkpoint is reported now, not after the pre-alignment
+    if args.prealign == "none":
+        io.check_overlap(fixed, moving, args.fixed, args.moving)
+    io.check_memory(fixed, moving, args.steps, args.fixed)
     with tqdm(total=100, desc="register", bar_format="{percentage:3.0f}%|{bar:20}| {desc}") as bar:
         def progress(event):
             bar.n = int(100 * event.fraction)
             bar.set_description_str(event.message)  # refreshes
-        result = register_images(fixed, moving, args.model, fixed_seg=fixed_seg, moving_seg=moving_seg,
-                                 steps=args.steps, trajectories=args.trajectories, tau=args.tau,
-                                 prealign=args.prealign, device=args.device, seed=args.seed,
-                                 adapt=args.adapt, progress=progress,
-                                 names={"fixed": args.fixed, "moving": args.moving,
-                                        "fixed_seg": args.fixed_seg or "", "moving_seg": args.moving_seg or ""})
-    result.save(args.out)
+        result = _interruptible(register_images, fixed, moving, args.model, fixed_seg=fixed_seg,
+                                moving_seg=moving_seg, steps=args.steps, trajectories=args.trajectories,
+                                tau=args.tau, prealign=args.prealign, device=args.device, seed=args.seed,
+                                adapt=args.adapt, progress=progress,
+                                names={"fixed": args.fixed, "moving": args.moving,
+                                       "fixed_seg": args.fixed_seg or "", "moving_seg": args.moving_seg or ""})
+    result.save(args.out, overwrite=args.overwrite, inputs=inputs)
     print(result.step_table())
     print(f"wrote {args.out}")
     return 0
@@ -130,22 +206,33 @@ def _add_evaluate(sub) -> None:
                        "standard deviation as evaluation.json and evaluation.csv in --out.")
     p.add_argument("--data", required=True, help="dataset manifest or folder with labels")
     p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (written whole at the end, or not at all)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing result in --out as a whole")
     p.add_argument("--all", action="store_true", help="evaluate train and val pairs")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--trajectories", type=int, default=1)
-    p.add_argument("--tau", type=float, default=0.3)
+    p.add_argument("--steps", type=options.positive_int, default=3)
+    p.add_argument("--trajectories", type=options.positive_int, default=1)
+    p.add_argument("--tau", type=options.non_negative_float, default=0.3)
     p.add_argument("--prealign", choices=["affine", "none"], default="none")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(run=_run_evaluate)
 
 
 def _run_evaluate(args) -> int:
+    from .checkpoint import checkpoint_files, dataset_files, load_checkpoint
+    from .data import load_dataset
     from .evaluate import evaluate_dataset
+    from .outputs import check_output_folder, staged_folder
 
-    summary = evaluate_dataset(args.data, args.model, args.out, steps=args.steps,
-                               trajectories=args.trajectories, tau=args.tau, prealign=args.prealign,
-                               device=args.device, all_pairs=args.all)
+    inputs = [args.data, args.model, *checkpoint_files(args.model)]
+    check_output_folder(args.out, overwrite=args.overwrite, inputs=inputs)
+    inputs += dataset_files(load_dataset(args.data, require_labels=True))
+    load_checkpoint(args.model)  # a bad checkpoint is reported now
+    args.on_interrupt = lambda: f"nothing was written to {args.out}"
+    with staged_folder(args.out, overwrite=args.overwrite, inputs=inputs, command="evaluate") as stage:
+        # In a worker so that Ctrl-C is immediate; the staged folder is then removed (nothing kept).
+        summary = _interruptible(lambda cancel: evaluate_dataset(
+            args.data, args.model, stage, steps=args.steps, trajectories=args.trajectories, tau=args.tau,
+            prealign=args.prealign, device=args.device, all_pairs=args.all))
     for step, stats in summary["per_step"].items():
         print(f"step {step}: " + ", ".join(f"{k} {v['mean']:.3f} ± {v['std']:.3f}" for k, v in stats.items()))
     print(f"wrote {args.out}/evaluation.json and evaluation.csv")
@@ -159,14 +246,17 @@ def _add_demo(sub) -> None:
                        "sample step by step (+ test-time optimisation), GRPO fine-tunes it on a few labelled "
                        "cases and registers the pair again; prints Dice per step against no registration and "
                        "writes the outputs, a PNG montage and report.json into --out.")
-    p.add_argument("--out", default="demo-output")
+    p.add_argument("--out", default="demo-output", help="output folder (written whole at the end, or not at all)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing demo result in --out as a whole")
     p.add_argument("--model", default=None, help="brain model (default: Resources/Models/morphseek-brain)")
     p.add_argument("--sample", default=None, help="labelled sample dataset (default: Resources/SampleData/brain)")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--adapt", type=int, default=30, help="test-time optimisation iterations (0: none)")
-    p.add_argument("--episodes", type=int, default=6, help="GRPO episodes (each --steps optimiser steps); 0 skips GRPO")
-    p.add_argument("--trajectories", type=int, default=4, help="GRPO trajectories J per step (default 4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=options.positive_int, default=3)
+    p.add_argument("--adapt", type=options.non_negative_int, default=30,
+                   help="test-time optimisation iterations (0: none)")
+    p.add_argument("--episodes", type=options.non_negative_int, default=6,
+                   help="GRPO episodes (each --steps optimiser steps); 0 skips GRPO")
+    p.add_argument("--trajectories", type=options.integer(2), default=4, help="GRPO trajectories J per step (default 4)")
+    p.add_argument("--seed", type=options.non_negative_int, default=0)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(run=_run_demo)
 
@@ -174,9 +264,10 @@ def _add_demo(sub) -> None:
 def _run_demo(args) -> int:
     from . import demo
 
+    args.on_interrupt = lambda: f"nothing was written to {args.out}"
     demo.run_demo(args.out, model=args.model or demo.BRAIN_MODEL, sample=args.sample or demo.BRAIN_SAMPLE,
                   steps=args.steps, adapt=args.adapt, episodes=args.episodes, trajectories=args.trajectories,
-                  seed=args.seed, device=args.device)
+                  seed=args.seed, device=args.device, overwrite=args.overwrite)
     return 0
 
 
@@ -214,21 +305,53 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "finetune":
+        args.on_interrupt = lambda: _finetune_kept(args.out)
     try:
         return int(args.run(args) or 0)
     except MorphSeekError as exc:
         print(f"morphseek {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:  # torch.OutOfMemoryError (GPU) and CPU allocation failures
-        if not _is_out_of_memory(exc):
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError (GPU) and CPU allocation failures
+        if not (isinstance(exc, MemoryError) or _is_out_of_memory(exc)):
             raise
-        print(f"morphseek {args.command}: error: out of memory ({str(exc).splitlines()[0][:200]}). "
-              "Use a smaller --grid, fewer --trajectories, or another --device; files already written "
-              "(checkpoints, outputs) are kept.", file=sys.stderr)
+        print(f"morphseek {args.command}: error: out of memory ({(str(exc).splitlines() or ['MemoryError'])[0][:200]}). "
+              "Use a smaller --grid, fewer --trajectories, smaller (cropped or coarser) images, or another "
+              f"--device; {_kept(args)}.", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a permission or I/O error outside the checked writers
+        where = f" '{exc.filename}'" if getattr(exc, "filename", None) else ""
+        print(f"morphseek {args.command}: error: cannot read or write{where}: {exc.strerror or exc} "
+              f"(is the disk full or read-only?); {_kept(args)}.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"morphseek {args.command}: interrupted (the last good checkpoint is kept)", file=sys.stderr)
+        print(f"morphseek {args.command}: interrupted; {_kept(args)}", file=sys.stderr)
+        if _abandoned_worker:
+            # A worker still inside SimpleITK/ITK code: a normal interpreter shutdown would unwind
+            # that thread through C++ and abort ("exception not rethrown"). Nothing of it is kept.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
+
+
+def _finetune_kept(out) -> str:
+    from .checkpoint import describe_checkpoint
+
+    held = describe_checkpoint(out)
+    return (f"the checkpoint {held} is kept; rerun the same command with --resume to continue" if held
+            else f"nothing was written to {out}")
+
+
+def _kept(args) -> str:
+    """What an interrupted or failed command left on disk, in words."""
+    describe = getattr(args, "on_interrupt", None)
+    if describe is None:
+        return "nothing was written"
+    try:
+        return describe()
+    except Exception:  # never hide the interruption behind a second error
+        return "see --out"
 
 
 if __name__ == "__main__":

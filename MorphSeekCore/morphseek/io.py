@@ -8,8 +8,11 @@ reverse of SimpleITK's (x, y, z) size/spacing order. Every problem with an input
 
 from __future__ import annotations
 
+import gzip
 import os
+import struct
 import tempfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
@@ -117,11 +120,10 @@ def check_volume(image: sitk.Image, name: str, what: str = "image") -> sitk.Imag
 
 def check_labels(labels: sitk.Image, reference: sitk.Image | None, name: str,
                  reference_name: str = "reference image", what: str = "segmentation") -> sitk.Image:
-    """Check a label map and return it as an integer image (UInt16, or Int32 when values are negative
-    or above 65535).
+    """Check a label map and return it as an integer image (UInt16, or Int32 above 65535).
 
-    Raises MorphSeekError naming ``name`` when it is not a 3D single-channel image, holds non-integer
-    or non-finite values, is empty (all zero), or, when ``reference`` is given, lies on a different grid
+    Raises MorphSeekError naming ``name`` when it is not a 3D single-channel image, holds non-integer,
+    non-finite or negative values, is empty (all zero), or, when ``reference`` is given, lies on a different grid
     (message names both inputs and their grids)."""
     if not isinstance(labels, sitk.Image):
         raise MorphSeekError(f"{what} '{name}' is a {type(labels).__name__}, not a SimpleITK image")
@@ -137,7 +139,10 @@ def check_labels(labels: sitk.Image, reference: sitk.Image | None, name: str,
     low, high = float(values.min()), float(values.max())
     if low == 0 and high == 0:
         raise MorphSeekError(f"{what} '{name}' is empty: every voxel is 0 (no labelled structure)")
-    if low < -2**31 or high >= 2**31:
+    if low < 0:
+        raise MorphSeekError(f"{what} '{name}' holds negative label values (the smallest is {low:g}); a label "
+                             "map holds 0 for background and positive integers for structures")
+    if high >= 2**31:
         raise MorphSeekError(f"{what} '{name}' has label values out of the int32 range ({low:g}..{high:g})")
     pixel = sitk.sitkUInt16 if low >= 0 and high <= 65535 else sitk.sitkInt32
     if reference is not None:
@@ -149,21 +154,181 @@ def check_labels(labels: sitk.Image, reference: sitk.Image | None, name: str,
     return labels if labels.GetPixelID() == pixel else sitk.Cast(labels, pixel)
 
 
+def physical_extent(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) corners (LPS mm) of the axis-aligned box around ``image``'s voxels (half a voxel
+    beyond the outer voxel centres, as ITK's resampling covers)."""
+    a, origin = index_to_physical(image)
+    size = np.asarray(image.GetSize(), dtype=float)
+    corners = np.array(np.meshgrid(*[(-0.5, n - 0.5) for n in size], indexing="ij")).reshape(3, -1)
+    points = a @ corners + origin[:, None]
+    return points.min(axis=1), points.max(axis=1)
+
+
+def check_overlap(fixed: sitk.Image, moving: sitk.Image, fixed_name: str, moving_name: str) -> None:
+    """MorphSeekError naming both inputs when their physical extents do not intersect: without a
+    pre-alignment the moving image would be resampled into nothing but background."""
+    f_low, f_high = physical_extent(fixed)
+    m_low, m_high = physical_extent(moving)
+    if np.any(f_high < m_low) or np.any(m_high < f_low):
+        fmt = lambda v: "(" + ", ".join(f"{x:.1f}" for x in v) + ")"  # noqa: E731
+        raise MorphSeekError(
+            f"moving image '{moving_name}' and fixed image '{fixed_name}' do not overlap in physical space "
+            f"(moving spans {fmt(m_low)}..{fmt(m_high)} mm, fixed {fmt(f_low)}..{fmt(f_high)} mm): use the "
+            "affine pre-alignment (--prealign affine) or check the images' origins")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), None when unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+#: Bytes per fixed-grid voxel at the peak of exporting one step (float64 fields, resampling grids,
+#: Jacobian), and per fixed-grid voxel kept for each step's images (warped, labels, Jacobian, field).
+EXPORT_BYTES_PER_VOXEL = 130
+STEP_BYTES_PER_VOXEL = 34
+
+
+def registration_memory(fixed: sitk.Image, moving: sitk.Image, steps: int) -> int:
+    """A rough upper estimate (bytes) of the memory a registration at the images' own resolution
+    needs outside the model grid: exporting a step's physical field and images on the fixed grid,
+    every step's images kept, and the pre-alignment's copies of both images."""
+    n_fixed = int(np.prod(fixed.GetSize(), dtype=np.int64))
+    n_moving = int(np.prod(moving.GetSize(), dtype=np.int64))
+    return n_fixed * (EXPORT_BYTES_PER_VOXEL + STEP_BYTES_PER_VOXEL * steps) + 16 * n_moving
+
+
+def check_memory(fixed: sitk.Image, moving: sitk.Image, steps: int, fixed_name: str,
+                 available: int | None = None) -> None:
+    """MorphSeekError naming the fixed image when :func:`registration_memory` exceeds the memory
+    available (``available`` bytes, default :func:`available_memory`), with what to change."""
+    available = available_memory() if available is None else available
+    needed = registration_memory(fixed, moving, steps)
+    if available is not None and needed > available:
+        size = fixed.GetSize()
+        spacing = ", ".join(f"{s:.3g}" for s in fixed.GetSpacing())
+        raise MorphSeekError(
+            f"fixed image '{fixed_name}' is too large for the memory available: {size[0]} x {size[1]} x "
+            f"{size[2]} voxels ({spacing} mm) need about {needed / 2**30:.1f} GiB to register in {steps} steps, "
+            f"about {available / 2**30:.1f} GiB is free. Crop the images to the region of interest or "
+            "resample them to coarser voxels (e.g. 1-2 mm), use fewer --steps, or free memory")
+
+
 # --------------------------------------------------------------------------------------------------
 # Reading and writing
 # --------------------------------------------------------------------------------------------------
+#: Smallest size along any axis of an image to register (``check_size``): a few voxels carry no anatomy
+#: (a 3x3x3 volume would be stretched over the whole model grid).
+MIN_IMAGE_SIZE = 8
+
+_NIFTI_BYTES_PER_TYPE = {2: 1, 4: 2, 8: 4, 16: 4, 32: 8, 64: 8, 128: 3, 256: 1, 512: 2, 768: 4,
+                         1024: 8, 1280: 8, 1536: 16, 1792: 16, 2048: 32, 2304: 4}
+
+
+class NiftiLayout(NamedTuple):
+    """What a single-file NIfTI header promises: the voxel grid and where the data ends."""
+
+    dims: tuple[int, ...]
+    data_bytes: int
+    total_bytes: int  # vox_offset + data_bytes: the (uncompressed) length the file must have
+
+
+def nifti_layout(header: bytes) -> NiftiLayout | None:
+    """Parse the start of a single-file NIfTI-1/2 (uncompressed bytes) -> its layout, or None when
+    the bytes are not a single-file NIfTI header (another format, or a .hdr/.img pair)."""
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348 and header[344:347] == b"n+1":
+            dims = struct.unpack(endian + "8h", header[40:56])
+            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540 and header[4:7] == b"n+2":
+            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
+            dims = struct.unpack(endian + "8q", header[16:80])
+            offset = int(struct.unpack(endian + "q", header[168:176])[0])
+            break
+    else:
+        return None
+    ndim = int(dims[0])
+    if not 1 <= ndim <= 7:
+        return None
+    shape = tuple(max(int(n), 1) for n in dims[1:ndim + 1])
+    per_voxel = _NIFTI_BYTES_PER_TYPE.get(int(datatype), max(int(bitpix), 8) // 8)
+    data = int(np.prod(shape, dtype=np.int64)) * per_voxel
+    return NiftiLayout(shape, data, offset + data)
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(2) == b"\x1f\x8b"
+
+
+def check_file_integrity(path: PathLike, what: str = "image") -> None:
+    """Raise MorphSeekError naming ``path`` when the file is cut short or corrupt.
+
+    SimpleITK reads a truncated ``.nii.gz`` or ``.nii`` without complaint, filling the missing voxels
+    with zeros; this reads the whole gzip stream (its CRC and length are checked at the end) and
+    compares the (uncompressed) length with what the NIfTI header promises. Other formats are left to
+    their reader."""
+    path = Path(path)
+    try:
+        if _is_gzip(path):
+            header, total = b"", 0
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(1 << 22):
+                    if len(header) < 540:
+                        header += chunk[: 540 - len(header)]
+                    total += len(chunk)
+        else:
+            with open(path, "rb") as handle:
+                header = handle.read(540)
+            total = path.stat().st_size
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise MorphSeekError(
+            f"{what} file '{path}' is corrupt or cut short (its compressed data does not decompress: "
+            f"{error}); copy or export it again") from None
+    except OSError as error:
+        raise MorphSeekError(f"cannot read {what} file '{path}': {error.strerror or error}") from None
+    layout = nifti_layout(header)
+    if layout is not None and total < layout.total_bytes:
+        raise MorphSeekError(
+            f"{what} file '{path}' is cut short: its header promises {layout.dims} voxels "
+            f"({layout.total_bytes} bytes) but it holds {total} bytes; copy or export it again")
+
+
 def _read(path: PathLike, what: str) -> sitk.Image:
     path = Path(path)
     if not path.exists():
         raise MorphSeekError(f"{what} file not found: '{path}'")
     if path.is_dir():
         raise MorphSeekError(f"{what} path '{path}' is a folder, not an image file")
+    if not os.access(path, os.R_OK):
+        raise MorphSeekError(f"cannot read {what} file '{path}': permission denied")
+    check_file_integrity(path, what)
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as err:
         reason = str(err).strip().splitlines()
         detail = next((line.strip() for line in reversed(reason) if line.strip()), "unknown reason")
         raise MorphSeekError(f"cannot read {what} file '{path}' (is it a NIfTI/NRRD/MHA image?): {detail}") from None
+
+
+def check_size(image: sitk.Image, name: str, what: str = "image") -> None:
+    """MorphSeekError naming ``name`` when ``image`` has fewer than MIN_IMAGE_SIZE voxels along an axis."""
+    size = image.GetSize()
+    if image.GetDimension() == 3 and min(size) < MIN_IMAGE_SIZE:
+        raise MorphSeekError(
+            f"{what} '{name}' is too small to register: size {size} voxels, at least {MIN_IMAGE_SIZE} "
+            "along every axis are needed (is it a thumbnail, a mask of a few voxels or the wrong file?)")
 
 
 def _squeeze_fourth(image: sitk.Image) -> sitk.Image:
@@ -184,21 +349,22 @@ def read_image(path: PathLike, what: str = "image") -> sitk.Image:
 
 
 def read_labels(path: PathLike, reference: sitk.Image | PathLike | None = None,
-                what: str = "segmentation") -> sitk.Image:
-    """Read an integer label map (returned as UInt16, or Int32 for negative/large values).
+                what: str = "segmentation", reference_name: str | None = None) -> sitk.Image:
+    """Read an integer label map (returned as UInt16, or Int32 for values above 65535).
 
     Float files are accepted when every value is an integer (some tools write labels as float64).
     **4D labels** (one channel per structure along the 4th axis, as in the prostate MR/US data) and
     multi-component label images are reduced to **channel 0** (the prostate gland there; the other
     channels are landmarks): register with channel 0 and pass the others separately if needed.
     ``reference`` (an image, or the path of one) must share the label map's grid: size exactly;
-    spacing, origin (in voxels) and direction to 1e-4. Errors name both files and their grids."""
+    spacing, origin (in voxels) and direction to 1e-4. Errors name both files and their grids
+    (``reference_name``: the reference's file name when ``reference`` is an image)."""
     image = _squeeze_fourth(_read(path, what))
     if image.GetDimension() == 4:
         image = sitk.Extract(image, list(image.GetSize()[:3]) + [0], [0, 0, 0, 0])
     if image.GetNumberOfComponentsPerPixel() > 1:
         image = sitk.VectorIndexSelectionCast(image, 0)
-    reference_name = "reference image"
+    reference_name = reference_name or "reference image"
     if reference is not None and not isinstance(reference, sitk.Image):
         reference_name = str(reference)
         reference = read_image(reference)
@@ -213,35 +379,91 @@ def give_default_permissions(path: PathLike) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
+def _fsync(path: PathLike) -> None:
+    """Flush a written file to the disk (so a full disk or I/O error surfaces here, not later)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_target(path: PathLike) -> Iterator[str]:
     """Yield a temporary file name in ``path``'s folder (same extension, so writers that choose the
-    format from the extension still work); on success it replaces ``path`` atomically, on failure it
-    is removed and ``path`` is left as it was. Parent folders are created."""
+    format from the extension still work); on success (the file exists, is not empty and is flushed
+    to disk) it replaces ``path`` atomically, on failure it is removed and ``path`` is left as it was.
+    Parent folders are created. An OSError (full disk, no permission) becomes a MorphSeekError
+    naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+        os.close(fd)
+    except OSError as error:
+        raise MorphSeekError(f"cannot write '{path}': {error.strerror or error}") from None
     try:
         yield tmp
+        if os.path.getsize(tmp) == 0:
+            raise MorphSeekError(f"cannot write '{path}': nothing was written (is the disk full?)")
+        _fsync(tmp)
         give_default_permissions(tmp)
         os.replace(tmp, path)
+    except OSError as error:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise MorphSeekError(f"cannot write '{path}': {error.strerror or error}") from None
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
 
 
+def verify_written_image(image: sitk.Image, written: PathLike, name: PathLike) -> None:
+    """Check that the file ``written`` holds all of ``image``: the header read back gives the same
+    size, and for NIfTI the (uncompressed) byte length matches the header (a short write on a full
+    disk is caught here). MorphSeekError naming ``name`` otherwise."""
+    try:
+        check_file_integrity(written, "written image")
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(written))
+        reader.ReadImageInformation()
+        size = tuple(reader.GetSize())
+    except (MorphSeekError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unreadable"
+        raise MorphSeekError(f"cannot write image '{name}': the file written is incomplete or unreadable "
+                             f"(is the disk full?): {reason}") from None
+    expected = tuple(image.GetSize())
+    if size[:len(expected)] != expected:
+        raise MorphSeekError(f"cannot write image '{name}': the file written has size {size}, not {expected} "
+                             "(is the disk full?)")
+
+
 def write_image(image: sitk.Image, path: PathLike) -> Path:
-    """Write ``image`` (any format SimpleITK knows from the extension), atomically, keeping its geometry.
-    Parent folders are created. Returns the path."""
+    """Write ``image`` (any format SimpleITK knows from the extension), atomically, keeping its geometry,
+    and check the file written (:func:`verify_written_image`). Parent folders are created. Returns the
+    path; a failed or short write raises MorphSeekError and leaves ``path`` as it was."""
     path = Path(path)
     try:
         with atomic_target(path) as tmp:
             sitk.WriteImage(image, tmp, True)
+            verify_written_image(image, tmp, path)
     except RuntimeError as err:
         raise MorphSeekError(f"cannot write image '{path}': {str(err).strip().splitlines()[-1]}") from None
+    return path
+
+
+def write_text(text: str, path: PathLike) -> Path:
+    """Write ``text`` (UTF-8) atomically and check its length on disk. Returns the path."""
+    path = Path(path)
+    data = text.encode("utf-8")
+    with atomic_target(path) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        if os.path.getsize(tmp) != len(data):
+            raise MorphSeekError(f"cannot write '{path}': only {os.path.getsize(tmp)} of {len(data)} bytes "
+                                 "were written (is the disk full?)")
     return path
 
 
@@ -337,11 +559,20 @@ def labels_to_model_grid(labels: sitk.Image, model_ref: sitk.Image,
 
 
 def resample_to(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform | None = None,
-                is_label: bool = False, default: float = 0.0) -> sitk.Image:
+                is_label: bool = False, default: float | None = None) -> sitk.Image:
     """Resample ``image`` onto ``reference``'s grid: linear for intensities, nearest neighbour for
     labels (pixel type kept). ``transform`` maps reference (fixed) points to ``image`` points
-    (SimpleITK's convention); None is the identity. Points outside ``image`` get ``default``."""
+    (SimpleITK's convention); None is the identity. Points outside ``image`` get ``default``; None
+    means the image's background: its minimum for intensities (air, -1000 HU or so, in CT, where 0
+    would be soft tissue) and 0 for labels."""
     transform = transform if transform is not None else sitk.Transform(3, sitk.sitkIdentity)
+    if default is None:
+        if is_label:
+            default = 0.0
+        else:
+            stats = sitk.MinimumMaximumImageFilter()
+            stats.Execute(image)
+            default = float(stats.GetMinimum())
     interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
     return sitk.Resample(image, reference, transform, interpolator, default, image.GetPixelID())
 

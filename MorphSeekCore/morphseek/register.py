@@ -201,29 +201,35 @@ class RegistrationResult:
             lines.append(f"{s.index:>4} {kept:>6} {dice:>8} {s.njd_percent:>8.3f} {s.seconds:>8.2f}")
         return "\n".join(lines)
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write the outputs of ``morphseek register`` into ``out_dir``."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        io.write_image(self.warped, out / "warped.nii.gz")
-        if self.warped_seg is not None:
-            io.write_image(self.warped_seg, out / "warped_seg.nii.gz")
-        export.write_field(self.field, out / "displacement.nii.gz")
-        export.write_transform(self.field, out / "transform.h5")
-        io.write_image(self.jacobian, out / "jacobian.nii.gz")
-        for step in self.steps:
-            folder = out / f"step_{step.index:02d}"
-            folder.mkdir(exist_ok=True)
-            io.write_image(step.warped, folder / "warped.nii.gz")
-            if step.warped_seg is not None:
-                io.write_image(step.warped_seg, folder / "warped_seg.nii.gz")
-            io.write_image(step.jacobian, folder / "jacobian.nii.gz")
-            export.write_field(step.field, folder / "displacement.nii.gz")
-        report_path = out / "report.json"
-        tmp = report_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.report(), indent=2))
-        tmp.replace(report_path)
-        return out
+    def save(self, out_dir: str | Path, overwrite: bool = False, inputs=()) -> Path:
+        """Write the outputs of ``morphseek register`` into ``out_dir``, whole or not at all.
+
+        The files are written into a temporary folder beside ``out_dir`` (each one checked after
+        writing) and moved into place at the end (``morphseek.outputs.staged_folder``): a failure
+        leaves ``out_dir`` as it was. An existing result is replaced as a whole only with
+        ``overwrite=True``; ``inputs`` (paths) that lie inside ``out_dir`` are refused."""
+        from .outputs import staged_folder
+
+        with staged_folder(out_dir, overwrite=overwrite, inputs=inputs, command="register") as out:
+            io.write_image(self.warped, out / "warped.nii.gz")
+            if self.warped_seg is not None:
+                io.write_image(self.warped_seg, out / "warped_seg.nii.gz")
+            export.write_field(self.field, out / "displacement.nii.gz")
+            export.write_transform(self.field, out / "transform.h5")
+            io.write_image(self.jacobian, out / "jacobian.nii.gz")
+            for step in self.steps:
+                folder = out / f"step_{step.index:02d}"
+                folder.mkdir(exist_ok=True)
+                if step.warped is not None:
+                    io.write_image(step.warped, folder / "warped.nii.gz")
+                if step.warped_seg is not None:
+                    io.write_image(step.warped_seg, folder / "warped_seg.nii.gz")
+                if step.jacobian is not None:
+                    io.write_image(step.jacobian, folder / "jacobian.nii.gz")
+                if step.field is not None:
+                    export.write_field(step.field, folder / "displacement.nii.gz")
+            io.write_text(json.dumps(self.report(), indent=2), out / "report.json")
+        return Path(out_dir)
 
 
 def _label_values(fixed_seg: sitk.Image, moving_seg: sitk.Image) -> list[int]:

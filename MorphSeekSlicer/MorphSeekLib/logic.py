@@ -24,7 +24,7 @@ from morphseek.errors import MorphSeekError
 
 from . import mrml, preview, training
 
-DEFAULT_MODEL_NAME = "morphseek-default.pt"
+DEFAULT_MODEL_NAME = "morphseek-default.safetensors"  # + its .json beside it
 ProgressCallback = Callable[[Any], None]
 CancelCallback = Callable[[], bool]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -58,8 +59,11 @@ def test_round_trip_gives_identical_outputs_and_resume_state(tmp_path, config, g
         "numpy_rng": np_state,
     }
     path = save_checkpoint(tmp_path / "sub" / "model.pt", model, RUN_CONFIG, optimizer=optimiser, state=state)
-    assert path == tmp_path / "sub" / "model.pt" and path.is_file()
-    assert sorted(os.listdir(path.parent)) == ["model.pt"]  # no temporary file left behind
+    assert path == tmp_path / "sub" / "model.safetensors" and path.is_file()
+    # two files, no temporary file left behind
+    assert sorted(os.listdir(path.parent)) == ["model.json", "model.safetensors"]
+    for name in ("model.pt", "model", "model.json", "model.safetensors"):  # every name of it loads it
+        assert load_checkpoint(tmp_path / "sub" / name)[2]["path"] == path
 
     loaded, run_config, extra = load_checkpoint(path)
     assert loaded.config == model.config
@@ -91,36 +95,72 @@ def test_round_trip_gives_identical_outputs_and_resume_state(tmp_path, config, g
             assert torch.equal(resumed.state_dict()["state"][key][name], tensor)
 
 
-def test_checkpoint_loads_with_weights_only_and_overwrites_atomically(tmp_path):
+def test_checkpoint_is_safetensors_plus_json_and_overwrites_atomically(tmp_path):
+    from safetensors import safe_open
+
     model, _, _ = trained_model()
-    path = tmp_path / "model.pt"
-    save_checkpoint(path, model, {"epoch": 1})
-    payload = torch.load(path, weights_only=True)  # no pickled code anywhere in the file
-    assert set(payload) >= {"format_version", "model_config", "config", "state_dict", "optimizer", "state"}
-    assert payload["optimizer"] is None and payload["state"] is None
+    path = save_checkpoint(tmp_path / "model", model, {"epoch": 1})
+    with safe_open(str(path), framework="pt") as handle:  # no pickled code anywhere: raw tensors + JSON
+        assert handle.metadata()["format"] == "morphseek"
+        assert {k for k in handle.keys() if k.startswith("model/")} == {f"model/{k}" for k in model.state_dict()}
+    readable = json.loads((tmp_path / "model.json").read_text())
+    assert readable["config"] == {"epoch": 1} and readable["weights"] == "model.safetensors"
+    assert readable["model_config"] == model.config and not readable["resumable"]
     _, _, extra = load_checkpoint(path)
     assert extra["optimizer"] is None and extra["state"] == {}
 
     save_checkpoint(path, model, {"epoch": 2})
     assert load_checkpoint(path)[1] == {"epoch": 2}
-    assert sorted(os.listdir(tmp_path)) == ["model.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["model.json", "model.safetensors"]
+
+
+def test_legacy_pt_checkpoint_still_loads(tmp_path):
+    """Format 1 (MorphSeek 0.1): one torch.save file of plain values, read with weights_only=True."""
+    model, _, (moving, fixed) = trained_model()
+    legacy = tmp_path / "old.pt"
+    torch.save({"format_version": 1, "model_config": model.config, "config": {"grid": [16, 16, 32]},
+                "state_dict": model.state_dict(), "optimizer": None, "state": {"iteration": 3},
+                "morphseek_version": "0.1.0", "torch_version": str(torch.__version__)}, legacy)
+    loaded, config, extra = load_checkpoint(legacy)
+    assert config == {"grid": [16, 16, 32]} and extra["state"] == {"iteration": 3} and extra["format_version"] == 1
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(moving, fixed), model(moving, fixed))
+    # Saving under the same name writes the new format beside it, and that is what loads from then on.
+    save_checkpoint(legacy, loaded, {"grid": [16, 16, 32], "new": True})
+    assert load_checkpoint(legacy)[1]["new"] is True
+
+
+def test_stale_or_mismatched_json_beside_the_weights(tmp_path):
+    model, _, _ = trained_model()
+    path = save_checkpoint(tmp_path / "m", model, {"epoch": 1})
+    sidecar = tmp_path / "m.json"
+    old = sidecar.read_text()
+    save_checkpoint(path, model, {"epoch": 2})
+    sidecar.write_text(old)  # a run killed between the two renames: the .json of the previous save
+    assert load_checkpoint(path)[1] == {"epoch": 2}  # the weights' own header is the record
+    save_checkpoint(path, model, {"epoch": 3})
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte in the weights
+    path.write_bytes(bytes(data))
+    with pytest.raises(MorphSeekError, match=r"m\.safetensors.*checksum does not match.*m\.json"):
+        load_checkpoint(path)
 
 
 def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     model, _, _ = trained_model()
-    path = tmp_path / "model.pt"
-    save_checkpoint(path, model, {"epoch": 1})
-    before = path.read_bytes()
+    path = save_checkpoint(tmp_path / "model.pt", model, {"epoch": 1})
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
 
-    def broken_save(obj, handle):
-        handle.write(b"half a checkpoint")
-        raise OSError("disk full")
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint_module.torch, "save", broken_save)
-    with pytest.raises(MorphSeekError, match="model.pt.*disk full"):
+    monkeypatch.setattr(checkpoint_module.os, "fsync", disk_full)
+    with pytest.raises(MorphSeekError, match=r"model\.safetensors.*No space left.*disk full"):
         save_checkpoint(path, model, {"epoch": 2})
-    assert path.read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["model.pt"]
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+    monkeypatch.undo()
+    assert load_checkpoint(path)[1] == {"epoch": 1}
 
 
 def test_unstorable_values_are_refused_with_their_location(tmp_path):
@@ -129,7 +169,7 @@ def test_unstorable_values_are_refused_with_their_location(tmp_path):
         save_checkpoint(tmp_path / "m.pt", model, {}, state={"callback": print})
     with pytest.raises(MorphSeekError, match="MorphSeekNet"):
         save_checkpoint(tmp_path / "m.pt", model.backbone, {})
-    assert not (tmp_path / "m.pt").exists()
+    assert not list(tmp_path.iterdir())
 
 
 def test_missing_and_corrupt_files(tmp_path):
@@ -144,10 +184,16 @@ def test_missing_and_corrupt_files(tmp_path):
 
     model, _, _ = trained_model()
     good = save_checkpoint(tmp_path / "good.pt", model, {})
-    truncated = tmp_path / "truncated.pt"
+    truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(MorphSeekError, match=r"truncated\.pt.*cannot be read"):
+    with pytest.raises(MorphSeekError, match=r"truncated\.safetensors.*cannot be read"):
         load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.safetensors"  # a safetensors file from another tool
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(MorphSeekError, match=r"foreign\.safetensors.*not a MorphSeek checkpoint"):
+        load_checkpoint(foreign)
 
 
 class NotAllowed:
@@ -161,14 +207,25 @@ def test_foreign_and_unsafe_files_are_refused(tmp_path):
         load_checkpoint(other)
     unsafe = tmp_path / "unsafe.pt"
     torch.save({"format_version": FORMAT_VERSION, "payload": NotAllowed()}, unsafe)
-    with pytest.raises(MorphSeekError, match=r"unsafe\.pt.*cannot be read"):
+    with pytest.raises(MorphSeekError, match=r"unsafe\.pt.*refused.*could run code") as info:
         load_checkpoint(unsafe)
+    assert "weights_only" not in str(info.value)  # never PyTorch's advice to load it unsafely
 
 
 def _rewrite(path: Path, change) -> Path:
-    payload = torch.load(path, weights_only=True)
-    change(payload)
-    torch.save(payload, path)
+    """Edit a saved checkpoint: ``change`` gets {"format_version", "model_config", ..., "state_dict"}."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        document = json.loads(handle.metadata()["morphseek"])
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    document["state_dict"] = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    change(document)
+    document["save_id"] = "edited"  # the .json beside it now describes an earlier save and is ignored
+    others = {k: v for k, v in tensors.items() if not k.startswith("model/")}
+    weights = {f"model/{k}": v for k, v in document.pop("state_dict", {}).items()}
+    save_file({**weights, **others}, str(path), metadata={"format": "morphseek", "morphseek": json.dumps(document)})
     return path
 
 
@@ -177,27 +234,27 @@ def test_wrong_version_and_mismatched_weights(tmp_path):
     path = save_checkpoint(tmp_path / "m.pt", model, {})
 
     _rewrite(path, lambda p: p.update(format_version=99))
-    with pytest.raises(MorphSeekError, match=r"m\.pt.*format version 99.*reads version 1"):
+    with pytest.raises(MorphSeekError, match=r"m\.safetensors.*format version 99.*reads version 2"):
         load_checkpoint(path)
 
     path = save_checkpoint(tmp_path / "m.pt", model, {})
     _rewrite(path, lambda p: p["model_config"].update(enc_channels=[8, 16, 16, 32]))
-    with pytest.raises(MorphSeekError, match=r"m\.pt.*do not match"):
+    with pytest.raises(MorphSeekError, match=r"m\.safetensors.*do not match"):
         load_checkpoint(path)
 
     path = save_checkpoint(tmp_path / "m.pt", model, {})
     _rewrite(path, lambda p: p["state_dict"].pop("head.mu_conv.weight"))
-    with pytest.raises(MorphSeekError, match=r"(?s)m\.pt.*do not match.*head\.mu_conv\.weight"):
+    with pytest.raises(MorphSeekError, match=r"(?s)m\.safetensors.*do not match.*head\.mu_conv\.weight"):
         load_checkpoint(path)
 
     path = save_checkpoint(tmp_path / "m.pt", model, {})
     _rewrite(path, lambda p: p["model_config"].update(backbone="unet9000"))
-    with pytest.raises(MorphSeekError, match=r"m\.pt.*unknown backbone"):
+    with pytest.raises(MorphSeekError, match=r"m\.safetensors.*unknown backbone"):
         load_checkpoint(path)
 
     path = save_checkpoint(tmp_path / "m.pt", model, {})
     _rewrite(path, lambda p: p.pop("state_dict"))
-    with pytest.raises(MorphSeekError, match=r"m\.pt.*missing state_dict"):
+    with pytest.raises(MorphSeekError, match=r"m\.safetensors.*missing state_dict"):
         load_checkpoint(path)
 
 

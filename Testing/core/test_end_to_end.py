@@ -143,7 +143,7 @@ def test_demo_runs_end_to_end_on_the_brain_sample_with_a_tiny_model(tmp_path):
     kinds = [s["kind"] for s in report["registrations"]["finetuned"]["steps"]]
     assert kinds == ["network", "network", "adapt"]
     assert report["summary"]["no_registration_dice"] > 30  # the held-back brain pair, 31 structures
-    assert (out / "model-finetuned.pt").exists() or (out / "model-finetuned.safetensors").exists()
+    assert (out / "model-finetuned.safetensors").exists() and (out / "model-finetuned.json").exists()
     assert (out / "09_to_10" / "displacement.nii.gz").exists()
     pngs = list(out.glob("*.png"))
     assert pngs and pngs[0].stat().st_size > 10_000

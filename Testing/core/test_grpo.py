@@ -231,7 +231,7 @@ def test_cancel_keeps_the_last_checkpoint_and_resume_continues(subjects, tmp_pat
         return calls["n"] > 2
 
     result = grpo_finetune(model, train, [], config, out=out, log=log, cancel=cancel_after_two_steps)
-    assert result.stopped and result.episodes_done == 2 and out.exists()
+    assert result.stopped and result.episodes_done == 2 and result.checkpoint.is_file()  # ft.ckpt.safetensors
     from morphseek.checkpoint import load_checkpoint
 
     saved, run_config, extra = load_checkpoint(out)

@@ -137,7 +137,9 @@ def test_float_labels_become_integers(tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(labels), values.astype(np.uint16))
     negative = tmp_path / "negative_seg.nrrd"
     sitk.WriteImage(sitk.GetImageFromArray(-values.astype(np.int16)), str(negative))
-    assert io.read_labels(negative).GetPixelID() == sitk.sitkInt32
+    # Negative labels used to be read as Int32 and failed later without naming the file (issue 10).
+    with pytest.raises(MorphSeekError, match=r"negative_seg\.nrrd.*negative label values"):
+        io.read_labels(negative)
 
 
 def test_mismatched_label_grid_names_both_files(tmp_path):

@@ -1,4 +1,4 @@
-"""The extension's shipped model (Resources/Models/morphseek-default.pt) on its shipped sample pair
+"""The extension's shipped model (Resources/Models/morphseek-default.safetensors) on its shipped sample pair
 (Resources/SampleData: 48^3 synthetic, 1.5 mm, with segmentations), registered through the module's
 logic as a user would (model left empty = the shipped model): the Dice rises, few voxels fold, every
 output node exists, and what Slicer holds agrees with the engine's report. The README's screenshots
@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ from MorphSeekLib.offscreen import OffscreenSliceView, new_scene, side_by_side, 
 
 torch.manual_seed(0)
 
-SHIPPED_MODEL = REPO / "Resources" / "Models" / "morphseek-default.pt"
+SHIPPED_MODEL = REPO / "Resources" / "Models" / "morphseek-default.safetensors"
 SAMPLE_DATA = REPO / "Resources" / "SampleData"
 needs_shipped = pytest.mark.skipif(
     not SHIPPED_MODEL.is_file() or selftest.sample_data_folder() != SAMPLE_DATA,
@@ -132,7 +133,8 @@ def test_shipped_registration_passes_the_self_test_checks(shipped):
 def test_self_test_falls_back_to_the_synthetic_case_without_sample_data(scene, tmp_path, monkeypatch):
     monkeypatch.setattr(selftest, "sample_data_folder", lambda: None)
     scenario = selftest.scenario(scene, tmp_path)
-    assert scenario.model == str(tmp_path / "morphseek-selftest.pt") and (tmp_path / "morphseek-selftest.pt").is_file()
+    # checkpoints are NAME.safetensors + NAME.json since issue 10
+    assert scenario.model == str(tmp_path / "morphseek-selftest.safetensors") and Path(scenario.model).is_file()
     assert (scenario.steps, scenario.trajectories, scenario.prealign) == (selftest.STEPS, selftest.TRAJECTORIES, "affine")
     assert scenario.labels == set(selftest.LABELS.values()) and scenario.min_dice_gain is None
     assert sorted(scenario.nodes) == ["fixed", "fixed_seg", "moving", "moving_seg"]

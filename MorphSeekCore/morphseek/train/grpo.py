@@ -535,7 +535,23 @@ class FinetuneResult:
     stopped: bool  # True when cancelled or interrupted (the last saved checkpoint is kept)
     history: list[dict[str, Any]] = field(default_factory=list)
     validation: dict[str, float] = field(default_factory=dict)
-    checkpoint: Path | None = None
+    checkpoint: Path | None = None  # NAME.safetensors of ``out`` (with NAME.json beside it)
+
+
+#: GRPO settings that must match for ``resume=True``: another value means another run.
+RUN_IDENTITY = ("steps", "trajectories", "tau", "w_dice", "w_njd", "lambda_warm", "lambda_dice", "lr", "ldvn",
+                "ldvn_target_std", "target_kl", "beta_kl", "similarity", "lambda_reg", "seed", "memory_flat", "policy")
+
+
+def _check_same_run(path, saved: dict, config: GRPOConfig) -> None:
+    """MorphSeekError naming ``path`` when the fine-tuning checkpoint to resume comes from another run
+    (the number of episodes may grow: that continues the same run)."""
+    current = dataclasses.asdict(config)
+    differences = [f"{key} {saved[key]!r} (now {current[key]!r})" for key in RUN_IDENTITY
+                   if key in saved and saved[key] != current.get(key)]
+    if differences:
+        raise MorphSeekError(f"cannot resume {path}: it comes from another fine-tuning run: " + "; ".join(differences)
+                             + ". Use the same settings, another --out, or --overwrite to start again")
 
 
 def _episode_pair(episode: int, n_pairs: int, seed: int) -> int:
@@ -596,13 +612,16 @@ def grpo_finetune(
     start_episode, optimizer_steps = 0, 0
 
     out = Path(out) if out is not None else None
-    if resume and out is not None and out.exists():
+    from morphseek.checkpoint import checkpoint_exists
+
+    if resume and out is not None and checkpoint_exists(out):
         from morphseek.checkpoint import load_checkpoint
 
         saved, _, extra = load_checkpoint(out, device=next(model.parameters()).device)
         grpo_state = ((extra or {}).get("state") or {}).get("grpo")
         if grpo_state is None:
             raise MorphSeekError(f"{out}: not a GRPO fine-tuning checkpoint (no run state to resume)")
+        _check_same_run(extra.get("path", out), grpo_state.get("config") or {}, config)
         model.load_state_dict(saved.state_dict())
         if (extra or {}).get("optimizer") is not None:
             optimizer.load_state_dict(extra["optimizer"])
@@ -682,6 +701,15 @@ def grpo_finetune(
         if bar is not None:
             bar.close()
     done = episodes if not stopped else episode
+    if stopped and out is not None:
+        # the episodes whose checkpoint is on disk (the last save), not those run since
+        from morphseek.checkpoint import checkpoint_exists as _exists, load_checkpoint as _load
+
+        done = int(((_load(out)[2].get("state") or {}).get("grpo") or {}).get("episode", 0)) if _exists(out) else 0
+    if out is not None:
+        from morphseek.checkpoint import checkpoint_files
+
+        out = checkpoint_files(out)[0]  # the file written (NAME.safetensors), for callers that open it
     return FinetuneResult(done, optimizer_steps, stopped, history, validation, out)
 
 
@@ -690,26 +718,30 @@ def grpo_finetune(
 # ----------------------------------------------------------------------------------------------
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options of ``morphseek finetune`` to ``parser``."""
+    from morphseek import options
+
     d = GRPOConfig()
     parser.add_argument("--model", required=True, help="warmed-up checkpoint (stage B) to start from")
     parser.add_argument("--data", required=True, help="dataset manifest or folder (docs/DATA.md) with labelled pairs")
     parser.add_argument("--out", required=True, help="fine-tuned checkpoint to write (atomically, every episode)")
-    parser.add_argument("--steps", type=int, default=d.steps, help="refinement steps T per pair (default %(default)s)")
-    parser.add_argument("--trajectories", type=int, default=d.trajectories, help="trajectories J (default %(default)s)")
-    parser.add_argument("--tau", type=float, default=d.tau, help="exploration temperature (default %(default)s)")
-    parser.add_argument("--w-dice", type=float, default=d.w_dice, help="reward weight of the Dice gain (default %(default)s)")
-    parser.add_argument("--w-njd", type=float, default=d.w_njd, help="reward weight of the folding fraction (default %(default)s)")
-    parser.add_argument("--lambda-warm", type=float, default=d.lambda_warm, help="weight of L_warm (default %(default)s)")
-    parser.add_argument("--lambda-dice", type=float, default=d.lambda_dice, help="weight of the soft-Dice loss (default %(default)s)")
-    parser.add_argument("--target-kl", type=float, default=None, help="KL target per latent dimension (default: max(2 x the warm-up policy's KL, 0.01))")
+    parser.add_argument("--steps", type=options.positive_int, default=d.steps, help="refinement steps T per pair (default %(default)s)")
+    parser.add_argument("--trajectories", type=options.integer(2), default=d.trajectories, help="trajectories J (default %(default)s)")
+    parser.add_argument("--tau", type=options.positive_float, default=d.tau, help="exploration temperature (default %(default)s)")
+    parser.add_argument("--w-dice", type=options.positive_float, default=d.w_dice, help="reward weight of the Dice gain (default %(default)s)")
+    parser.add_argument("--w-njd", type=options.number(maximum=0.0), default=d.w_njd, help="reward weight of the folding fraction (default %(default)s)")
+    parser.add_argument("--lambda-warm", type=options.non_negative_float, default=d.lambda_warm, help="weight of L_warm (default %(default)s)")
+    parser.add_argument("--lambda-dice", type=options.non_negative_float, default=d.lambda_dice, help="weight of the soft-Dice loss (default %(default)s)")
+    parser.add_argument("--target-kl", type=options.positive_float, default=None, help="KL target per latent dimension (default: max(2 x the warm-up policy's KL, 0.01))")
     parser.add_argument("--ldvn", choices=LDVN_MODES, default=d.ldvn, help="LDVN scale (default %(default)s)")
-    parser.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default %(default)s)")
-    parser.add_argument("--episodes", type=int, default=None, help="pair visits (default: one pass over the training pairs)")
-    parser.add_argument("--val-every", type=int, default=d.val_every, help="validate every N episodes (default %(default)s)")
-    parser.add_argument("--max-val-pairs", type=int, default=None, help="use at most this many held-back pairs")
+    parser.add_argument("--lr", type=options.positive_float, default=d.lr, help="Adam learning rate (default %(default)s)")
+    parser.add_argument("--episodes", type=options.positive_int, default=None, help="pair visits (default: one pass over the training pairs)")
+    parser.add_argument("--val-every", type=options.positive_int, default=d.val_every, help="validate every N episodes (default %(default)s)")
+    parser.add_argument("--max-val-pairs", type=options.positive_int, default=None, help="use at most this many held-back pairs")
     parser.add_argument("--log", default=None, help="log stem (default: OUT without suffix + '.log' -> .jsonl and .csv)")
     parser.add_argument("--resume", action="store_true", help="continue from --out if it holds a fine-tuning run")
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing checkpoint at --out (without it an existing one is refused)")
+    parser.add_argument("--seed", type=options.non_negative_int, default=d.seed)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -730,9 +762,16 @@ def run_finetune(args: argparse.Namespace) -> int:
     from morphseek.checkpoint import load_checkpoint, resolve_device
     from morphseek.data import load_dataset
 
+    from morphseek.checkpoint import check_checkpoint_target, dataset_files
+
+    out = Path(args.out)
+    log = args.log or str(out.with_suffix("")) + ".log"
     device = resolve_device(args.device)
-    model, run_config, _ = load_checkpoint(args.model, device=device)
+    model, run_config, extra = load_checkpoint(args.model, device=device)
     dataset = load_dataset(args.data)
+    check_checkpoint_target(out, resume=args.resume, overwrite=args.overwrite,
+                            inputs=[extra.get("path"), args.model, args.data, *dataset_files(dataset)],
+                            logs=[Path(log + ".jsonl"), Path(log + ".csv")])
     grid = tuple(int(n) for n in (run_config.get("grid") or dataset.grid or ()))
     if not grid and not run_config.get("spacing"):
         raise MorphSeekError(f"{args.model}: neither the checkpoint's configuration nor {args.data} names a model grid")
@@ -748,8 +787,6 @@ def run_finetune(args: argparse.Namespace) -> int:
                         w_njd=args.w_njd, lambda_warm=args.lambda_warm, lambda_dice=args.lambda_dice,
                         target_kl=args.target_kl, ldvn=args.ldvn, lr=args.lr, episodes=args.episodes,
                         val_every=args.val_every, seed=args.seed)
-    out = Path(args.out)
-    log = args.log or str(out.with_suffix("")) + ".log"
     n_lab = sum(check_pair_labels(s) for s in train)
     print(f"GRPO fine-tuning {args.model} on {len(train)} pairs ({n_lab} labelled, "
           f"{len(train) - n_lab} label-free), {len(val)} held back; J={config.trajectories}, "
@@ -757,8 +794,11 @@ def run_finetune(args: argparse.Namespace) -> int:
     result = grpo_finetune(model, train, val, config, run_config=run_config, out=out, log=log,
                            resume=args.resume, progress=not args.no_progress)
     if result.stopped:
-        print(f"Stopped after {result.episodes_done} complete episodes; the last checkpoint written is kept at {out}"
-              if out.exists() else "Stopped before the first checkpoint; nothing was written.", file=sys.stderr)
+        from morphseek.checkpoint import checkpoint_exists as _exists
+
+        print(f"Stopped: the checkpoint {out} holds {result.episodes_done} complete episodes; rerun the same "
+              "command with --resume to continue" if _exists(out)
+              else "Stopped before the first checkpoint; nothing was written.", file=sys.stderr)
         return 130
     v = result.validation
     if v:

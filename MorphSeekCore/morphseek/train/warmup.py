@@ -7,9 +7,13 @@ atomically, and hold the optimiser and random states so that an interrupted run 
 
 from __future__ import annotations
 
+import math
 import random
+import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 
 from .. import geometry
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from ..errors import Cancelled, MorphSeekError
 from ..losses import diffusion_regulariser, similarity_loss
 from ..nets.policy import kl_standard_normal
@@ -39,6 +43,7 @@ class WarmupConfig:
     #: model run without gradients, so that later steps learn to refine rather than start over
     refine_steps: int = 1
     window: int = 9  # local NCC window (voxels of the model grid)
+    workers: int = 1  # threads synthesising pairs ahead (data sets with sample_pair; GPUs want many)
     iterations: int = 150
     learning_rate: float = 1e-3
     similarity: str = "mse"
@@ -50,6 +55,34 @@ class WarmupConfig:
     percentiles: tuple[float, float] = (1.0, 99.0)
     channels_last: bool = True  # 13-17 % faster on CPU (CPU-COSTS.md), same results
     extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise MorphSeekError for settings that cannot work (zero iterations, a NaN rate...)."""
+        problems = []
+        if int(self.iterations) < 1:
+            problems.append(f"iterations must be >= 1 (got {self.iterations})")
+        if int(self.checkpoint_every) < 1:
+            problems.append(f"checkpoint_every must be >= 1 (got {self.checkpoint_every})")
+        if int(self.validate_every) < 0:
+            problems.append(f"validate_every must be >= 0 (got {self.validate_every})")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            problems.append(f"learning_rate must be a finite number > 0 (got {self.learning_rate})")
+        for name in ("lambda_reg", "beta_kl"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                problems.append(f"{name} must be a finite number >= 0 (got {value})")
+        if self.spacing is not None:
+            if not (math.isfinite(self.spacing) and self.spacing > 0):
+                problems.append(f"spacing must be a finite number of mm > 0 (got {self.spacing})")
+        elif len(tuple(self.grid)) != 3 or min(int(n) for n in self.grid) < 2:
+            problems.append(f"grid must be three sizes (D, H, W), got {self.grid}")
+        if int(self.refine_steps) < 1 or int(self.workers) < 1 or int(self.window) < 1 or int(self.window) % 2 == 0:
+            problems.append(f"refine_steps and workers must be >= 1 and window a positive odd number "
+                            f"(got {self.refine_steps}, {self.workers}, {self.window})")
+        if self.similarity not in DEFAULT_LAMBDA_REG:
+            problems.append(f"similarity must be one of {sorted(DEFAULT_LAMBDA_REG)} (got {self.similarity!r})")
+        if problems:
+            raise MorphSeekError("warm-up configuration: " + "; ".join(problems))
 
     def resolved_lambda_reg(self) -> float:
         if self.lambda_reg is not None:
@@ -66,6 +99,55 @@ class WarmupConfig:
         d["lambda_reg"] = self.resolved_lambda_reg()
         d["stage"] = "warmup"
         return d
+
+
+#: Settings that must match for ``resume=True`` to continue a checkpoint: another value means another run.
+RUN_IDENTITY = ("grid", "spacing", "similarity", "window", "lambda_reg", "beta_kl", "learning_rate", "seed",
+                "percentiles", "refine_steps")
+
+
+def random_state() -> dict:
+    """Every random generator a warm-up iteration may draw from (torch CPU and CUDA, NumPy's global,
+    Python's global), for an exact resume."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_random_state(state: dict) -> None:
+    """Restore what :func:`random_state` saved."""
+    torch.set_rng_state(state["torch"].to(torch.uint8).cpu())
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state[0], np.asarray(numpy_state[1].numpy() if hasattr(numpy_state[1], "numpy")
+                                                    else numpy_state[1], dtype=np.uint32), *numpy_state[2:]))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.to(torch.uint8).cpu() for s in state["cuda"]])
+
+
+@contextmanager
+def deferred_interrupt():
+    """Within the block, a first Ctrl-C (SIGINT) only sets a flag that the training loop checks
+    between iterations (so the checkpoint it writes is a whole iteration's state); a second Ctrl-C
+    interrupts at once. Yields the flag's ``is_set``. Outside the main thread (Slicer's worker) signals
+    do not arrive and the flag stays unset: use ``cancel`` there."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag.is_set
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if flag.is_set():
+            raise KeyboardInterrupt
+        flag.set()
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def warmup_loss(model, moving, fixed, sim, lambda_reg: float, beta_kl: float,
@@ -137,15 +219,22 @@ def warmup(
     cancel: Callable[[], bool] | None = None,
     log_path: str | Path | None = None,
 ):
-    """Train ``model`` unsupervised on ``dataset.train_pairs``; write checkpoints to ``out``.
+    """Train ``model`` unsupervised on ``dataset.train_pairs``; write checkpoints to ``out`` (a
+    checkpoint name: ``out`` -> ``NAME.safetensors`` + ``NAME.json``, see ``morphseek.checkpoint``).
 
-    On interruption (KeyboardInterrupt or ``cancel()``) the state after the last completed
-    iteration is checkpointed before the exception propagates, so nothing done is lost; a run
-    stopped before its first iteration leaves ``out`` as it was (absent, or the resumed checkpoint).
+    Every checkpoint holds the weights, the optimiser, every random generator (which carry the pair
+    order) and the iteration, so that ``resume=True`` after an interruption at any moment, even a
+    SIGKILL, ends bit-identical (on the CPU) to an uninterrupted run with the same configuration.
+    ``resume=True`` refuses a checkpoint from another run (another stage, grid, seed, similarity...).
+    On Ctrl-C (a first SIGINT is deferred to the end of the iteration running) or ``cancel()``, the
+    state after the last completed iteration is checkpointed before KeyboardInterrupt / Cancelled
+    propagates, so nothing done is lost; a run stopped before its first iteration leaves ``out`` as
+    it was (absent, or the resumed checkpoint).
     ``progress``: True for a tqdm bar (loss, held-back Dice when validated), or a callable given
     (iteration, iterations, row) after every iteration (as ``grpo.grpo_finetune`` takes it)."""
     out = Path(out)
     device = torch.device(device)
+    config.validate()
     if not dataset.train_pairs:
         raise MorphSeekError(f"{getattr(dataset, 'source', 'dataset')}: no training pairs")
     sim = similarity_loss(config.similarity, **({"window": config.window} if config.similarity == "ncc" else {}))
@@ -160,14 +249,24 @@ def warmup(
         model.to(memory_format=torch.channels_last_3d)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     start = 0
-    if resume and out.exists():
-        model_state, _, extra = load_checkpoint(out, device=device)
+    rng = random.Random(config.seed)  # the pair order
+    torch.manual_seed(config.seed)  # and every global generator, so that runs (and resumes) repeat
+    np.random.seed(config.seed)
+    random.seed(config.seed)
+    if resume and checkpoint_exists(out):
+        model_state, saved_config, extra = load_checkpoint(out, device=device)
+        _check_same_run(extra.get("path", out), saved_config, model_state.config, config, model)
         model.load_state_dict(model_state.state_dict())
         if extra.get("optimizer"):
             optimiser.load_state_dict(extra["optimizer"])
-        start = int(extra.get("state", {}).get("iteration", 0))
-    rng = random.Random(config.seed + start)  # the pair order continues deterministically on resume
-    torch.manual_seed(config.seed + start)
+        state = extra.get("state") or {}
+        start = int(state.get("iteration", 0))
+        if "pair_rng" in state and "random" in state:
+            rng.setstate(state["pair_rng"])
+            set_random_state(state["random"])
+        else:  # a checkpoint of MorphSeek 0.1: the iteration only (not an exact resume)
+            rng = random.Random(config.seed + start)
+            torch.manual_seed(config.seed + start)
     logger: RunLogger | None = None  # opened at the first logged row: a run stopped at once writes nothing
 
     def log(row: dict) -> None:
@@ -177,13 +276,17 @@ def warmup(
             logger.truncate(lambda r: r.get("iteration", 0) <= start)  # drop rows after the resumed checkpoint
         logger.log(row)
     model.training_config = config.to_dict()
+    saved = start  # iteration of the checkpoint on disk (0: none written by this run)
 
     def checkpoint(iteration: int) -> None:
-        save_checkpoint(out, model, config.to_dict(), optimizer=optimiser, state={"iteration": iteration})
+        nonlocal saved
+        state = {"iteration": iteration, "pair_rng": rng.getstate(), "random": random_state()}
+        save_checkpoint(out, model, config.to_dict(), optimizer=optimiser, state=state)
+        saved = iteration
 
     synthesised = hasattr(dataset, "sample_pair")
-    prefetch = ThreadPoolExecutor(1) if synthesised else None
-    pending = None
+    prefetch = ThreadPoolExecutor(max(1, config.workers)) if synthesised else None
+    pending: dict = {}  # iteration -> future of its sample (made ahead by the worker threads)
 
     def draw(iteration: int):
         return dataset.sample_pair(np.random.default_rng([config.seed, iteration]), model_ref,
@@ -194,42 +297,57 @@ def warmup(
     if progress is True:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.iterations, initial=start, desc="warm-up", unit="it", dynamic_ncols=True)
+        bar = tqdm(total=config.iterations, initial=min(start, config.iterations), desc="warm-up", unit="it",
+                   dynamic_ncols=True)
     try:
-        for iteration in range(start + 1, config.iterations + 1):
-            if cancel is not None and cancel():
-                raise Cancelled(f"warm-up cancelled at iteration {iteration - 1}")
-            tic = time.perf_counter()
-            if synthesised:  # on the fly, reproducible per iteration; the next one is made meanwhile
-                sample = (pending or prefetch.submit(draw, iteration)).result()
-                pending = prefetch.submit(draw, iteration + 1) if iteration < config.iterations else None
-            else:
-                pair = rng.choice(dataset.train_pairs)
-                if rng.random() < 0.5:  # both directions of every pair
-                    pair = tuple(reversed(pair))
-                sample = dataset.load_pair(pair, config.grid)
-            moving, fixed = _to_device(sample, device, config.channels_last)
-            prior = rng.randrange(config.refine_steps) if config.refine_steps > 1 else 0
-            loss, terms = warmup_loss(model, moving, fixed, sim, lambda_reg, config.beta_kl, prior)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            completed = iteration
-            row = {"iteration": iteration, **terms, "seconds": time.perf_counter() - tic}
-            if config.validate_every and (iteration % config.validate_every == 0 or iteration == config.iterations):
-                if dataset.val_pairs:
-                    row.update(validate(model, dataset, config.grid, device, config.refine_steps, model_ref))
-            log(row)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}",
-                                **({"val_dice": f"{row['val_dice']:.1f}"} if row.get("val_dice") else {}))
-            elif callable(progress):
-                progress(iteration, config.iterations, row)
-            if iteration % config.checkpoint_every == 0:
-                checkpoint(iteration)
-    except (KeyboardInterrupt, Cancelled):
-        if completed > start:  # nothing new otherwise: keep what is on disk (or write nothing)
+        with deferred_interrupt() as interrupted:
+            for iteration in range(start + 1, config.iterations + 1):
+                # A clean boundary: the state is that after `completed` whole iterations.
+                if interrupted():
+                    raise KeyboardInterrupt
+                if cancel is not None and cancel():
+                    raise Cancelled(f"warm-up cancelled at iteration {iteration - 1}")
+                tic = time.perf_counter()
+                if synthesised:  # on the fly, reproducible per iteration; the next ones are made meanwhile
+                    for ahead in range(iteration, min(iteration + max(1, config.workers), config.iterations) + 1):
+                        if ahead not in pending:
+                            pending[ahead] = prefetch.submit(draw, ahead)
+                    sample = pending.pop(iteration).result()
+                    pair = sample.pair
+                else:
+                    pair = rng.choice(dataset.train_pairs)
+                    if rng.random() < 0.5:  # both directions of every pair
+                        pair = tuple(reversed(pair))
+                    sample = dataset.load_pair(pair, config.grid)
+                moving, fixed = _to_device(sample, device, config.channels_last)
+                prior = rng.randrange(config.refine_steps) if config.refine_steps > 1 else 0
+                loss, terms = warmup_loss(model, moving, fixed, sim, lambda_reg, config.beta_kl, prior)
+                if not math.isfinite(terms["loss"]):
+                    raise MorphSeekError(
+                        f"warm-up diverged at iteration {iteration} (loss {terms['loss']}) on pair {pair} of "
+                        f"{getattr(dataset, 'source', 'the dataset')}: lower the learning rate (--lr); the last "
+                        f"checkpoint written is kept")
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                completed = iteration
+                row = {"iteration": iteration, **terms, "seconds": time.perf_counter() - tic}
+                if config.validate_every and (iteration % config.validate_every == 0 or iteration == config.iterations):
+                    if dataset.val_pairs:
+                        row.update(validate(model, dataset, config.grid, device, config.refine_steps, model_ref))
+                log(row)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}",
+                                    **({"val_dice": f"{row['val_dice']:.1f}"} if row.get("val_dice") else {}))
+                elif callable(progress):
+                    progress(iteration, config.iterations, row)
+                if iteration % config.checkpoint_every == 0:
+                    checkpoint(iteration)
+    except (KeyboardInterrupt, Cancelled) as stop:
+        # Raised at a clean boundary (deferred Ctrl-C, cancel): save what was done. A second Ctrl-C
+        # may have arrived mid-step; then only the last periodic checkpoint is trusted.
+        if completed > saved and _at_boundary(stop):
             checkpoint(completed)
         raise
     finally:
@@ -237,6 +355,35 @@ def warmup(
             bar.close()
         if prefetch is not None:
             prefetch.shutdown(wait=True, cancel_futures=True)
-    checkpoint(config.iterations)
+    if saved != max(config.iterations, start):
+        checkpoint(max(config.iterations, start))
     model.eval()
     return model
+
+
+def _at_boundary(stop: BaseException) -> bool:
+    """True when ``stop`` was raised by the loop itself (at the top of an iteration), not inside one."""
+    tb = stop.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == "warmup"
+
+
+def _check_same_run(path, saved: dict, model_config: dict, config: WarmupConfig, model) -> None:
+    """MorphSeekError naming ``path`` when the checkpoint to resume comes from another run."""
+    if saved.get("stage") not in (None, "warmup"):
+        raise MorphSeekError(f"cannot resume {path}: it is a {saved.get('stage')} checkpoint, not a warm-up; "
+                             "choose another --out (or --overwrite to start a new warm-up there)")
+    current = config.to_dict()
+    differences = [f"{key} {saved[key]!r} (now {current[key]!r})" for key in RUN_IDENTITY
+                   if key in saved and key in current and _normal(saved[key]) != _normal(current[key])]
+    if model_config != model.config:
+        differences.append(f"model {model_config} (now {model.config})")
+    if differences:
+        raise MorphSeekError(f"cannot resume {path}: it comes from another run: " + "; ".join(differences)
+                             + ". Use the same settings, another --out, or --overwrite to start again")
+
+
+def _normal(value):
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else value
+
