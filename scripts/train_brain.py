@@ -5,8 +5,8 @@
     nohup python scripts/train_brain.py --out runs/brain-train &   # CPU recipe, resumes if stopped
     bash scripts/gpu_train_brain.sh                        # GPU recipe (device tool), <= 8 minutes
 
-Writes under --out: ``last.pt`` (every --checkpoint-every iterations and on interruption, with the
-optimiser state: rerunning the same command resumes), ``best.pt`` (the checkpoint with the best
+Writes under --out: ``last`` (a checkpoint: ``.safetensors`` + ``.json``; every --checkpoint-every iterations and on interruption, with the
+optimiser state: rerunning the same command resumes), ``best`` (the checkpoint with the best
 held-back 3-step Dice so far), ``log.jsonl`` / ``log.csv`` (loss terms per iteration; held-back
 Dice and NJD every --validate-every iterations). The model grid is by voxel size (--spacing mm in
 FreeSurfer's LIA axes), the same rule ``morphseek register`` applies to a new pair.
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from morphseek.brains import BrainSet
+from morphseek.checkpoint import checkpoint_exists, save_checkpoint
 from morphseek.errors import Cancelled
 from morphseek.nets.policy import build_model
 from morphseek.train.warmup import WarmupConfig, warmup
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                           checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
                           seed=args.seed, channels_last=True, workers=args.workers)
     model = build_model({"backbone": args.backbone, **({"dec_channels": args.dec_channels} if args.dec_channels else {})})
-    best_file = args.out / "best.json"
+    best_file = args.out / "best-summary.json"
     best_dice = json.loads(best_file.read_text())["val_dice"] if best_file.exists() else -1.0
 
     def progress(iteration: int, iterations: int, row: dict) -> None:
@@ -73,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"it {iteration}: loss {row['loss']:.4f} held-back Dice {row['val_dice']:.2f} % "
                   f"NJD {row['val_njd']:.3f} %", flush=True)
             if row["val_dice"] > best_dice:
-                from morphseek.checkpoint import save_checkpoint
-
                 best_dice = row["val_dice"]
                 save_checkpoint(best, model, {**config.to_dict(), "iteration": iteration, **row})
                 best_file.write_text(json.dumps({"iteration": iteration, **row}, indent=1))
@@ -89,10 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     except Cancelled:
         print(f"stopped after {args.max_minutes} minutes; rerun the command to resume", flush=True)
     return 0
-
-
-def checkpoint_exists(path: Path) -> bool:
-    return path.exists() or path.with_suffix(".safetensors").exists()
 
 
 if __name__ == "__main__":

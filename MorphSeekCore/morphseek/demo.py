@@ -49,11 +49,11 @@ def run_demo(out: str | Path = "demo-output", model: str | Path = BRAIN_MODEL, s
         raise MorphSeekError(f"demo needs steps >= 1, episodes >= 0, trajectories >= 2 and adapt >= 0 "
                              f"(got {steps}, {episodes}, {trajectories}, {adapt})")
     out, model = Path(out), Path(model)
-    if not checkpoint_exists(model):
-        raise MorphSeekError(f"{model}: the brain model is missing (it ships in Resources/Models)")
     dataset = load_dataset(sample, require_labels=True)
     if not dataset.val_pairs or not dataset.train_pairs:
         raise MorphSeekError(f"{sample}: the demo needs labelled train and val pairs in its manifest")
+    if not checkpoint_exists(model):
+        raise MorphSeekError(f"{model}: the brain model is missing (it ships in Resources/Models)")
     with staged_folder(out, overwrite=overwrite, command="demo") as stage:
         return _run(stage, out, model, sample, dataset, steps, adapt, episodes, trajectories, seed,
                     resolve_device(device))

@@ -305,9 +305,9 @@ NUMERIC_CASES = [
     ("finetune", ["--lr", "0"], "--lr"),
     ("finetune", ["--tau", "0"], "--tau"),
     ("finetune", ["--w-njd", "5"], "--w-njd"),
-    ("demo", ["--subjects", "3"], "--subjects"),
+    ("demo", ["--episodes", "-1"], "--episodes"),
     ("demo", ["--steps", "0"], "--steps"),
-    ("demo", ["--iterations", "0"], "--iterations"),
+    ("demo", ["--adapt", "-2"], "--adapt"),
     ("demo", ["--trajectories", "1"], "--trajectories"),
 ]
 REQUIRED = {"warmup": ["--data", "d", "--out", "o"], "register": ["--fixed", "f", "--moving", "m", "--model", "x",
@@ -458,11 +458,14 @@ def test_disk_full_in_a_plain_writer_is_one_line_and_leaves_no_folder(workspace,
 def test_demo_refuses_settings_that_give_no_result(tmp_path):
     from morphseek.demo import run_demo
 
-    for kwargs, says in (({"n_subjects": 5}, "at least 6"), ({"steps": 0}, "--steps"),
-                         ({"finetune_iterations": 2, "trajectories": 1}, "--trajectories")):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for kwargs, says in (({"steps": 0}, "steps >= 1"), ({"trajectories": 1}, "trajectories >= 2"),
+                         ({"adapt": -1}, "adapt >= 0"), ({"model": tmp_path / "none.safetensors"}, "none"),
+                         ({"sample": empty}, "empty")):
         with pytest.raises(MorphSeekError, match=says):
             run_demo(tmp_path / "demo", **kwargs)
-    assert not list(tmp_path.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
 def test_writes_are_checked_and_reads_detect_truncation(tmp_path):
