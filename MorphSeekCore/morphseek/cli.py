@@ -147,6 +147,9 @@ def _add_register(sub) -> None:
                    help="candidates J per step for test-time search (default 1: deterministic)")
     p.add_argument("--tau", type=options.non_negative_float, default=0.3, help="sampling temperature of the search")
     p.add_argument("--prealign", choices=["affine", "none"], default="affine")
+    p.add_argument("--adapt", type=options.non_negative_int, default=0, metavar="N",
+                   help="after the network's steps, N iterations of test-time optimisation of the map on "
+                   "this pair (one more step in the report; default 0: none)")
     p.add_argument("--seed", type=options.non_negative_int, default=0)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(run=_run_register)
@@ -186,24 +189,13 @@ def _run_register(args) -> int:
         result = _interruptible(register_images, fixed, moving, args.model, fixed_seg=fixed_seg,
                                 moving_seg=moving_seg, steps=args.steps, trajectories=args.trajectories,
                                 tau=args.tau, prealign=args.prealign, device=args.device, seed=args.seed,
-                                progress=progress,
+                                adapt=args.adapt, progress=progress,
                                 names={"fixed": args.fixed, "moving": args.moving,
                                        "fixed_seg": args.fixed_seg or "", "moving_seg": args.moving_seg or ""})
     result.save(args.out, overwrite=args.overwrite, inputs=inputs)
-    print(format_step_table(result))
+    print(result.step_table())
     print(f"wrote {args.out}")
     return 0
-
-
-def format_step_table(result) -> str:
-    """The per-step table printed by register and demo."""
-    lines = [f"{'step':>4} {'kept':>6} {'Dice %':>8} {'NJD %':>8} {'seconds':>8}"]
-    if result.initial_dice is not None:
-        lines.append(f"{0:>4} {'-':>6} {result.initial_dice:>8.2f} {0.0:>8.3f} {'-':>8}")
-    for s in result.steps:
-        dice = f"{s.dice:.2f}" if s.dice is not None else "-"
-        lines.append(f"{s.index:>4} {f'{s.kept + 1}/{len(s.candidates)}':>6} {dice:>8} {s.njd_percent:>8.3f} {s.seconds:>8.2f}")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------- evaluate
@@ -249,34 +241,34 @@ def _run_evaluate(args) -> int:
 
 # ----------------------------------------------------------------------------------------- demo
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the main job on built-in synthetic data (a few minutes on CPU)",
-                       description="Generates synthetic labelled subjects, warms a model up (stage B), "
-                       "fine-tunes it with GRPO (stage C), registers held-back pairs step by step, prints "
-                       "a per-step table and writes images, PNG montages and report.json.")
+    p = sub.add_parser("demo", help="the main job on the shipped brain sample (a few minutes on CPU)",
+                       description="The shipped brain model registers a held-back pair of the shipped brain "
+                       "sample step by step (+ test-time optimisation), GRPO fine-tunes it on a few labelled "
+                       "cases and registers the pair again; prints Dice per step against no registration and "
+                       "writes the outputs, a PNG montage and report.json into --out (whole at the end, or "
+                       "not at all).")
     p.add_argument("--out", default="demo-output", help="output folder (written whole at the end, or not at all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo result in --out as a whole")
-    p.add_argument("--grid", type=options.grid, default=(48, 48, 48))
-    p.add_argument("--subjects", type=options.integer(6), default=12,
-                   help="synthetic subjects (at least 6: a third is held back for the registrations shown)")
-    p.add_argument("--iterations", type=options.positive_int, default=150, help="warm-up iterations")
-    p.add_argument("--finetune-iterations", type=options.non_negative_int, default=8,
-                   help="GRPO episodes (each --steps optimiser steps) after warm-up; 0 skips GRPO")
-    p.add_argument("--trajectories", type=options.integer(2), default=4, help="GRPO trajectories J per step (default 4)")
-    p.add_argument("--backbone", default="voxelmorph")
+    p.add_argument("--model", default=None, help="brain model (default: Resources/Models/morphseek-brain)")
+    p.add_argument("--sample", default=None, help="labelled sample dataset (default: Resources/SampleData/brain)")
     p.add_argument("--steps", type=options.positive_int, default=3)
+    p.add_argument("--adapt", type=options.non_negative_int, default=30,
+                   help="test-time optimisation iterations (0: none)")
+    p.add_argument("--episodes", type=options.non_negative_int, default=6,
+                   help="GRPO episodes (each --steps optimiser steps); 0 skips GRPO")
+    p.add_argument("--trajectories", type=options.integer(2), default=4, help="GRPO trajectories J per step (default 4)")
     p.add_argument("--seed", type=options.non_negative_int, default=0)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(args) -> int:
-    from .demo import run_demo
+    from . import demo
 
     args.on_interrupt = lambda: f"nothing was written to {args.out}"
-    run_demo(args.out, grid=args.grid, n_subjects=args.subjects, iterations=args.iterations,
-             finetune_iterations=args.finetune_iterations, trajectories=args.trajectories,
-             backbone=args.backbone, steps=args.steps,
-             seed=args.seed, device=args.device, overwrite=args.overwrite)
+    demo.run_demo(args.out, model=args.model or demo.BRAIN_MODEL, sample=args.sample or demo.BRAIN_SAMPLE,
+                  steps=args.steps, adapt=args.adapt, episodes=args.episodes, trajectories=args.trajectories,
+                  seed=args.seed, device=args.device, overwrite=args.overwrite)
     return 0
 
 
