@@ -305,10 +305,11 @@ NUMERIC_CASES = [
     ("finetune", ["--lr", "0"], "--lr"),
     ("finetune", ["--tau", "0"], "--tau"),
     ("finetune", ["--w-njd", "5"], "--w-njd"),
-    ("demo", ["--subjects", "3"], "--subjects"),
     ("demo", ["--steps", "0"], "--steps"),
-    ("demo", ["--iterations", "0"], "--iterations"),
+    ("demo", ["--episodes", "-1"], "--episodes"),
+    ("demo", ["--adapt", "-3"], "--adapt"),
     ("demo", ["--trajectories", "1"], "--trajectories"),
+    ("register", ["--adapt", "-1"], "--adapt"),
 ]
 REQUIRED = {"warmup": ["--data", "d", "--out", "o"], "register": ["--fixed", "f", "--moving", "m", "--model", "x",
             "--out", "o"], "evaluate": ["--data", "d", "--model", "x", "--out", "o"],
@@ -458,8 +459,9 @@ def test_disk_full_in_a_plain_writer_is_one_line_and_leaves_no_folder(workspace,
 def test_demo_refuses_settings_that_give_no_result(tmp_path):
     from morphseek.demo import run_demo
 
-    for kwargs, says in (({"n_subjects": 5}, "at least 6"), ({"steps": 0}, "--steps"),
-                         ({"finetune_iterations": 2, "trajectories": 1}, "--trajectories")):
+    for kwargs, says in (({"steps": 0}, "steps >= 1"), ({"episodes": 2, "trajectories": 1}, "trajectories >= 2"),
+                         ({"model": tmp_path / "no_model"}, "no_model: the brain model is missing"),
+                         ({"model": tmp_path / "no_model.safetensors"}, "no_model.safetensors")):
         with pytest.raises(MorphSeekError, match=says):
             run_demo(tmp_path / "demo", **kwargs)
     assert not list(tmp_path.iterdir())
