@@ -3,7 +3,7 @@
 
     python scripts/prepare_brains.py                       # once: runs/brains (aligned label maps)
     nohup python scripts/train_brain.py --out runs/brain-train &   # CPU recipe, resumes if stopped
-    python scripts/train_brain.py --out runs/brain-train --device cuda --iterations 6000 --threads 16  # GPU
+    bash scripts/gpu_train_brain.sh                        # GPU recipe (device tool), <= 8 minutes
 
 Writes under --out: ``last.pt`` (every --checkpoint-every iterations and on interruption, with the
 optimiser state: rerunning the same command resumes), ``best.pt`` (the checkpoint with the best
@@ -18,11 +18,13 @@ import argparse
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from morphseek.brains import BrainSet
+from morphseek.errors import Cancelled
 from morphseek.nets.policy import build_model
 from morphseek.train.warmup import WarmupConfig, warmup
 
@@ -45,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--refine-steps", type=int, default=3)
     p.add_argument("--validate-every", type=int, default=100)
     p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--workers", type=int, default=1, help="threads synthesising pairs ahead")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--max-minutes", type=float, default=0, help="stop cleanly (checkpointed) after this long")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                           learning_rate=args.lr, similarity=args.similarity, window=args.window,
                           lambda_reg=args.lambda_reg, refine_steps=args.refine_steps,
                           checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
-                          seed=args.seed, channels_last=True)
+                          seed=args.seed, channels_last=True, workers=args.workers)
     model = build_model({"backbone": args.backbone, **({"dec_channels": args.dec_channels} if args.dec_channels else {})})
     best_file = args.out / "best.json"
     best_dice = json.loads(best_file.read_text())["val_dice"] if best_file.exists() else -1.0
@@ -78,14 +82,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"it {iteration}: loss {row['loss']:.4f} sim {row['sim']:.4f} reg {row['reg']:.4f} "
                   f"{row['seconds']:.2f} s", flush=True)
 
-    from morphseek.checkpoint import checkpoint_exists, find_checkpoint
-
-    warmup(model, data, config, last, device=args.device, resume=checkpoint_exists(last), progress=progress,
-           log_path=args.out / "log.jsonl")
-    chosen = find_checkpoint(best) or find_checkpoint(last)  # NAME.safetensors (+ NAME.json), or a legacy .pt
-    for source in ([chosen, chosen.with_suffix(".json")] if chosen.suffix == ".safetensors" else [chosen]):
-        shutil.copy(source, args.out / ("final" + source.suffix))
+    deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
+    try:
+        warmup(model, data, config, last, device=args.device, resume=checkpoint_exists(last), progress=progress,
+               log_path=args.out / "log.jsonl", cancel=lambda: deadline is not None and time.monotonic() > deadline)
+    except Cancelled:
+        print(f"stopped after {args.max_minutes} minutes; rerun the command to resume", flush=True)
     return 0
+
+
+def checkpoint_exists(path: Path) -> bool:
+    return path.exists() or path.with_suffix(".safetensors").exists()
 
 
 if __name__ == "__main__":

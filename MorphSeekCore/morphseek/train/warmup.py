@@ -43,6 +43,7 @@ class WarmupConfig:
     #: model run without gradients, so that later steps learn to refine rather than start over
     refine_steps: int = 1
     window: int = 9  # local NCC window (voxels of the model grid)
+    workers: int = 1  # threads synthesising pairs ahead (data sets with sample_pair; GPUs want many)
     iterations: int = 150
     learning_rate: float = 1e-3
     similarity: str = "mse"
@@ -282,8 +283,8 @@ def warmup(
         saved = iteration
 
     synthesised = hasattr(dataset, "sample_pair")
-    prefetch = ThreadPoolExecutor(1) if synthesised else None
-    pending = None
+    prefetch = ThreadPoolExecutor(max(1, config.workers)) if synthesised else None
+    pending: dict = {}  # iteration -> future of its sample (made ahead by the worker threads)
 
     def draw(iteration: int):
         return dataset.sample_pair(np.random.default_rng([config.seed, iteration]), model_ref,
@@ -305,9 +306,11 @@ def warmup(
                 if cancel is not None and cancel():
                     raise Cancelled(f"warm-up cancelled at iteration {iteration - 1}")
                 tic = time.perf_counter()
-                if synthesised:  # on the fly, reproducible per iteration; the next one is made meanwhile
-                    sample = (pending or prefetch.submit(draw, iteration)).result()
-                    pending = prefetch.submit(draw, iteration + 1) if iteration < config.iterations else None
+                if synthesised:  # on the fly, reproducible per iteration; the next ones are made meanwhile
+                    for ahead in range(iteration, min(iteration + max(1, config.workers), config.iterations) + 1):
+                        if ahead not in pending:
+                            pending[ahead] = prefetch.submit(draw, ahead)
+                    sample = pending.pop(iteration).result()
                     pair = ("synthesised", iteration)
                 else:
                     pair = rng.choice(dataset.train_pairs)
