@@ -245,7 +245,8 @@ def _add_demo(sub) -> None:
                        description="The shipped brain model registers a held-back pair of the shipped brain "
                        "sample step by step (+ test-time optimisation), GRPO fine-tunes it on a few labelled "
                        "cases and registers the pair again; prints Dice per step against no registration and "
-                       "writes the outputs, a PNG montage and report.json into --out.")
+                       "writes the outputs, a PNG montage and report.json into --out (whole at the end, or "
+                       "not at all).")
     p.add_argument("--out", default="demo-output", help="output folder (written whole at the end, or not at all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo result in --out as a whole")
     p.add_argument("--model", default=None, help="brain model (default: Resources/Models/morphseek-brain)")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import io
-from .checkpoint import checkpoint_exists, load_checkpoint, resolve_device
+from .checkpoint import find_checkpoint, load_checkpoint, resolve_device
 from .data import load_dataset
 from .errors import MorphSeekError
 from .montage import write_montage
@@ -20,7 +20,7 @@ from .outputs import staged_folder
 from .register import register_images
 
 RESOURCES = Path(__file__).resolve().parents[2] / "Resources"
-BRAIN_MODEL = RESOURCES / "Models" / "morphseek-brain.safetensors"
+BRAIN_MODEL = RESOURCES / "Models" / "morphseek-brain.pt"
 BRAIN_SAMPLE = RESOURCES / "SampleData" / "brain"
 
 
@@ -42,26 +42,29 @@ def run_demo(out: str | Path = "demo-output", model: str | Path = BRAIN_MODEL, s
              device: str = "auto", overwrite: bool = False) -> dict:
     """Register, fine-tune with GRPO, register again; returns the report (also written as JSON).
 
-    Everything is written whole into ``out`` at the end (a temporary folder beside it until then,
-    ``morphseek.outputs.staged_folder``): an interrupted or failed demo leaves ``out`` as it was; an
-    existing demo result is replaced only with ``overwrite=True``."""
+    Everything is written into a temporary folder beside ``out`` and moved into place at the end
+    (``morphseek.outputs.staged_folder``): an interrupted or failed demo leaves ``out`` as it was; an
+    existing demo result is replaced as a whole only with ``overwrite=True``."""
+
     if steps < 1 or episodes < 0 or trajectories < 2 or adapt < 0:
         raise MorphSeekError(f"demo needs steps >= 1, episodes >= 0, trajectories >= 2 and adapt >= 0 "
                              f"(got {steps}, {episodes}, {trajectories}, {adapt})")
-    out, model = Path(out), Path(model)
+    final, model = Path(out), Path(model)
+    if find_checkpoint(model) is None:
+        raise MorphSeekError(f"{model}: the brain model is missing (it ships in Resources/Models)")
     dataset = load_dataset(sample, require_labels=True)
     if not dataset.val_pairs or not dataset.train_pairs:
         raise MorphSeekError(f"{sample}: the demo needs labelled train and val pairs in its manifest")
-    if not checkpoint_exists(model):
-        raise MorphSeekError(f"{model}: the brain model is missing (it ships in Resources/Models)")
-    with staged_folder(out, overwrite=overwrite, command="demo") as stage:
-        return _run(stage, out, model, sample, dataset, steps, adapt, episodes, trajectories, seed,
-                    resolve_device(device))
+    device = resolve_device(device)
+    with staged_folder(final, overwrite=overwrite, inputs=[model, sample], command="demo") as stage:
+        report = _run_demo(stage, final, model, dataset, sample, steps, adapt, episodes, trajectories, seed, device)
+    print(f"\nwrote {final}/report.json, the montage and {final}/{report['pair']}/ "
+          f"(total {sum(report['timings'].values()):.0f} s)")
+    return report
 
 
-def _run(out: Path, final_out: Path, model: Path, sample, dataset, steps, adapt, episodes, trajectories, seed,
-         device) -> dict:
-    """The demo's work, written into the staging folder ``out`` (``final_out`` once moved)."""
+def _run_demo(out: Path, final: Path, model: Path, dataset, sample, steps, adapt, episodes, trajectories, seed,
+              device) -> dict:
     from .train.grpo import GRPOConfig, grpo_finetune
 
     pair = dataset.val_pairs[0]
@@ -89,12 +92,11 @@ def _run(out: Path, final_out: Path, model: Path, sample, dataset, steps, adapt,
         print(f"\n[2/3] GRPO fine-tuning on {len(dataset.train_pairs)} labelled pairs: {episodes} episodes of "
               f"{steps} steps, J = {trajectories}; held back: {len(dataset.val_pairs)} pairs")
         tic = time.perf_counter()
+        finetuned = out / "model-finetuned.safetensors"
         result = grpo_finetune(net, load(dataset.train_pairs), load(dataset.val_pairs),
                                GRPOConfig(steps=steps, trajectories=trajectories, episodes=episodes, seed=seed,
                                           val_every=max(episodes, 1)),
-                               run_config=run_config, out=out / "model-finetuned", log=out / "finetune.log",
-                               progress=True)
-        finetuned = Path(result.checkpoint)
+                               run_config=run_config, out=finetuned, log=out / "finetune.log", progress=True)
         timings["finetune_seconds"] = time.perf_counter() - tic
         print(f"held-back Dice after fine-tuning (model grid, {steps} steps): "
               f"{result.validation.get('val_dice', float('nan')):.2f} %")
@@ -122,8 +124,9 @@ def _run(out: Path, final_out: Path, model: Path, sample, dataset, steps, adapt,
     report = {"model": str(model), "sample": str(sample), "pair": name, "device": str(device), "steps": steps,
               "adapt": adapt, "episodes": episodes, "trajectories": trajectories, "seed": seed,
               "timings": timings, "summary": summary,
-              "registrations": {k: r.report() for k, r in tables.items()}, "finetuned_model": str(final_out / finetuned.relative_to(out)) if episodes else str(model)}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {final_out}/report.json, {final_out / montage.name} and {final_out / name}/ "
-          f"(total {sum(timings.values()):.0f} s)")
+              "registrations": {k: r.report() for k, r in tables.items()}, "finetuned_model": str(finetuned),
+              "montage": str(montage)}
+    # paths in the report name the final folder, not the temporary one
+    report = json.loads(json.dumps(report).replace(json.dumps(str(out))[1:-1], json.dumps(str(final))[1:-1]))
+    io.write_text(json.dumps(report, indent=2), out / "report.json")
     return report

@@ -305,10 +305,11 @@ NUMERIC_CASES = [
     ("finetune", ["--lr", "0"], "--lr"),
     ("finetune", ["--tau", "0"], "--tau"),
     ("finetune", ["--w-njd", "5"], "--w-njd"),
-    ("demo", ["--episodes", "-1"], "--episodes"),
     ("demo", ["--steps", "0"], "--steps"),
-    ("demo", ["--adapt", "-2"], "--adapt"),
+    ("demo", ["--episodes", "-1"], "--episodes"),
+    ("demo", ["--adapt", "-3"], "--adapt"),
     ("demo", ["--trajectories", "1"], "--trajectories"),
+    ("register", ["--adapt", "-1"], "--adapt"),
 ]
 REQUIRED = {"warmup": ["--data", "d", "--out", "o"], "register": ["--fixed", "f", "--moving", "m", "--model", "x",
             "--out", "o"], "evaluate": ["--data", "d", "--model", "x", "--out", "o"],
@@ -458,14 +459,12 @@ def test_disk_full_in_a_plain_writer_is_one_line_and_leaves_no_folder(workspace,
 def test_demo_refuses_settings_that_give_no_result(tmp_path):
     from morphseek.demo import run_demo
 
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    for kwargs, says in (({"steps": 0}, "steps >= 1"), ({"trajectories": 1}, "trajectories >= 2"),
-                         ({"adapt": -1}, "adapt >= 0"), ({"model": tmp_path / "none.safetensors"}, "none"),
-                         ({"sample": empty}, "empty")):
+    for kwargs, says in (({"steps": 0}, "steps >= 1"), ({"episodes": 2, "trajectories": 1}, "trajectories >= 2"),
+                         ({"model": tmp_path / "no_model"}, "no_model: the brain model is missing"),
+                         ({"model": tmp_path / "no_model.safetensors"}, "no_model.safetensors")):
         with pytest.raises(MorphSeekError, match=says):
             run_demo(tmp_path / "demo", **kwargs)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    assert not list(tmp_path.iterdir())
 
 
 def test_writes_are_checked_and_reads_detect_truncation(tmp_path):

@@ -313,7 +313,7 @@ def warmup(
                         if ahead not in pending:
                             pending[ahead] = prefetch.submit(draw, ahead)
                     sample = pending.pop(iteration).result()
-                    pair = sample.pair
+                    pair = ("synthesised", iteration)
                 else:
                     pair = rng.choice(dataset.train_pairs)
                     if rng.random() < 0.5:  # both directions of every pair
