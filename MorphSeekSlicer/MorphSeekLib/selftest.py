@@ -135,7 +135,7 @@ class Scenario:
         return check_registration(scene, self.nodes, outputs, self.labels, self.min_dice_gain, self.max_njd_percent)
 
     def register(self, logic, **options):
-        """Run this scenario's registration through ``logic`` (a ``MorphSeekLogic``)."""
+        """Run this scenario's registration through ``logic`` (a ``logic.SceneLogic``)."""
         nodes = self.nodes
         return logic.register(nodes["fixed"], nodes["moving"], nodes["fixed_seg"], nodes["moving_seg"],
                               model=self.model, steps=self.steps, trajectories=self.trajectories,
@@ -234,3 +234,30 @@ def check_registration(scene: slicer.vtkMRMLScene, nodes: dict, outputs, labels:
         if not values <= allowed:
             failures.append(f"warped segmentation has label values {sorted(values)}")
     return failures
+
+
+def register_in_worker(scenario: Scenario, logic, launch=None, timeout: float = 600.0, **options):
+    """Run ``scenario``'s registration as the panel does: through a worker process
+    (``runs.RegistrationRun``), polling until it ends; the outputs, or MorphSeekError with the
+    worker's message. ``logic``: a ``SceneLogic``; ``options``: more settings for ``prepare``."""
+    import time
+
+    from morphseek.errors import MorphSeekError
+
+    from .runs import RegistrationRun
+
+    nodes = scenario.nodes
+    request = logic.prepare(nodes["fixed"], nodes["moving"], nodes["fixed_seg"], nodes["moving_seg"],
+                            model=scenario.model, steps=scenario.steps, trajectories=scenario.trajectories,
+                            prealign=scenario.prealign, **options)
+    run = RegistrationRun(logic, request, launch).start()
+    deadline = time.monotonic() + timeout
+    while run.running:
+        for update in run.poll():
+            if update.kind == "failed":
+                raise MorphSeekError(update.message)
+        if time.monotonic() > deadline:
+            run.cancel()
+            raise MorphSeekError(f"the registration did not finish within {timeout:.0f} s")
+        time.sleep(0.05)
+    return run.outputs

@@ -25,7 +25,7 @@ import vtk
 from conftest import REPO
 from MorphSeekLib import logic as logic_module
 from MorphSeekLib import mrml, preview, selftest
-from MorphSeekLib.logic import MorphSeekLogic
+from MorphSeekLib.logic import SceneLogic
 from MorphSeekLib.offscreen import OffscreenSliceView, new_scene, side_by_side, write_png
 
 torch.manual_seed(0)
@@ -57,7 +57,7 @@ def shipped(tmp_path_factory):
     scene = new_scene()
     scenario = selftest.scenario(scene, tmp_path_factory.mktemp("selftest"))
     started = time.perf_counter()
-    outputs = scenario.register(MorphSeekLogic(scene), device="cpu")
+    outputs = scenario.register(SceneLogic(scene), device="cpu")
     seconds = time.perf_counter() - started
     yield scene, scenario, outputs, seconds
     scene.Clear(True)
