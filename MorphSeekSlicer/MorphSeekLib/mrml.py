@@ -184,9 +184,13 @@ class NodeTracker:
                     self.node_ids.append(node_id)
 
     def remove_all(self) -> int:
-        """Remove every tracked node still in the scene (newest first); returns how many."""
+        """Remove every tracked node still in the scene (newest first); returns how many. Sequence
+        browsers go first: while one exists, removing its proxy nodes makes the sequences logic
+        create them again."""
         removed = 0
-        for node_id in reversed(self.node_ids):
+        ids = list(reversed(self.node_ids))
+        ids.sort(key=lambda node_id: not node_id.startswith("vtkMRMLSequenceBrowserNode"))  # stable
+        for node_id in ids:
             node = self.scene.GetNodeByID(node_id)
             if node is not None:
                 self.scene.RemoveNode(node)

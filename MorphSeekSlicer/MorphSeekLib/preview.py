@@ -389,18 +389,17 @@ def _nodes_of_class(scene: slicer.vtkMRMLScene, class_name: str) -> list:
 
 @dataclass
 class ViewSnapshot:
-    """The slice views' layers, orientation and position, and each segmentation's 2D visibility,
-    as they were before a live preview took the views over; ``restore()`` puts them back (a run
-    that is cancelled or fails leaves the views as it found them)."""
+    """The slice views' layers, orientation, position and field of view, and each segmentation's
+    2D visibility, as they were before a live preview took the views over; ``restore()`` puts them
+    back (a run that is cancelled or fails leaves the views as it found them)."""
 
     views: list[tuple] = field(default_factory=list)
     visibility2d: list[tuple] = field(default_factory=list)
 
     def restore(self) -> None:
-        for composite, slice_node, layers, orientation, slice_to_ras, fov in self.views:
+        for composite, slice_node, layers, slice_to_ras, fov in self.views:
             apply_layers(composite, slice_node, layers)
-            slice_node.SetOrientation(orientation)
-            slice_node.GetSliceToRAS().DeepCopy(slice_to_ras)
+            slice_node.GetSliceToRAS().DeepCopy(slice_to_ras)  # orientation and position
             slice_node.SetFieldOfView(*fov)
             slice_node.UpdateMatrices()
         for display, visible in self.visibility2d:
@@ -419,8 +418,7 @@ def snapshot_views(scene: slicer.vtkMRMLScene, slice_logics) -> ViewSnapshot:
                                  label_outline=bool(slice_node.GetUseLabelOutline()))
         slice_to_ras = vtk.vtkMatrix4x4()
         slice_to_ras.DeepCopy(slice_node.GetSliceToRAS())
-        snapshot.views.append((composite, slice_node, layers, slice_node.GetOrientation(), slice_to_ras,
-                               tuple(slice_node.GetFieldOfView())))
+        snapshot.views.append((composite, slice_node, layers, slice_to_ras, tuple(slice_node.GetFieldOfView())))
     for node in _nodes_of_class(scene, "vtkMRMLSegmentationNode"):
         if node.GetDisplayNode() is not None:
             snapshot.visibility2d.append((node.GetDisplayNode(), bool(node.GetDisplayNode().GetVisibility2D())))
