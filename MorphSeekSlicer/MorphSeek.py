@@ -11,7 +11,7 @@ offers to install it when it is first needed.
 from __future__ import annotations
 
 import logging
-import sys
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -88,6 +88,18 @@ def registerSampleData() -> bool:
         nodeNames=["MorphSeek fixed", "MorphSeek moving", "MorphSeek fixed seg", "MorphSeek moving seg"],
         loadFileType=types)
     return True
+
+
+def workerLaunch() -> WorkerLaunch:
+    """How the panel starts the worker: Slicer's own Python, PythonSlicer (inside the application
+    ``sys.executable`` is Slicer itself), in Slicer's start-up environment, as SlicerMONAIAuto3DSeg
+    starts its inference process; temporary files under Slicer's temporary folder."""
+    python = shutil.which("PythonSlicer")
+    if python is None:
+        raise MorphSeekError("PythonSlicer (Slicer's Python) was not found on the PATH of this Slicer: "
+                             "the MorphSeek worker cannot be started")
+    return WorkerLaunch(python=python, env=slicer.util.startupEnvironment(),
+                        temporary_folder=slicer.app.temporaryPath)
 
 
 @parameterNodeWrapper
@@ -280,9 +292,7 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return not dependencies.missing()
 
     def _launch(self) -> WorkerLaunch:
-        """The worker runs in Slicer's own Python (PythonSlicer), in Slicer's start-up environment."""
-        return WorkerLaunch(python=sys.executable, env=slicer.util.startupEnvironment(),
-                            temporary_folder=slicer.app.temporaryPath)
+        return workerLaunch()
 
     # -- running ----------------------------------------------------------------------------------
     def _startRun(self, kind: str, run) -> None:
@@ -569,8 +579,6 @@ class MorphSeekTest(ScriptedLoadableModuleTest):
 
         scenario = selftest.scenario(slicer.mrmlScene, slicer.app.temporaryPath)
         self.delayDisplay(scenario.description)
-        launch = WorkerLaunch(python=sys.executable, env=slicer.util.startupEnvironment(),
-                              temporary_folder=slicer.app.temporaryPath)
-        outputs = selftest.register_in_worker(scenario, SceneLogic(slicer.mrmlScene), launch, device="cpu")
+        outputs = selftest.register_in_worker(scenario, SceneLogic(slicer.mrmlScene), workerLaunch(), device="cpu")
         self.assertEqual(scenario.check(slicer.mrmlScene, outputs), [])
         self.delayDisplay("Test passed")

@@ -100,13 +100,12 @@ def sample_label_scheme(*label_maps: sitk.Image) -> mrml.LabelScheme:
 def sample_case(scene: slicer.vtkMRMLScene, folder: str | Path) -> dict:
     """The shipped sample pair added to ``scene`` as volumes and segmentations (names as in
     ``synthetic_case``: fixed, moving, fixed seg, moving seg)."""
-    from morphseek import io
-
+    # SimpleITK, not the engine's readers: the self-test keeps torch out of Slicer's process.
     folder = Path(folder)
-    fixed = io.read_image(folder / SAMPLE_FILES["fixed"], "sample fixed image")
-    moving = io.read_image(folder / SAMPLE_FILES["moving"], "sample moving image")
-    fixed_seg = io.read_labels(folder / SAMPLE_FILES["fixed_seg"], fixed)
-    moving_seg = io.read_labels(folder / SAMPLE_FILES["moving_seg"], moving)
+    fixed = sitk.Cast(sitk.ReadImage(str(folder / SAMPLE_FILES["fixed"])), sitk.sitkFloat32)
+    moving = sitk.Cast(sitk.ReadImage(str(folder / SAMPLE_FILES["moving"])), sitk.sitkFloat32)
+    fixed_seg = sitk.ReadImage(str(folder / SAMPLE_FILES["fixed_seg"]))
+    moving_seg = sitk.ReadImage(str(folder / SAMPLE_FILES["moving_seg"]))
     scheme = sample_label_scheme(fixed_seg, moving_seg)
     return {
         "fixed": mrml.image_to_volume(fixed, scene, "fixed"),

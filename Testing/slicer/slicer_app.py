@@ -102,6 +102,23 @@ class Application:
     def translate(self, context: str, text: str) -> str:
         return text
 
+    def startupEnvironment(self) -> "_Environment":
+        """The environment Slicer was started in (here: this process's)."""
+        return _Environment(dict(os.environ))
+
+
+class _Environment:
+    """What ``slicer.util.startupEnvironment`` reads of a QProcessEnvironment."""
+
+    def __init__(self, values: dict):
+        self._values = values
+
+    def keys(self) -> list[str]:
+        return list(self._values)
+
+    def value(self, name: str) -> str:
+        return self._values[name]
+
 
 def _load(name: str, path: Path, package_dir: Path | None = None):
     spec = importlib.util.spec_from_file_location(
