@@ -135,6 +135,7 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runKind = None  # "register" | "finetune": also routes the messages after the run ended
         self._outputs = None
         self._viewState = None  # the slice views before the live preview took them over
+        self._fixedVolumeId = None  # the fixed volume of the last registration run
         self._stepCandidates = None
         self._trainingChart = None
         self._deviceProbe = None
@@ -387,6 +388,7 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._outputs = None
         self._viewState = None
+        self._fixedVolumeId = request.fixed_volume_id  # the views' background, whatever the selector says later
         self.ui.stepSliderWidget.enabled = False
         self._startRun("register", run)
 
@@ -401,10 +403,12 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         run = self._run
         if run is None or run.preview is None:
             return
-        if self._viewState is None:
-            self._viewState = self._snapshotViews()
-            self._showPreviewInViews(run.preview)
-        self._showCandidates(run.steps, step.index, run.request.output_name)
+        # Everything shown here is made inside the run's tracker: Cancel removes it with the preview.
+        with run.tracker.recording():
+            if self._viewState is None:
+                self._viewState = self._snapshotViews()
+                self._showPreviewInViews(run.preview)
+            self._showCandidates(run.steps, step.index, run.request.output_name)
 
     def _snapshotViews(self):
         layoutManager = slicer.app.layoutManager()
@@ -452,7 +456,7 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         determinant (blue < 1 < red) with folded voxels outlined; Green: as Red, coronal."""
         layoutManager = slicer.app.layoutManager()
         layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)
-        overlay, jacobian = preview.preview_layers(self._parameterNode.fixedVolume.GetID(), stepPreview)
+        overlay, jacobian = preview.preview_layers(self._fixedVolumeId, stepPreview)
         for viewName, layers, orientation in (("Red", overlay, "Axial"), ("Yellow", jacobian, "Axial"),
                                               ("Green", overlay, "Coronal")):
             widget = layoutManager.sliceWidget(viewName)

@@ -242,7 +242,8 @@ class FinetuneRun(WorkerRun):
                  chartName: str = "MorphSeek fine-tuning"):
         super().__init__(scene, launch)
         self.exported = dataset if hasattr(dataset, "manifest") else None
-        self.dataset = Path(dataset.manifest if self.exported is not None else dataset)
+        self.dataset_given = dataset
+        self.dataset = Path(dataset.manifest if self.exported is not None else dataset or ".").expanduser()
         self.model = model
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.settings = {"warmup_iterations": int(warmupIterations), "episodes": int(episodes), "steps": int(steps),
@@ -256,9 +257,11 @@ class FinetuneRun(WorkerRun):
         try:
             if self.checkpoint is None:
                 raise MorphSeekError("choose where to save the fine-tuned checkpoint")
+            if self.exported is None and not str(self.dataset_given).strip():
+                raise MorphSeekError("choose a folder of labelled cases (or fine-tune on cases from the scene)")
             model = resolve_model(self.model)
             self._make_folder()
-            job = {"kind": "finetune", "model": str(model), "dataset": str(self.dataset),
+            job = {"kind": "finetune", "model": str(model), "dataset": str(self.dataset.resolve()),
                    "checkpoint": str(self.checkpoint.expanduser().resolve()), "settings": self.settings}
             self._start_worker(job)
         except BaseException:
