@@ -345,8 +345,8 @@ def run(job_path: str | Path, protocol: Protocol) -> int:
     except BaseException as error:  # noqa: BLE001 - every failure must reach the caller as a message
         if is_out_of_memory(error):
             what = "a registration" if kind == "register" else "fine-tuning" if kind == "finetune" else "the job"
-            message = (f"out of memory during {what} ({type(error).__name__}): use fewer candidates J, fewer "
-                       "trajectories or a smaller model grid, close other programs, or choose the CPU")
+            message = (f"out of memory during {what} ({type(error).__name__}): use fewer candidates (J) or a "
+                       "smaller model grid, close other programs, or choose another device")
             protocol.emit("error", error="out_of_memory", message=message, traceback=traceback.format_exc())
         else:
             protocol.emit("error", error="internal", message=f"{type(error).__name__}: {error}",

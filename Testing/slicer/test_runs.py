@@ -2,7 +2,8 @@
 registration whose steps fill the preview as they arrive, a fine-tuning with its live chart, Cancel
 at each stage (model loading, pre-alignment, a step, export) stopping the process tree within 1 s
 with the scene as before, and a worker that is killed with SIGKILL, that raises, or that is given a
-broken checkpoint, each reported clearly with the scene as before and the next run working."""
+broken checkpoint, that crashes (SIGSEGV), runs out of memory or leaves an unreadable step file,
+each reported clearly with the scene as before and the next run working."""
 
 from __future__ import annotations
 
@@ -193,6 +194,29 @@ def test_worker_that_raises_is_reported_and_the_next_run_works(pair, tmp_path):
         scene.RemoveNode(node)
 
 
+@pytest.mark.parametrize("failure, expected", [
+    ("crash", "the MorphSeek worker crashed (SIGSEGV, an error in native code"),
+    ("oom", "out of memory during a registration (MemoryError): use fewer candidates (J)"),
+    ("corrupt", "step 1: the worker's warped file "),
+])
+def test_crash_out_of_memory_and_unreadable_results_are_reported(pair, tmp_path, failure, expected):
+    """A worker dying in native code, running out of memory, or leaving a file the panel cannot
+    read: one clear message, the worker stopped, the scene as before."""
+    scene, nodes, model = pair
+    before = node_ids(scene)
+    launch = held(failure)
+    launch.temporary_folder = tmp_path
+    run = RegistrationRun(SceneLogic(scene), request_for(scene, nodes, model, steps=2, trajectories=1), launch).start()
+    updates = poll_until(run, ended)
+    failed = updates[-1]
+    print(f"{failure} reported as: {failed.message}")
+    assert failed.kind == "failed" and expected in failed.message
+    if failure == "corrupt":
+        assert "cannot be read" in failed.message and "warped.nrrd" in failed.message
+    assert not run.worker.is_running()
+    assert node_ids(scene) == before and not run.folder.exists()
+
+
 def test_a_broken_checkpoint_is_reported_naming_the_file(pair, tmp_path):
     scene, nodes, _ = pair
     before = node_ids(scene)
@@ -218,7 +242,7 @@ def dataset(tmp_path_factory):
 def test_finetune_in_the_worker_writes_a_checkpoint_and_a_live_chart(pair, dataset, tmp_path):
     scene, _, model = pair
     out = tmp_path / "tuned.pt"
-    run = FinetuneRun(scene, dataset, model, out, warmupIterations=2, episodes=2, steps=1, trajectories=2,
+    run = FinetuneRun(scene, dataset, model, out, warmupIterations=1, episodes=2, steps=1, trajectories=2,
                       device="cpu", launch=WorkerLaunch(temporary_folder=tmp_path)).start()
     updates = poll_until(run, ended)
     assert updates[-1].kind == "finished", [(u.kind, u.message) for u in updates if u.kind == "failed"]
