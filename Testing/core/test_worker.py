@@ -153,3 +153,16 @@ def test_a_missing_model_is_an_input_error_naming_the_file(pair, tmp_path):
     events, _, status = run_worker(job)
     assert status == 1 and events[-1]["event"] == "error" and events[-1]["error"] == "input"
     assert str(tmp_path / "absent.pt") in events[-1]["message"]
+
+
+def test_out_of_memory_errors_are_recognised():
+    import torch
+
+    from morphseek.worker import is_out_of_memory
+
+    assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+                                         "memory: you tried to allocate 1024 bytes. Error code 12 (out of memory)"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not is_out_of_memory(ValueError("out of memory"))  # only errors that can mean memory
