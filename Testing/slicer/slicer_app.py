@@ -102,6 +102,13 @@ class Application:
     def translate(self, context: str, text: str) -> str:
         return text
 
+    def moduleManager(self) -> "Application":
+        """The widget base class connects to the module manager's unload signal: recorded too."""
+        return self
+
+    def disconnect(self, signal: str, slot) -> None:
+        self.connections.remove((signal, slot))
+
     def startupEnvironment(self) -> "_Environment":
         """The environment Slicer was started in (here: this process's)."""
         return _Environment(dict(os.environ))

@@ -37,3 +37,14 @@ def test_module_self_test_runs_its_registration_in_the_worker():
     print(completed.stdout)
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert "SELF-TEST PASSED" in completed.stdout
+
+
+@pytest.mark.skipif(not slicer_app.available(), reason=f"Slicer's Python sources are not in {slicer_app.SLICER_PYTHON}")
+def test_widget_logic_fixes_of_the_review():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(slicer_app.REPO / "MorphSeekCore"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    completed = subprocess.run([sys.executable, str(HERE / "slicer_app.py"), str(HERE / "module_widget_checks.py"),
+                                "--no-torch"], capture_output=True, text=True, env=env, timeout=300)
+    print(completed.stdout)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert "WIDGET CHECKS PASSED" in completed.stdout
