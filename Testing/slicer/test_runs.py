@@ -24,7 +24,8 @@ from MorphSeekLib.runs import FinetuneRun, RegistrationRun, RunState, WorkerLaun
 
 HERE = Path(__file__).resolve().parent
 CANCEL_SECONDS = 1.0
-STAGE_TIMEOUT = 180.0  # starting a worker imports torch: seconds on a busy machine
+STAGE_TIMEOUT = 900.0  # starting a worker imports torch: minutes on a machine loaded by other jobs
+EXIT_SECONDS = 10.0  # after SIGKILL, until the system has torn the process down (loaded machine)
 SCREENSHOTS = REPO / "Resources" / "Screenshots"
 UPDATE_SCREENSHOTS = os.environ.get("MORPHSEEK_UPDATE_SCREENSHOTS") == "1"
 
@@ -82,7 +83,10 @@ def test_registration_in_the_worker_fills_the_preview_step_by_step(pair, tmp_pat
     frames, steps_in_preview, updates, snapshot = [], [], [], None
     started = time.perf_counter()
     try:
-        while run.running and time.perf_counter() - started < STAGE_TIMEOUT:
+        while run.running:
+            if time.perf_counter() - started > STAGE_TIMEOUT:
+                run.cancel()
+                raise AssertionError(f"the registration did not finish within {STAGE_TIMEOUT:.0f} s")
             for update in run.poll():
                 updates.append(update)
                 if update.kind == "step":
@@ -145,8 +149,9 @@ def test_cancel_at_each_stage_stops_within_a_second_and_leaves_the_scene(pair, s
     update = run.cancel()
     seconds = time.perf_counter() - started
     print(f"cancel during {stage}: {1000 * seconds:.0f} ms")
-    assert seconds < CANCEL_SECONDS
+    assert seconds < CANCEL_SECONDS  # the panel has its scene back at once
     assert update.kind == "cancelled" and run.state is RunState.CANCELLED
+    worker.process.wait(EXIT_SECONDS)
     assert worker.returncode == -signal.SIGKILL
     with pytest.raises(ProcessLookupError):
         os.killpg(worker.process.pid, 0)  # the whole process group is gone
@@ -164,7 +169,7 @@ def test_worker_killed_with_sigkill_is_reported(pair, tmp_path):
     run = RegistrationRun(SceneLogic(scene), request_for(scene, nodes, model), launch).start()
     poll_until(run, lambda u: any(x.message == "HOLD export" for x in u) or ended(u))
     os.kill(run.worker.process.pid, signal.SIGKILL)
-    updates = poll_until(run, ended, timeout=10)
+    updates = poll_until(run, ended, timeout=60)
     failed = updates[-1]
     assert failed.kind == "failed" and run.state is RunState.FAILED
     print("SIGKILL reported as:", failed.message)

@@ -266,7 +266,10 @@ def test_live_preview_of_the_shipped_model_in_the_worker(tmp_path):
         rows, arrived_while_running = [], []
         started = time.perf_counter()
         try:
-            while run.running and time.perf_counter() - started < 300:
+            while run.running:
+                if time.perf_counter() - started > 900:  # minutes only on a machine loaded by other jobs
+                    run.cancel()
+                    raise AssertionError("the registration in the worker did not finish within 900 s")
                 for update in run.poll():
                     if update.kind != "step":
                         continue
