@@ -1,12 +1,18 @@
 """MorphSeek: deformable 3D registration with step-wise refinement and a browsable step preview.
 
-Module, widget (binds Resources/UI/MorphSeek.ui to a parameter node and runs the logic off the GUI
-thread), logic (the Qt-free ``MorphSeekLib.logic.MorphSeekLogic`` on Slicer's scene) and self-test.
+Module, widget (binds Resources/UI/MorphSeek.ui to a parameter node; registration and fine-tuning
+run in a worker process, polled by a timer), module logic (the parameter node; the work is done by
+the Qt-free ``MorphSeekLib.logic.SceneLogic``) and self-test.
+
+Nothing imported here imports torch: the module loads before PyTorch is installed, and the panel
+offers to install it when it is first needed.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+from pathlib import Path
 from typing import Annotated
 
 import qt
@@ -18,6 +24,7 @@ from slicer import (
     vtkMRMLSegmentationNode,
 )
 from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -31,19 +38,20 @@ from MorphSeekLib import dependencies
 
 dependencies.add_source_engine_to_path()  # a source checkout: MorphSeekCore/ next to this folder
 
-from MorphSeekLib import logic as registration  # noqa: E402
-from MorphSeekLib import preview  # noqa: E402
-from MorphSeekLib import training  # noqa: E402
-from MorphSeekLib.jobs import BackgroundJob, EventKind  # noqa: E402
+from morphseek.errors import MorphSeekError  # noqa: E402
+from MorphSeekLib import preview, training  # noqa: E402
+from MorphSeekLib.logic import SceneLogic, device_choices  # noqa: E402
+from MorphSeekLib.runs import DeviceProbe, FinetuneRun, RegistrationRun, WorkerLaunch  # noqa: E402
 
 POLL_MS = 100
+SAMPLE_CATEGORY = "MorphSeek"
 
 
 class MorphSeek(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("MorphSeek")
-        self.parent.categories = [_("Registration")]
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Registration")]
         self.parent.dependencies = []
         self.parent.contributors = ["MorphSeek contributors"]
         self.parent.helpText = _(
@@ -53,6 +61,45 @@ class MorphSeek(ScriptedLoadableModule):
             "See docs/SLICER-MODULE.md in the project repository."
         )
         self.parent.acknowledgementText = _("MorphSeek (arXiv 2511.17392) implemented as an open Slicer extension.")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData() -> bool:
+    """The shipped sample pair (fixed and moving volume with their segmentations) in the Sample Data
+    module, loaded from the extension's own files. False when the Sample Data module or the files
+    are absent (a minimal Slicer build, a checkout without Resources/SampleData)."""
+    try:
+        import SampleData
+    except ImportError:
+        logging.info("MorphSeek: the Sample Data module is not available; the sample pair is not registered")
+        return False
+    from MorphSeekLib import selftest
+
+    folder = selftest.sample_data_folder()
+    if folder is None:
+        return False
+    order = ("fixed", "moving", "fixed_seg", "moving_seg")
+    files = [folder / selftest.SAMPLE_FILES[key] for key in order]
+    types = ["VolumeFile", "VolumeFile", "SegmentationFile", "SegmentationFile"]
+    icon = Path(__file__).resolve().parent / "Resources" / "Icons" / "MorphSeek.png"
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category=SAMPLE_CATEGORY, sampleName="MorphSeekSamplePair", thumbnailFileName=str(icon),
+        uris=[path.as_uri() for path in files], fileNames=[path.name for path in files],
+        nodeNames=["MorphSeek fixed", "MorphSeek moving", "MorphSeek fixed seg", "MorphSeek moving seg"],
+        loadFileType=types)
+    return True
+
+
+def workerLaunch() -> WorkerLaunch:
+    """How the panel starts the worker: Slicer's own Python, PythonSlicer (inside the application
+    ``sys.executable`` is Slicer itself), in Slicer's start-up environment, as SlicerMONAIAuto3DSeg
+    starts its inference process; temporary files under Slicer's temporary folder."""
+    python = shutil.which("PythonSlicer")
+    if python is None:
+        raise MorphSeekError("PythonSlicer (Slicer's Python) was not found on the PATH of this Slicer: "
+                             "the MorphSeek worker cannot be started")
+    return WorkerLaunch(python=python, env=slicer.util.startupEnvironment(),
+                        temporary_folder=slicer.app.temporaryPath)
 
 
 @parameterNodeWrapper
@@ -84,13 +131,15 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None
-        self._jobKind = None  # "register" | "finetune"
-        self._request = None
+        self._run = None  # a runs.RegistrationRun or runs.FinetuneRun while one is running
+        self._runKind = None  # "register" | "finetune": also routes the messages after the run ended
         self._outputs = None
+        self._viewState = None  # the slice views before the live preview took them over
+        self._fixedVolumeId = None  # the fixed volume of the last registration run
         self._stepCandidates = None
-        self._trainingHistory = []
         self._trainingChart = None
+        self._deviceProbe = None
+        self._detectedDevices = None  # None until the worker has said which devices torch sees
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_MS)
         self._timer.connect("timeout()", self.onPoll)
@@ -103,10 +152,6 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MorphSeekLogic()
-
-        self.ui.deviceComboBox.clear()
-        for choice in registration.available_devices():
-            self.ui.deviceComboBox.addItem(choice.label, choice.key)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -122,13 +167,17 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._job is not None:
-            self._job.cancel_job()
+        """Module reload or application exit: no worker may outlive the panel."""
+        if self._run is not None and self._run.running:
+            self._run.cancel()
+        if self._deviceProbe is not None:
+            self._deviceProbe.cancel()
         self._timer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self._probeDevices()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -137,9 +186,16 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._job is not None:
-            self._job.cancel_job()
+        if self._run is not None and self._run.running:
+            self._run.cancel()
+            self._endRun()
         self._outputs = None
+        self._viewState = None
+        # Nodes of the closing scene: the next run starts new ones.
+        self._stepCandidates = None
+        self._trainingChart = None
+        self.ui.candidatesTableView.setMRMLTableNode(None)
+        self.ui.metricsTableView.setMRMLTableNode(None)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -162,31 +218,58 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelPathLineEdit.currentPath = self._parameterNode.modelPath
             self.ui.datasetPathLineEdit.currentPath = self._parameterNode.datasetPath
             self.ui.checkpointOutPathLineEdit.currentPath = self._parameterNode.checkpointOut
-            index = self.ui.deviceComboBox.findData(self._parameterNode.device)
-            self.ui.deviceComboBox.setCurrentIndex(max(index, 0))
+            self._fillDevices()
             self._updateButtons()
 
     def _setText(self, name: str, value: str) -> None:
         if self._parameterNode:
             setattr(self._parameterNode, name, value)
 
+    # -- devices ----------------------------------------------------------------------------------
+    def _fillDevices(self) -> None:
+        """Auto, CPU, the detected devices and the saved choice even when it is not detected (it is
+        shown as such instead of silently becoming Auto)."""
+        saved = self._parameterNode.device if self._parameterNode else "auto"
+        combo = self.ui.deviceComboBox
+        wasBlocked = combo.blockSignals(True)
+        try:
+            combo.clear()
+            for choice in device_choices(self._detectedDevices, saved):
+                combo.addItem(choice.label, choice.key)
+            combo.setCurrentIndex(max(combo.findData(saved), 0))
+        finally:
+            combo.blockSignals(wasBlocked)
+
+    def _probeDevices(self) -> None:
+        """Ask a worker which devices torch sees (once, when torch is installed): CUDA is never
+        initialised in Slicer's process or on the GUI thread."""
+        if self._deviceProbe is not None or dependencies.missing():
+            return
+        try:
+            self._deviceProbe = DeviceProbe(self._launch()).start()
+        except Exception as error:  # noqa: BLE001 - the selector then offers Auto and CPU only
+            logging.warning(f"MorphSeek: the device probe could not start: {error}")
+            return
+        self._timer.start()
+
     def onDeviceChanged(self, index: int) -> None:
         if self._parameterNode and index >= 0:
             self._parameterNode.device = self.ui.deviceComboBox.itemData(index)
 
     def _updateButtons(self, caller=None, event=None) -> None:
-        running = self._job is not None
+        running = self._run is not None
         p = self._parameterNode
         ready = bool(p and p.fixedVolume and p.movingVolume and p.fixedVolume != p.movingVolume)
-        self.ui.registerButton.enabled = ready or (running and self._jobKind == "register")
-        self.ui.registerButton.text = _("Cancel") if running and self._jobKind == "register" else _("Register")
-        self.ui.finetuneButton.enabled = not running or self._jobKind == "finetune"
-        self.ui.finetuneButton.text = _("Cancel") if running and self._jobKind == "finetune" else _("Fine-tune")
+        registering, finetuning = running and self._runKind == "register", running and self._runKind == "finetune"
+        self.ui.registerButton.enabled = (ready and not running) or registering
+        self.ui.registerButton.text = _("Cancel") if registering else _("Register")
+        self.ui.finetuneButton.enabled = not running or finetuning
+        self.ui.finetuneButton.text = _("Cancel") if finetuning else _("Fine-tune")
         self.ui.saveButton.enabled = self._outputs is not None and not running
 
     # -- dependencies -----------------------------------------------------------------------------
     def _ensureDependencies(self) -> bool:
-        """Offer to install what is missing (torch first); never silently, never at import."""
+        """Offer to install PyTorch when it is missing; never silently, never at import."""
         missing = dependencies.missing()
         if not missing:
             return True
@@ -196,7 +279,7 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             PyTorchUtils = None
         how = _("through the PyTorch extension") if PyTorchUtils is not None else _("with pip")
         if not slicer.util.confirmOkCancelDisplay(
-            _("MorphSeek needs {names}, which are not installed. Install them now {how}? "
+            _("MorphSeek needs {names}, which is not installed. Install it now {how}? "
               "This can take several minutes.").format(names=", ".join(missing), how=how)):
             return False
         try:
@@ -206,84 +289,145 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(_("Installing {names} failed.").format(names=", ".join(missing)),
                                      detailedText=str(error))
             return False
-        self.ui.deviceComboBox.clear()
-        for choice in registration.available_devices():
-            self.ui.deviceComboBox.addItem(choice.label, choice.key)
+        self._probeDevices()
         return not dependencies.missing()
 
-    # -- registration -----------------------------------------------------------------------------
-    def onRegisterOrCancel(self) -> None:
-        if self._job is not None and self._jobKind == "register":
-            self._job.cancel_job()
-            self.ui.statusLabel.text = _("Cancelling after the current step...")
-            return
-        if not self._ensureDependencies():
-            return
-        p = self._parameterNode
-        try:
-            self._request = self.logic.prepare(
-                p.fixedVolume, p.movingVolume, p.fixedSegmentation, p.movingSegmentation,
-                model=p.modelPath or None, steps=int(p.steps), trajectories=int(p.candidates),
-                tau=float(p.temperature), device=p.device, prealign="affine" if p.prealign else "none")
-        except Exception as error:  # MorphSeekError: bad input, missing model; nothing was created
-            self._showError(error)
-            return
-        request = self._request
-        self._startJob("register", lambda progress, cancel: self.logic.compute(request, progress, cancel))
+    def _launch(self) -> WorkerLaunch:
+        return workerLaunch()
 
-    def _startJob(self, kind: str, work) -> None:
-        self._jobKind = kind
-        self._job = BackgroundJob(work, name=f"MorphSeek {kind}").start()
+    # -- running ----------------------------------------------------------------------------------
+    def _startRun(self, kind: str, run) -> None:
+        self._runKind = kind
+        self._run = run
         bar = self.ui.progressBar if kind == "register" else self.ui.finetuneProgressBar
         bar.value = 0
         self._timer.start()
         self._updateButtons()
 
-    def onPoll(self) -> None:
-        if self._job is None:
+    def _endRun(self) -> None:
+        """The run has ended (``_runKind`` stays set for the messages that follow)."""
+        self._run = None
+        if self._deviceProbe is None or self._deviceProbe.finished:
             self._timer.stop()
-            return
-        for event in self._job.poll():
-            if event.kind is EventKind.PROGRESS:
-                if self._jobKind == "register":
-                    self._showRegistrationProgress(event.payload)
-                else:
-                    self._showTrainingProgress(event.payload)
-            elif event.kind is EventKind.FINISHED:
-                self._finishJob()
-                self._onFinished(event.payload)
-            elif event.kind is EventKind.CANCELLED:
-                self._finishJob()
-                self._status(_("Cancelled: the scene is as it was."))
-            elif event.kind is EventKind.FAILED:
-                self._finishJob()
-                logging.error(event.details)
-                self._showError(event.payload)
-
-    def _finishJob(self) -> None:
-        """The job has ended (``_jobKind`` stays set for the messages that follow)."""
-        self._timer.stop()
-        self._job = None
         self._updateButtons()
 
+    def onPoll(self) -> None:
+        if self._deviceProbe is not None and not self._deviceProbe.finished:
+            if self._deviceProbe.poll() is not None:
+                self._detectedDevices = self._deviceProbe.devices
+                if self._deviceProbe.error:
+                    logging.warning(f"MorphSeek device probe: {self._deviceProbe.error}")
+                self._fillDevices()
+        if self._run is None:
+            if self._deviceProbe is None or self._deviceProbe.finished:
+                self._timer.stop()
+            return
+        run = self._run
+        for update in run.poll():
+            # Each update on its own: one failing handler must not drop the rest (the final one
+            # above all, which gives the buttons back).
+            try:
+                self._onUpdate(update)
+            except Exception as error:  # noqa: BLE001
+                logging.exception("MorphSeek: showing a run update failed")
+                self._status(_("Error while showing the result: {error}").format(error=error))
+        if not run.running and self._run is run:
+            self._endRun()
+
+    def _onUpdate(self, update) -> None:
+        if update.kind == "log":
+            logging.info(f"MorphSeek worker: {update.message}")
+        elif update.kind == "progress":
+            if self._runKind == "register":
+                self.ui.progressBar.value = int(round(100 * (update.fraction or 0.0)))
+                self.ui.statusLabel.text = update.message
+            else:
+                self._showTrainingProgress(update)
+        elif update.kind == "step":
+            self._showStep(update)
+        elif update.kind == "finished":
+            self._endRun()
+            self._onFinished(update.payload)
+        elif update.kind == "failed":
+            self._endRun()
+            self._restoreViews()
+            if update.details:
+                logging.error(f"MorphSeek worker failed: {update.message}\n{update.details}")
+            self._showError(update.message)
+        elif update.kind == "cancelled":
+            self._endRun()
+            self._restoreViews()
+            self._status(update.message)
+
     def _status(self, text: str) -> None:
-        label = self.ui.statusLabel if self._jobKind == "register" else self.ui.finetuneStatusLabel
+        label = self.ui.statusLabel if self._runKind == "register" else self.ui.finetuneStatusLabel
         label.text = text
 
     def _showError(self, error) -> None:
         self._status(_("Error: {error}").format(error=error))
         slicer.util.errorDisplay(str(error))
 
-    def _showRegistrationProgress(self, event) -> None:
-        self.ui.progressBar.value = int(round(100 * event.fraction))
-        self.ui.statusLabel.text = event.message
-        if event.record is not None and len(event.record.candidates) > 1:
-            rewards = ", ".join(f"{c.reward:+.3f}" for c in event.record.candidates)
-            self.ui.statusLabel.text = f"{event.message}\n{_('rewards')}: {rewards}"
+    # -- registration -----------------------------------------------------------------------------
+    def onRegisterOrCancel(self) -> None:
+        if self._run is not None and self._runKind == "register":
+            self._onUpdate(self._run.cancel())
+            return
+        if self._run is not None or not self._ensureDependencies():
+            return
+        p = self._parameterNode
+        self._runKind = "register"
+        try:
+            request = self.logic.sceneLogic.prepare(
+                p.fixedVolume, p.movingVolume, p.fixedSegmentation, p.movingSegmentation,
+                model=p.modelPath or None, steps=int(p.steps), trajectories=int(p.candidates),
+                tau=float(p.temperature), device=p.device, prealign="affine" if p.prealign else "none")
+            with slicer.util.WaitCursor():
+                run = RegistrationRun(self.logic.sceneLogic, request, self._launch()).start()
+        except Exception as error:  # MorphSeekError: bad input, missing model; nothing was created
+            self._showError(error)
+            return
+        self._outputs = None
+        self._viewState = None
+        self._fixedVolumeId = request.fixed_volume_id  # the views' background, whatever the selector says later
+        self.ui.stepSliderWidget.enabled = False
+        self._startRun("register", run)
+
+    def _showStep(self, update) -> None:
+        """A step arrived: it is in the preview sequences already; show it (live)."""
+        self.ui.progressBar.value = int(round(100 * (update.fraction or 0.0)))
+        step = update.payload
+        text = update.message
+        if len(step.candidates) > 1:
+            text += "\n" + _("rewards") + ": " + ", ".join(f"{c.reward:+.3f}" for c in step.candidates)
+        self.ui.statusLabel.text = text
+        run = self._run
+        if run is None or run.preview is None:
+            return
+        # Everything shown here is made inside the run's tracker: Cancel removes it with the preview.
+        with run.tracker.recording():
+            if self._viewState is None:
+                self._viewState = self._snapshotViews()
+                self._showPreviewInViews(run.preview)
+            self._showCandidates(run.steps, step.index, run.request.output_name)
+
+    def _snapshotViews(self):
+        layoutManager = slicer.app.layoutManager()
+        sliceLogics = [layoutManager.sliceWidget(name).sliceLogic() for name in ("Red", "Yellow", "Green")
+                       if layoutManager.sliceWidget(name) is not None]
+        return layoutManager.layout, preview.snapshot_views(slicer.mrmlScene, sliceLogics)
+
+    def _restoreViews(self) -> None:
+        """A cancelled or failed run: the views show what they showed before it."""
+        if self._viewState is None:
+            return
+        layout, snapshot = self._viewState
+        self._viewState = None
+        snapshot.restore()
+        slicer.app.layoutManager().setLayout(layout)
 
     def _onFinished(self, result) -> None:
-        if self._jobKind == "finetune":
-            validation = getattr(result, "validation", None) or {}
+        if self._runKind == "finetune":
+            validation = (result or {}).get("validation") or {}
             heldBack = (_(", held-back Dice {dice:.1f} %").format(dice=validation["val_dice"])
                         if "val_dice" in validation else "")
             self._status(_("Fine-tuned checkpoint written: {path}{heldBack}").format(
@@ -291,31 +435,28 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.modelPath = self._parameterNode.checkpointOut
             self.ui.modelPathLineEdit.currentPath = self._parameterNode.checkpointOut
             return
-        try:
-            self._outputs = self.logic.create_nodes(self._request, result)
-        except Exception as error:
-            self._showError(error)
-            return
-        self._parameterNode.outputTransform = self._outputs.transform
-        steps = self._outputs.preview.number_of_steps
+        self._outputs = result
+        self._viewState = None  # the preview stays in the views: it is the result
+        self._parameterNode.outputTransform = result.transform
+        steps = result.preview.number_of_steps
         self.ui.stepSliderWidget.maximum = steps
         self.ui.stepSliderWidget.enabled = steps > 1
-        self.ui.metricsTableView.setMRMLTableNode(self._outputs.metrics_table)
-        self._showPreviewInViews()
+        self.ui.metricsTableView.setMRMLTableNode(result.metrics_table)
+        self._showPreviewInViews(result.preview)
         self.ui.stepSliderWidget.value = steps
         self.onStepChanged(steps)
-        final = result.steps[-1]
+        final = result.result.steps[-1]
         dice = f", Dice {final.dice:.1f} %" if final.dice is not None else ""
         self._status(_("Done{dice}, folded voxels {njd:.3f} %. The transform can be applied to any node "
                        "(Transforms module) and hardened.").format(dice=dice, njd=final.njd_percent))
         self._updateButtons()
 
-    def _showPreviewInViews(self) -> None:
+    def _showPreviewInViews(self, stepPreview) -> None:
         """Red: fixed + warped (50 %) + segment outlines + folded voxels; Yellow: the Jacobian
         determinant (blue < 1 < red) with folded voxels outlined; Green: as Red, coronal."""
         layoutManager = slicer.app.layoutManager()
         layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)
-        overlay, jacobian = preview.preview_layers(self._parameterNode.fixedVolume.GetID(), self._outputs.preview)
+        overlay, jacobian = preview.preview_layers(self._fixedVolumeId, stepPreview)
         for viewName, layers, orientation in (("Red", overlay, "Axial"), ("Yellow", jacobian, "Axial"),
                                               ("Green", overlay, "Coronal")):
             widget = layoutManager.sliceWidget(viewName)
@@ -326,120 +467,122 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             sliceLogic.GetSliceNode().SetOrientation(orientation)
             sliceLogic.FitSliceToAll()
         # Only the preview's segmentation is drawn: the others would hide its outlines.
-        for node in slicer.util.getNodesByClass("vtkMRMLSegmentationNode"):
-            if node is not self._outputs.preview.proxies.get("segmentation") and node.GetDisplayNode():
-                node.GetDisplayNode().SetVisibility2D(False)
+        preview.show_only_segmentation(slicer.mrmlScene, stepPreview.proxies.get("segmentation"))
+
+    def _showCandidates(self, steps, step: int, name: str) -> None:
+        self._stepCandidates = preview.candidates_table(
+            slicer.mrmlScene, steps, f"{name} candidates of the step", only_step=step,
+            node=self._stepCandidates if self._stepCandidates is not None
+            and self._stepCandidates.GetScene() is slicer.mrmlScene else None)
+        self.ui.candidatesTableView.setMRMLTableNode(self._stepCandidates)
 
     def onStepChanged(self, value: float) -> None:
         if self._outputs is None:
             return
         step = int(round(value))
         preview.select_step(slicer.mrmlScene, self._outputs.preview, step)
-        self._stepCandidates = preview.candidates_table(
-            slicer.mrmlScene, self._outputs.result.steps, f"{self._request.output_name} candidates of the step",
-            only_step=step, node=self._stepCandidates)
-        self.ui.candidatesTableView.setMRMLTableNode(self._stepCandidates)
+        self._showCandidates(self._outputs.result.steps, step, self._outputs.preview.name)
 
     def onSave(self) -> None:
         if self._outputs is None:
             return
         folder = self.ui.saveDirectoryButton.directory
         with slicer.util.tryWithErrorDisplay(_("Saving failed."), waitCursor=True):
-            written = self.logic.save_outputs(self._outputs, folder)
+            written = self.logic.sceneLogic.save_outputs(self._outputs, folder)
             self.ui.statusLabel.text = _("Saved {n} files to {folder}").format(n=len(written), folder=folder)
 
     # -- fine-tuning --------------------------------------------------------------------------------
     def onFinetuneOrCancel(self) -> None:
-        if self._job is not None and self._jobKind == "finetune":
-            self._job.cancel_job()
-            self.ui.finetuneStatusLabel.text = _("Stopping after the current step...")
+        if self._run is not None and self._runKind == "finetune":
+            self._onUpdate(self._run.cancel())
             return
-        if not self._ensureDependencies():
+        if self._run is not None or not self._ensureDependencies():
             return
         p = self._parameterNode
-        model, out = p.modelPath or None, p.checkpointOut
-        options = dict(warmupIterations=int(p.warmupIterations), episodes=int(p.episodes), steps=int(p.steps),
-                       trajectories=max(2, int(p.candidates)), tau=float(p.temperature), device=p.device)
-        self._jobKind = "finetune"  # errors below go to the fine-tune status line
+        self._runKind = "finetune"  # errors below go to the fine-tune status line
         exported = None
-        if p.finetuneFromScene:
-            # Scene cases are exported here, on the main thread; the job only reads the files.
-            try:
-                if not out:
-                    raise registration.MorphSeekError(_("choose where to save the fine-tuned checkpoint"))
+        try:
+            if not p.checkpointOut:
+                raise MorphSeekError(_("choose where to save the fine-tuned checkpoint"))
+            if p.finetuneFromScene:
+                # Scene cases are exported here, on the main thread; the worker reads the files.
                 cases = training.cases_from_segmentations(self.ui.finetuneSegmentationsComboBox.checkedNodes())
                 with slicer.util.WaitCursor():
-                    exported = self.logic.export_cases(cases)
-            except Exception as error:  # MorphSeekError: too few cases, no shared segment, a 2D volume...
-                self._showError(error)
-                return
-            dataset = exported.manifest
-            self.ui.finetuneStatusLabel.text = _("{n} cases: {train} training pairs, {val} held-back pairs").format(
-                n=len(exported.subjects), train=len(exported.train_pairs), val=len(exported.val_pairs))
-        else:
-            dataset = p.datasetPath
+                    exported = self.logic.sceneLogic.export_cases(cases)
+                dataset = exported
+                self.ui.finetuneStatusLabel.text = _("{n} cases: {train} training pairs, {val} held-back pairs").format(
+                    n=len(exported.subjects), train=len(exported.train_pairs), val=len(exported.val_pairs))
+            else:
+                dataset = p.datasetPath
+            run = FinetuneRun(slicer.mrmlScene, dataset, p.modelPath or None, p.checkpointOut,
+                              warmupIterations=int(p.warmupIterations), episodes=int(p.episodes),
+                              steps=int(p.steps), trajectories=max(2, int(p.candidates)),
+                              tau=float(p.temperature), device=p.device, launch=self._launch()).start()
+        except Exception as error:  # MorphSeekError: too few cases, no shared segment, a 2D volume...
+            if exported is not None:
+                exported.cleanup()
+            self._showError(error)
+            return
+        self._startRun("finetune", run)
 
-        def work(progress, cancel):
-            try:
-                return self.logic.finetune(dataset, model, out, progress=progress, cancel=cancel, **options)
-            finally:
-                if exported is not None:
-                    exported.cleanup()  # the temporary dataset, also on error or cancel
-
-        self._trainingHistory = []
-        self._startJob("finetune", work)
-
-    def _showTrainingProgress(self, row: dict) -> None:
+    def _showTrainingProgress(self, update) -> None:
+        row = update.payload
         total = max(int(row.get("total", 1)), 1)
         self.ui.finetuneProgressBar.value = int(100 * int(row.get("done", 0)) / total)
-        stage = row.get("stage", "")
-        self.ui.finetuneStatusLabel.text = f"{stage} {row.get('done', 0)}/{total}"
-        if stage == "grpo":
-            self._trainingHistory.append(row)
-            created = self._trainingChart is None
-            self._trainingChart = preview.training_plot(slicer.mrmlScene, self._trainingHistory,
-                                                        chart=self._trainingChart)
-            if created:
-                slicer.modules.plots.logic().ShowChartInLayout(self._trainingChart)
+        self.ui.finetuneStatusLabel.text = update.message
+        run = self._run
+        if run is not None and run.chart is not None and run.chart is not self._trainingChart:
+            self._trainingChart = run.chart
+            slicer.modules.plots.logic().ShowChartInLayout(run.chart)
 
 
-class MorphSeekLogic(ScriptedLoadableModuleLogic, registration.MorphSeekLogic):
-    """Slicer's module logic: the parameter node plus the Qt-free registration logic on Slicer's scene."""
+class MorphSeekLogic(ScriptedLoadableModuleLogic):
+    """Slicer's module logic: the panel's parameter node. The work on the scene is done by
+    ``sceneLogic`` (``MorphSeekLib.logic.SceneLogic``: register, fine-tune, export, save), which
+    scripts can also use directly."""
 
-    def __init__(self, scene=None) -> None:
+    def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        registration.MorphSeekLogic.__init__(self, scene if scene is not None else slicer.mrmlScene)
 
     def getParameterNode(self):
         return MorphSeekParameterNode(super().getParameterNode())
 
+    @property
+    def sceneLogic(self) -> SceneLogic:
+        """The Qt-free logic on the application's current scene."""
+        return SceneLogic(slicer.mrmlScene)
+
 
 class MorphSeekTest(ScriptedLoadableModuleTest):
-    """The scenario of the pytest suite (Testing/slicer), run inside Slicer."""
+    """The scenario of the pytest suite (Testing/slicer), run inside Slicer: the module logic builds,
+    and, when PyTorch is installed, a registration runs through the worker process and is checked."""
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
         self.setUp()
+        self.test_module_logic()
+        self.setUp()
         self.test_registration_scenario()
 
+    def test_module_logic(self) -> None:
+        logic = MorphSeekLogic()
+        parameters = logic.getParameterNode()
+        parameters.steps = 2
+        self.assertEqual(logic.getParameterNode().steps, 2)
+        self.assertIs(logic.sceneLogic.scene, slicer.mrmlScene)
+
     def test_registration_scenario(self) -> None:
+        if dependencies.missing():
+            # A build machine's factory test: the extension loads and its logic works without torch.
+            self.delayDisplay("PyTorch is not installed: the registration part of the self-test is skipped "
+                              "(install PyTorch from the MorphSeek panel to run it)")
+            return
         from MorphSeekLib import selftest
 
         scenario = selftest.scenario(slicer.mrmlScene, slicer.app.temporaryPath)
         self.delayDisplay(scenario.description)
-        nodes = scenario.nodes
-        before = slicer.mrmlScene.GetNumberOfNodes()
-        logic = MorphSeekLogic()
-        try:
-            logic.register(nodes["fixed"], nodes["moving"], model=scenario.model, steps=2, device="cpu",
-                           cancel=lambda: True)
-            raise AssertionError("cancel was ignored")
-        except registration.MorphSeekError:
-            pass
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before, "cancel left nodes behind")
-        self.delayDisplay("Registering")
-        outputs = scenario.register(logic, device="cpu")
+        outputs = selftest.register_in_worker(scenario, SceneLogic(slicer.mrmlScene), workerLaunch(), device="cpu")
         self.assertEqual(scenario.check(slicer.mrmlScene, outputs), [])
         self.delayDisplay("Test passed")

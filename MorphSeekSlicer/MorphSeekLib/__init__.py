@@ -1,1 +1,1 @@
-"""MorphSeek Slicer module library: Qt-free logic, MRML conversions, background jobs, step preview."""
+"""MorphSeek Slicer module library: Qt-free logic, MRML conversions, the worker process and its runs, step preview."""

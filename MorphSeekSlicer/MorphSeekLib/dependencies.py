@@ -1,6 +1,7 @@
 """What the engine needs inside Slicer's Python, and how to get it: PyTorch through the PyTorch
 extension's ``PyTorchUtils`` (it picks the build that matches the GPU and its driver) when that
-extension is installed, else pip; the engine's small pure-Python requirements through pip.
+extension is installed, else pip. NumPy and SimpleITK ship with Slicer; nothing else is needed
+(tqdm is only used by the command line's progress bars, never by the worker).
 
 Nothing here runs at import time: the widget asks the user first (``missing()`` then ``install``).
 """
@@ -8,14 +9,17 @@ Nothing here runs at import time: the widget asks the user first (``missing()`` 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import sys
 from pathlib import Path
 from typing import Callable
 
-# Import name -> pip requirement. numpy and SimpleITK ship with Slicer.
-ENGINE_REQUIREMENTS = {"tqdm": "tqdm>=4.60"}
-TORCH_REQUIREMENT = "torch"
+# The oldest torch the engine is written for (docs/SLICER-MODULE.md, "Supported Slicer versions"):
+# Slicer 5.8 and 5.10 bring Python 3.12, for which torch has wheels from 2.2 on; the engine uses
+# nothing newer (checked API by API: docs/SLICER-MODULE.md).
+TORCH_MINIMUM = "2.2"
+TORCH_REQUIREMENT = f"torch>={TORCH_MINIMUM}"
 
 
 def add_source_engine_to_path() -> Path | None:
@@ -31,10 +35,34 @@ def add_source_engine_to_path() -> Path | None:
     return None
 
 
+def torch_version() -> str | None:
+    """The installed torch's version, read from its package metadata (torch is not imported)."""
+    if importlib.util.find_spec("torch") is None:
+        return None
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _older_than(version: str, minimum: str) -> bool:
+    def numbers(text: str) -> tuple[int, ...]:
+        parts = []
+        for part in text.split("+")[0].split(".")[:3]:
+            digits = "".join(ch for ch in part if ch.isdigit())
+            parts.append(int(digits) if digits else 0)
+        return tuple(parts)
+
+    return numbers(version) < numbers(minimum)
+
+
 def missing() -> list[str]:
-    """Import names of what is not installed yet (torch first)."""
-    names = ["torch"] + list(ENGINE_REQUIREMENTS)
-    return [name for name in names if importlib.util.find_spec(name) is None]
+    """What must be installed before a job can run: ``["torch"]`` when torch is absent or older than
+    ``TORCH_MINIMUM`` (checked without importing it), else nothing."""
+    version = torch_version()
+    if version is None or (version != "unknown" and _older_than(version, TORCH_MINIMUM)):
+        return ["torch"]
+    return []
 
 
 def install(names: list[str], pip_install: Callable[[str], None], pytorch_utils=None) -> None:
@@ -43,11 +71,12 @@ def install(names: list[str], pip_install: Callable[[str], None], pytorch_utils=
     for name in names:
         if name == "torch":
             if pytorch_utils is not None:
-                torch_module = pytorch_utils.PyTorchUtilsLogic().installTorch(askConfirmation=False)
+                torch_module = pytorch_utils.PyTorchUtilsLogic().installTorch(
+                    askConfirmation=False, torchVersionRequirement=f">={TORCH_MINIMUM}")
                 if torch_module is None:
                     raise RuntimeError("PyTorch could not be installed by the PyTorch extension")
             else:
                 pip_install(TORCH_REQUIREMENT)
         else:
-            pip_install(ENGINE_REQUIREMENTS[name])
+            raise ValueError(f"MorphSeek does not install {name!r}")
     importlib.invalidate_caches()

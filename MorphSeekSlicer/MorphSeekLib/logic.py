@@ -1,20 +1,24 @@
 """The module's logic: Slicer nodes in, MorphSeek engine, Slicer nodes out. No Qt; the scene is an
-argument, so the same code runs in Slicer, in pytest with slicer-core and in a script.
+argument, so the same code runs in Slicer, in pytest with slicer-core and in a script. Importing it
+does not import torch.
 
-A registration has three phases so that the slow middle one can run off the GUI thread:
+A registration has three phases:
 1. ``prepare`` (main thread): nodes -> SimpleITK images, input checks; creates nothing.
-2. ``compute`` (any thread): the engine's ``register_images``; touches no MRML.
+2. the engine: in the panel, a worker process (``runs.RegistrationRun``: the inputs are written to a
+   temporary folder, each step comes back as files and is added to the live preview); from a
+   script, ``compute`` runs ``register_images`` in this process (it needs torch here).
 3. ``create_nodes`` (main thread): the result -> transform, volumes, segmentation, sequences,
    tables. If this fails half-way, what it created is removed again.
-``register`` runs the three in a row. Cancelling raises ``morphseek.errors.Cancelled`` in phase 2,
-before any node exists, so a cancelled run leaves the scene as it was.
+``register`` runs the three in a row in this process. Cancelling raises
+``morphseek.errors.Cancelled`` in phase 2, before any node exists, so a cancelled run leaves the
+scene as it was.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import SimpleITK as sitk
@@ -70,20 +74,18 @@ class DeviceChoice:
     label: str
 
 
-def available_devices() -> list[DeviceChoice]:
-    """Auto, CPU and each detected GPU with its name and memory (only CPU when torch is missing)."""
+def device_choices(detected: list[dict] | None = None, saved: str | None = None) -> list[DeviceChoice]:
+    """What the device selector offers: Auto, CPU, the devices the worker detected (``{"key",
+    "label"}`` from a ``devices`` job; None until it has answered) and, when the saved choice is
+    not among them, the saved choice marked as not detected, so that showing the panel never
+    changes the saved value behind the user's back."""
     choices = [DeviceChoice("auto", "Auto"), DeviceChoice("cpu", "CPU")]
-    if importlib.util.find_spec("torch") is None:
-        return choices
-    import torch
-
-    if torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(index)
-            choices.append(DeviceChoice(f"cuda:{index}", f"GPU {index}: {props.name} ({props.total_memory / 2**30:.0f} GiB)"))
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        choices.append(DeviceChoice("mps", "Apple GPU (MPS)"))
+    for device in detected or []:
+        if device["key"] not in {c.key for c in choices}:
+            choices.append(DeviceChoice(device["key"], device["label"]))
+    if saved and saved not in {c.key for c in choices}:
+        note = "not detected" if detected is not None else "not checked yet"
+        choices.append(DeviceChoice(saved, f"{saved} ({note})"))
     return choices
 
 
@@ -140,12 +142,75 @@ class RegistrationOutputs:
         return [n for n in main if n is not None] + self.preview.nodes()
 
 
-class MorphSeekLogic:
-    """Registration (and fine-tuning) of Slicer nodes with the MorphSeek engine."""
+@dataclass
+class StepResult:
+    """A registration step as the worker reports it (``StepRecord.summary()`` and the step's files
+    read back): the same attributes as the engine's ``StepRecord``, without torch."""
+
+    index: int
+    candidates: list[SimpleNamespace]
+    kept: int
+    dice: float | None
+    dice_per_label: dict[int, float] | None
+    njd_percent: float
+    seconds: float
+    warped: sitk.Image | None = field(default=None, repr=False)
+    warped_seg: sitk.Image | None = field(default=None, repr=False)
+    jacobian: sitk.Image | None = field(default=None, repr=False)
+    field: sitk.Image | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_worker(cls, summary: dict, files: dict[str, str]) -> "StepResult":
+        """From a worker's ``step`` event; a MorphSeekError names a file that cannot be read."""
+        images = {}
+        for kind in ("warped", "warped_seg", "jacobian", "displacement"):
+            if files.get(kind):
+                try:
+                    images[kind] = sitk.ReadImage(files[kind])
+                except RuntimeError as error:
+                    raise MorphSeekError(f"step {summary.get('step')}: the worker's {kind} file {files[kind]} "
+                                         f"cannot be read ({str(error).strip().splitlines()[-1]})") from None
+        per_label = summary.get("dice_per_label_percent")
+        return cls(index=int(summary["step"]), candidates=[SimpleNamespace(**c) for c in summary["candidates"]],
+                   kept=int(summary["kept"]), dice=summary.get("dice_percent"),
+                   dice_per_label={int(k): float(v) for k, v in per_label.items()} if per_label else None,
+                   njd_percent=float(summary["njd_percent"]), seconds=float(summary["seconds"]),
+                   warped=images.get("warped"), warped_seg=images.get("warped_seg"),
+                   jacobian=images.get("jacobian"), field=images.get("displacement"))
+
+
+@dataclass
+class WorkerResult:
+    """A registration finished by the worker, shaped like the engine's ``RegistrationResult`` (what
+    ``create_nodes`` reads): the last step's images are the result's."""
+
+    steps: list[StepResult]
+    initial_dice: float | None
+    settings: dict
+
+    @property
+    def field(self) -> sitk.Image:
+        return self.steps[-1].field
+
+    @property
+    def warped(self) -> sitk.Image:
+        return self.steps[-1].warped
+
+    @property
+    def warped_seg(self) -> sitk.Image | None:
+        return self.steps[-1].warped_seg
+
+    @property
+    def jacobian(self) -> sitk.Image:
+        return self.steps[-1].jacobian
+
+
+class SceneLogic:
+    """Registration (and fine-tuning) of Slicer nodes with the MorphSeek engine, on one scene."""
 
     def __init__(self, scene: slicer.vtkMRMLScene):
         if scene is None:
-            raise MorphSeekError("MorphSeekLogic needs an MRML scene")
+            raise MorphSeekError("SceneLogic needs an MRML scene")
         self.scene = scene
 
     # -- phase 1 ------------------------------------------------------------------------------
@@ -193,9 +258,7 @@ class MorphSeekLogic:
     @staticmethod
     def compute(request: RegistrationRequest, progress: ProgressCallback | None = None,
                 cancel: CancelCallback | None = None):
-        """Run the engine (thread-safe: no MRML access). Raises Cancelled when ``cancel()`` is true."""
-        if importlib.util.find_spec("torch") is None:
-            raise MorphSeekError("PyTorch is not installed: install it from the MorphSeek panel first")
+        """Run the engine in this process (no MRML access). Raises Cancelled when ``cancel()`` is true."""
         from morphseek.register import register_images
 
         return register_images(
@@ -207,8 +270,11 @@ class MorphSeekLogic:
         )
 
     # -- phase 3 ------------------------------------------------------------------------------
-    def create_nodes(self, request: RegistrationRequest, result) -> RegistrationOutputs:
-        """The result as nodes. All or nothing: on error every node made here is removed."""
+    def create_nodes(self, request: RegistrationRequest, result,
+                     step_preview: preview.StepPreview | None = None) -> RegistrationOutputs:
+        """The result as nodes. All or nothing: on error every node made here is removed.
+        ``step_preview``: the live preview already built from the steps as they arrived (kept as it
+        is); without it the preview is built here from ``result.steps``."""
         name = request.output_name
         with mrml.rollback_on_error(self.scene):
             transform = mrml.field_to_grid_transform(result.field, self.scene, f"{name} transform")
@@ -223,7 +289,8 @@ class MorphSeekLogic:
             folding = mrml.image_to_volume(preview.folding_labels(result.jacobian), self.scene,
                                            f"{name} folded voxels", labelmap=True)
             preview.style_folding(folding, self.scene)
-            step_preview = preview.build_step_preview(self.scene, result.steps, request.scheme, name)
+            if step_preview is None:
+                step_preview = preview.build_step_preview(self.scene, result.steps, request.scheme, name)
             candidates = preview.candidates_table(self.scene, result.steps, f"{name} candidates")
             metrics = preview.metrics_table(self.scene, result.steps, request.scheme,
                                             getattr(result, "initial_dice", None), f"{name} metrics")
@@ -253,39 +320,15 @@ class MorphSeekLogic:
         cases (see docs/DATA.md); the checkpoint is written to ``checkpointOut``. Thread-safe (no
         MRML). ``progress`` receives dicts: {"stage": "warmup" | "grpo", "done", "total", and the
         engine's metrics of that iteration or episode (reward, Dice...)}. Returns the engine's
-        FinetuneResult."""
-        if importlib.util.find_spec("torch") is None:
-            raise MorphSeekError("PyTorch is not installed: install it from the MorphSeek panel first")
-        from morphseek.checkpoint import load_checkpoint, resolve_device
-        from morphseek.data import load_dataset
-        from morphseek.train.grpo import GRPOConfig, grpo_finetune
-        from morphseek.train.warmup import WarmupConfig, warmup
+        FinetuneResult. Runs in this process (torch needed here); the panel runs the same function
+        (``morphseek.worker.finetune``) in a worker process."""
+        from morphseek.worker import finetune
 
         if not checkpointOut:
             raise MorphSeekError("choose where to save the fine-tuned checkpoint")
-        out = Path(checkpointOut)
-        torch_device = resolve_device(device)
-        net, run_config, _ = load_checkpoint(resolve_model(model), device=torch_device)
-        data = load_dataset(dataset)
-        grid = tuple(int(n) for n in (run_config.get("grid") or data.grid or ()))
-        if not grid:
-            raise MorphSeekError(f"{dataset}: neither the model's configuration nor the dataset names a model grid")
-
-        def report(stage: str, done: int, total: int, metrics: dict) -> None:
-            if progress is not None:
-                progress({"stage": stage, "done": done, "total": total, **metrics})
-
-        if warmupIterations > 0:
-            config = WarmupConfig(grid=grid, iterations=int(warmupIterations),
-                                  similarity=run_config.get("similarity", "mse"))
-            warmup(net, data, config, out, device=torch_device, cancel=cancel,
-                   progress=lambda i, n, row: report("warmup", i, n, dict(row)))
-            net, run_config, _ = load_checkpoint(out, device=torch_device)
-        train = [data.load_pair(pair, grid).to(torch_device) for pair in data.train_pairs]
-        val = [data.load_pair(pair, grid).to(torch_device) for pair in data.val_pairs]
-        config = GRPOConfig(steps=int(steps), trajectories=int(trajectories), tau=float(tau), episodes=int(episodes))
-        return grpo_finetune(net, train, val, config, run_config=run_config, out=out, cancel=cancel,
-                             progress=lambda row: report("grpo", int(row.get("episode", 0)) + 1, int(episodes), dict(row)))
+        return finetune(dataset, resolve_model(model), checkpointOut, warmup_iterations=int(warmupIterations),
+                        episodes=int(episodes), steps=int(steps), trajectories=int(trajectories), tau=float(tau),
+                        device=device, progress=progress, cancel=cancel)
 
     def export_cases(self, cases, folder: str | Path | None = None) -> training.SceneDataset:
         """Labelled cases of the scene (``training.LabelledCase`` or ``(volume, segmentation)``)
@@ -298,7 +341,7 @@ class MorphSeekLogic:
         """``finetune`` on labelled cases of the scene (synchronous): the cases are exported to a
         temporary dataset (at least 2 cases; from 4 on, a quarter is held back for validation),
         fine-tuned on, and the dataset is removed, also on error or cancel. ``options``: those of
-        ``finetune``. The widget does the same in two parts: export here, fine-tune in a thread."""
+        ``finetune``. The panel does the same in two parts: export here, fine-tune in a worker process."""
         if not checkpointOut:
             raise MorphSeekError("choose where to save the fine-tuned checkpoint")
         model = resolve_model(model)  # a missing model is reported before anything is exported

@@ -163,6 +163,42 @@ def rollback_on_error(scene: slicer.vtkMRMLScene) -> Iterator[None]:
         raise
 
 
+class NodeTracker:
+    """The nodes that a series of calls added to a scene, so that they can be removed again all at
+    once (a cancelled or failed run) without touching nodes the user added in between: only what is
+    added *inside* ``with tracker.recording():`` blocks (run on the main thread) is tracked."""
+
+    def __init__(self, scene: slicer.vtkMRMLScene):
+        self.scene = scene
+        self.node_ids: list[str] = []
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        before = {self.scene.GetNthNode(i).GetID() for i in range(self.scene.GetNumberOfNodes())}
+        try:
+            yield
+        finally:
+            for i in range(self.scene.GetNumberOfNodes()):
+                node_id = self.scene.GetNthNode(i).GetID()
+                if node_id not in before and node_id not in self.node_ids:
+                    self.node_ids.append(node_id)
+
+    def remove_all(self) -> int:
+        """Remove every tracked node still in the scene (newest first); returns how many. Sequence
+        browsers go first: while one exists, removing its proxy nodes makes the sequences logic
+        create them again."""
+        removed = 0
+        ids = list(reversed(self.node_ids))
+        ids.sort(key=lambda node_id: not node_id.startswith("vtkMRMLSequenceBrowserNode"))  # stable
+        for node_id in ids:
+            node = self.scene.GetNodeByID(node_id)
+            if node is not None:
+                self.scene.RemoveNode(node)
+                removed += 1
+        self.node_ids.clear()
+        return removed
+
+
 # ----------------------------------------------------------------------------------------------
 # Segmentations
 # ----------------------------------------------------------------------------------------------

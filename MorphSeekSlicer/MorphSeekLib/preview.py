@@ -48,11 +48,13 @@ class StepPreview:
 
     browser: slicer.vtkMRMLSequenceBrowserNode
     sequences: dict[str, slicer.vtkMRMLSequenceNode] = field(default_factory=dict)
+    name: str = ""  # the base of the node names
     proxies: dict[str, slicer.vtkMRMLNode] = field(default_factory=dict)
 
     @property
     def number_of_steps(self) -> int:
-        return self.browser.GetMasterSequenceNode().GetNumberOfDataNodes()
+        master = self.browser.GetMasterSequenceNode()
+        return master.GetNumberOfDataNodes() if master is not None else 0
 
     def nodes(self) -> list[slicer.vtkMRMLNode]:
         """Every node of the preview (for removal or saving)."""
@@ -156,50 +158,75 @@ def sequences_logic(scene: slicer.vtkMRMLScene):
 _STANDALONE_SEQUENCES_LOGIC: dict[int, object] = {}
 
 
+PREVIEW_KINDS = {
+    "warped": ("vtkMRMLScalarVolumeNode", lambda s: s.warped),
+    "segmentation": ("vtkMRMLSegmentationNode", lambda s: s.warped_seg),
+    "jacobian": ("vtkMRMLScalarVolumeNode", lambda s: s.jacobian),
+    "folding": ("vtkMRMLLabelMapVolumeNode", lambda s: folding_labels(s.jacobian) if s.jacobian else None),
+}
+
+
+def start_step_preview(scene: slicer.vtkMRMLScene, name: str) -> StepPreview:
+    """An empty step preview (its sequence browser); ``add_step`` fills it as steps arrive."""
+    sequences_logic(scene)  # also registers the sequence node classes with the scene
+    browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", f"{name} steps")
+    preview = StepPreview(browser)
+    preview.name = name
+    return preview
+
+
+def add_step(scene: slicer.vtkMRMLScene, preview: StepPreview, step, scheme: mrml.LabelScheme | None,
+             select: bool = True) -> None:
+    """Add one step (a ``StepRecord``-like object with warped / warped_seg / jacobian on the fixed
+    grid) to every sequence of the preview; the kinds present in the first step make the sequences.
+    ``select``: show the new step in the proxy nodes (the live preview follows the run)."""
+    name = preview.name
+    first = not preview.sequences
+    for kind, (class_name, image_of) in PREVIEW_KINDS.items():
+        image = image_of(step)
+        if image is None or (not first and kind not in preview.sequences):
+            continue
+        sequence = preview.sequences.get(kind)
+        if sequence is None:
+            sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", f"{name} {kind} sequence")
+            sequence.SetIndexName("step")
+            sequence.SetIndexUnit("")
+            sequence.SetIndexType(sequence.NumericIndex)
+            preview.sequences[kind] = sequence
+        with mrml.temporary_nodes(scene):
+            if class_name == "vtkMRMLSegmentationNode":
+                item = mrml.labels_to_segmentation(image, scene, f"{name} {kind}", scheme or mrml.LabelScheme())
+            else:
+                item = mrml.image_to_volume(image, scene, f"{name} {kind}",
+                                            labelmap=class_name == "vtkMRMLLabelMapVolumeNode")
+            sequence.SetDataNodeAtValue(item, str(step.index))
+    if not preview.sequences:
+        raise ValueError("the steps carry no images to preview")
+    browser = preview.browser
+    if first:
+        master = preview.sequences.get("warped") or next(iter(preview.sequences.values()))
+        browser.SetAndObserveMasterSequenceNodeID(master.GetID())
+        for sequence in preview.sequences.values():
+            if sequence is not master:
+                browser.AddSynchronizedSequenceNodeID(sequence.GetID())
+    browser.SetSelectedItemNumber(preview.number_of_steps - 1 if select or first else browser.GetSelectedItemNumber())
+    sequences_logic(scene).UpdateProxyNodesFromSequences(browser)
+    for kind, sequence in preview.sequences.items():
+        proxy = browser.GetProxyNode(sequence)
+        if kind not in preview.proxies:
+            proxy.SetName(f"{name} {kind} (step preview)")
+        preview.proxies[kind] = proxy
+    _style_proxies(scene, preview)
+
+
 def build_step_preview(scene: slicer.vtkMRMLScene, steps: Sequence, scheme: mrml.LabelScheme | None,
                        name: str) -> StepPreview:
     """Sequences of the steps' images (``StepRecord``s with warped / warped_seg / jacobian on the fixed
     grid), a browser synchronising them, and styled proxy nodes showing the first step."""
-    logic = sequences_logic(scene)  # also registers the sequence node classes with the scene
-    browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", f"{name} steps")
-    preview = StepPreview(browser)
-    kinds = {
-        "warped": ("vtkMRMLScalarVolumeNode", lambda s: s.warped),
-        "segmentation": ("vtkMRMLSegmentationNode", lambda s: s.warped_seg),
-        "jacobian": ("vtkMRMLScalarVolumeNode", lambda s: s.jacobian),
-        "folding": ("vtkMRMLLabelMapVolumeNode", lambda s: folding_labels(s.jacobian) if s.jacobian else None),
-    }
-    for kind, (class_name, image_of) in kinds.items():
-        images = [image_of(step) for step in steps]
-        if any(image is None for image in images):
-            continue
-        sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", f"{name} {kind} sequence")
-        sequence.SetIndexName("step")
-        sequence.SetIndexUnit("")
-        sequence.SetIndexType(sequence.NumericIndex)
-        for step, image in zip(steps, images):
-            with mrml.temporary_nodes(scene):
-                if class_name == "vtkMRMLSegmentationNode":
-                    item = mrml.labels_to_segmentation(image, scene, f"{name} {kind}", scheme or mrml.LabelScheme())
-                else:
-                    item = mrml.image_to_volume(image, scene, f"{name} {kind}",
-                                                labelmap=class_name == "vtkMRMLLabelMapVolumeNode")
-                sequence.SetDataNodeAtValue(item, str(step.index))
-        preview.sequences[kind] = sequence
-    if not preview.sequences:
-        raise ValueError("the steps carry no images to preview")
-    master = preview.sequences.get("warped") or next(iter(preview.sequences.values()))
-    browser.SetAndObserveMasterSequenceNodeID(master.GetID())
-    for sequence in preview.sequences.values():
-        if sequence is not master:
-            browser.AddSynchronizedSequenceNodeID(sequence.GetID())
-    browser.SetSelectedItemNumber(0)
-    logic.UpdateProxyNodesFromSequences(browser)
-    for kind, sequence in preview.sequences.items():
-        proxy = browser.GetProxyNode(sequence)
-        proxy.SetName(f"{name} {kind} (step preview)")
-        preview.proxies[kind] = proxy
-    _style_proxies(scene, preview)
+    preview = start_step_preview(scene, name)
+    for step in steps:
+        add_step(scene, preview, step, scheme, select=False)
+    select_step(scene, preview, 1)
     return preview
 
 
@@ -344,3 +371,55 @@ def training_plot(scene: slicer.vtkMRMLScene, history: Sequence[dict], name: str
     series = chart.GetNthPlotSeriesNode(0)
     series.GetTableNode().SetAndObserveTable(table)
     return chart
+
+
+# ----------------------------------------------------------------------------------------------
+# What the preview changes in the views, and putting it back
+# ----------------------------------------------------------------------------------------------
+def show_only_segmentation(scene: slicer.vtkMRMLScene, keep: slicer.vtkMRMLSegmentationNode | None) -> None:
+    """Hide every segmentation in slice views but ``keep`` (the others would cover its outlines)."""
+    for node in _nodes_of_class(scene, "vtkMRMLSegmentationNode"):
+        if node is not keep and node.GetDisplayNode() is not None:
+            node.GetDisplayNode().SetVisibility2D(False)
+
+
+def _nodes_of_class(scene: slicer.vtkMRMLScene, class_name: str) -> list:
+    return [scene.GetNthNodeByClass(i, class_name) for i in range(scene.GetNumberOfNodesByClass(class_name))]
+
+
+@dataclass
+class ViewSnapshot:
+    """The slice views' layers, orientation, position and field of view, and each segmentation's
+    2D visibility, as they were before a live preview took the views over; ``restore()`` puts them
+    back (a run that is cancelled or fails leaves the views as it found them)."""
+
+    views: list[tuple] = field(default_factory=list)
+    visibility2d: list[tuple] = field(default_factory=list)
+
+    def restore(self) -> None:
+        for composite, slice_node, layers, slice_to_ras, fov in self.views:
+            apply_layers(composite, slice_node, layers)
+            slice_node.GetSliceToRAS().DeepCopy(slice_to_ras)  # orientation and position
+            slice_node.SetFieldOfView(*fov)
+            slice_node.UpdateMatrices()
+        for display, visible in self.visibility2d:
+            display.SetVisibility2D(visible)
+
+
+def snapshot_views(scene: slicer.vtkMRMLScene, slice_logics) -> ViewSnapshot:
+    """What ``apply_layers`` and ``show_only_segmentation`` will change, for ``ViewSnapshot.restore``."""
+    snapshot = ViewSnapshot()
+    for logic in slice_logics:
+        composite, slice_node = logic.GetSliceCompositeNode(), logic.GetSliceNode()
+        layers = SliceViewLayers(background=composite.GetBackgroundVolumeID(),
+                                 foreground=composite.GetForegroundVolumeID(),
+                                 foreground_opacity=composite.GetForegroundOpacity(),
+                                 label=composite.GetLabelVolumeID(), label_opacity=composite.GetLabelOpacity(),
+                                 label_outline=bool(slice_node.GetUseLabelOutline()))
+        slice_to_ras = vtk.vtkMatrix4x4()
+        slice_to_ras.DeepCopy(slice_node.GetSliceToRAS())
+        snapshot.views.append((composite, slice_node, layers, slice_to_ras, tuple(slice_node.GetFieldOfView())))
+    for node in _nodes_of_class(scene, "vtkMRMLSegmentationNode"):
+        if node.GetDisplayNode() is not None:
+            snapshot.visibility2d.append((node.GetDisplayNode(), bool(node.GetDisplayNode().GetVisibility2D())))
+    return snapshot

@@ -100,13 +100,12 @@ def sample_label_scheme(*label_maps: sitk.Image) -> mrml.LabelScheme:
 def sample_case(scene: slicer.vtkMRMLScene, folder: str | Path) -> dict:
     """The shipped sample pair added to ``scene`` as volumes and segmentations (names as in
     ``synthetic_case``: fixed, moving, fixed seg, moving seg)."""
-    from morphseek import io
-
+    # SimpleITK, not the engine's readers: the self-test keeps torch out of Slicer's process.
     folder = Path(folder)
-    fixed = io.read_image(folder / SAMPLE_FILES["fixed"], "sample fixed image")
-    moving = io.read_image(folder / SAMPLE_FILES["moving"], "sample moving image")
-    fixed_seg = io.read_labels(folder / SAMPLE_FILES["fixed_seg"], fixed)
-    moving_seg = io.read_labels(folder / SAMPLE_FILES["moving_seg"], moving)
+    fixed = sitk.Cast(sitk.ReadImage(str(folder / SAMPLE_FILES["fixed"])), sitk.sitkFloat32)
+    moving = sitk.Cast(sitk.ReadImage(str(folder / SAMPLE_FILES["moving"])), sitk.sitkFloat32)
+    fixed_seg = sitk.ReadImage(str(folder / SAMPLE_FILES["fixed_seg"]))
+    moving_seg = sitk.ReadImage(str(folder / SAMPLE_FILES["moving_seg"]))
     scheme = sample_label_scheme(fixed_seg, moving_seg)
     return {
         "fixed": mrml.image_to_volume(fixed, scene, "fixed"),
@@ -135,7 +134,7 @@ class Scenario:
         return check_registration(scene, self.nodes, outputs, self.labels, self.min_dice_gain, self.max_njd_percent)
 
     def register(self, logic, **options):
-        """Run this scenario's registration through ``logic`` (a ``MorphSeekLogic``)."""
+        """Run this scenario's registration through ``logic`` (a ``logic.SceneLogic``)."""
         nodes = self.nodes
         return logic.register(nodes["fixed"], nodes["moving"], nodes["fixed_seg"], nodes["moving_seg"],
                               model=self.model, steps=self.steps, trajectories=self.trajectories,
@@ -234,3 +233,30 @@ def check_registration(scene: slicer.vtkMRMLScene, nodes: dict, outputs, labels:
         if not values <= allowed:
             failures.append(f"warped segmentation has label values {sorted(values)}")
     return failures
+
+
+def register_in_worker(scenario: Scenario, logic, launch=None, timeout: float = 600.0, **options):
+    """Run ``scenario``'s registration as the panel does: through a worker process
+    (``runs.RegistrationRun``), polling until it ends; the outputs, or MorphSeekError with the
+    worker's message. ``logic``: a ``SceneLogic``; ``options``: more settings for ``prepare``."""
+    import time
+
+    from morphseek.errors import MorphSeekError
+
+    from .runs import RegistrationRun
+
+    nodes = scenario.nodes
+    request = logic.prepare(nodes["fixed"], nodes["moving"], nodes["fixed_seg"], nodes["moving_seg"],
+                            model=scenario.model, steps=scenario.steps, trajectories=scenario.trajectories,
+                            prealign=scenario.prealign, **options)
+    run = RegistrationRun(logic, request, launch).start()
+    deadline = time.monotonic() + timeout
+    while run.running:
+        for update in run.poll():
+            if update.kind == "failed":
+                raise MorphSeekError(update.message)
+        if time.monotonic() > deadline:
+            run.cancel()
+            raise MorphSeekError(f"the registration did not finish within {timeout:.0f} s")
+        time.sleep(0.05)
+    return run.outputs

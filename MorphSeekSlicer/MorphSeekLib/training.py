@@ -1,6 +1,6 @@
 """Fine-tuning on labelled cases that are in the scene: (volume, segmentation) nodes are exported on
 the main thread into a temporary manifest dataset (docs/DATA.md), which the engine's fine-tuning
-(``logic.MorphSeekLogic.finetune``: warm-up and GRPO) then reads from any thread. No Qt.
+(``morphseek.worker.finetune``: warm-up and GRPO, in the worker process from the panel) then reads. No Qt.
 
 Segments are matched across cases by name: one ``mrml.LabelScheme`` gives every name the same
 label value in every exported label map, so the Dice reward compares the same structure.
@@ -19,7 +19,6 @@ from typing import Sequence
 
 import slicer
 
-from morphseek.data import FORMAT, VERSION, ordered_pairs
 from morphseek.errors import MorphSeekError
 
 from . import mrml
@@ -90,6 +89,7 @@ def split_pairs(ids: Sequence[str]) -> tuple[list[tuple[str, str]], list[tuple[s
     """Train pairs: all ordered pairs among the training cases. Validation pairs: each held-back
     case registered to and from the first training case, and the held-back cases among themselves,
     so every validation pair involves an image the model has not been trained on."""
+    from morphseek.data import ordered_pairs  # imports torch: only when fine-tuning, never at module load
     ids = list(ids)
     n_val = held_back_count(len(ids))
     train_ids, val_ids = ids[: len(ids) - n_val], ids[len(ids) - n_val:]
@@ -143,6 +143,7 @@ def export_cases(scene: slicer.vtkMRMLScene, cases: Sequence[LabelledCase | tupl
     creates nothing in the scene. On error the folder is removed and a MorphSeekError names the
     case and the problem (fewer than 2 cases, a case without segmentation, a 2D volume, no
     segment name in common, an empty segmentation)."""
+    from morphseek.data import FORMAT, VERSION  # imports torch: only when fine-tuning, never at module load
     from morphseek.io import write_image
 
     cases = as_cases(cases)

@@ -53,13 +53,13 @@ def case(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def registered(case):
-    from MorphSeekLib.logic import MorphSeekLogic
+    from MorphSeekLib.logic import SceneLogic
 
     scene, nodes, model = case
     before = scene.GetNumberOfNodes()
     events = []
     started = time.perf_counter()
-    outputs = MorphSeekLogic(scene).register(
+    outputs = SceneLogic(scene).register(
         nodes["fixed"], nodes["moving"], nodes["fixed_seg"], nodes["moving_seg"], model=model,
         steps=STEPS, trajectories=TRAJECTORIES, device="cpu", progress=events.append)
     seconds = time.perf_counter() - started

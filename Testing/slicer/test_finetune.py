@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from MorphSeekLib import preview
-from MorphSeekLib.logic import MorphSeekLogic
+from MorphSeekLib.logic import SceneLogic
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def test_finetune_writes_a_checkpoint_and_reports_progress(case, dataset, tmp_pa
     _, _, model = case
     events = []
     out = tmp_path / "tuned.pt"
-    result = MorphSeekLogic.finetune(dataset, model, out, warmupIterations=1, episodes=1, steps=1,
+    result = SceneLogic.finetune(dataset, model, out, warmupIterations=1, episodes=1, steps=1,
                                      trajectories=2, device="cpu", progress=events.append)
     assert out.is_file() and result.episodes_done == 1 and not result.stopped
     stages = [e["stage"] for e in events]
@@ -39,7 +39,7 @@ def test_finetune_writes_a_checkpoint_and_reports_progress(case, dataset, tmp_pa
 
 def test_finetune_cancel_stops(case, dataset, tmp_path):
     _, _, model = case
-    result = MorphSeekLogic.finetune(dataset, model, tmp_path / "never.pt", episodes=5, steps=1,
+    result = SceneLogic.finetune(dataset, model, tmp_path / "never.pt", episodes=5, steps=1,
                                      trajectories=2, device="cpu", cancel=lambda: True)
     assert result.stopped and result.episodes_done == 0
     assert not (tmp_path / "never.pt").exists()

@@ -15,7 +15,7 @@ import torch
 
 from morphseek.errors import MorphSeekError
 from MorphSeekLib import mrml, training
-from MorphSeekLib.logic import MorphSeekLogic
+from MorphSeekLib.logic import SceneLogic
 from MorphSeekLib.selftest import LABELS, SHAPE, with_geometry
 
 torch.manual_seed(0)
@@ -133,7 +133,7 @@ def test_finetune_from_scene_writes_a_checkpoint_that_registers(case, scene, sub
 
     _, _, model = case
     cases = add_cases(scene, subjects)
-    logic = MorphSeekLogic(scene)
+    logic = SceneLogic(scene)
     before = node_ids(scene)
     events = []
     out = tmp_path / "tuned.pt"
@@ -159,7 +159,7 @@ def test_cancel_leaves_no_checkpoint_no_nodes_no_folder(case, scene, subjects, t
     cases = add_cases(scene, subjects, 2)
     before = node_ids(scene)
     out = tmp_path / "never.pt"
-    result = MorphSeekLogic(scene).finetune_from_scene(cases, model, out, episodes=3, steps=1, trajectories=2,
+    result = SceneLogic(scene).finetune_from_scene(cases, model, out, episodes=3, steps=1, trajectories=2,
                                                        device="cpu", cancel=lambda: True)
     assert result.stopped and result.episodes_done == 0
     assert not out.exists() and list(tmp_path.iterdir()) == []
@@ -206,7 +206,7 @@ def test_bad_cases_are_refused_and_leave_nothing(case, scene, subjects, tmp_path
         cases[1] = training.LabelledCase(cases[0].volume, cases[1].segmentation)
     before = node_ids(scene)
     with pytest.raises(MorphSeekError, match=message):
-        MorphSeekLogic(scene).finetune_from_scene(cases, model, tmp_path / "out.pt", episodes=1, steps=1,
+        SceneLogic(scene).finetune_from_scene(cases, model, tmp_path / "out.pt", episodes=1, steps=1,
                                                   trajectories=2, device="cpu")
     assert node_ids(scene) == before
     assert not any(f.exists() for f in temp_folders) and not (tmp_path / "out.pt").exists()

@@ -5,7 +5,6 @@ leave the scene untouched with clear messages."""
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -17,8 +16,7 @@ import vtk
 from morphseek.errors import Cancelled, MorphSeekError
 from MorphSeekLib import logic as logic_module
 from MorphSeekLib import mrml, selftest
-from MorphSeekLib.jobs import BackgroundJob, EventKind
-from MorphSeekLib.logic import MorphSeekLogic
+from MorphSeekLib.logic import SceneLogic
 
 from conftest import LABELS, SHAPE, STEPS, TRAJECTORIES
 
@@ -129,7 +127,7 @@ def test_segmentation_moved_with_the_transform_keeps_its_label_values(registered
 
 def test_outputs_can_be_saved(registered, tmp_path):
     scene, _, outputs, *_ = registered
-    written = MorphSeekLogic(scene).save_outputs(outputs, tmp_path)
+    written = SceneLogic(scene).save_outputs(outputs, tmp_path)
     assert all(p.is_file() and p.stat().st_size > 0 for p in written)
     transform = sitk.ReadTransform(str(tmp_path / "transform.h5"))
     point = outputs.result.field.TransformIndexToPhysicalPoint((10, 12, 14))
@@ -141,28 +139,12 @@ def node_ids(scene):
     return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
 
 
-def test_cancel_mid_registration_leaves_no_partial_nodes(case):
-    """Cancel as the first step is reported: the job stops within one step and creates nothing."""
+def test_cancel_callback_of_the_in_process_registration_leaves_no_nodes(case):
+    """The script API (``SceneLogic.register`` in this process): a cancel callback that says stop
+    raises Cancelled before any node exists. (The panel cancels the worker process: test_runs.py.)"""
     scene, nodes, model = case
     before = node_ids(scene)
-    logic = MorphSeekLogic(scene)
-    request = logic.prepare(nodes["fixed"], nodes["moving"], nodes["fixed_seg"], nodes["moving_seg"], model=model,
-                            steps=STEPS, trajectories=TRAJECTORIES, device="cpu")
-    job = BackgroundJob(lambda progress, cancel: logic.compute(request, progress, cancel)).start()
-    steps_seen, deadline = [], time.monotonic() + 120
-    while time.monotonic() < deadline:
-        for event in job.poll():
-            if event.kind is EventKind.PROGRESS and event.payload.stage == "step":
-                steps_seen.append(event.payload.step)
-                job.cancel_job()
-            elif event.kind is not EventKind.PROGRESS:
-                steps_seen.append(event.kind)
-        if steps_seen and steps_seen[-1] in (EventKind.CANCELLED, EventKind.FINISHED, EventKind.FAILED):
-            break
-        time.sleep(0.01)
-    assert steps_seen[-1] is EventKind.CANCELLED, steps_seen
-    assert max(s for s in steps_seen if isinstance(s, int)) <= 2, "ran on for more than one step after cancel"
-    assert node_ids(scene) == before
+    logic = SceneLogic(scene)
     with pytest.raises(Cancelled):
         logic.register(nodes["fixed"], nodes["moving"], model=model, steps=STEPS, device="cpu", cancel=lambda: True)
     assert node_ids(scene) == before
@@ -170,7 +152,7 @@ def test_cancel_mid_registration_leaves_no_partial_nodes(case):
 
 def test_bad_inputs_give_clear_errors_and_change_nothing(case, tmp_path, monkeypatch):
     scene, nodes, model = case
-    logic = MorphSeekLogic(scene)
+    logic = SceneLogic(scene)
     flat = mrml.image_to_volume(sitk.Image([32, 32, 1], sitk.sitkFloat32), scene, "single slice")
     empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty seg")
     empty.GetSegmentation().AddEmptySegment("s", "nothing drawn")

@@ -26,8 +26,9 @@ import vtk
 from conftest import REPO
 from MorphSeekLib import logic as logic_module
 from MorphSeekLib import mrml, preview, selftest
-from MorphSeekLib.logic import MorphSeekLogic
+from MorphSeekLib.logic import SceneLogic
 from MorphSeekLib.offscreen import OffscreenSliceView, new_scene, side_by_side, write_png
+from MorphSeekLib.runs import RegistrationRun, WorkerLaunch
 
 torch.manual_seed(0)
 
@@ -58,7 +59,7 @@ def shipped(tmp_path_factory):
     scene = new_scene()
     scenario = selftest.scenario(scene, tmp_path_factory.mktemp("selftest"))
     started = time.perf_counter()
-    outputs = scenario.register(MorphSeekLogic(scene), device="cpu")
+    outputs = scenario.register(SceneLogic(scene), device="cpu")
     seconds = time.perf_counter() - started
     yield scene, scenario, outputs, seconds
     scene.Clear(True)
@@ -246,3 +247,60 @@ def test_screenshots_of_the_shipped_registration(shipped, tmp_path):
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         shutil.copy(step_preview, SCREENSHOTS / "step-preview.png")
         shutil.copy(folding, SCREENSHOTS / "folding-overlay.png")
+
+
+@needs_shipped
+def test_live_preview_of_the_shipped_model_in_the_worker(tmp_path):
+    """As the panel runs it: the worker process registers the sample pair, and each step is in the
+    preview (and rendered) as soon as it arrives, while the next one is computed. live-preview.png:
+    the overlay and the Jacobian view at the moment each step arrived."""
+    scene = new_scene()
+    try:
+        scenario = selftest.scenario(scene, tmp_path)
+        nodes = scenario.nodes
+        logic = SceneLogic(scene)
+        request = logic.prepare(nodes["fixed"], nodes["moving"], nodes["fixed_seg"], nodes["moving_seg"],
+                                model=None, steps=scenario.steps, trajectories=scenario.trajectories,
+                                prealign=scenario.prealign, device="cpu")
+        run = RegistrationRun(logic, request, WorkerLaunch(temporary_folder=tmp_path)).start()
+        overlay_view = OffscreenSliceView(scene, "Red", (PANEL, PANEL))
+        jacobian_view = OffscreenSliceView(scene, "Yellow", (PANEL, PANEL))
+        rows, arrived_while_running = [], []
+        started = time.perf_counter()
+        try:
+            while run.running:
+                if time.perf_counter() - started > 900:  # minutes only on a machine loaded by other jobs
+                    run.cancel()
+                    raise AssertionError("the registration in the worker did not finish within 900 s")
+                for update in run.poll():
+                    if update.kind != "step":
+                        continue
+                    step = update.payload
+                    arrived_while_running.append(run.worker.is_running() and step.index < STEPS)
+                    if len(rows) == 0:
+                        preview.show_only_segmentation(scene, run.preview.proxies["segmentation"])
+                    overlay_layers, jacobian_layers = preview.preview_layers(nodes["fixed"].GetID(), run.preview)
+                    overlay_view.show(overlay_layers, "Axial", None)
+                    jacobian_view.show(jacobian_layers, "Axial", None)
+                    seconds = time.perf_counter() - started
+                    rows.append(side_by_side(
+                        capture_with_caption(overlay_view, f"{seconds:.0f} s: step {step.index}/{STEPS} arrived, "
+                                                           f"Dice {step.dice:.1f} %"),
+                        capture_with_caption(jacobian_view, f"step {step.index}: det J, NJD {step.njd_percent:.2f} %")))
+                time.sleep(0.05)
+        finally:
+            overlay_view.close()
+            jacobian_view.close()
+        assert run.state.value == "finished", run.error
+        assert len(rows) == STEPS and arrived_while_running[:-1] == [True] * (STEPS - 1)
+        assert scenario.check(scene, run.outputs) == []
+        for row in rows:
+            assert row.std() > 20
+        gap = np.full((4, rows[0].shape[1], 3), 255, np.uint8)
+        sheet = np.concatenate([part for row in rows for part in (row, gap)][:-1])
+        written = write_png(sheet, tmp_path / "live-preview.png")
+        print(f"live preview of the shipped model in the worker: {written}")
+        if UPDATE_SCREENSHOTS:
+            shutil.copy(written, SCREENSHOTS / "live-preview.png")
+    finally:
+        scene.Clear(True)

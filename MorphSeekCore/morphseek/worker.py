@@ -1,0 +1,374 @@
+"""Long MorphSeek jobs in a child process: ``python -m morphseek.worker JOB.json``.
+
+One entry point for every caller that must not run torch in its own process (the 3D Slicer module,
+scripts, later a remote server): the job file says what to do, the worker says what happens as JSON
+lines on its standard output, one object per line, each with an ``"event"`` key:
+
+``{"event": "started", "kind": ..., "pid": ..., "torch": "2.x", "protocol": 1}``
+    first line, once torch is imported.
+``{"event": "progress", "stage": ..., "fraction": 0..1, "message": ...}``
+    stages of a registration: ``checking``, ``loading`` (the model), ``prealign`` (affine),
+    ``resampling``, ``step`` (the network refines), ``export`` (a step's files are written);
+    of a fine-tuning: ``loading``, ``warmup`` and ``grpo`` with ``done``, ``total`` and ``metrics``.
+``{"event": "step", "step": n, "total_steps": T, "fraction": ..., "message": ..., "record": {...},
+"files": {"warped": ..., "warped_seg": ..., "jacobian": ..., "displacement": ...}}``
+    a registration step is finished and its files are complete on disk (written atomically before
+    the line): images on the fixed grid, ``displacement`` an ITK vector image in LPS millimetres
+    (x -> x + u(x), pre-alignment included); ``record`` is ``StepRecord.summary()`` (the candidates'
+    rewards, the kept one, Dice, NJD %, seconds).
+``{"event": "done", "result": {...}}`` or ``{"event": "error", "error": kind, "message": ...,
+"traceback": ...}``
+    the last line. ``error`` kinds: ``input`` (a MorphSeekError: the message names the file and the
+    problem), ``out_of_memory``, ``job`` (the job file itself is wrong), ``internal`` (a bug: the
+    traceback says where).
+
+Anything else the job prints (warnings, library output) goes to standard error, never to the
+protocol stream. There is no cancel message: the caller stops a job by killing the process (tree);
+checkpoints and step files are written atomically, so a killed job never leaves a half-written file
+under a final name.
+
+Job files (JSON, paths absolute or relative to the job file's folder)::
+
+    {"kind": "register", "model": "model.pt", "output": "out/",
+     "inputs": {"fixed": "f.nrrd", "moving": "m.nrrd", "fixed_seg": "fs.nrrd", "moving_seg": "ms.nrrd"},
+     "names": {"fixed": "fixed volume 'CT'", ...},
+     "settings": {"steps": 3, "trajectories": 1, "tau": 0.3, "prealign": "affine", "device": "auto", "seed": 0}}
+    {"kind": "finetune", "model": "model.pt", "dataset": "cases/manifest.json", "checkpoint": "tuned.pt",
+     "settings": {"warmup_iterations": 0, "episodes": 20, "steps": 3, "trajectories": 4, "tau": 0.3,
+                  "device": "auto"}}
+    {"kind": "devices"}
+
+Importing this module imports neither torch nor SimpleITK (they are imported when a job runs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from .errors import Cancelled, MorphSeekError
+
+PROTOCOL = 1
+KINDS = ("register", "finetune", "devices")
+STEP_FILES = ("warped", "warped_seg", "jacobian", "displacement")
+
+
+class JobError(MorphSeekError):
+    """The job file is missing, unreadable or incomplete."""
+
+
+class Protocol:
+    """Writes the protocol's JSON lines (one object per line, flushed at once) to ``stream``."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+        self._lock = threading.Lock()
+
+    def emit(self, event: str, **fields: Any) -> None:
+        line = json.dumps({"event": event, **fields}, default=_plain)
+        with self._lock:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+
+def _plain(value: Any) -> Any:
+    """JSON for what ``json`` does not know: paths, NumPy scalars."""
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+# ----------------------------------------------------------------------------------------------
+# Job files
+# ----------------------------------------------------------------------------------------------
+def read_job(path: str | Path) -> dict:
+    """The job description in ``path``, checked; relative paths are made absolute (relative to the
+    job file's folder). Raises JobError naming the file and what is wrong."""
+    path = Path(path)
+    try:
+        job = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise JobError(f"job file {path}: not found") from None
+    except (OSError, ValueError) as error:
+        raise JobError(f"job file {path}: not readable JSON ({error})") from None
+    if not isinstance(job, dict) or job.get("kind") not in KINDS:
+        raise JobError(f"job file {path}: 'kind' must be one of {', '.join(KINDS)}")
+    base = path.resolve().parent
+
+    def resolve(value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise JobError(f"job file {path}: '{key}' must be a path")
+        return str((base / value).resolve()) if not Path(value).is_absolute() else value
+
+    required = {"register": ("model", "output"), "finetune": ("model", "dataset", "checkpoint"), "devices": ()}
+    for key in required[job["kind"]]:
+        job[key] = resolve(job.get(key), key)
+    if job["kind"] == "register":
+        inputs = job.get("inputs")
+        if not isinstance(inputs, dict) or "fixed" not in inputs or "moving" not in inputs:
+            raise JobError(f"job file {path}: 'inputs' must name at least 'fixed' and 'moving' images")
+        job["inputs"] = {k: resolve(v, f"inputs.{k}") for k, v in inputs.items() if v}
+    settings = job.setdefault("settings", {})
+    if not isinstance(settings, dict):
+        raise JobError(f"job file {path}: 'settings' must be an object")
+    return job
+
+
+def write_job(job: dict, path: str | Path) -> Path:
+    """Write a job description (atomically, so a worker never reads half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(job, indent=1, default=_plain))
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Jobs
+# ----------------------------------------------------------------------------------------------
+def registration_stage(message: str, stage: str) -> str:
+    """The worker's stage name for one of ``register_images``' progress events."""
+    if stage != "prepare":
+        return stage
+    text = message.lower()
+    for key, name in (("loading", "loading"), ("pre-alignment", "prealign"), ("resampling", "resampling")):
+        if key in text:
+            return name
+    return "checking"
+
+
+def write_step_files(record, folder: Path) -> dict[str, str]:
+    """A step's images as uncompressed NRRD files in ``folder`` (each written under a temporary name
+    and renamed, so a reader never sees half a file). Returns kind -> path."""
+    import SimpleITK as sitk
+
+    from .io import atomic_target
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images = {"warped": record.warped, "warped_seg": record.warped_seg, "jacobian": record.jacobian,
+              "displacement": record.field}
+    files = {}
+    for kind in STEP_FILES:
+        image = images[kind]
+        if image is None:
+            continue
+        path = folder / f"{kind}.nrrd"
+        with atomic_target(path) as tmp:
+            sitk.WriteImage(image, tmp, False)
+        files[kind] = str(path)
+    return files
+
+
+def run_register(job: dict, protocol: Protocol) -> dict:
+    """A registration; each step's files are written to ``output/step_NN/`` and announced as soon
+    as the step is done. Returns the final result (the report, the last step's files)."""
+    import SimpleITK as sitk
+
+    from . import io
+    from .register import register_images
+
+    inputs, settings, out = job["inputs"], job["settings"], Path(job["output"])
+    names = {"fixed": f"fixed image {inputs['fixed']}", "moving": f"moving image {inputs['moving']}",
+             **(job.get("names") or {})}
+    fixed = io.read_image(inputs["fixed"], names["fixed"])
+    moving = io.read_image(inputs["moving"], names["moving"])
+    fixed_seg = sitk.ReadImage(inputs["fixed_seg"]) if "fixed_seg" in inputs else None
+    moving_seg = sitk.ReadImage(inputs["moving_seg"]) if "moving_seg" in inputs else None
+    step_files: dict[int, dict[str, str]] = {}
+
+    def progress(event) -> None:
+        if event.record is None:
+            stage = registration_stage(event.message, event.stage)
+            protocol.emit("progress", stage=stage, step=event.step, total_steps=event.total_steps,
+                          fraction=event.fraction, message=event.message)
+            if stage == "resampling":  # the engine reports a step when it is done: say that one runs
+                protocol.emit("progress", stage="step", step=1, total_steps=event.total_steps,
+                              fraction=event.fraction, message=f"step 1/{event.total_steps}: refining")
+            return
+        record = event.record
+        protocol.emit("progress", stage="export", step=record.index, total_steps=event.total_steps,
+                      fraction=event.fraction, message=f"step {record.index}: writing its images")
+        files = write_step_files(record, out / f"step_{record.index:02d}")
+        step_files[record.index] = files
+        protocol.emit("step", step=record.index, total_steps=event.total_steps, fraction=event.fraction,
+                      message=event.message, record=record.summary(), files=files)
+        if record.index < event.total_steps:
+            protocol.emit("progress", stage="step", step=record.index + 1, total_steps=event.total_steps,
+                          fraction=event.fraction, message=f"step {record.index + 1}/{event.total_steps}: refining")
+
+    result = register_images(
+        fixed, moving, job["model"], fixed_seg=fixed_seg, moving_seg=moving_seg,
+        steps=int(settings.get("steps", 3)), trajectories=int(settings.get("trajectories", 1)),
+        tau=float(settings.get("tau", 0.3)), prealign=str(settings.get("prealign", "affine")),
+        device=str(settings.get("device", "auto")), seed=int(settings.get("seed", 0)),
+        keep_step_images=True, progress=progress, names=names)
+    report = result.report()
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=_plain))
+    return {"report": report, "files": step_files[result.steps[-1].index], "output": str(out)}
+
+
+def finetune(dataset: str | Path, model: str | Path, checkpoint: str | Path, *, warmup_iterations: int = 0,
+             episodes: int = 20, steps: int = 3, trajectories: int = 4, tau: float = 0.3, device: str = "auto",
+             progress: Callable[[dict], None] | None = None, cancel: Callable[[], bool] | None = None):
+    """Warm-up (when ``warmup_iterations`` > 0) then GRPO on a folder or manifest of labelled cases
+    (docs/DATA.md), the checkpoint written to ``checkpoint``. ``progress`` receives dicts:
+    ``{"stage": "warmup" | "grpo", "done", "total", **metrics of that iteration or episode}``.
+    Returns the engine's ``FinetuneResult``."""
+    from .checkpoint import load_checkpoint, resolve_device
+    from .data import load_dataset
+    from .train.grpo import GRPOConfig, grpo_finetune
+    from .train.warmup import WarmupConfig, warmup
+
+    out = Path(checkpoint)
+    torch_device = resolve_device(device)
+    net, run_config, _ = load_checkpoint(model, device=torch_device)
+    data = load_dataset(dataset)
+    grid = tuple(int(n) for n in (run_config.get("grid") or data.grid or ()))
+    if not grid:
+        raise MorphSeekError(f"{dataset}: neither the model's configuration nor the dataset names a model grid")
+
+    def report(stage: str, done: int, total: int, metrics: dict) -> None:
+        if progress is not None:
+            progress({"stage": stage, "done": done, "total": total, **metrics})
+
+    if warmup_iterations > 0:
+        config = WarmupConfig(grid=grid, iterations=int(warmup_iterations), similarity=run_config.get("similarity", "mse"))
+        warmup(net, data, config, out, device=torch_device, cancel=cancel,
+               progress=lambda i, n, row: report("warmup", i, n, dict(row)))
+        net, run_config, _ = load_checkpoint(out, device=torch_device)
+    train = [data.load_pair(pair, grid).to(torch_device) for pair in data.train_pairs]
+    val = [data.load_pair(pair, grid).to(torch_device) for pair in data.val_pairs]
+    config = GRPOConfig(steps=int(steps), trajectories=int(trajectories), tau=float(tau), episodes=int(episodes))
+    return grpo_finetune(net, train, val, config, run_config=run_config, out=out, cancel=cancel,
+                         progress=lambda row: report("grpo", int(row.get("episode", 0)) + 1, int(episodes), dict(row)))
+
+
+def run_finetune(job: dict, protocol: Protocol) -> dict:
+    settings = job["settings"]
+    protocol.emit("progress", stage="loading", fraction=0.0, message="loading the model and the cases")
+
+    def progress(row: dict) -> None:
+        total = max(int(row.get("total", 1)), 1)
+        metrics = {k: v for k, v in row.items() if k not in ("stage", "done", "total")}
+        protocol.emit("progress", stage=row["stage"], done=int(row.get("done", 0)), total=total,
+                      fraction=min(int(row.get("done", 0)) / total, 1.0),
+                      message=f"{row['stage']} {row.get('done', 0)}/{total}", metrics=_json_ready(metrics))
+
+    result = finetune(job["dataset"], job["model"], job["checkpoint"],
+                      warmup_iterations=int(settings.get("warmup_iterations", 0)),
+                      episodes=int(settings.get("episodes", 20)), steps=int(settings.get("steps", 3)),
+                      trajectories=int(settings.get("trajectories", 4)), tau=float(settings.get("tau", 0.3)),
+                      device=str(settings.get("device", "auto")), progress=progress)
+    return {"checkpoint": job["checkpoint"], "episodes_done": result.episodes_done,
+            "optimizer_steps": result.optimizer_steps, "stopped": result.stopped,
+            "validation": _json_ready(result.validation)}
+
+
+def run_devices(job: dict, protocol: Protocol) -> dict:
+    """What the device selector offers: CPU, each CUDA GPU with its name and memory, Apple MPS."""
+    import torch
+
+    devices = [{"key": "cpu", "label": "CPU"}]
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            devices.append({"key": f"cuda:{index}",
+                            "label": f"GPU {index}: {props.name} ({props.total_memory / 2**30:.0f} GiB)"})
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append({"key": "mps", "label": "Apple GPU (MPS)"})
+    return {"devices": devices, "torch": torch.__version__, "cuda": torch.version.cuda}
+
+
+def _json_ready(values: dict) -> dict:
+    """Only the JSON-representable numbers, strings and flags of a metrics row."""
+    ready = {}
+    for key, value in values.items():
+        if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+            value = value.item()
+        if isinstance(value, (int, float, str, bool)) or value is None:
+            ready[str(key)] = value
+    return ready
+
+
+RUNNERS = {"register": run_register, "finetune": run_finetune, "devices": run_devices}
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    # torch.OutOfMemoryError is recent (2.5); torch.cuda.OutOfMemoryError exists from 1.13 on.
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    if oom is not None and isinstance(error, oom):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def run(job_path: str | Path, protocol: Protocol) -> int:
+    """Run the job in ``job_path``, reporting on ``protocol``. Returns the exit status (0: done)."""
+    kind = "job"
+    try:
+        job = read_job(job_path)
+        kind = job["kind"]
+        if kind != "devices":
+            import torch
+            torch_version = torch.__version__
+        else:
+            torch_version = None
+        protocol.emit("started", kind=kind, pid=os.getpid(), torch=torch_version, protocol=PROTOCOL)
+        result = RUNNERS[kind](job, protocol)
+    except JobError as error:
+        protocol.emit("error", error="job", message=str(error), traceback="")
+        return 2
+    except Cancelled as error:
+        protocol.emit("error", error="cancelled", message=str(error), traceback="")
+        return 1
+    except MorphSeekError as error:
+        protocol.emit("error", error="input", message=str(error), traceback=traceback.format_exc())
+        return 1
+    except ModuleNotFoundError as error:
+        message = f"{error.name} is not installed in the Python that runs the MorphSeek worker ({sys.executable})"
+        protocol.emit("error", error="input", message=message, traceback=traceback.format_exc())
+        return 1
+    except BaseException as error:  # noqa: BLE001 - every failure must reach the caller as a message
+        if is_out_of_memory(error):
+            what = "a registration" if kind == "register" else "fine-tuning" if kind == "finetune" else "the job"
+            message = (f"out of memory during {what} ({type(error).__name__}): use fewer candidates (J) or a "
+                       "smaller model grid, close other programs, or choose another device")
+            protocol.emit("error", error="out_of_memory", message=message, traceback=traceback.format_exc())
+        else:
+            protocol.emit("error", error="internal", message=f"{type(error).__name__}: {error}",
+                          traceback=traceback.format_exc())
+        return 1
+    protocol.emit("done", kind=kind, result=result)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print(__doc__.split("\n\n")[0] + "\nusage: python -m morphseek.worker JOB.json", file=sys.stderr)
+        return 2
+    # The protocol keeps the real standard output; everything else printed from here on (by Python or
+    # by native libraries) goes to standard error, so no stray line can break the protocol.
+    protocol_stream = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1, encoding="utf-8")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
+    return run(argv[0], Protocol(protocol_stream))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The worker entry point (``python -m morphseek.worker JOB.json``): job files are checked with
+errors naming the file; the protocol is one JSON object per line on standard output, nothing else
+(stray output goes to standard error); every step's files are complete on disk when its line
+arrives; failures end with one ``error`` line of the right kind and a non-zero exit status."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from morphseek.worker import JobError, Protocol, read_job, registration_stage, write_job
+
+ENGINE = Path(__file__).resolve().parents[2] / "MorphSeekCore"
+
+
+def run_worker(job_path: Path, timeout: float = 300) -> tuple[list[dict], str, int]:
+    """The worker as a child process, as the Slicer module starts it; (events, stderr, status)."""
+    completed = subprocess.run([sys.executable, "-m", "morphseek.worker", str(job_path)], cwd=ENGINE,
+                               capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in completed.stdout.splitlines() if line]
+    events = [json.loads(line) for line in lines]  # every stdout line is a protocol object
+    return events, completed.stderr, completed.returncode
+
+
+def test_read_job_resolves_paths_and_names_the_problem(tmp_path):
+    job = write_job({"kind": "register", "model": "m.pt", "output": "out",
+                     "inputs": {"fixed": "f.nrrd", "moving": "/data/m.nrrd", "fixed_seg": None}}, tmp_path / "job.json")
+    read = read_job(job)
+    assert read["model"] == str(tmp_path / "m.pt") and read["output"] == str(tmp_path / "out")
+    assert read["inputs"] == {"fixed": str(tmp_path / "f.nrrd"), "moving": "/data/m.nrrd"}
+    assert read["settings"] == {}
+    with pytest.raises(JobError, match=r"job file .*nowhere.json: not found"):
+        read_job(tmp_path / "nowhere.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(JobError, match=r"bad.json: not readable JSON"):
+        read_job(tmp_path / "bad.json")
+    for job, problem in (({"kind": "segment"}, "'kind' must be one of register, finetune, devices"),
+                         ({"kind": "register", "model": "m.pt", "output": "o", "inputs": {"fixed": "f"}},
+                          "'inputs' must name at least 'fixed' and 'moving'"),
+                         ({"kind": "finetune", "model": "m.pt", "dataset": "d"}, "'checkpoint' must be a path"),
+                         ({"kind": "devices", "settings": [1]}, "'settings' must be an object")):
+        write_job(job, tmp_path / "job.json")
+        with pytest.raises(JobError, match=problem):
+            read_job(tmp_path / "job.json")
+
+
+@pytest.mark.parametrize("stage, message, expected", [
+    ("prepare", "checking inputs", "checking"),
+    ("prepare", "loading the model on cpu", "loading"),
+    ("prepare", "affine pre-alignment", "prealign"),
+    ("prepare", "resampling onto the model grid (32, 32, 32)", "resampling"),
+    ("step", "step 1/3: kept candidate 1 of 2", "step"),
+    ("done", "registration finished", "done"),
+])
+def test_registration_stages(stage, message, expected):
+    assert registration_stage(message, stage) == expected
+
+
+def test_protocol_writes_one_json_object_per_line(tmp_path):
+    with open(tmp_path / "out.txt", "w") as stream:
+        protocol = Protocol(stream)
+        protocol.emit("progress", fraction=np.float32(0.5), path=tmp_path, message="two\nlines")
+        protocol.emit("done", result={"n": np.int64(3)})
+    lines = (tmp_path / "out.txt").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"event": "progress", "fraction": 0.5, "path": str(tmp_path), "message": "two\nlines"},
+        {"event": "done", "result": {"n": 3}}]
+
+
+def test_a_bad_job_file_is_one_error_line(tmp_path):
+    (tmp_path / "job.json").write_text('{"kind": "register"}')
+    events, _, status = run_worker(tmp_path / "job.json")
+    assert status == 2 and len(events) == 1
+    assert events[0]["event"] == "error" and events[0]["error"] == "job"
+    assert str(tmp_path / "job.json") in events[0]["message"] and "'model' must be a path" in events[0]["message"]
+
+
+def test_devices_job_lists_the_cpu(tmp_path):
+    events, _, status = run_worker(write_job({"kind": "devices"}, tmp_path / "job.json"))
+    assert status == 0 and [e["event"] for e in events] == ["started", "done"]
+    result = events[-1]["result"]
+    assert result["devices"][0] == {"key": "cpu", "label": "CPU"} and result["torch"]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    import torch
+
+    from morphseek.checkpoint import save_checkpoint
+    from morphseek.nets.policy import build_model
+    from morphseek.synth import make_subject
+
+    folder = tmp_path_factory.mktemp("pair")
+    torch.manual_seed(0)
+    model = build_model({"backbone": "tiny"})
+    with torch.no_grad():
+        model.backbone.flow.weight.normal_(0.0, 1.0)  # untrained but visibly deforming steps
+    save_checkpoint(folder / "tiny.pt", model, {"grid": [32, 32, 32], "similarity": "mse"})
+    for name, seed in (("fixed", 1), ("moving", 2)):
+        subject = make_subject((32, 32, 32), seed=seed, n_labels=3)
+        for suffix, array in (("", subject.image), ("_seg", subject.labels)):
+            image = sitk.GetImageFromArray(array)
+            image.SetSpacing((1.2, 1.0, 1.4))
+            sitk.WriteImage(image, str(folder / f"{name}{suffix}.nrrd"))
+    return folder
+
+
+def test_registration_job_announces_each_step_with_complete_files(pair, tmp_path):
+    job = write_job({"kind": "register", "model": str(pair / "tiny.pt"), "output": str(tmp_path / "out"),
+                     "inputs": {k: str(pair / f"{k}.nrrd") for k in ("fixed", "moving", "fixed_seg", "moving_seg")},
+                     "names": {"fixed": "fixed volume 'A'"},
+                     "settings": {"steps": 2, "trajectories": 2, "device": "cpu", "prealign": "none"}},
+                    tmp_path / "job.json")
+    command = [sys.executable, "-m", "morphseek.worker", str(job)]
+    process = subprocess.Popen(command, cwd=ENGINE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    events = []
+    for line in process.stdout:  # read as the panel does, while the worker runs
+        event = json.loads(line)
+        events.append(event)
+        if event["event"] == "step":
+            # The step's files are complete when its line arrives.
+            assert set(event["files"]) == {"warped", "warped_seg", "jacobian", "displacement"}
+            for kind, path in event["files"].items():
+                image = sitk.ReadImage(path)
+                assert image.GetSize() == (32, 32, 32)
+                assert image.GetNumberOfComponentsPerPixel() == (3 if kind == "displacement" else 1)
+            record = event["record"]
+            assert record["step"] == event["step"] and len(record["candidates"]) == 2
+            assert {"reward", "dice_gain", "similarity_gain", "njd_percent"} <= set(record["candidates"][0])
+    process.wait(60)
+    assert process.returncode == 0, process.stderr.read()
+    names = [e["event"] for e in events]
+    assert names[0] == "started" and names[-1] == "done" and names.count("step") == 2
+    stages = [e["stage"] for e in events if e["event"] == "progress"]
+    assert stages[:4] == ["checking", "loading", "resampling", "step"] and "prealign" not in stages
+    assert stages.count("export") == 2
+    result = events[-1]["result"]
+    assert result["report"]["settings"]["trajectories"] == 2 and len(result["report"]["steps"]) == 2
+    assert result["files"]["warped"].endswith("step_02/warped.nrrd")
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == result["report"]
+
+
+def test_a_missing_model_is_an_input_error_naming_the_file(pair, tmp_path):
+    job = write_job({"kind": "register", "model": str(tmp_path / "absent.pt"), "output": str(tmp_path / "out"),
+                     "inputs": {k: str(pair / f"{k}.nrrd") for k in ("fixed", "moving")},
+                     "settings": {"device": "cpu"}}, tmp_path / "job.json")
+    events, _, status = run_worker(job)
+    assert status == 1 and events[-1]["event"] == "error" and events[-1]["error"] == "input"
+    assert str(tmp_path / "absent.pt") in events[-1]["message"]
+
+
+def test_out_of_memory_errors_are_recognised():
+    import torch
+
+    from morphseek.worker import is_out_of_memory
+
+    assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+                                         "memory: you tried to allocate 1024 bytes. Error code 12 (out of memory)"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not is_out_of_memory(ValueError("out of memory"))  # only errors that can mean memory

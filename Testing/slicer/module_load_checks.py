@@ -1,0 +1,101 @@
+"""Run by test_module_load.py in a subprocess through ``slicer_app.py --no-torch``: MorphSeek.py
+loaded against Slicer v5.10's own ScriptedLoadableModule, parameterNodeWrapper and i18n, real vtk
+and slicer-core, torch unimportable. Each check raises AssertionError with what went wrong."""
+
+import importlib.util
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import slicer_app
+
+slicer = slicer_app.install(tempfile.mkdtemp(prefix="morphseek-app-"))
+assert importlib.util.find_spec("torch") is None, "torch should be blocked"
+module = slicer_app.load_module_file()
+assert "torch" not in sys.modules, "importing MorphSeek.py imported torch"
+print("loaded MorphSeek.py without torch")
+
+# The module class, as qSlicerScriptedLoadableModule builds it.
+parent = slicer_app.ModuleParent()
+module.MorphSeek(parent)
+assert parent.title == "MorphSeek" and parent.categories == ["Registration"], (parent.title, parent.categories)
+assert "MorphSeek" in slicer.selfTests
+assert ("startupCompleted()", module.registerSampleData) in slicer.app.connections
+
+# Sample Data: absent module -> nothing; present -> the shipped pair, from files that exist.
+sys.modules["SampleData"] = None  # "import SampleData" raises ImportError, as in a build without it
+assert module.registerSampleData() is False
+calls = []
+sys.modules["SampleData"] = types.SimpleNamespace(SampleDataLogic=types.SimpleNamespace(
+    registerCustomSampleDataSource=lambda **kwargs: calls.append(kwargs)))
+from MorphSeekLib import selftest  # noqa: E402
+
+if selftest.sample_data_folder() is not None:
+    assert module.registerSampleData() is True and len(calls) == 1
+    registered = calls[0]
+    assert registered["category"] == "MorphSeek" and len(registered["uris"]) == 4
+    for uri in registered["uris"]:
+        assert Path(uri.removeprefix("file://")).is_file(), uri
+    assert registered["loadFileType"] == ["VolumeFile", "VolumeFile", "SegmentationFile", "SegmentationFile"]
+    print("sample pair registered:", registered["nodeNames"])
+del sys.modules["SampleData"]
+
+# The logic class with Slicer's real base class, and the parameter node wrapper.
+logic = module.MorphSeekLogic()
+assert logic.moduleName == "MorphSeek"
+parameters = logic.getParameterNode()
+assert isinstance(parameters, module.MorphSeekParameterNode)
+assert parameters.steps == 3 and parameters.device == "auto" and parameters.prealign is True
+assert logic.sceneLogic.scene is slicer.mrmlScene
+fixed = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fixed CT")
+parameters.fixedVolume = fixed
+parameters.steps = 5
+parameters.candidates = 4
+parameters.temperature = 0.25
+parameters.device = "cuda:1"
+parameters.modelPath = "/models/tuned.pt"
+parameters.prealign = False
+try:
+    parameters.steps = 11
+    raise AssertionError("WithinRange(1, 10) accepted 11 steps")
+except ValueError:
+    pass
+
+# Round trip through a saved and reloaded scene.
+folder = Path(tempfile.mkdtemp(prefix="morphseek-scene-"))
+scene_file = folder / "scene.mrml"
+slicer.mrmlScene.SetRootDirectory(str(folder))
+slicer.mrmlScene.SetURL(str(scene_file))
+assert slicer.mrmlScene.Commit(str(scene_file)), "the scene was not written"
+reloaded = slicer.vtkMRMLScene()
+reloaded.SetURL(str(scene_file))
+assert reloaded.Connect(), "the scene did not load"
+slicer.mrmlScene = reloaded
+restored = module.MorphSeekLogic().getParameterNode()
+assert restored.steps == 5 and restored.candidates == 4 and abs(restored.temperature - 0.25) < 1e-9
+assert restored.device == "cuda:1" and restored.modelPath == "/models/tuned.pt" and restored.prealign is False
+assert restored.fixedVolume is not None and restored.fixedVolume.GetName() == "fixed CT"
+assert restored.fixedVolume.GetScene() is reloaded
+print("parameter node round trip through", scene_file.name, "ok")
+
+# A saved device that this computer does not have stays the saved value and is shown as such.
+from MorphSeekLib.logic import device_choices  # noqa: E402
+
+choices = device_choices(None, restored.device)
+assert [c.key for c in choices] == ["auto", "cpu", "cuda:1"] and "not checked yet" in choices[-1].label
+choices = device_choices([{"key": "cuda:0", "label": "GPU 0: H200 (139 GiB)"}], "cuda:1")
+assert [c.key for c in choices] == ["auto", "cpu", "cuda:0", "cuda:1"] and "not detected" in choices[-1].label
+
+# The self-test on a machine without torch: its torch part is skipped with a clear message.
+from MorphSeekLib import dependencies  # noqa: E402
+
+assert dependencies.missing() == ["torch"]
+test = module.MorphSeekTest()
+messages = []
+test.delayDisplay = lambda message, *args, **kwargs: messages.append(message)  # the dialog needs Qt
+test.runTest()
+assert any("PyTorch is not installed" in m and "skipped" in m for m in messages), messages
+assert "torch" not in sys.modules, "the self-test imported torch"
+print("self-test without torch:", messages[-1])
+print("ALL CHECKS PASSED")
