@@ -12,6 +12,7 @@ Two levels:
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import export, geometry, io, metrics
+from . import export, geometry, io, metrics, prealign as prealign_module
 from .checkpoint import load_checkpoint, resolve_device
 from .errors import Cancelled, MorphSeekError
 from .losses import similarity_loss
@@ -186,22 +187,28 @@ class RegistrationResult:
         }
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write the outputs of ``morphseek register`` into ``out_dir``."""
+        """Write the outputs of ``morphseek register`` into ``out_dir``: the final step's files, and a
+        ``step_NN/`` folder for each step whose images were kept (``keep_step_images``). Float
+        volumes are stored uncompressed inside their ``.nii.gz`` (they barely compress, and deflating
+        them took most of the time of a full-resolution run), label maps gzipped at level 1."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        io.write_image(self.warped, out / "warped.nii.gz")
+        float_level, label_level = export.FLOAT_GZIP_LEVEL, export.LABEL_GZIP_LEVEL
+        export.write_volume(self.warped, out / "warped.nii.gz", float_level)
         if self.warped_seg is not None:
-            io.write_image(self.warped_seg, out / "warped_seg.nii.gz")
+            export.write_volume(self.warped_seg, out / "warped_seg.nii.gz", label_level)
         export.write_field(self.field, out / "displacement.nii.gz")
         export.write_transform(self.field, out / "transform.h5")
-        io.write_image(self.jacobian, out / "jacobian.nii.gz")
+        export.write_volume(self.jacobian, out / "jacobian.nii.gz", float_level)
         for step in self.steps:
+            if step.field is None:  # images not kept for this step
+                continue
             folder = out / f"step_{step.index:02d}"
             folder.mkdir(exist_ok=True)
-            io.write_image(step.warped, folder / "warped.nii.gz")
+            export.write_volume(step.warped, folder / "warped.nii.gz", float_level)
             if step.warped_seg is not None:
-                io.write_image(step.warped_seg, folder / "warped_seg.nii.gz")
-            io.write_image(step.jacobian, folder / "jacobian.nii.gz")
+                export.write_volume(step.warped_seg, folder / "warped_seg.nii.gz", label_level)
+            export.write_volume(step.jacobian, folder / "jacobian.nii.gz", float_level)
             export.write_field(step.field, folder / "displacement.nii.gz")
         report_path = out / "report.json"
         tmp = report_path.with_suffix(".json.tmp")
@@ -221,6 +228,59 @@ def _dice_percent(fixed_seg: sitk.Image, warped_seg: sitk.Image, labels: list[in
         sitk.GetArrayViewFromImage(fixed_seg), sitk.GetArrayViewFromImage(warped_seg), labels
     )
     return {k: 100.0 * v for k, v in per_label.items()}
+
+
+#: Bytes per fixed-grid voxel that a registration's outputs hold at once: the field (3 x float32),
+#: its float64 copy for transform.h5 (3 x 8), the Jacobian and warped image (float32 each), plus
+#: the warped labels (float32 while sampled, then their pixel type) when segmentations are given.
+_BYTES_PER_FIXED_VOXEL = 12 + 24 + 4 + 4
+_BYTES_PER_FIXED_VOXEL_LABELS = 4 + 2 + 8  # + the fixed labels as int64 for Dice
+#: Work memory besides (slabs, the model grid, the interpreter and torch), bytes.
+_BASE_BYTES = 1.0e9
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to this process now (Linux MemAvailable, else the free physical
+    pages), or None when the system does not say."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def estimate_memory(fixed: sitk.Image, moving: sitk.Image, labels: bool) -> int:
+    """Peak bytes a registration needs beyond its inputs, dominated by the outputs on the fixed grid
+    (the network itself works on the small model grid)."""
+    n_fixed = int(np.prod(fixed.GetSize()))
+    n_moving = int(np.prod(moving.GetSize()))
+    per_voxel = _BYTES_PER_FIXED_VOXEL + (_BYTES_PER_FIXED_VOXEL_LABELS if labels else 0)
+    return int(n_fixed * per_voxel + n_moving * (4 + (4 if labels else 0)) + _BASE_BYTES)
+
+
+def check_memory(fixed: sitk.Image, moving: sitk.Image, labels: bool, device: torch.device,
+                 limit: int | None = None) -> None:
+    """Stop before any work when the outputs cannot fit: MorphSeekError naming the sizes and what to
+    change. ``limit``: bytes allowed (default: the memory available now, or the environment variable
+    MORPHSEEK_MEMORY_LIMIT_GB)."""
+    if limit is None:
+        env = os.environ.get("MORPHSEEK_MEMORY_LIMIT_GB")
+        limit = int(float(env) * 2**30) if env else available_memory()
+    if limit is None:
+        return
+    need = estimate_memory(fixed, moving, labels)
+    if need > limit:
+        raise MorphSeekError(
+            f"the fixed image {fixed.GetSize()} ({np.prod(fixed.GetSize()) / 1e6:.0f} M voxels) needs about "
+            f"{need / 2**30:.1f} GB for the registration's full-resolution outputs (displacement field, "
+            f"transform, warped image, Jacobian) and {limit / 2**30:.1f} GB are available: crop the fixed "
+            "image to the region of interest or resample it to a coarser grid (e.g. 1 mm), or free memory")
 
 
 def load_model(model, device: torch.device):
@@ -280,6 +340,7 @@ def register_images(
         )
 
     torch_device = resolve_device(device)
+    check_memory(fixed, moving, use_labels, torch_device)
     report("prepare", 0, 0.02, f"loading the model on {torch_device}")
     net, config = load_model(model, torch_device)
     grid = tuple(grid or config.get("grid") or (64, 64, 64))
@@ -291,7 +352,7 @@ def register_images(
     transform = sitk.Transform(3, sitk.sitkIdentity)
     if prealign == "affine":
         report("prepare", 0, 0.05, "affine pre-alignment")
-        transform = io.affine_prealign(fixed, moving)
+        transform = prealign_module.affine_prealign(fixed, moving, cancel=cancel)
     _check_cancel(cancel)
 
     report("prepare", 0, 0.1, f"resampling onto the model grid {grid}")
@@ -310,28 +371,56 @@ def register_images(
         fixed_l = io.labels_to_tensor(io.resample_to(fixed_seg, model_ref, is_label=True)).to(torch_device)
         moving_l = io.labels_to_tensor(io.resample_to(moving_seg, model_ref, transform, is_label=True)).to(torch_device)
 
-    generator = torch.Generator(device=torch_device).manual_seed(seed)
+    # Candidates are drawn from a CPU generator and moved to the device: the same seed gives the
+    # same candidates on every device.
+    generator = torch.Generator().manual_seed(seed)
+    # Export: the geometry (model grid -> fixed grid, pre-alignment, moving grids) once, then per step
+    # the physical field, the Jacobian and the warped volumes on the device, in float32.
+    exporter = export.FieldExporter(model_ref, fixed, transform, device=torch_device, dtype=torch.float32)
+    moving_source = exporter.source(moving)
+    seg_source = exporter.source(moving_seg, is_label=True) if moving_seg is not None else None
+    fixed_seg_array = sitk.GetArrayViewFromImage(fixed_seg) if use_labels else None
+
+    def dice_percent(warped_seg: torch.Tensor) -> dict[int, float]:
+        labels = torch.round(warped_seg).to(torch.int64).cpu().numpy()
+        return {k: 100.0 * v for k, v in metrics.dice_per_label(fixed_seg_array, labels, label_values).items()}
+
     initial_dice = None
     if use_labels:
-        moved0 = export.warp_original(moving_seg, fixed, export.physical_displacement(
-            torch.zeros(1, 3, *grid), model_ref, fixed, prealign=transform), is_label=True)
-        initial_dice = float(np.mean(list(_dice_percent(fixed_seg, moved0, label_values).values())))
+        zero = exporter.field(torch.zeros(1, 3, *grid, device=torch_device))
+        initial_dice = float(np.mean(list(dice_percent(exporter.warp(seg_source, zero)).values())))
+        del zero
 
     records: list[StepRecord] = []
 
     def finish_step(step: StepTensors) -> None:
+        """The step's total map on the fixed grid: its Jacobian (NJD) and, with labels, its Dice,
+        always; the images (field, warped image and labels, Jacobian) only for the last step or
+        when ``keep_step_images``."""
         _check_cancel(cancel)
-        field_img = export.physical_displacement(step.total, model_ref, fixed, prealign=transform)
-        warped = export.warp_original(moving, fixed, field_img)
-        warped_seg = export.warp_original(moving_seg, fixed, field_img, is_label=True) if moving_seg is not None else None
-        jac = export.jacobian_image(field_img)
-        njd = metrics.njd_percent_from_det(sitk.GetArrayViewFromImage(jac))
-        per_label = _dice_percent(fixed_seg, warped_seg, label_values) if use_labels else None
-        dice = float(np.mean(list(per_label.values()))) if per_label else None
         keep = keep_step_images or step.index == steps
-        record = StepRecord(step.index, step.candidates, step.kept, dice, per_label, njd, step.seconds,
-                            warped if keep else None, warped_seg if keep else None,
-                            jac if keep else None, field_img if keep else None)
+        field_t = exporter.field(step.total)
+        det = exporter.jacobian(field_t)
+        njd = 100.0 * float((det <= 0).sum()) / det.numel()
+        warped_t = warped_seg_t = None
+        if keep and seg_source is not None and moving_source.same_grid(seg_source):
+            warped_t, warped_seg_t = exporter.warp([moving_source, seg_source], field_t)  # one set of points
+        elif seg_source is not None:
+            warped_seg_t = exporter.warp(seg_source, field_t)
+        per_label = dice_percent(warped_seg_t) if use_labels else None
+        dice = float(np.mean(list(per_label.values()))) if per_label else None
+        images = (None, None, None, None)
+        if keep:
+            _check_cancel(cancel)
+            if warped_t is None:
+                warped_t = exporter.warp(moving_source, field_t)
+            warped = export.scalar_image(warped_t, fixed, np.float32)
+            warped_seg = (export.scalar_image(torch.round(warped_seg_t), fixed, seg_source.pixel_dtype)
+                          if warped_seg_t is not None else None)
+            images = (warped, warped_seg, export.scalar_image(det, fixed, np.float32),
+                      export.field_image(field_t, fixed))
+        del field_t, det, warped_t, warped_seg_t
+        record = StepRecord(step.index, step.candidates, step.kept, dice, per_label, njd, step.seconds, *images)
         records.append(record)
         dice_text = f", Dice {dice:.1f} %" if dice is not None else ""
         report("step", step.index, 0.15 + 0.85 * step.index / steps,
