@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import MorphSeekError
+from .geometry import difference
 from .io import PathLike, atomic_target, grid_differences, index_to_physical, same_grid, write_image
 
 #: Fixed-grid points handled at once on the CPU (about 100 MB of float64 work arrays per slab).
@@ -290,9 +291,10 @@ class FieldExporter:
             ratio = (disp.shape[2] - 1) / max(depth - 1, 1)
         for k0, k1 in self._slabs():
             if plane is not None:
-                z = torch.arange(k0, k1, device=self.device, dtype=torch.float64) * ratio
+                z = torch.arange(k0, k1, dtype=torch.float64) * ratio  # tiny, on the host
                 low = torch.clamp(torch.floor(z), 0, plane.shape[1] - 2).to(torch.long)
-                weight = (z - low).to(self.dtype).view(1, -1, 1, 1)
+                weight = (z - low).to(self.dtype).view(1, -1, 1, 1).to(self.device)
+                low = low.to(self.device)
                 u = torch.lerp(plane[:, low], plane[:, low + 1], weight)  # (3, K, H, W)
             else:
                 u = _sample(disp, self._grid(k0, k1, self.to_model), "bilinear", "border")  # (3, K, H, W)
@@ -370,19 +372,13 @@ def _jacobian_det(field: torch.Tensor, a: np.ndarray, slab_points: int) -> torch
 
 
 def _difference(values: torch.Tensor, axis: int, keep: slice) -> torch.Tensor:
-    """``numpy.gradient`` of ``values`` (K', H, W) along ``axis`` (unit spacing: central differences
-    inside, one-sided at both ends), for slices ``keep`` of axis 0 only (K, H, W)."""
-    if axis == 0 and values.shape[0] == 1:  # a one-slice volume has no k derivative
-        return torch.zeros_like(values[keep])
-    x = values if axis == 0 else values[keep]
-    n = x.shape[axis]
-    out = torch.empty_like(x)
-    if n > 2:
-        torch.sub(x.narrow(axis, 2, n - 2), x.narrow(axis, 0, n - 2), out=out.narrow(axis, 1, n - 2))
-        out.narrow(axis, 1, n - 2).mul_(0.5)
-    torch.sub(x.narrow(axis, 1, 1), x.narrow(axis, 0, 1), out=out.narrow(axis, 0, 1))
-    torch.sub(x.narrow(axis, n - 1, 1), x.narrow(axis, n - 2, 1), out=out.narrow(axis, n - 1, 1))
-    return out[keep] if axis == 0 else out
+    """``numpy.gradient`` of ``values`` (K', H, W) along ``axis`` (:func:`morphseek.geometry.difference`),
+    for the slices ``keep`` of axis 0 only (K, H, W)."""
+    if axis == 0:
+        if values.shape[0] == 1:  # a one-slice volume has no k derivative
+            return torch.zeros_like(values[keep])
+        return difference(values, 0)[keep]
+    return difference(values[keep], axis)
 
 
 def field_image(field: torch.Tensor, reference: sitk.Image) -> sitk.Image:

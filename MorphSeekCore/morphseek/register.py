@@ -12,8 +12,10 @@ Two levels:
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -33,7 +35,7 @@ CancelCallback = Callable[[], bool]
 
 @dataclass
 class Candidate:
-    """One sampled trajectory of a step, scored on the model grid."""
+    """One sampled trajectory of a step, scored on the model grid (nan: not scored, J = 1)."""
 
     reward: float
     dice_gain: float | None  # mean Dice (fraction) gained over the previous state; None without labels
@@ -72,12 +74,17 @@ class StepRecord:
         return {
             "step": self.index,
             "kept": self.kept,
-            "candidates": [asdict(c) for c in self.candidates],
+            "candidates": [_json_ready(asdict(c)) for c in self.candidates],
             "dice_percent": self.dice,
             "dice_per_label_percent": {str(k): v for k, v in (self.dice_per_label or {}).items()} or None,
             "njd_percent": self.njd_percent,
             "seconds": self.seconds,
         }
+
+
+def _json_ready(values: dict) -> dict:
+    """nan (not scored: a single candidate) becomes None, which JSON can hold."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items()}
 
 
 @dataclass
@@ -93,6 +100,43 @@ class ProgressEvent:
 def _check_cancel(cancel: CancelCallback | None) -> None:
     if cancel is not None and cancel():
         raise Cancelled("registration cancelled by the user")
+
+
+@contextmanager
+def mixed_precision(model: torch.nn.Module, device: torch.device, enabled: bool, dtype=torch.bfloat16):
+    """bf16 autocast of the network's convolutions and attention where it is safe (CUDA only): the
+    policy head (mu, sigma: the latent the LDVN sums are taken over) and the flow convolution (the
+    displacement itself) run in float32 with autocast off, and everything outside the network
+    (composition, warping, Jacobian, rewards) is float32 anyway. On the CPU (no bf16 instructions on
+    common CPUs: 15x slower, docs/CPU-COSTS) and when ``enabled`` is False it does nothing."""
+    if not enabled or device.type != "cuda":
+        yield
+        return
+    patched = [m for m in (getattr(model, "head", None), getattr(getattr(model, "backbone", None), "flow", None))
+               if isinstance(m, torch.nn.Module)]
+
+    def float32_forward(module):
+        original = module.forward
+
+        def forward(*args, **kwargs):
+            with torch.autocast(device_type=device.type, enabled=False):
+                args = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+                return original(*args, **kwargs)
+        return forward
+
+    for module in patched:
+        module.forward = float32_forward(module)
+    try:
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            yield
+    finally:
+        for module in patched:
+            del module.forward  # back to the class's forward
+
+
+def _expand(skips: list, batch: int) -> list:
+    """The encoder's outputs for ``batch`` candidates decoded at once (views, no copies)."""
+    return [s.expand(batch, *s.shape[1:]) if torch.is_tensor(s) and batch > 1 else s for s in skips]
 
 
 @torch.no_grad()
@@ -112,49 +156,90 @@ def refine(
     generator: torch.Generator | None = None,
     cancel: CancelCallback | None = None,
     on_step: Callable[[StepTensors], None] | None = None,
+    batch: int | None = None,
+    autocast: bool = False,
 ) -> list[StepTensors]:
     """T refinement steps on the model grid. With ``trajectories`` J > 1, each step scores the mean
     latent (candidate 0, what deterministic inference would keep) and J - 1 samples at temperature
     ``tau`` and keeps the best: by Dice gain when both label maps are given, otherwise by relative
     similarity gain; both minus ``|w_njd|`` times the folded fraction. Keeping the mean among the
-    candidates means the search never scores below deterministic inference."""
+    candidates means the search never scores below deterministic inference. With J = 1 nothing is
+    scored (there is nothing to choose): the candidate's reward, similarity gain and NJD are nan.
+
+    On a GPU the step runs without waiting for the host: labels are checked once before the loop,
+    scores stay on the device and are read back once per step (for the records), ``batch``
+    candidates are decoded in one call (default: all J on an accelerator, one at a time on the CPU,
+    where batching does not pay). Samples come from ``generator`` (use a CPU generator: the same seed
+    then gives the same candidates on every device). ``autocast``: bf16 where safe on CUDA
+    (:func:`mixed_precision`)."""
     if steps < 1 or trajectories < 1:
         raise MorphSeekError(f"steps and trajectories must be >= 1 (got {steps}, {trajectories})")
     use_labels = moving_labels is not None and fixed_labels is not None
     if use_labels and not label_values:
         raise MorphSeekError("label maps were given but they share no label")
+    device = fixed.device
+    score = trajectories > 1
+    batch = max(1, int(batch or (trajectories if device.type != "cpu" else 1)))
     sim = similarity_loss(similarity)
-    total = torch.zeros(1, 3, *fixed.shape[2:], device=fixed.device, dtype=fixed.dtype)
+    scorer = metrics.LabelDice(fixed_labels, label_values, moving_labels) if use_labels and score else None
+    total = torch.zeros(1, 3, *fixed.shape[2:], device=device, dtype=fixed.dtype)
     state = moving
-    prev_sim = float(sim(state, fixed))
-    prev_dice = float(metrics.dice_torch(fixed_labels, moving_labels, label_values)[0]) if use_labels else None
+    prev_sim = sim(state, fixed) if score else None
+    prev_dice = scorer(moving_labels)[0] if scorer is not None else None
     results: list[StepTensors] = []
     for t in range(1, steps + 1):
         _check_cancel(cancel)
         start = time.perf_counter()
-        enc = model.encode(state, fixed)
-        candidates: list[Candidate] = []
-        kept_state: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (total, warped, similarity)
-        for j in range(trajectories):
+        with mixed_precision(model, device, autocast):
+            enc = model.encode(state, fixed)
+        if not score:
+            with mixed_precision(model, device, autocast):
+                step_field = model.decode(enc.skips, enc.mu).float()
+            total = geometry.compose(total, step_field)
+            state = geometry.warp(moving, total)
+            nan = float("nan")
+            record = StepTensors(t, total, [Candidate(nan, None, nan, nan)], 0, time.perf_counter() - start)
+            results.append(record)
+            if on_step is not None:
+                on_step(record)
+            continue
+        # candidate 0 is the mean; the others are sampled (noise drawn from the generator's device,
+        # then moved: device-independent with a CPU generator)
+        latents = [enc.mu] + [model.sample(enc, tau, generator=generator) for _ in range(trajectories - 1)]
+        totals, warps, rows = [], [], []
+        for first in range(0, trajectories, batch):
             _check_cancel(cancel)
-            z = enc.mu if j == 0 else model.sample(enc, tau, generator=generator)
-            candidate_total = geometry.compose(total, model.decode(enc.skips, z))
-            warped = geometry.warp(moving, candidate_total)
-            sim_value = float(sim(warped, fixed))
-            sim_gain = (prev_sim - sim_value) / max(abs(prev_sim), 1e-12)
-            folded = float(geometry.folding_fraction(candidate_total)[0])
-            dice_gain = None
-            if use_labels:
-                warped_labels = geometry.warp_labels(moving_labels, candidate_total)
-                dice_gain = float(metrics.dice_torch(fixed_labels, warped_labels, label_values)[0]) - prev_dice
-            reward = (w_dice * dice_gain if use_labels else sim_gain) + w_njd * folded
-            candidates.append(Candidate(reward, dice_gain, sim_gain, 100.0 * folded))
-            kept_state.append((candidate_total, warped, sim_value))
-        kept = int(np.argmax([c.reward for c in candidates]))
+            z = torch.cat(latents[first:first + batch])
+            size = z.shape[0]
+            with mixed_precision(model, device, autocast):
+                step_field = model.decode(_expand(enc.skips, size), z).float()
+            candidate_total = geometry.compose(total.expand(size, -1, -1, -1, -1), step_field)
+            warped = geometry.warp(moving.expand(size, -1, -1, -1, -1), candidate_total)
+            sim_value = torch.stack([sim(warped[b:b + 1], fixed) for b in range(size)])
+            sim_gain = (prev_sim - sim_value) / prev_sim.abs().clamp(min=1e-12)
+            folded = geometry.folding_fraction(candidate_total)
+            if scorer is not None:
+                dice_gain = scorer(geometry.warp_labels(moving_labels.expand(size, -1, -1, -1, -1),
+                                                        candidate_total)) - prev_dice
+                reward = w_dice * dice_gain + w_njd * folded
+            else:
+                dice_gain = torch.full_like(sim_gain, float("nan"))
+                reward = sim_gain + w_njd * folded
+            rows.append(torch.stack([reward, dice_gain, sim_gain, sim_value, 100.0 * folded], dim=1))
+            totals.append(candidate_total)
+            warps.append(warped)
+        table = torch.cat(rows).float().cpu()  # the step's one read-back: every candidate's scores
+        kept = int(torch.argmax(table[:, 0]))
+        candidates = [Candidate(float(r[0]), float(r[1]) if use_labels else None, float(r[2]), float(r[4]))
+                      for r in table]
         # the kept candidate's image was resampled once from the original: it is the next state
-        total, state, prev_sim = kept_state[kept]
-        if use_labels:
-            prev_dice += candidates[kept].dice_gain
+        chunk, index = divmod(kept, batch)
+        total = totals[chunk][index:index + 1]
+        state = warps[chunk][index:index + 1]
+        prev_sim = rows[chunk][index, 3]
+        if scorer is not None:
+            prev_dice = prev_dice + rows[chunk][index, 1]
+        del totals, warps
         record = StepTensors(t, total, candidates, kept, time.perf_counter() - start)
         results.append(record)
         if on_step is not None:
@@ -309,13 +394,19 @@ def register_images(
     seed: int = 0,
     grid: tuple[int, int, int] | None = None,
     keep_step_images: bool = True,
+    autocast: bool = False,
     progress: ProgressCallback | None = None,
     cancel: CancelCallback | None = None,
     names: dict[str, str] | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with a MorphSeek model (object or checkpoint path).
 
-    ``names`` gives the inputs' names (files or Slicer nodes) for error messages."""
+    ``names`` gives the inputs' names (files or Slicer nodes) for error messages.
+    ``keep_step_images``: False exports only the last step's images (every step still gets its Dice
+    and NJD on the fixed grid). ``autocast``: bf16 where safe, CUDA only (:func:`mixed_precision`).
+    Peak memory is bounded by the fixed grid's outputs: :func:`check_memory` stops before any work
+    when they cannot fit. ``cancel()`` is polled between stages, inside the pre-alignment's optimiser
+    and between steps and candidates."""
     names = {"fixed": "fixed image", "moving": "moving image", "fixed_seg": "fixed segmentation",
              "moving_seg": "moving segmentation", **(names or {})}
     if prealign not in ("affine", "none"):
@@ -340,6 +431,11 @@ def register_images(
         )
 
     torch_device = resolve_device(device)
+    if torch_device.type == "mps":
+        raise MorphSeekError("Apple MPS is not supported: the engine is tested on CPU and CUDA only "
+                             "(3D grid sampling and float64 are incomplete on MPS); use --device cpu")
+    if torch_device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once
     check_memory(fixed, moving, use_labels, torch_device)
     report("prepare", 0, 0.02, f"loading the model on {torch_device}")
     net, config = load_model(model, torch_device)
@@ -431,14 +527,14 @@ def register_images(
         refine(net, moving_t, fixed_t, steps=steps, trajectories=trajectories, tau=tau,
                moving_labels=moving_l, fixed_labels=fixed_l, label_values=label_values,
                similarity=config.get("similarity", "mse"), generator=generator, cancel=cancel,
-               on_step=finish_step)
+               on_step=finish_step, autocast=autocast)
     except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU
         raise MorphSeekError(
             f"out of GPU memory registering at grid {grid} with {trajectories} candidates: "
             "use fewer candidates, a smaller grid or --device cpu") from exc
 
     last = records[-1]
-    settings = {"steps": steps, "trajectories": trajectories, "tau": tau, "prealign": prealign,
+    settings = {"steps": steps, "trajectories": trajectories, "tau": tau, "prealign": prealign, "autocast": autocast,
                 "device": str(torch_device), "seed": seed, "grid": list(grid),
                 "model": str(model) if isinstance(model, (str, Path)) else net.config.get("backbone", "model"),
                 "labels": label_values}

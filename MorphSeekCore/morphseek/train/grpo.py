@@ -197,15 +197,32 @@ def hard_rewards(
     previous_dice: Tensor,
     w_dice: float,
     w_njd: float,
+    scorer=None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Reward of one candidate total map (1, 3, D, H, W): nearest-neighbour label warp + bincount
-    Dice (metrics.dice_torch), folding fraction of the total map. Returns (reward, dice, njd) (B,)."""
+    """Reward of one candidate total map (1, 3, D, H, W): nearest-neighbour label warp + Dice of
+    hard labels, folding fraction of the total map. Returns (reward, dice, njd) (B,), on the
+    device of ``total`` (``previous_dice`` is moved there). ``scorer``: a
+    :class:`morphseek.metrics.LabelDice` built once for the pair (sync-free); None checks the
+    labels on every call (``metrics.dice_torch``)."""
     from morphseek.metrics import dice_torch
 
     warped = warp_labels(moving_labels, total)
-    dice = dice_torch(fixed_labels, warped, label_values).to(torch.float32)
+    dice = scorer(warped) if scorer is not None else dice_torch(fixed_labels, warped, label_values)
+    dice = dice.to(torch.float32)
     njd = folding_fraction(total).to(torch.float32)
+    previous_dice = torch.as_tensor(previous_dice, dtype=torch.float32).to(dice.device)
     return w_dice * (dice - previous_dice) + w_njd * njd, dice, njd
+
+
+def label_scorer(sample: PairLike):
+    """The pair's :class:`~morphseek.metrics.LabelDice` (labels checked once, on the host), or None
+    for a label-free pair."""
+    if not check_pair_labels(sample, required=False):
+        return None
+    from morphseek.metrics import LabelDice
+
+    values = _foreground(sample.label_values, sample.fixed_labels.device)
+    return LabelDice(sample.fixed_labels, values, sample.moving_labels)
 
 
 class TargetKLController:
@@ -289,11 +306,18 @@ class UpdateOutcome:
     """What one GRPO step produced: the next state's total map, the chosen trajectory, the stats."""
 
     total: Tensor  # (1, 3, D, H, W) detached: Phi_t = Phi_{t-1} o phi_{j*}
-    best: int
+    best: int  # j* (-1 for a label-free pair); a 0-dim device tensor when not synchronised
     rewards: Tensor  # (J,)
     dice: Tensor  # (J,) hard Dice of each candidate (fraction)
     njd: Tensor  # (J,) folding fraction of each candidate
-    stats: dict[str, float]
+    stats: dict[str, float]  # 0-dim device tensors when not synchronised (``sync=False``)
+
+    @property
+    def best_dice(self) -> Tensor | None:
+        """(1,) hard Dice of the kept trajectory, on the device (None for a label-free pair)."""
+        if isinstance(self.best, int) and self.best < 0:
+            return None
+        return self.dice.gather(0, torch.as_tensor(self.best, device=self.dice.device).view(1))
 
 
 def _leaf(t: Tensor) -> Tensor:
@@ -311,8 +335,18 @@ def compute_grpo_gradients(
     lambda_reg: float,
     generator: torch.Generator | None = None,
     memory_flat: bool | None = None,
+    scorer=None,
+    sync: bool = True,
 ) -> UpdateOutcome:
     """Accumulate the gradients of one GRPO step into ``model``'s parameters (no optimiser step).
+
+    Every tensor is created on the pair's device and nothing is read back to the host until the
+    end: the running best trajectory is kept with ``torch.where`` (flat memory, no comparison on the
+    host), and the statistics are read back in one transfer when ``sync`` (else they stay 0-dim
+    device tensors and ``best`` a device index: the step is then free of host synchronisation,
+    which the tests check on the meta device). ``scorer``: the pair's :func:`label_scorer` (built
+    here when None). Noise is drawn from ``generator`` on the CPU and moved: the same seed gives
+    the same trajectories on every device.
 
     ``total_prev`` is Phi_{t-1} (zeros at t = 1); ``previous_dice`` its hard Dice (None: computed).
     For a label-free pair only L_warm contributes and the state advances by the deterministic step.
@@ -336,37 +370,41 @@ def compute_grpo_gradients(
     lam_w = config.lambda_warm
     warm, warm_parts, step0 = warm_objective(model, skips, mu, log_sigma, moving, fixed, total_prev,
                                              similarity, lambda_reg, beta_kl)
-    stats: dict[str, float] = {f"warm_{k}": float(v) for k, v in warm_parts.items()}
-    stats["loss_warm"] = float(warm.detach())
+    stats: dict[str, Tensor] = {f"warm_{k}": v for k, v in warm_parts.items()}
+    stats["loss_warm"] = warm.detach()
     stats["kl"] = stats.pop("warm_kl")
-    stats["beta_kl"] = float(beta_kl)
     if memory_flat:
         (lam_w * warm).backward()  # its decoder graph is freed before the trajectories run
 
+    device = moving.device
     if not labelled:
         if memory_flat:
             _encoder_backward(enc, skips, mu, log_sigma)
         else:
             (lam_w * warm).backward()
         total = compose(total_prev, step0.detach()).detach()
-        stats.update(loss=float(lam_w * warm.detach()), loss_policy=0.0, loss_dice=0.0, labelled=0.0)
-        empty = torch.zeros(0)
-        return UpdateOutcome(total, -1, empty, empty, empty, stats)
+        zero = torch.zeros((), device=device)
+        stats.update(loss=lam_w * warm.detach(), loss_policy=zero, loss_dice=zero, labelled=zero)
+        empty = torch.zeros(0, device=device)
+        return _finish(UpdateOutcome(total, -1, empty, empty, empty, stats), beta_kl, sync)
 
-    values = _foreground(sample.label_values, moving.device)
+    values = _foreground(sample.label_values, device)
     fixed_oh = _onehot_fixed(sample, values)
+    if scorer is None:
+        scorer = label_scorer(sample)
     if previous_dice is None:
-        from morphseek.metrics import dice_torch
-
         with torch.no_grad():
-            previous_dice = dice_torch(sample.fixed_labels, warp_labels(sample.moving_labels, total_prev), values)
-    previous_dice = previous_dice.to(torch.float32)
+            previous_dice = scorer(warp_labels(sample.moving_labels, total_prev))
+    previous_dice = torch.as_tensor(previous_dice, dtype=torch.float32).to(device)
 
     J, tau = config.trajectories, config.tau
-    eps = torch.randn((J, *mu.shape[1:]), generator=generator, dtype=mu.dtype, device="cpu").to(mu.device)
-    rewards, dices, njds = torch.zeros(J), torch.zeros(J), torch.zeros(J)
+    eps = torch.randn((J, *mu.shape[1:]), generator=generator, dtype=mu.dtype, device="cpu").to(device)
+    rewards = torch.zeros(J, device=device)
+    dices = torch.zeros(J, device=device)
+    njds = torch.zeros(J, device=device)
     z_all = []
-    best, best_total = -1, None
+    best = torch.zeros((), dtype=torch.long, device=device)
+    best_total = None
     dice_losses = []
     for j in range(J):
         # Reparameterised (soft Dice reaches mu and sigma); exp is taken per trajectory so that each
@@ -376,58 +414,88 @@ def compute_grpo_gradients(
             total_j = compose(total_prev, model.decode(skips, z))
         z_all.append(z.detach())
         r, d, n = hard_rewards(total_j.detach(), sample.moving_labels, sample.fixed_labels, values,
-                               previous_dice, config.w_dice, config.w_njd)
+                               previous_dice, config.w_dice, config.w_njd, scorer=scorer)
         rewards[j], dices[j], njds[j] = r[0], d[0], n[0]
-        if best < 0 or rewards[j] > rewards[best]:
-            best, best_total = j, total_j.detach()
+        # running best on the device: the first trajectory, then any with a strictly larger reward
+        if best_total is None:
+            best_total = total_j.detach().clone()
+        else:
+            better = rewards[j] > _pick(rewards, best)
+            best = torch.where(better, torch.full_like(best, j), best)
+            best_total = torch.where(better, total_j.detach(), best_total)
         if config.lambda_dice == 0:  # logged only
             with torch.no_grad():
                 value = _soft_dice(fixed_oh, sample.moving_labels, total_j, values)
-            dice_losses.append(float(value) if memory_flat else value)
+            dice_losses.append(value.detach())
             continue
         dice_j = _soft_dice(fixed_oh, sample.moving_labels, total_j, values)
         if memory_flat:
             # Free this trajectory's graph now; keep the leaves' (and mu/sigma's) gradients.
             (config.lambda_dice / J * dice_j).backward(retain_graph=False)
-            dice_losses.append(float(dice_j.detach()))
+            dice_losses.append(dice_j.detach())
         else:
             dice_losses.append(dice_j)
         del total_j
 
     if config.policy:
-        advantages = group_advantages(rewards).to(mu.device)
+        advantages = group_advantages(rewards).to(device)
         rel_log_pi, scale = relative_log_likelihoods(torch.cat(z_all), mu, log_sigma, tau, config.ldvn,
                                                      config.ldvn_target_std)
         policy = -(advantages * rel_log_pi).mean()
     else:  # Dice-supervised baseline: the same step without the policy term
-        rel_log_pi, scale = torch.zeros(J), float("nan")
+        rel_log_pi, scale = torch.zeros(J, device=device), float("nan")
         policy = (mu * 0.0).sum()
 
+    if memory_flat or config.lambda_dice == 0:
+        dice_term = torch.stack(dice_losses).mean()
     if memory_flat:
         policy.backward()
         _encoder_backward(enc, skips, mu, log_sigma)
-        loss_dice = float(np.mean(dice_losses))
     else:
-        dice_term = torch.stack(dice_losses).mean()
-        (policy + lam_w * warm + config.lambda_dice * dice_term).backward()
-        loss_dice = float(dice_term.detach())
+        if config.lambda_dice != 0:
+            dice_term = torch.stack(dice_losses).mean()
+            (policy + lam_w * warm + config.lambda_dice * dice_term).backward()
+        else:
+            (policy + lam_w * warm).backward()
+    loss_dice = dice_term.detach()
 
     stats.update(
-        loss=float(policy.detach()) + lam_w * stats["loss_warm"] + config.lambda_dice * loss_dice,
-        loss_policy=float(policy.detach()),
+        loss=policy.detach() + lam_w * stats["loss_warm"] + config.lambda_dice * loss_dice,
+        loss_policy=policy.detach(),
         loss_dice=loss_dice,
-        labelled=1.0,
-        reward_mean=float(rewards.mean()),
-        reward_std=float(rewards.std(unbiased=False)),
-        reward_best=float(rewards[best]),
-        dice_prev=float(previous_dice[0]),
-        dice_best=float(dices[best]),
-        njd_best=float(njds[best]),
-        log_pi_rel_std=float(rel_log_pi.detach().std(unbiased=False)),
-        ldvn_scale=float(scale),
-        sigma_mean=float(torch.exp(log_sigma.detach()).mean()),
+        labelled=torch.ones((), device=device),
+        reward_mean=rewards.mean(),
+        reward_std=rewards.std(unbiased=False),
+        reward_best=_pick(rewards, best),
+        dice_prev=previous_dice.reshape(-1)[0],
+        dice_best=_pick(dices, best),
+        njd_best=_pick(njds, best),
+        log_pi_rel_std=rel_log_pi.detach().std(unbiased=False),
+        ldvn_scale=torch.as_tensor(float(scale), device=device),
+        sigma_mean=torch.exp(log_sigma.detach()).mean(),
     )
-    return UpdateOutcome(best_total, best, rewards, dices, njds, stats)
+    return _finish(UpdateOutcome(best_total, best, rewards, dices, njds, stats), beta_kl, sync)
+
+
+def _pick(values: Tensor, index: Tensor) -> Tensor:
+    """values[index] for a 0-dim device index, without reading the index back to the host."""
+    return values.gather(0, index.reshape(1))[0]
+
+
+def _finish(outcome: UpdateOutcome, beta_kl: float, sync: bool) -> UpdateOutcome:
+    """With ``sync``: the statistics and the kept index read back to the host in one transfer."""
+    if not sync:
+        outcome.stats["beta_kl"] = float(beta_kl)
+        return outcome
+    names = list(outcome.stats)
+    best = outcome.best if isinstance(outcome.best, int) else None
+    values = torch.stack([outcome.stats[k].detach().reshape(()).to(torch.float64) for k in names]
+                         + ([outcome.best.to(torch.float64)] if best is None else [])).cpu().tolist()
+    if best is None:
+        best = int(values.pop())
+    stats = dict(zip(names, values))
+    stats["beta_kl"] = float(beta_kl)
+    return dataclasses.replace(outcome, best=best, stats=stats)
 
 
 def _encoder_backward(enc, skips: Sequence[Tensor], mu: Tensor, log_sigma: Tensor) -> None:
@@ -452,12 +520,14 @@ def grpo_update(
     similarity: Callable[[Tensor, Tensor], Tensor],
     lambda_reg: float,
     generator: torch.Generator | None = None,
+    scorer=None,
 ) -> UpdateOutcome:
-    """One refinement step of fine-tuning: gradients (memory-flat), one optimiser step, greedy state."""
+    """One refinement step of fine-tuning: gradients (memory-flat), one optimiser step, greedy state.
+    ``scorer``: the pair's :func:`label_scorer`, built once per pair by the caller (else per step)."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     outcome = compute_grpo_gradients(model, sample, total_prev, previous_dice, config, beta_kl,
-                                     similarity, lambda_reg, generator)
+                                     similarity, lambda_reg, generator, scorer=scorer)
     optimizer.step()
     return outcome
 
@@ -632,6 +702,7 @@ def grpo_finetune(
 
     history: list[dict[str, Any]] = []
     validation: dict[str, float] = {}
+    scorers: dict[int, Any] = {}
     stopped = False
     episode = start_episode
     try:
@@ -647,12 +718,14 @@ def grpo_finetune(
                 if cancel is not None and cancel():
                     raise Cancelled("GRPO fine-tuning cancelled")
                 tick = time.perf_counter()
+                if index not in scorers:  # labels checked once per pair, on the host
+                    scorers[index] = label_scorer(sample)
                 outcome = grpo_update(model, optimizer, sample, total, previous_dice, config,
-                                      controller.beta, similarity, lambda_reg, generator)
+                                      controller.beta, similarity, lambda_reg, generator, scorers[index])
                 optimizer_steps += 1
                 controller.update(outcome.stats["kl"])
                 total = outcome.total
-                if outcome.best >= 0:
+                if outcome.best >= 0:  # on the pair's device, as the next step's rewards
                     previous_dice = outcome.dice[outcome.best : outcome.best + 1]
                 row = {"episode": episode, "pair": index, "step": t, "optimizer_step": optimizer_steps,
                        **outcome.stats, "beta_kl_next": controller.beta, "kl_target": controller.target,
