@@ -86,6 +86,8 @@ def _add_register(sub) -> None:
                    help="candidates J per step for test-time search (default 1: deterministic)")
     p.add_argument("--tau", type=float, default=0.3, help="sampling temperature of the search")
     p.add_argument("--prealign", choices=["affine", "none"], default="affine")
+    p.add_argument("--step-images", action="store_true",
+                   help="also write every step's images into step_NN/ folders (default: the last step only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(run=_run_register)
@@ -110,7 +112,7 @@ def _run_register(args) -> int:
         result = register_images(fixed, moving, args.model, fixed_seg=fixed_seg, moving_seg=moving_seg,
                                  steps=args.steps, trajectories=args.trajectories, tau=args.tau,
                                  prealign=args.prealign, device=args.device, seed=args.seed,
-                                 progress=progress,
+                                 keep_step_images=args.step_images, progress=progress,
                                  names={"fixed": args.fixed, "moving": args.moving,
                                         "fixed_seg": args.fixed_seg or "", "moving_seg": args.moving_seg or ""})
     result.save(args.out)
@@ -192,13 +194,19 @@ def _run_demo(args) -> int:
 
 # ------------------------------------------------------------------------------------- finetune
 def _add_finetune(sub) -> None:
-    from .train import grpo
+    from .train.config import add_finetune_arguments  # torch-free: --help stays fast
 
     p = sub.add_parser("finetune", help="stage C: GRPO fine-tuning with LDVN on labelled pairs",
                        description="Fine-tune a warmed-up model on a few labelled pairs with Group "
                        "Relative Policy Optimisation in the latent space (docs/GRPO.md).")
-    grpo.add_finetune_arguments(p)
-    p.set_defaults(run=grpo.run_finetune)
+    add_finetune_arguments(p)
+    p.set_defaults(run=_run_finetune)
+
+
+def _run_finetune(args) -> int:
+    from .train.grpo import run_finetune
+
+    return run_finetune(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
