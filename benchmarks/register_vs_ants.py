@@ -15,6 +15,7 @@ pre-alignment, the network steps, export and writing all outputs); ANTs runs
 images, writing the warped image), both with the same number of threads.
 
     python benchmarks/register_vs_ants.py --threads 2 --repeats 3            # both sizes, 2 pairs
+    python benchmarks/register_vs_ants.py --ants-python /path/to/ants-env/bin/python
     python benchmarks/register_vs_ants.py --sizes 2mm --pairs 1 --no-ants    # quick, MorphSeek only
 
 antspyx is a benchmark-only dependency (``pip install -e 'MorphSeekCore[benchmark]'``); without it
@@ -148,6 +149,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-ants", action="store_true", help="MorphSeek only")
+    parser.add_argument("--ants-python", default=sys.executable,
+                        help="interpreter with antspyx (default: this one; antspyx pins numpy < 2.4, so a "
+                             "separate environment keeps it away from the engine's)")
     parser.add_argument("--no-labels", action="store_true", help="register without the segmentations")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "data" / "register_vs_ants")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "register_vs_ants.jsonl")
@@ -161,12 +165,11 @@ def main() -> int:
                PYTHONPATH=str(ROOT / "MorphSeekCore") + os.pathsep + env.get("PYTHONPATH", ""))
     have_ants = False
     if not args.no_ants:
-        try:
-            import ants  # noqa: F401
-
-            have_ants = True
-        except ImportError:
-            print("antspyx is not installed (pip install antspyx): ANTs rows skipped", file=sys.stderr)
+        probe = subprocess.run([args.ants_python, "-c", "import ants"], capture_output=True)
+        have_ants = probe.returncode == 0
+        if not have_ants:
+            print(f"antspyx is not importable by {args.ants_python} (pip install antspyx): ANTs rows skipped",
+                  file=sys.stderr)
 
     rows = []
     load = os.getloadavg()[0]
@@ -182,7 +185,7 @@ def main() -> int:
                 ms_cmd += ["--fixed-seg", str(fixed_seg), "--moving-seg", str(moving_seg)]
             tools = [("morphseek", ms_cmd)]
             if have_ants:
-                tools.append(("ants-syn", [sys.executable, "-c", _ANTS, str(fixed), str(moving),
+                tools.append(("ants-syn", [args.ants_python, "-c", _ANTS, str(fixed), str(moving),
                                            str(args.work / "out" / f"ants_{size}_{moving_id}_{fixed_id}.nii.gz")]))
             measured = {}
             for name, command in tools:

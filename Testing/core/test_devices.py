@@ -99,3 +99,56 @@ def test_refine_batched_candidates_equal_one_at_a_time_and_single_candidate_is_n
     enc = model.encode(moving, fixed)
     expected = geometry.compose(torch.zeros(1, 3, *SHAPE), model.decode(enc.skips, enc.mu))
     torch.testing.assert_close(single[0].total, expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# On the --device given to pytest (CPU by default; `--device cuda` on a GPU machine)
+# --------------------------------------------------------------------------------------------------
+def _blobs(device, shape=(32, 32, 32)):
+    k, j, i = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij")
+    c = [n / 2 for n in shape]
+
+    def blob(dz, dy):
+        return torch.exp(-((k - c[0] - dz) ** 2 + (j - c[1] - dy) ** 2 + (i - c[2]) ** 2) / 40.0)
+
+    fixed, moving = blob(0.0, 0.0), blob(2.5, -1.5)
+    labels = lambda image: ((image > 0.3).long() + (image > 0.7).long())[None, None]  # noqa: E731
+    return (moving[None, None].to(device), fixed[None, None].to(device), labels(moving).to(device),
+            labels(fixed).to(device))
+
+
+def test_grpo_two_steps_on_the_device(device):
+    from morphseek.train.grpo import grpo_update
+
+    torch.manual_seed(0)
+    model = build_model({"backbone": "tiny"}).to(device)
+    moving, fixed, labels_m, labels_f = _blobs(device)
+    sample = SimpleNamespace(moving=moving, fixed=fixed, moving_labels=labels_m, fixed_labels=labels_f,
+                             label_values=[1, 2])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    config = GRPOConfig(trajectories=3)
+    total, previous = torch.zeros(1, 3, *moving.shape[2:], device=device), None
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):  # the second step is where the CUDA crash happened
+        outcome = grpo_update(model, optimizer, sample, total, previous, config, 1e-3, similarity_loss("mse"),
+                              1.0, generator)
+        assert outcome.total.device == torch.device(device) and outcome.dice.device == torch.device(device)
+        total, previous = outcome.total, outcome.dice[outcome.best:outcome.best + 1]
+        assert isinstance(outcome.best, int) and all(isinstance(v, float) for v in outcome.stats.values())
+
+
+def test_refine_on_the_device_agrees_with_the_cpu(device):
+    torch.manual_seed(0)
+    model = build_model({"backbone": "tiny"}).eval()
+    moving, fixed, labels_m, labels_f = _blobs("cpu")
+    kwargs = dict(steps=2, trajectories=3, tau=0.5, label_values=[1, 2])
+    on_cpu = refine(model, moving, fixed, moving_labels=labels_m, fixed_labels=labels_f,
+                    generator=torch.Generator().manual_seed(5), **kwargs)
+    model_dev = build_model({"backbone": "tiny"}).eval()
+    model_dev.load_state_dict(model.state_dict())
+    model_dev = model_dev.to(device)
+    on_dev = refine(model_dev, moving.to(device), fixed.to(device), moving_labels=labels_m.to(device),
+                    fixed_labels=labels_f.to(device), generator=torch.Generator().manual_seed(5), **kwargs)
+    for a, b in zip(on_cpu, on_dev):
+        assert a.kept == b.kept  # the same candidates were drawn (CPU generator) and ranked alike
+        torch.testing.assert_close(b.total.cpu(), a.total, rtol=1e-3, atol=1e-3)
