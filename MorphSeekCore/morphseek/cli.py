@@ -86,6 +86,9 @@ def _add_register(sub) -> None:
                    help="candidates J per step for test-time search (default 1: deterministic)")
     p.add_argument("--tau", type=float, default=0.3, help="sampling temperature of the search")
     p.add_argument("--prealign", choices=["affine", "none"], default="affine")
+    p.add_argument("--adapt", type=int, default=0, metavar="N",
+                   help="after the network's steps, N iterations of test-time optimisation of the map on "
+                   "this pair (one more step in the report; default 0: none)")
     p.add_argument("--step-images", action="store_true",
                    help="also write every step's images into step_NN/ folders (default: the last step only)")
     p.add_argument("--seed", type=int, default=0)
@@ -112,7 +115,7 @@ def _run_register(args) -> int:
         result = register_images(fixed, moving, args.model, fixed_seg=fixed_seg, moving_seg=moving_seg,
                                  steps=args.steps, trajectories=args.trajectories, tau=args.tau,
                                  prealign=args.prealign, device=args.device, seed=args.seed,
-                                 keep_step_images=args.step_images, progress=progress,
+                                 adapt=args.adapt, keep_step_images=args.step_images, progress=progress,
                                  names={"fixed": args.fixed, "moving": args.moving,
                                         "fixed_seg": args.fixed_seg or "", "moving_seg": args.moving_seg or ""})
     result.save(args.out)
@@ -128,7 +131,8 @@ def format_step_table(result) -> str:
         lines.append(f"{0:>4} {'-':>6} {result.initial_dice:>8.2f} {0.0:>8.3f} {'-':>8}")
     for s in result.steps:
         dice = f"{s.dice:.2f}" if s.dice is not None else "-"
-        lines.append(f"{s.index:>4} {f'{s.kept + 1}/{len(s.candidates)}':>6} {dice:>8} {s.njd_percent:>8.3f} {s.seconds:>8.2f}")
+        kept = "adapt" if s.kind == "adapt" else f"{s.kept + 1}/{len(s.candidates)}"
+        lines.append(f"{s.index:>4} {kept:>6} {dice:>8} {s.njd_percent:>8.3f} {s.seconds:>8.2f}")
     return "\n".join(lines)
 
 

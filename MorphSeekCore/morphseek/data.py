@@ -134,8 +134,8 @@ class Dataset:
         """Tensors of ``pair = (moving_id, fixed_id)`` on the model grid of ``grid_shape`` (D, H, W)
         covering the fixed image (default: the manifest's ``grid``, else the fixed image's own size).
 
-        Intensities are normalised per image (1st-99th percentile to [0, 1]) before resampling; the
-        moving image goes straight from its own grid to the model grid through physical space (one
+        Images are prepared by ``io.image_to_model_grid``, as in registration (normalised per image,
+        1st-99th percentile to [0, 1], before resampling; outside is 0); the moving image goes straight from its own grid to the model grid through physical space (one
         interpolation, the same as onto the fixed grid and then onto the model grid, without the
         second blur); labels by nearest neighbour. Results are cached per subject and model grid."""
         moving_id, fixed_id = self._check_pair(pair)
@@ -178,19 +178,18 @@ class Dataset:
             return cached
         entry = self.subject(subject_id)
         image = image if image is not None else self._read_image(subject_id)
-        normalised = io.from_array(io.normalise_intensities(sitk.GetArrayViewFromImage(image),
-                                                            name=str(entry.image)), image)
         labels = None
         if entry.labels is not None:
             labels = io.read_labels(entry.labels, reference=image,
                                     what=f"label map of subject '{subject_id}'")
         if stretch_to is not None:
-            normalised = with_extent_of(normalised, stretch_to)
+            image = with_extent_of(image, stretch_to)
             labels = None if labels is None else with_extent_of(labels, stretch_to)
-        volume_image = io.to_tensor(io.resample_to(normalised, reference))
+        # the same preparation as registration's (normalise on the image's voxels, then resample)
+        volume_image = io.image_to_model_grid(image, reference, name=str(entry.image))
         volume_labels, values = None, frozenset()
         if labels is not None:
-            resampled = io.labels_to_tensor(io.resample_to(labels, reference, is_label=True)).to(torch.int32)
+            resampled = io.labels_to_model_grid(labels, reference).to(torch.int32)
             volume_labels = resampled
             values = frozenset(int(v) for v in torch.unique(resampled).tolist() if v != 0)
         volume = _Volume(volume_image, volume_labels, values)

@@ -289,6 +289,55 @@ def model_grid(reference: sitk.Image, shape: Sequence[int]) -> sitk.Image:
     return grid
 
 
+def model_grid_at(reference: sitk.Image, spacing: float, divisor: int = 1,
+                  direction: Sequence[float] | None = None) -> sitk.Image:
+    """An empty float32 grid of isotropic ``spacing`` mm covering ``reference``'s physical extent.
+
+    Its axes are ``direction`` (9 numbers, row-major; default the reference's own), so a model
+    always sees images in the axes it was trained in, whatever the file's storage order; its size is
+    the reference's bounding box in those axes, rounded up to a multiple of ``divisor`` (the
+    backbone's), and it is centred on the reference's centre (the rounding pads both sides)."""
+    if spacing <= 0 or not np.isfinite(spacing):
+        raise MorphSeekError(f"model grid spacing must be a positive number of mm, got {spacing}")
+    axes = np.asarray(direction if direction is not None else reference.GetDirection(), dtype=np.float64)
+    axes = axes.reshape(3, 3)
+    size = np.asarray(reference.GetSize(), dtype=np.float64)
+    a_ref = np.asarray(reference.GetDirection()).reshape(3, 3) * np.asarray(reference.GetSpacing())
+    corners = np.array([[i, j, k] for i in (-0.5, size[0] - 0.5) for j in (-0.5, size[1] - 0.5)
+                        for k in (-0.5, size[2] - 0.5)])
+    points = corners @ a_ref.T + np.asarray(reference.GetOrigin())  # physical corners (8, 3)
+    in_axes = points @ axes  # coordinates along the model axes (columns of ``axes``)
+    extent = in_axes.max(axis=0) - in_axes.min(axis=0)
+    n = np.maximum(np.ceil(extent / spacing - 1e-6), 1)
+    n = (np.ceil(n / divisor) * divisor).astype(int)
+    centre = points.mean(axis=0)
+    origin = centre - axes @ (spacing * (n - 1) / 2.0)
+    grid = sitk.Image([int(v) for v in n], sitk.sitkFloat32)
+    grid.SetSpacing([float(spacing)] * 3)
+    grid.SetDirection(axes.flatten().tolist())
+    grid.SetOrigin(origin.tolist())
+    return grid
+
+
+def image_to_model_grid(image: sitk.Image, model_ref: sitk.Image, transform: sitk.Transform | None = None,
+                        percentiles: Sequence[float] = (1.0, 99.0), name: str = "image") -> torch.Tensor:
+    """THE way an image becomes a network input, in training and in registration alike.
+
+    Intensities are normalised on the image's own voxels (``percentiles`` -> [0, 1], clipped), then
+    the image is resampled linearly onto ``model_ref`` through ``transform`` (fixed -> moving points,
+    None = identity); points outside it get 0, the normalised background (so a CT is padded with
+    air, not with 0 HU). Returns float32 (1, 1, D, H, W)."""
+    low, high = percentiles
+    normalised = from_array(normalise_intensities(sitk.GetArrayViewFromImage(image), low, high, name=name), image)
+    return to_tensor(resample_to(normalised, model_ref, transform))
+
+
+def labels_to_model_grid(labels: sitk.Image, model_ref: sitk.Image,
+                         transform: sitk.Transform | None = None) -> torch.Tensor:
+    """A label map on ``model_ref`` (nearest neighbour through ``transform``) as int64 (1, 1, D, H, W)."""
+    return labels_to_tensor(resample_to(labels, model_ref, transform, is_label=True))
+
+
 def resample_to(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform | None = None,
                 is_label: bool = False, default: float = 0.0) -> sitk.Image:
     """Resample ``image`` onto ``reference``'s grid: linear for intensities, nearest neighbour for

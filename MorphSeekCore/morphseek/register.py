@@ -25,6 +25,8 @@ import SimpleITK as sitk
 import torch
 
 from . import export, geometry, io, metrics, prealign as prealign_module
+from .adapt import AdaptSettings, fine_grid_shape
+from .adapt import adapt as adapt_total
 from .checkpoint import load_checkpoint, resolve_device
 from .errors import Cancelled, MorphSeekError
 from .losses import similarity_loss
@@ -52,6 +54,7 @@ class StepTensors:
     candidates: list[Candidate]
     kept: int
     seconds: float
+    kind: str = "network"
 
 
 @dataclass
@@ -69,10 +72,12 @@ class StepRecord:
     warped_seg: sitk.Image | None = field(default=None, repr=False)
     jacobian: sitk.Image | None = field(default=None, repr=False)
     field: sitk.Image | None = field(default=None, repr=False)
+    kind: str = "network"  # "network": a policy step; "adapt": test-time optimisation (morphseek.adapt)
 
     def summary(self) -> dict:
         return {
             "step": self.index,
+            "kind": self.kind,
             "kept": self.kept,
             "candidates": [_json_ready(asdict(c)) for c in self.candidates],
             "dice_percent": self.dice,
@@ -308,13 +313,6 @@ def _label_values(fixed_seg: sitk.Image, moving_seg: sitk.Image) -> list[int]:
     return [int(v) for v in np.intersect1d(f, m) if v != 0]
 
 
-def _dice_percent(fixed_seg: sitk.Image, warped_seg: sitk.Image, labels: list[int]) -> dict[int, float]:
-    per_label = metrics.dice_per_label(
-        sitk.GetArrayViewFromImage(fixed_seg), sitk.GetArrayViewFromImage(warped_seg), labels
-    )
-    return {k: 100.0 * v for k, v in per_label.items()}
-
-
 #: Bytes per fixed-grid voxel that a registration's outputs hold at once: the field (3 x float32),
 #: its float64 copy for transform.h5 (3 x 8), the Jacobian and warped image (float32 each), plus
 #: the warped labels (float32 while sampled, then their pixel type) when segmentations are given.
@@ -368,6 +366,35 @@ def check_memory(fixed: sitk.Image, moving: sitk.Image, labels: bool, device: to
             "image to the region of interest or resample it to a coarser grid (e.g. 1 mm), or free memory")
 
 
+def _adapt_step(last: StepTensors, moving_t: torch.Tensor, fixed_t: torch.Tensor, moving: sitk.Image,
+                fixed: sitk.Image, transform: sitk.Transform, model_ref: sitk.Image, percentiles, names: dict,
+                iterations: int, settings: AdaptSettings | None, moving_l, fixed_l, label_values,
+                cancel) -> StepTensors:
+    """Test-time optimisation after the network's last step, as one more step record. With
+    ``settings.scale`` > 1 the images are prepared again (``io.image_to_model_grid``) on a grid that
+    many times finer with the same corners, so the similarity sees detail the model grid loses."""
+    settings = AdaptSettings(**{**vars(settings or AdaptSettings()), "iterations": iterations})
+    if settings.scale > 1:
+        shape = fine_grid_shape(last.total.shape[2:], settings.scale)
+        fine_ref = sitk.Image([int(n) for n in shape[::-1]], sitk.sitkFloat32)
+        fine_ref.SetDirection(model_ref.GetDirection())
+        fine_ref.SetOrigin(model_ref.GetOrigin())
+        fine_ref.SetSpacing([s / settings.scale for s in model_ref.GetSpacing()])
+        fixed_t = io.image_to_model_grid(fixed, fine_ref, None, percentiles, names["fixed"]).to(fixed_t.device)
+        moving_t = io.image_to_model_grid(moving, fine_ref, transform, percentiles, names["moving"]).to(fixed_t.device)
+    start = time.perf_counter()
+    total, summary = adapt_total(last.total, moving_t, fixed_t, settings, cancel)
+    folded = float(geometry.folding_fraction(total)[0])
+    sim_gain = (summary["similarity_before"] - summary["similarity_after"]) / max(abs(summary["similarity_before"]), 1e-12)
+    dice_gain = None
+    if moving_l is not None and fixed_l is not None:
+        before = metrics.dice_torch(fixed_l, geometry.warp_labels(moving_l, last.total), label_values)[0]
+        after = metrics.dice_torch(fixed_l, geometry.warp_labels(moving_l, total), label_values)[0]
+        dice_gain = float(after - before)
+    candidate = Candidate(sim_gain, dice_gain, sim_gain, 100.0 * folded)
+    return StepTensors(last.index + 1, total, [candidate], 0, time.perf_counter() - start, kind="adapt")
+
+
 def load_model(model, device: torch.device):
     """A model object, or a checkpoint path -> (model in eval mode on ``device``, training config)."""
     if isinstance(model, (str, Path)):
@@ -395,6 +422,8 @@ def register_images(
     grid: tuple[int, int, int] | None = None,
     keep_step_images: bool = True,
     autocast: bool = False,
+    adapt: int = 0,
+    adapt_settings: AdaptSettings | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelCallback | None = None,
     names: dict[str, str] | None = None,
@@ -406,7 +435,9 @@ def register_images(
     and NJD on the fixed grid). ``autocast``: bf16 where safe, CUDA only (:func:`mixed_precision`).
     Peak memory is bounded by the fixed grid's outputs: :func:`check_memory` stops before any work
     when they cannot fit. ``cancel()`` is polled between stages, inside the pre-alignment's optimiser
-    and between steps and candidates."""
+    and between steps and candidates.
+    ``adapt`` > 0 adds one more step after the network's: that many iterations of test-time
+    optimisation of the total map on this pair (``morphseek.adapt``; ``adapt_settings`` for the rest)."""
     names = {"fixed": "fixed image", "moving": "moving image", "fixed_seg": "fixed segmentation",
              "moving_seg": "moving segmentation", **(names or {})}
     if prealign not in ("affine", "none"):
@@ -439,10 +470,13 @@ def register_images(
     check_memory(fixed, moving, use_labels, torch_device)
     report("prepare", 0, 0.02, f"loading the model on {torch_device}")
     net, config = load_model(model, torch_device)
-    grid = tuple(grid or config.get("grid") or (64, 64, 64))
-    divisor = net.divisor
-    if any(n % divisor for n in grid):
-        raise MorphSeekError(f"model grid {grid} must be a multiple of {divisor} for this backbone")
+    if grid is None and config.get("spacing"):
+        model_ref = io.model_grid_at(fixed, float(config["spacing"]), net.divisor, config.get("direction"))
+        grid = tuple(int(n) for n in model_ref.GetSize()[::-1])
+    else:
+        grid = tuple(grid or config.get("grid") or (64, 64, 64))
+        model_ref = None
+    net.backbone.check_grid(grid, "model grid")
 
     _check_cancel(cancel)
     transform = sitk.Transform(3, sitk.sitkIdentity)
@@ -452,20 +486,19 @@ def register_images(
     _check_cancel(cancel)
 
     report("prepare", 0, 0.1, f"resampling onto the model grid {grid}")
-    model_ref = io.model_grid(fixed, grid)
-    low, high = config.get("percentiles", (1.0, 99.0))
+    if model_ref is None:
+        model_ref = io.model_grid(fixed, grid)
+    percentiles = tuple(config.get("percentiles", (1.0, 99.0)))
 
-    def image_tensor(image, tfm=None):
-        resampled = io.resample_to(image, model_ref, transform=tfm)
-        array = io.normalise_intensities(sitk.GetArrayFromImage(resampled), low, high)
-        return torch.from_numpy(array)[None, None].to(torch_device)
+    def image_tensor(image, name, tfm=None, reference=model_ref):
+        return io.image_to_model_grid(image, reference, tfm, percentiles, name=name).to(torch_device)
 
-    fixed_t = image_tensor(fixed)
-    moving_t = image_tensor(moving, transform)
+    fixed_t = image_tensor(fixed, names["fixed"])
+    moving_t = image_tensor(moving, names["moving"], transform)
     fixed_l = moving_l = None
     if use_labels:
-        fixed_l = io.labels_to_tensor(io.resample_to(fixed_seg, model_ref, is_label=True)).to(torch_device)
-        moving_l = io.labels_to_tensor(io.resample_to(moving_seg, model_ref, transform, is_label=True)).to(torch_device)
+        fixed_l = io.labels_to_model_grid(fixed_seg, model_ref).to(torch_device)
+        moving_l = io.labels_to_model_grid(moving_seg, model_ref, transform).to(torch_device)
 
     # Candidates are drawn from a CPU generator and moved to the device: the same seed gives the
     # same candidates on every device.
@@ -488,13 +521,16 @@ def register_images(
         del zero
 
     records: list[StepRecord] = []
+    if adapt < 0:
+        raise MorphSeekError(f"adapt must be >= 0 iterations, got {adapt}")
+    total_steps = steps + (1 if adapt else 0)
 
     def finish_step(step: StepTensors) -> None:
         """The step's total map on the fixed grid: its Jacobian (NJD) and, with labels, its Dice,
         always; the images (field, warped image and labels, Jacobian) only for the last step or
         when ``keep_step_images``."""
         _check_cancel(cancel)
-        keep = keep_step_images or step.index == steps
+        keep = keep_step_images or step.index == total_steps
         field_t = exporter.field(step.total)
         det = exporter.jacobian(field_t)
         njd = 100.0 * float((det <= 0).sum()) / det.numel()
@@ -516,27 +552,34 @@ def register_images(
             images = (warped, warped_seg, export.scalar_image(det, fixed, np.float32),
                       export.field_image(field_t, fixed))
         del field_t, det, warped_t, warped_seg_t
-        record = StepRecord(step.index, step.candidates, step.kept, dice, per_label, njd, step.seconds, *images)
+        record = StepRecord(step.index, step.candidates, step.kept, dice, per_label, njd, step.seconds,
+                            *images, step.kind)
         records.append(record)
         dice_text = f", Dice {dice:.1f} %" if dice is not None else ""
-        report("step", step.index, 0.15 + 0.85 * step.index / steps,
-               f"step {step.index}/{steps}: kept candidate {step.kept + 1} of {len(step.candidates)}"
-               f"{dice_text}, folding {njd:.3f} %", record)
+        what = ("test-time optimisation" if step.kind == "adapt"
+                else f"kept candidate {step.kept + 1} of {len(step.candidates)}")
+        report("step", step.index, 0.15 + 0.85 * step.index / total_steps,
+               f"step {step.index}/{total_steps}: {what}{dice_text}, folding {njd:.3f} %", record)
 
     try:
-        refine(net, moving_t, fixed_t, steps=steps, trajectories=trajectories, tau=tau,
-               moving_labels=moving_l, fixed_labels=fixed_l, label_values=label_values,
-               similarity=config.get("similarity", "mse"), generator=generator, cancel=cancel,
-               on_step=finish_step, autocast=autocast)
+        tensors = refine(net, moving_t, fixed_t, steps=steps, trajectories=trajectories, tau=tau,
+                         moving_labels=moving_l, fixed_labels=fixed_l, label_values=label_values,
+                         similarity=config.get("similarity", "mse"), generator=generator, cancel=cancel,
+                         on_step=finish_step, autocast=autocast)
+        if adapt:
+            finish_step(_adapt_step(tensors[-1], moving_t, fixed_t, moving, fixed, transform, model_ref,
+                                    percentiles, names, adapt, adapt_settings, moving_l, fixed_l, label_values,
+                                    cancel))
     except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU
         raise MorphSeekError(
             f"out of GPU memory registering at grid {grid} with {trajectories} candidates: "
             "use fewer candidates, a smaller grid or --device cpu") from exc
 
     last = records[-1]
-    settings = {"steps": steps, "trajectories": trajectories, "tau": tau, "prealign": prealign, "autocast": autocast,
+    settings = {"steps": steps, "trajectories": trajectories, "tau": tau, "prealign": prealign, "adapt": adapt,
+                "autocast": autocast,
                 "device": str(torch_device), "seed": seed, "grid": list(grid),
                 "model": str(model) if isinstance(model, (str, Path)) else net.config.get("backbone", "model"),
                 "labels": label_values}
-    report("done", steps, 1.0, "registration finished")
+    report("done", total_steps, 1.0, "registration finished")
     return RegistrationResult(last.field, last.warped, last.warped_seg, last.jacobian, records, initial_dice, settings)

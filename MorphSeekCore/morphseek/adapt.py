@@ -1,0 +1,82 @@
+"""Test-time optimisation: refine the network's total map on one pair by gradient descent.
+
+Starting from the network's total displacement U (model grid, voxels), ``iterations`` Adam steps
+minimise the warm-up objective of this pair alone,
+
+    L(U) = L_sim(I_f, I_m o (x + U)) + lambda_reg * L_reg(U),
+
+with U itself as the variable (instance optimisation, as in Learn2Reg's best entries). The images
+may be given on a finer grid with the same corner voxels (``fine_grid``): U stays on the model grid
+and is upsampled (``geometry.resize_displacement``), so the similarity sees the finer detail while
+the map keeps the model grid's smoothness. No network weights change.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import geometry
+from .errors import Cancelled, MorphSeekError
+from .losses import diffusion_regulariser, similarity_loss
+
+
+@dataclass
+class AdaptSettings:
+    """What ``adapt`` optimises; the defaults were chosen on held-back brain pairs (docs/QUALITY.md)."""
+
+    iterations: int = 50
+    learning_rate: float = 0.2  # voxels of the model grid per Adam step, roughly
+    similarity: str = "ncc"
+    window: int = 5  # local NCC window on the grid the images are given on
+    lambda_reg: float = 1.0
+    #: the grid the similarity is computed on: 1 = the model grid (fast), 2 = twice as fine with the
+    #: same corner voxels (finer detail, about 8x the cost per iteration)
+    scale: int = 1
+
+
+def fine_grid_shape(shape: tuple[int, ...], factor: int) -> tuple[int, int, int]:
+    """The grid with ``factor`` times finer spacing and the same corner voxel centres."""
+    return tuple(factor * (int(n) - 1) + 1 for n in shape)
+
+
+def adapt(total: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, settings: AdaptSettings,
+          cancel: Callable[[], bool] | None = None) -> tuple[torch.Tensor, dict]:
+    """Refine ``total`` (1, 3, D, H, W) on the model grid for the pair ``moving``/``fixed``
+    (1, 1, D', H', W'), on the model grid or a finer one with the same corners (``fine_grid_shape``).
+
+    Returns the refined total (detached) and a summary: the similarity and regulariser before and
+    after, iterations and seconds. ``cancel()`` is polled every iteration (``Cancelled``)."""
+    if settings.iterations < 1:
+        raise MorphSeekError(f"test-time optimisation needs >= 1 iteration, got {settings.iterations}")
+    if moving.shape != fixed.shape:
+        raise MorphSeekError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} grids differ")
+    sim = similarity_loss(settings.similarity, **({"window": settings.window} if settings.similarity == "ncc" else {}))
+    fine = tuple(moving.shape[2:])
+    start = time.perf_counter()
+    variable = total.detach().clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([variable], lr=settings.learning_rate)
+
+    def objective() -> tuple[torch.Tensor, torch.Tensor]:
+        field = geometry.resize_displacement(variable, fine)
+        return sim(geometry.warp(moving, field), fixed), diffusion_regulariser(variable)
+
+    with torch.enable_grad():
+        with torch.no_grad():
+            sim0, reg0 = (float(v) for v in objective())
+        for _ in range(settings.iterations):
+            if cancel is not None and cancel():
+                raise Cancelled("test-time optimisation cancelled by the user")
+            l_sim, l_reg = objective()
+            loss = l_sim + settings.lambda_reg * l_reg
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+        with torch.no_grad():
+            sim1, reg1 = (float(v) for v in objective())
+    summary = {"iterations": settings.iterations, "similarity_before": sim0, "similarity_after": sim1,
+               "regulariser_before": reg0, "regulariser_after": reg1, "seconds": time.perf_counter() - start}
+    return variable.detach(), summary

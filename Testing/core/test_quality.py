@@ -1,0 +1,142 @@
+"""What registration quality rests on: one image preparation for training and registration, the
+model grid by voxel size, test-time optimisation (``--adapt``) and self-registration."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from morphseek import geometry, io, metrics, synth
+from morphseek.adapt import AdaptSettings, adapt, fine_grid_shape
+from morphseek.data import Dataset, SubjectEntry
+from morphseek.nets.policy import MorphSeekNet, build_model
+from morphseek.register import register_images
+
+
+def _image(shape_xyz=(30, 26, 22), spacing=(1.2, 0.9, 1.5), seed=0, oblique=True) -> sitk.Image:
+    rng = np.random.default_rng(seed)
+    array = rng.normal(100.0, 30.0, shape_xyz[::-1]).astype(np.float32)
+    array[:3] = -1000.0  # a CT-like dark slab: the background the padding must match
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin((-12.0, 7.5, 30.0))
+    if oblique:
+        c, s = np.cos(0.3), np.sin(0.3)
+        image.SetDirection((c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))
+    return image
+
+
+class SpyNet(MorphSeekNet):
+    """A real tiny network that records the tensors registration hands it."""
+
+    def encode(self, moving, fixed):
+        self.seen = getattr(self, "seen", []) + [(moving.clone(), fixed.clone())]
+        return super().encode(moving, fixed)
+
+
+def test_training_and_registration_prepare_images_identically(tmp_path):
+    fixed, moving = _image(seed=1), _image(seed=2, oblique=False)
+    sitk.WriteImage(fixed, str(tmp_path / "f.nii.gz"))
+    sitk.WriteImage(moving, str(tmp_path / "m.nii.gz"))
+    grid = (16, 16, 16)
+    data = Dataset(tmp_path, [SubjectEntry("f", tmp_path / "f.nii.gz"), SubjectEntry("m", tmp_path / "m.nii.gz")],
+                   [("m", "f")], [])
+    sample = data.load_pair(("m", "f"), grid)
+    base = build_model({"backbone": "tiny"})
+    spy = SpyNet(base.backbone, base.head, backbone_name="tiny")
+    spy.training_config = {"grid": list(grid)}
+    register_images(io.read_image(tmp_path / "f.nii.gz"), io.read_image(tmp_path / "m.nii.gz"), spy,
+                    steps=1, prealign="none", device="cpu")
+    seen_moving, seen_fixed = spy.seen[0]
+    torch.testing.assert_close(seen_fixed, sample.fixed, rtol=0, atol=1e-6)
+    torch.testing.assert_close(seen_moving, sample.moving, rtol=0, atol=1e-6)
+
+
+def test_preparation_normalises_before_resampling_and_pads_with_the_background():
+    image = _image()
+    ref = io.model_grid(image, (20, 20, 20))
+    shifted = sitk.Image(ref)
+    shifted.SetOrigin([o + 40.0 for o in ref.GetOrigin()])  # half the grid lies outside the image
+    tensor = io.image_to_model_grid(image, shifted)
+    assert tensor.dtype == torch.float32 and tensor.shape == (1, 1, 20, 20, 20)
+    assert float(tensor.min()) == 0.0 and float(tensor.max()) <= 1.0
+    # outside the image: exactly 0, the normalised value of the darkest (air) voxels
+    outside = io.resample_to(sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1, shifted, is_label=True)
+    mask = torch.from_numpy(sitk.GetArrayFromImage(outside) == 0)[None, None]
+    assert mask.any() and float(tensor[mask].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("direction", [None, (1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, -1.0, 0.0)])
+def test_model_grid_by_spacing_covers_the_image_in_the_model_axes(direction):
+    image = _image()
+    grid = io.model_grid_at(image, 4.0, 8, direction)
+    assert all(n % 8 == 0 for n in grid.GetSize()) and grid.GetSpacing() == (4.0, 4.0, 4.0)
+    if direction is not None:
+        assert grid.GetDirection() == pytest.approx(direction)
+    # every corner of the image lies inside the grid, and the grid is centred on the image
+    size = np.asarray(image.GetSize())
+    corners = [image.TransformContinuousIndexToPhysicalPoint([float(v) for v in c])
+               for c in np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in size])).T.reshape(-1, 3)]
+    for point in corners:
+        index = np.asarray(grid.TransformPhysicalPointToContinuousIndex(point))
+        assert (index >= -0.5 - 1e-6).all() and (index <= np.asarray(grid.GetSize()) - 0.5 + 1e-6).all()
+    centre = lambda im: np.asarray(im.TransformContinuousIndexToPhysicalPoint(  # noqa: E731
+        [(n - 1) / 2.0 for n in im.GetSize()]))
+    np.testing.assert_allclose(centre(grid), centre(image), atol=1e-6)
+
+
+def _smooth_pair(shape=(32, 32, 32), amplitude=2.0):
+    """A smooth random texture (moving) and the fixed image it becomes through a known smooth
+    displacement u: fixed(x) = moving(x + u(x)), so u is exactly what registration must find."""
+    k, j, i = torch.meshgrid(*[torch.linspace(-1, 1, n) for n in shape], indexing="ij")
+    moving = synth.smooth_noise(shape, 1, 1.5, 0)
+    moving = (moving - moving.min()) / (moving.max() - moving.min())
+    u = amplitude * torch.stack([torch.sin(np.pi * j), torch.cos(np.pi * i) * 0.5, torch.sin(np.pi * k) * 0.5])[None]
+    return moving, geometry.warp(moving, u, padding_mode="border"), u
+
+
+@pytest.mark.parametrize("similarity", ["ncc", "mse"])
+def test_adapt_recovers_a_known_displacement(similarity):
+    moving, fixed, truth = _smooth_pair()
+    start = torch.zeros_like(truth)
+    settings = AdaptSettings(iterations=100, learning_rate=0.2, similarity=similarity, window=5, lambda_reg=0.1)
+    total, summary = adapt(start, moving, fixed, settings)
+    inner = (slice(None), slice(None), slice(4, -4), slice(4, -4), slice(4, -4))  # away from the borders
+    error_before = float((truth[inner]).norm(dim=1).mean())
+    error_after = float((total - truth)[inner].norm(dim=1).mean())
+    assert error_after < 0.35 * error_before, (error_before, error_after)
+    assert summary["similarity_after"] < summary["similarity_before"]
+    assert metrics.njd_percent(total[0].numpy()) < 2.0  # little regularisation here (lambda 0.1)
+
+
+def test_adapt_on_a_finer_grid_and_self_registration_stays_put():
+    _, fixed, _ = _smooth_pair()
+    coarse = torch.zeros(1, 3, 17, 17, 17)
+    assert fine_grid_shape((17, 17, 17), 2) == (33, 33, 33)
+    fine = torch.nn.functional.interpolate(fixed, size=(33, 33, 33), mode="trilinear", align_corners=True)
+    total, _ = adapt(coarse, fine, fine, AdaptSettings(iterations=30))
+    assert float(total.norm(dim=1).mean()) < 0.2  # an image registered to itself stays put (issue 7: < 0.2 voxel)
+
+
+def test_register_with_adapt_adds_one_step_that_improves_the_similarity(tmp_path):
+    moving_t, fixed_t, _ = _smooth_pair()
+    fixed = io.from_array(fixed_t, sitk.Image([32, 32, 32], sitk.sitkFloat32))
+    moving = io.from_array(moving_t, fixed)
+    model = build_model({"backbone": "tiny"})
+    model.training_config = {"grid": [32, 32, 32], "similarity": "ncc"}
+    result = register_images(fixed, moving, model, steps=2, adapt=40, prealign="none", device="cpu")
+    assert [s.kind for s in result.steps] == ["network", "network", "adapt"]
+    assert [s.index for s in result.steps] == [1, 2, 3]
+    adapt_step = result.steps[-1]
+    assert adapt_step.candidates[0].similarity_gain > 0.05
+    report = result.report()
+    assert report["settings"]["adapt"] == 40 and report["final"]["kind"] == "adapt"
+    # the exported field of the adapt step is what moves the moving image closer to the fixed one
+    before = np.abs(sitk.GetArrayFromImage(result.steps[1].warped) - sitk.GetArrayFromImage(fixed)).mean()
+    after = np.abs(sitk.GetArrayFromImage(result.warped) - sitk.GetArrayFromImage(fixed)).mean()
+    assert after < 0.8 * before
+    json.dumps(report)  # JSON-ready

@@ -1,0 +1,141 @@
+#!/usr/bin/env python
+"""MorphSeek against ANTs SyN on held-back brain pairs, in one run: Dice, NJD %, SDlogJ, HD95, seconds.
+
+    python scripts/prepare_brains.py                        # once: runs/brains (held-back subjects)
+    python benchmarks/brain_vs_ants.py --model Resources/Models/morphseek-brain.safetensors \\
+        [--data runs/brains] [--adapt 30] [--threads 2] [--out benchmarks/results/brain_vs_ants.json]
+
+Every method is scored the same way, from the displacement it produced on the fixed image's grid:
+the moving segmentation is resampled through it (SimpleITK, nearest neighbour) and compared with the
+fixed one over the 31 structures of ``morphseek.brains.EVAL_LABELS`` present in both (Dice, HD95);
+NJD % and SDlogJ come from the Jacobian determinant of the map (``export.jacobian_image``).
+Rows: no registration (the pairs are affinely aligned), ANTs SyN (antspyx defaults: affine then
+SyN, mutual information / cross-correlation; a benchmark-only extra, never a product dependency),
+the network after 1, 2 and 3 steps, and the network followed by test-time optimisation (--adapt).
+Seconds are wall time of the whole registration (reading excluded) with --threads threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from morphseek import export, io, metrics
+from morphseek.brains import EVAL_LABELS, BrainSet
+from morphseek.register import register_images
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def score(fixed_seg: sitk.Image, moving_seg: sitk.Image, field: sitk.Image | None) -> dict:
+    """Dice %, HD95 mm over EVAL_LABELS present in both, NJD %, SDlogJ of ``field`` (None: identity)."""
+    if field is None:
+        warped = io.resample_to(moving_seg, fixed_seg, is_label=True)
+        det = np.ones(sitk.GetArrayViewFromImage(fixed_seg).shape, dtype=np.float32)
+    else:
+        warped = sitk.Resample(moving_seg, fixed_seg, export.displacement_transform(field),
+                               sitk.sitkNearestNeighbor, 0, moving_seg.GetPixelID())
+        det = sitk.GetArrayFromImage(export.jacobian_image(field))
+    f, w = sitk.GetArrayViewFromImage(fixed_seg), sitk.GetArrayViewFromImage(warped)
+    labels = [v for v in EVAL_LABELS if (f == v).any() and (sitk.GetArrayViewFromImage(moving_seg) == v).any()]
+    dice = metrics.dice_per_label(f, w, labels)
+    hd = metrics.hd95(f, w, fixed_seg.GetSpacing(), labels)
+    hd_values = list(hd.values()) if isinstance(hd, dict) else [hd]
+    return {"dice": 100.0 * float(np.mean(list(dice.values()))), "hd95": float(np.nanmean(hd_values)),
+            "njd": metrics.njd_percent_from_det(det), "sdlogj": metrics.sd_log_j_from_det(det)}
+
+
+def run_syn(fixed: sitk.Image, moving: sitk.Image) -> tuple[sitk.Image, float]:
+    """ANTs SyN with antspyx defaults -> (total displacement field on the fixed grid, seconds)."""
+    import ants
+
+    def to_ants(image: sitk.Image):
+        return ants.from_numpy(sitk.GetArrayFromImage(image).T.astype(np.float32), origin=image.GetOrigin(),
+                               spacing=image.GetSpacing(),
+                               direction=np.asarray(image.GetDirection()).reshape(3, 3))
+
+    tic = time.perf_counter()
+    result = ants.registration(to_ants(fixed), to_ants(moving), type_of_transform="SyN")
+    seconds = time.perf_counter() - tic
+    with tempfile.TemporaryDirectory() as tmp:
+        # the composite map (warp then affine) as one displacement field on the fixed grid
+        path = ants.apply_transforms(to_ants(fixed), to_ants(moving), result["fwdtransforms"],
+                                     compose=str(Path(tmp) / "total_"))
+        field = sitk.ReadImage(path, sitk.sitkVectorFloat64)
+    return field, seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="MorphSeek brain model (checkpoint)")
+    p.add_argument("--data", type=Path, default=REPO / "runs" / "brains", help="prepared brain folder")
+    p.add_argument("--adapt", type=int, default=30, help="test-time optimisation iterations (0: none)")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--prealign", default="affine", choices=("affine", "none"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-syn", action="store_true", help="skip ANTs SyN")
+    p.add_argument("--max-pairs", type=int, default=0, help="only the first N held-back pairs (0: all)")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "brain_vs_ants.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+    import os
+
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
+    data = BrainSet.open(args.data)
+    files = {i: data.heldback_files(i) for i in data.heldback_ids}
+    images = {i: (io.read_image(a), io.read_labels(b)) for i, (a, b) in files.items()}
+    rows: dict[str, list[dict]] = {}
+
+    def add(name: str, values: dict) -> None:
+        rows.setdefault(name, []).append(values)
+        print(f"  {name:<22} Dice {values['dice']:6.2f}  NJD {values['njd']:6.3f} %  SDlogJ {values['sdlogj']:.3f}"
+              f"  HD95 {values['hd95']:5.2f} mm  {values.get('seconds', 0):6.2f} s", flush=True)
+
+    pairs = data.val_pairs[: args.max_pairs or None]
+    for moving_id, fixed_id in pairs:
+        (fixed, fixed_seg), (moving, moving_seg) = images[fixed_id], images[moving_id]
+        print(f"pair {moving_id} -> {fixed_id}", flush=True)
+        add("no registration", {**score(fixed_seg, moving_seg, None), "seconds": 0.0})
+        if not args.no_syn:
+            field, seconds = run_syn(fixed, moving)
+            add("ANTs SyN", {**score(fixed_seg, moving_seg, field), "seconds": seconds})
+        tic = time.perf_counter()
+        result = register_images(fixed, moving, args.model, steps=args.steps, adapt=args.adapt,
+                                 prealign=args.prealign, device="cpu")
+        total_seconds = time.perf_counter() - tic
+        network_seconds = 0.0
+        for step in result.steps:
+            network_seconds += step.seconds
+            name = f"MorphSeek {step.index} step{'s' if step.index > 1 else ''}"
+            if step.kind == "adapt":
+                name = f"MorphSeek {args.steps} + adapt {args.adapt}"
+            seconds = total_seconds if step is result.steps[-1] else None
+            add(name, {**score(fixed_seg, moving_seg, step.field), "seconds": seconds or 0.0,
+                       "step_seconds": step.seconds})
+        if args.adapt:  # the network alone, whole command, for the 3-step row
+            rows[f"MorphSeek {args.steps} steps"][-1]["seconds"] = total_seconds - result.steps[-1].seconds
+    summary = {name: {key: {"mean": float(np.mean([r[key] for r in values])), "std": float(np.std([r[key] for r in values]))}
+                      for key in ("dice", "njd", "sdlogj", "hd95", "seconds")} for name, values in rows.items()}
+    print(f"\n{'method':<26} {'Dice %':>14} {'NJD %':>8} {'SDlogJ':>7} {'HD95 mm':>8} {'s/pair':>7}")
+    for name, s in summary.items():
+        print(f"{name:<26} {s['dice']['mean']:6.2f} ± {s['dice']['std']:5.2f} {s['njd']['mean']:8.3f} "
+              f"{s['sdlogj']['mean']:7.3f} {s['hd95']['mean']:8.2f} {s['seconds']['mean']:7.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
+                                    "pairs": [list(p) for p in pairs], "rows": rows,
+                                    "summary": summary}, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
