@@ -280,10 +280,16 @@ class FieldExporter:
 
     @torch.no_grad()
     def field(self, disp_vox: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """The total map's physical displacement on the fixed grid, (3, D, H, W) channels first,
-        LPS mm (x, y, z); :func:`field_image` makes the ITK vector image of it."""
+        """The total map's physical displacement on the fixed grid, (3, D, H, W) channels first
+        (on the CPU a view of interleaved storage), LPS mm (x, y, z); :func:`field_image` makes the
+        ITK vector image of it."""
         disp = _voxel_field(disp_vox, self.model_ref, self.device, self.dtype)
-        out = torch.empty((3, *self.shape), dtype=self.dtype, device=self.device)
+        if self.device.type == "cpu":
+            # stored interleaved (ITK's vector layout) and returned as a channels-first view: the
+            # SimpleITK image is then one copy away, not two (a 512x512x400 field is 1.2 GB)
+            out = torch.empty((*self.shape, 3), dtype=self.dtype).permute(3, 0, 1, 2)
+        else:  # contiguous planes: faster kernels; the host copy reorders once
+            out = torch.empty((3, *self.shape), dtype=self.dtype, device=self.device)
         depth, height, width = self.shape
         plane = None
         if self.separable:  # trilinear upsampling: in-plane first (small), then between two slices
@@ -384,7 +390,9 @@ def _difference(values: torch.Tensor, axis: int, keep: slice) -> torch.Tensor:
 def field_image(field: torch.Tensor, reference: sitk.Image) -> sitk.Image:
     """A (3, D, H, W) field tensor as a SimpleITK vector image (float32 or float64 as the tensor) with
     ``reference``'s geometry (ITK stores the vectors interleaved: one reordering copy)."""
-    image = sitk.GetImageFromArray(field.detach().permute(1, 2, 3, 0).contiguous().cpu().numpy(), isVector=True)
+    interleaved = field.detach().permute(1, 2, 3, 0)
+    array = interleaved.cpu().numpy() if interleaved.is_contiguous() else interleaved.contiguous().cpu().numpy()
+    image = sitk.GetImageFromArray(array, isVector=True)
     image.CopyInformation(reference)
     return image
 

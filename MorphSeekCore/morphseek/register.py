@@ -542,16 +542,19 @@ def register_images(
         per_label = dice_percent(warped_seg_t) if use_labels else None
         dice = float(np.mean(list(per_label.values()))) if per_label else None
         images = (None, None, None, None)
-        if keep:
+        if keep:  # each tensor is freed as soon as its image exists (peak memory of large volumes)
             _check_cancel(cancel)
+            jacobian = export.scalar_image(det, fixed, np.float32)
+            del det
             if warped_t is None:
                 warped_t = exporter.warp(moving_source, field_t)
             warped = export.scalar_image(warped_t, fixed, np.float32)
+            del warped_t
             warped_seg = (export.scalar_image(torch.round(warped_seg_t), fixed, seg_source.pixel_dtype)
                           if warped_seg_t is not None else None)
-            images = (warped, warped_seg, export.scalar_image(det, fixed, np.float32),
-                      export.field_image(field_t, fixed))
-        del field_t, det, warped_t, warped_seg_t
+            del warped_seg_t
+            images = (warped, warped_seg, jacobian, export.field_image(field_t, fixed))
+        del field_t
         record = StepRecord(step.index, step.candidates, step.kept, dice, per_label, njd, step.seconds,
                             *images, step.kind)
         records.append(record)
