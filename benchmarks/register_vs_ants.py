@@ -8,7 +8,8 @@ x, y, z) and resampled to 80x96x112 at 2 mm. Prepared once into ``--work`` (defa
 ``benchmarks/data/register_vs_ants``, git-ignored).
 
 Each run is a fresh process timed from start to exit (the way a user runs the command), its peak
-resident memory read from ``getrusage(RUSAGE_CHILDREN)`` of a one-run wrapper. MorphSeek runs the
+resident memory and CPU time (user + system: less sensitive than wall time to other jobs on a
+shared machine) read from ``getrusage(RUSAGE_CHILDREN)`` of a one-run wrapper. MorphSeek runs the
 ``morphseek register`` command itself (``python -m morphseek.cli register``: import, reading, affine
 pre-alignment, the network steps, export and writing all outputs); ANTs runs
 ``ants.registration(type_of_transform="SyN")`` (its default affine + SyN pipeline, reading the
@@ -108,8 +109,9 @@ import resource, subprocess, sys, time, json
 tic = time.perf_counter()
 rc = subprocess.call(sys.argv[1:])
 seconds = time.perf_counter() - tic
-peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-print("@@RESULT@@" + json.dumps({"rc": rc, "seconds": seconds, "peak_mb": peak}))
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print("@@RESULT@@" + json.dumps({"rc": rc, "seconds": seconds, "peak_mb": usage.ru_maxrss / 1024,
+                                 "cpu_seconds": usage.ru_utime + usage.ru_stime}))
 """
 
 _ANTS = """
@@ -192,6 +194,7 @@ def main() -> int:
                 runs = [run_timed(command, env) for _ in range(args.repeats)]
                 measured[name] = {"seconds": statistics.median(r["seconds"] for r in runs),
                                   "seconds_all": [round(r["seconds"], 2) for r in runs],
+                                  "cpu_seconds": statistics.median(r["cpu_seconds"] for r in runs),
                                   "peak_mb": max(r["peak_mb"] for r in runs)}
             row = {"size": size, "shape_xyz": SIZES[size][0], "pair": f"{moving_id:02d}->{fixed_id:02d}",
                    "threads": args.threads, "repeats": args.repeats, "load_at_start": load,
@@ -200,6 +203,8 @@ def main() -> int:
                 row["morphseek_dice_percent"] = dice_of(out_dir, fixed_seg)
             if "ants-syn" in measured:
                 row["ratio_ants_over_morphseek"] = measured["ants-syn"]["seconds"] / measured["morphseek"]["seconds"]
+                row["cpu_ratio_ants_over_morphseek"] = (measured["ants-syn"]["cpu_seconds"]
+                                                        / measured["morphseek"]["cpu_seconds"])
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
 
@@ -208,15 +213,17 @@ def main() -> int:
         for row in rows:
             handle.write(json.dumps({**row, "machine": platform.machine(), "cpus": os.cpu_count(),
                                      "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
-    print(f"| size | pair | morphseek s (runs) | peak MB | ANTs SyN s (runs) | peak MB | SyN / morphseek |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| size | pair | morphseek s (runs) | CPU s | peak MB | ANTs SyN s (runs) | CPU s | peak MB | SyN / morphseek (wall, CPU) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         m = r["morphseek"]
         a = r.get("ants-syn")
-        ants_cells = (f"{a['seconds']:.1f} ({', '.join(f'{s:.1f}' for s in a['seconds_all'])}) | {a['peak_mb']:.0f} | "
-                      f"{r['ratio_ants_over_morphseek']:.1f}x") if a else "- | - | -"
+        ants_cells = (f"{a['seconds']:.1f} ({', '.join(f'{s:.1f}' for s in a['seconds_all'])}) | {a['cpu_seconds']:.1f} | "
+                      f"{a['peak_mb']:.0f} | {r['ratio_ants_over_morphseek']:.1f}x, "
+                      f"{r['cpu_ratio_ants_over_morphseek']:.1f}x") if a else "- | - | - | -"
         print(f"| {r['size']} {'x'.join(map(str, r['shape_xyz']))} | {r['pair']} | {m['seconds']:.1f} "
-              f"({', '.join(f'{s:.1f}' for s in m['seconds_all'])}) | {m['peak_mb']:.0f} | {ants_cells} |")
+              f"({', '.join(f'{s:.1f}' for s in m['seconds_all'])}) | {m['cpu_seconds']:.1f} | {m['peak_mb']:.0f} | "
+              f"{ants_cells} |")
     return 0
 
 
