@@ -63,7 +63,8 @@ def downsample(image: sitk.Image, spacing: float = PREALIGN_SPACING, max_size: i
 
 def affine_prealign(fixed: sitk.Image, moving: sitk.Image, iterations: int = 100, init: str = "moments",
                     seed: int = 1234, spacing: float = PREALIGN_SPACING, max_size: int = PREALIGN_MAX_SIZE,
-                    cancel: Callable[[], bool] | None = None) -> sitk.AffineTransform:
+                    cancel: Callable[[], bool] | None = None, sampling: float = 0.25,
+                    min_step: float = 1e-4) -> sitk.AffineTransform:
     """Affine registration of ``moving`` to ``fixed`` with SimpleITK (works across modalities).
 
     Both images are shrunk (:func:`downsample`, about ``spacing`` mm, at most ``max_size`` voxels per
@@ -85,13 +86,14 @@ def affine_prealign(fixed: sitk.Image, moving: sitk.Image, iterations: int = 100
     moving = downsample(check_volume(moving, "moving", "image"), spacing, max_size)
     _poll(cancel)
     rigid = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(), mode)
-    rigid = _unwrap(_register(fixed, moving, rigid, iterations, seed, cancel))
+    rigid = _unwrap(_register(fixed, moving, rigid, iterations, seed, cancel, sampling, min_step))
     affine = sitk.AffineTransform(3)
     affine.SetCenter(rigid.GetCenter())
     affine.SetMatrix(rigid.GetMatrix())
     affine.SetTranslation(rigid.GetTranslation())
     rigid_as_affine = sitk.AffineTransform(affine)
-    affine = sitk.AffineTransform(_unwrap(_register(fixed, moving, affine, iterations, seed, cancel)))
+    affine = sitk.AffineTransform(_unwrap(_register(fixed, moving, affine, iterations, seed, cancel, sampling,
+                                                    min_step)))
     # On small or nearly symmetric fields of view the 12-parameter stage can drift into a reflection
     # or an implausible scaling; then the rigid result is the safer pre-alignment.
     return affine if plausible_affine(affine) else rigid_as_affine
@@ -111,15 +113,16 @@ def _poll(cancel: Callable[[], bool] | None) -> None:
 
 
 def _register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, iterations: int,
-              seed: int, cancel: Callable[[], bool] | None = None) -> sitk.Transform:
+              seed: int, cancel: Callable[[], bool] | None = None, sampling: float = 0.25,
+              min_step: float = 1e-4) -> sitk.Transform:
     smallest = min(fixed.GetSize())
     shrink = [f for f in (4, 2) if smallest / f >= 16] + [1]
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.25, seed)
+    reg.SetMetricSamplingPercentage(sampling, seed)
     reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-4,
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=min_step,
                                                  numberOfIterations=int(iterations), relaxationFactor=0.5,
                                                  gradientMagnitudeTolerance=1e-8)
     reg.SetOptimizerScalesFromPhysicalShift()
