@@ -584,6 +584,9 @@ def grpo_finetune(
     """
     config = config or GRPOConfig()
     config.validate()
+    if next(model.parameters()).device.type == "mps":
+        raise MorphSeekError("GRPO fine-tuning on Apple MPS is not supported (float64 advantages, 3D grid "
+                             "sampling): use --device cpu or a CUDA GPU")
     run_config = dict(run_config or getattr(model, "training_config", None) or {})
     if not train:
         raise MorphSeekError("GRPO fine-tuning needs at least one training pair")
