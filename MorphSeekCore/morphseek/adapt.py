@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from . import geometry
 from .errors import Cancelled, MorphSeekError
@@ -29,13 +30,17 @@ class AdaptSettings:
     """What ``adapt`` optimises; the defaults were chosen on held-back brain pairs (docs/QUALITY.md)."""
 
     iterations: int = 50
-    learning_rate: float = 0.2  # voxels of the model grid per Adam step, roughly
+    learning_rate: float = 0.5  # voxels of the model grid per Adam step, roughly
     similarity: str = "ncc"
     window: int = 5  # local NCC window on the grid the images are given on
     lambda_reg: float = 1.0
     #: the grid the similarity is computed on: 1 = the model grid (fast), 2 = twice as fine with the
     #: same corner voxels (finer detail, about 8x the cost per iteration)
     scale: int = 1
+    #: passes of a 3x3x3 box filter applied to the variable before it is used (as ConvexAdam does):
+    #: Adam moves every voxel by about the learning rate, even where the images are flat and the
+    #: gradient is noise; the filter keeps those moves from roughening the map
+    smooth: int = 2
 
 
 def fine_grid_shape(shape: tuple[int, ...], factor: int) -> tuple[int, int, int]:
@@ -57,12 +62,18 @@ def adapt(total: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, settin
     sim = similarity_loss(settings.similarity, **({"window": settings.window} if settings.similarity == "ncc" else {}))
     fine = tuple(moving.shape[2:])
     start = time.perf_counter()
-    variable = total.detach().clone().requires_grad_(True)
+    variable = total.detach().clone().requires_grad_(True)  # smoothed again below: close to ``total``
     optimiser = torch.optim.Adam([variable], lr=settings.learning_rate)
 
+    def smoothed() -> torch.Tensor:
+        field = variable
+        for _ in range(settings.smooth):
+            field = F.avg_pool3d(field, 3, stride=1, padding=1, count_include_pad=False)
+        return field
+
     def objective() -> tuple[torch.Tensor, torch.Tensor]:
-        field = geometry.resize_displacement(variable, fine)
-        return sim(geometry.warp(moving, field), fixed), diffusion_regulariser(variable)
+        field = smoothed()
+        return sim(geometry.warp(moving, geometry.resize_displacement(field, fine)), fixed), diffusion_regulariser(field)
 
     with torch.enable_grad():
         with torch.no_grad():
@@ -79,4 +90,5 @@ def adapt(total: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, settin
             sim1, reg1 = (float(v) for v in objective())
     summary = {"iterations": settings.iterations, "similarity_before": sim0, "similarity_after": sim1,
                "regulariser_before": reg0, "regulariser_after": reg1, "seconds": time.perf_counter() - start}
-    return variable.detach(), summary
+    with torch.no_grad():
+        return smoothed().detach(), summary

@@ -138,8 +138,12 @@ class BrainSet:
         return io.from_array(array, self.reference)
 
     def sample_pair(self, rng: np.random.Generator, model_ref: sitk.Image,
-                    percentiles: Sequence[float] = (1.0, 99.0), same_subject: float = 0.1) -> PairSample:
-        """A random training pair on ``model_ref`` (images and labels)."""
+                    percentiles: Sequence[float] = (1.0, 99.0), same_subject: float = 0.1,
+                    identical: float = 0.1) -> PairSample:
+        """A random training pair on ``model_ref`` (images and labels). With probability
+        ``identical`` the fixed image IS the moving one: the loss is then lowest for u = 0, which
+        teaches the network to stop moving once a pair is aligned (without such pairs it learns a
+        small bias that every refinement step adds again: a self-registration drift)."""
         moving_id = self.train_ids[rng.integers(len(self.train_ids))]
         others = [i for i in self.train_ids if i != moving_id]
         fixed_id = moving_id if rng.random() < same_subject or not others else others[rng.integers(len(others))]
@@ -156,6 +160,8 @@ class BrainSet:
             tensors.append(io.image_to_model_grid(self._image(lab, contrast, rng), model_ref, percentiles=percentiles))
             brain = np.where(np.isin(lab, EVAL_LABELS), lab, 0).astype(np.int16)
             label_tensors.append(io.labels_to_model_grid(io.from_array(brain, self.reference), model_ref))
+        if rng.random() < identical:
+            tensors[1], label_tensors[1], fixed_id = tensors[0], label_tensors[0], moving_id
         values = sorted(set(torch.unique(label_tensors[0]).tolist()) & set(torch.unique(label_tensors[1]).tolist()) - {0})
         return PairSample(tensors[0], tensors[1], label_tensors[0], label_tensors[1], values, (moving_id, fixed_id))
 

@@ -119,21 +119,9 @@ def _run_register(args) -> int:
                                  names={"fixed": args.fixed, "moving": args.moving,
                                         "fixed_seg": args.fixed_seg or "", "moving_seg": args.moving_seg or ""})
     result.save(args.out)
-    print(format_step_table(result))
+    print(result.step_table())
     print(f"wrote {args.out}")
     return 0
-
-
-def format_step_table(result) -> str:
-    """The per-step table printed by register and demo."""
-    lines = [f"{'step':>4} {'kept':>6} {'Dice %':>8} {'NJD %':>8} {'seconds':>8}"]
-    if result.initial_dice is not None:
-        lines.append(f"{0:>4} {'-':>6} {result.initial_dice:>8.2f} {0.0:>8.3f} {'-':>8}")
-    for s in result.steps:
-        dice = f"{s.dice:.2f}" if s.dice is not None else "-"
-        kept = "adapt" if s.kind == "adapt" else f"{s.kept + 1}/{len(s.candidates)}"
-        lines.append(f"{s.index:>4} {kept:>6} {dice:>8} {s.njd_percent:>8.3f} {s.seconds:>8.2f}")
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------- evaluate
@@ -168,31 +156,29 @@ def _run_evaluate(args) -> int:
 
 # ----------------------------------------------------------------------------------------- demo
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the main job on built-in synthetic data (a few minutes on CPU)",
-                       description="Generates synthetic labelled subjects, warms a model up (stage B), "
-                       "fine-tunes it with GRPO (stage C), registers held-back pairs step by step, prints "
-                       "a per-step table and writes images, PNG montages and report.json.")
+    p = sub.add_parser("demo", help="the main job on the shipped brain sample (a few minutes on CPU)",
+                       description="The shipped brain model registers a held-back pair of the shipped brain "
+                       "sample step by step (+ test-time optimisation), GRPO fine-tunes it on a few labelled "
+                       "cases and registers the pair again; prints Dice per step against no registration and "
+                       "writes the outputs, a PNG montage and report.json into --out.")
     p.add_argument("--out", default="demo-output")
-    p.add_argument("--grid", type=_grid, default=(48, 48, 48))
-    p.add_argument("--subjects", type=int, default=12)
-    p.add_argument("--iterations", type=int, default=150, help="warm-up iterations")
-    p.add_argument("--finetune-iterations", type=int, default=8,
-                   help="GRPO episodes (each --steps optimiser steps) after warm-up; 0 skips GRPO")
-    p.add_argument("--trajectories", type=int, default=4, help="GRPO trajectories J per step (default 4)")
-    p.add_argument("--backbone", default="voxelmorph")
+    p.add_argument("--model", default=None, help="brain model (default: Resources/Models/morphseek-brain)")
+    p.add_argument("--sample", default=None, help="labelled sample dataset (default: Resources/SampleData/brain)")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--adapt", type=int, default=30, help="test-time optimisation iterations (0: none)")
+    p.add_argument("--episodes", type=int, default=6, help="GRPO episodes (each --steps optimiser steps); 0 skips GRPO")
+    p.add_argument("--trajectories", type=int, default=4, help="GRPO trajectories J per step (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(args) -> int:
-    from .demo import run_demo
+    from . import demo
 
-    run_demo(args.out, grid=args.grid, n_subjects=args.subjects, iterations=args.iterations,
-             finetune_iterations=args.finetune_iterations, trajectories=args.trajectories,
-             backbone=args.backbone, steps=args.steps,
-             seed=args.seed, device=args.device)
+    demo.run_demo(args.out, model=args.model or demo.BRAIN_MODEL, sample=args.sample or demo.BRAIN_SAMPLE,
+                  steps=args.steps, adapt=args.adapt, episodes=args.episodes, trajectories=args.trajectories,
+                  seed=args.seed, device=args.device)
     return 0
 
 

@@ -130,21 +130,29 @@ class Dataset:
                 f"{len(self.train_pairs)} train pairs, {len(self.val_pairs)} val pairs")
 
     # ------------------------------------------------------------------------- loading pairs
-    def load_pair(self, pair: Sequence[str], grid_shape: Sequence[int] | None = None) -> PairSample:
+    def load_pair(self, pair: Sequence[str], grid_shape: Sequence[int] | None = None, *,
+                  spacing: float | None = None, direction: Sequence[float] | None = None,
+                  divisor: int = 1) -> PairSample:
         """Tensors of ``pair = (moving_id, fixed_id)`` on the model grid of ``grid_shape`` (D, H, W)
         covering the fixed image (default: the manifest's ``grid``, else the fixed image's own size).
 
         Images are prepared by ``io.image_to_model_grid``, as in registration (normalised per image,
         1st-99th percentile to [0, 1], before resampling; outside is 0); the moving image goes straight from its own grid to the model grid through physical space (one
         interpolation, the same as onto the fixed grid and then onto the model grid, without the
-        second blur); labels by nearest neighbour. Results are cached per subject and model grid."""
+        second blur); labels by nearest neighbour. Results are cached per subject and model grid.
+
+        ``spacing`` (mm): the model grid by voxel size instead (``io.model_grid_at`` of the fixed
+        image with ``direction`` and ``divisor``), as ``register_images`` builds it for such models."""
         moving_id, fixed_id = self._check_pair(pair)
         fixed_image = None
         if fixed_id not in self._grids:
             fixed_image = self._read_image(fixed_id)
         fixed_grid = self._grids[fixed_id]
-        shape = tuple(int(n) for n in (grid_shape or self.grid or fixed_grid.size[::-1]))
-        reference = io.model_grid(_blank(fixed_grid), shape)
+        if spacing is not None:
+            reference = io.model_grid_at(_blank(fixed_grid), spacing, divisor, direction)
+        else:
+            shape = tuple(int(n) for n in (grid_shape or self.grid or fixed_grid.size[::-1]))
+            reference = io.model_grid(_blank(fixed_grid), shape)
         model_key = io.Grid.of(reference)
         fixed_volume = self._volume(fixed_id, reference, model_key, None, fixed_image)
         stretch = fixed_grid if self.moving_to_fixed == "stretch" else None

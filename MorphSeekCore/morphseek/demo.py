@@ -1,6 +1,7 @@
-"""The main job, ``morphseek demo``: synthetic labelled subjects -> warm-up -> GRPO fine-tuning ->
-step-wise registration of held-back pairs, with a per-step table, images, PNG montages and a report.
-Nothing is downloaded; a few minutes on 2 CPU cores."""
+"""The main job, ``morphseek demo``, on real anatomy: the shipped brain model registers a held-back
+pair of the shipped brain sample step by step, GRPO fine-tunes it on a few labelled cases, and the
+pair is registered again; a per-step table (Dice against no registration), PNG montages and
+report.json. Nothing is downloaded; about 3 minutes on 2 CPU cores."""
 
 from __future__ import annotations
 
@@ -9,91 +10,107 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+
 from . import io
-from .checkpoint import resolve_device
-from .cli import format_step_table
+from .checkpoint import load_checkpoint, resolve_device
 from .data import load_dataset
+from .errors import MorphSeekError
 from .montage import write_montage
-from .nets.policy import build_model
 from .register import register_images
-from .synth import write_dataset
-from .train.warmup import WarmupConfig, warmup
+
+RESOURCES = Path(__file__).resolve().parents[2] / "Resources"
+BRAIN_MODEL = RESOURCES / "Models" / "morphseek-brain.pt"
+BRAIN_SAMPLE = RESOURCES / "SampleData" / "brain"
 
 
-def run_demo(out: str | Path = "demo-output", grid=(48, 48, 48), n_subjects: int = 12,
-             iterations: int = 150, finetune_iterations: int = 8, trajectories: int = 4, backbone: str = "voxelmorph",
-             steps: int = 3, seed: int = 0, device: str = "auto", pairs_to_show: int = 3) -> dict:
-    out = Path(out)
+def _register(dataset, pair, model, steps: int, adapt: int, device, seed: int):
+    moving_id, fixed_id = pair
+    f_entry, m_entry = dataset.subject(fixed_id), dataset.subject(moving_id)
+    fixed, moving = io.read_image(f_entry.image, "fixed image"), io.read_image(m_entry.image, "moving image")
+    fixed_seg = io.read_labels(f_entry.labels, reference=fixed, what="fixed segmentation")
+    moving_seg = io.read_labels(m_entry.labels, reference=moving, what="moving segmentation")
+    result = register_images(fixed, moving, model, fixed_seg=fixed_seg, moving_seg=moving_seg, steps=steps,
+                             adapt=adapt, device=str(device), seed=seed,
+                             names={"fixed": str(f_entry.image), "moving": str(m_entry.image),
+                                    "fixed_seg": str(f_entry.labels), "moving_seg": str(m_entry.labels)})
+    return result, (fixed, moving, fixed_seg, moving_seg)
+
+
+def run_demo(out: str | Path = "demo-output", model: str | Path = BRAIN_MODEL, sample: str | Path = BRAIN_SAMPLE,
+             steps: int = 3, adapt: int = 30, episodes: int = 6, trajectories: int = 4, seed: int = 0,
+             device: str = "auto") -> dict:
+    """Register, fine-tune with GRPO, register again; returns the report (also written as JSON)."""
+    from .train.grpo import GRPOConfig, grpo_finetune
+
+    if steps < 1 or episodes < 0 or trajectories < 2 or adapt < 0:
+        raise MorphSeekError(f"demo needs steps >= 1, episodes >= 0, trajectories >= 2 and adapt >= 0 "
+                             f"(got {steps}, {episodes}, {trajectories}, {adapt})")
+    out, model = Path(out), Path(model)
+    if not model.exists():
+        raise MorphSeekError(f"{model}: the brain model is missing (it ships in Resources/Models)")
+    dataset = load_dataset(sample, require_labels=True)
+    if not dataset.val_pairs or not dataset.train_pairs:
+        raise MorphSeekError(f"{sample}: the demo needs labelled train and val pairs in its manifest")
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
     device = resolve_device(device)
-    timings = {}
+    pair = dataset.val_pairs[0]
+    name = f"{pair[0]}_to_{pair[1]}"
+    timings, tables = {}, {}
+
+    print(f"[1/3] {model.name} registers the held-back pair {name} in {steps} steps"
+          f"{f' + test-time optimisation ({adapt} iterations)' if adapt else ''}")
     tic = time.perf_counter()
-    print(f"[1/4] generating {n_subjects} synthetic labelled subjects at {tuple(grid)} (seed {seed})")
-    manifest = write_dataset(out / "data", n_subjects=n_subjects, shape=tuple(grid), seed=seed)
-    dataset = load_dataset(manifest)
-    timings["data_seconds"] = time.perf_counter() - tic
+    before, images = _register(dataset, pair, model, steps, adapt, device, seed)
+    timings["register_shipped_seconds"] = time.perf_counter() - tic
+    print(before.step_table())
+    tables["shipped"] = before
 
-    tic = time.perf_counter()
-    print(f"[2/4] warm-up of a {backbone} model: {iterations} iterations on {device}")
-    model = build_model({"backbone": backbone})
-    checkpoint = out / "model.pt"
-    config = WarmupConfig(grid=tuple(grid), iterations=iterations, seed=seed,
-                          checkpoint_every=max(iterations, 1), validate_every=0,
-                          channels_last=device.type == "cpu")
-    warmup(model, dataset, config, checkpoint, device=device, progress=True)
-    timings["warmup_seconds"] = time.perf_counter() - tic
+    finetuned = model
+    if episodes:
+        net, run_config, _ = load_checkpoint(model, device=device)
+        spacing, direction = run_config.get("spacing"), run_config.get("direction")
 
-    if finetune_iterations:
-        from .checkpoint import load_checkpoint
-        from .train.grpo import GRPOConfig, grpo_finetune
+        def load(pairs):
+            return [dataset.load_pair(p, run_config.get("grid"), **({"spacing": float(spacing), "direction": direction,
+                                                                     "divisor": net.divisor} if spacing else {})).to(device)
+                    for p in pairs]
 
+        print(f"\n[2/3] GRPO fine-tuning on {len(dataset.train_pairs)} labelled pairs: {episodes} episodes of "
+              f"{steps} steps, J = {trajectories}; held back: {len(dataset.val_pairs)} pairs")
         tic = time.perf_counter()
-        print(f"[2b] GRPO fine-tuning: {finetune_iterations} episodes of {steps} steps, {trajectories} trajectories")
-        model, run_config, _ = load_checkpoint(checkpoint, device=device)
-        train = [dataset.load_pair(p, tuple(grid)).to(device) for p in dataset.train_pairs]
-        val = [dataset.load_pair(p, tuple(grid)).to(device) for p in dataset.val_pairs]
         finetuned = out / "model-finetuned.pt"
-        grpo_finetune(model, train, val, GRPOConfig(steps=steps, trajectories=trajectories, episodes=finetune_iterations, seed=seed,
-                                                    val_every=max(finetune_iterations, 1)),
-                      run_config=run_config, out=finetuned, log=out / "finetune.log", progress=True)
-        checkpoint = finetuned
+        result = grpo_finetune(net, load(dataset.train_pairs), load(dataset.val_pairs),
+                               GRPOConfig(steps=steps, trajectories=trajectories, episodes=episodes, seed=seed,
+                                          val_every=max(episodes, 1)),
+                               run_config=run_config, out=finetuned, log=out / "finetune.log", progress=True)
         timings["finetune_seconds"] = time.perf_counter() - tic
+        print(f"held-back Dice after fine-tuning (model grid, {steps} steps): "
+              f"{result.validation.get('val_dice', float('nan')):.2f} %")
+        print(f"\n[3/3] the fine-tuned model registers {name} again")
+        tic = time.perf_counter()
+        after, _ = _register(dataset, pair, finetuned, steps, adapt, device, seed)
+        timings["register_finetuned_seconds"] = time.perf_counter() - tic
+        print(after.step_table())
+        tables["finetuned"] = after
 
-    print(f"[3/4] registering {min(pairs_to_show, len(dataset.val_pairs))} held-back pairs in {steps} steps")
-    pair_reports = []
-    tic = time.perf_counter()
-    for moving_id, fixed_id in dataset.val_pairs[:pairs_to_show]:
-        f_entry, m_entry = dataset.subject(fixed_id), dataset.subject(moving_id)
-        fixed = io.read_image(f_entry.image, "fixed image")
-        moving = io.read_image(m_entry.image, "moving image")
-        fixed_seg = io.read_labels(f_entry.labels, reference=fixed, what="fixed segmentation")
-        moving_seg = io.read_labels(m_entry.labels, reference=moving, what="moving segmentation")
-        result = register_images(fixed, moving, checkpoint, fixed_seg=fixed_seg, moving_seg=moving_seg,
-                                 steps=steps, prealign="none", device=str(device), seed=seed)
-        name = f"{moving_id}_to_{fixed_id}"
-        result.save(out / name)
-        write_montage(out / f"{name}.png", fixed, io.resample_to(moving, fixed), result, fixed_seg,
-                      io.resample_to(moving_seg, fixed, is_label=True),
-                      title=f"MorphSeek demo: {moving_id} -> {fixed_id}")
-        print(f"\n{name}")
-        print(format_step_table(result))
-        pair_reports.append({"pair": name, **result.report()})
-    timings["register_seconds"] = time.perf_counter() - tic
-
-    print("\n[4/4] summary over held-back pairs (mean Dice %, mean NJD %)")
-    summary = {"initial_dice": float(np.mean([p["initial_dice_percent"] for p in pair_reports]))}
-    print(f"  step 0: Dice {summary['initial_dice']:.2f}")
-    for t in range(steps):
-        dice = float(np.mean([p["steps"][t]["dice_percent"] for p in pair_reports]))
-        njd = float(np.mean([p["steps"][t]["njd_percent"] for p in pair_reports]))
-        summary[f"step_{t + 1}"] = {"dice": dice, "njd_percent": njd}
-        print(f"  step {t + 1}: Dice {dice:.2f}   NJD {njd:.3f}")
-    report = {"grid": list(grid), "backbone": backbone, "device": str(device), "iterations": iterations,
-              "finetune_iterations": finetune_iterations, "trajectories": trajectories, "steps": steps, "seed": seed,
-              "timings": timings, "summary": summary, "pairs": pair_reports, "checkpoint": str(checkpoint)}
+    fixed, moving, fixed_seg, moving_seg = images
+    final = tables.get("finetuned", before)
+    final.save(out / name)
+    montage = write_montage(out / f"{name}.png", fixed, io.resample_to(moving, fixed), final, fixed_seg,
+                            io.resample_to(moving_seg, fixed, is_label=True),
+                            title=f"MorphSeek demo: brain {pair[0]} -> {pair[1]} (held back)")
+    summary = {"no_registration_dice": final.initial_dice}
+    print(f"\nsummary for {name} (mean Dice % over {len(final.settings['labels'])} structures, NJD %)")
+    print(f"  {'no registration':<28} Dice {final.initial_dice:6.2f}")
+    for key, result in tables.items():
+        for s in result.steps:
+            label = f"{key} model, {'+ adapt' if s.kind == 'adapt' else f'step {s.index}'}"
+            summary[f"{key}_{s.kind}_{s.index}"] = {"dice": s.dice, "njd_percent": s.njd_percent}
+            print(f"  {label:<28} Dice {s.dice:6.2f}   NJD {s.njd_percent:.3f}")
+    report = {"model": str(model), "sample": str(sample), "pair": name, "device": str(device), "steps": steps,
+              "adapt": adapt, "episodes": episodes, "trajectories": trajectories, "seed": seed,
+              "timings": timings, "summary": summary,
+              "registrations": {k: r.report() for k, r in tables.items()}, "finetuned_model": str(finetuned)}
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out}/report.json, the montages {out}/*.png and per-pair folders "
-          f"(total {sum(timings.values()):.0f} s)")
+    print(f"\nwrote {out}/report.json, {montage} and {out / name}/ (total {sum(timings.values()):.0f} s)")
     return report

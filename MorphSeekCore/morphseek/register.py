@@ -276,6 +276,17 @@ class RegistrationResult:
             "final": self.steps[-1].summary() if self.steps else None,
         }
 
+    def step_table(self) -> str:
+        """The per-step table that ``morphseek register`` and the demo print."""
+        lines = [f"{'step':>4} {'kept':>6} {'Dice %':>8} {'NJD %':>8} {'seconds':>8}"]
+        if self.initial_dice is not None:
+            lines.append(f"{0:>4} {'-':>6} {self.initial_dice:>8.2f} {0.0:>8.3f} {'-':>8}")
+        for s in self.steps:
+            dice = f"{s.dice:.2f}" if s.dice is not None else "-"
+            kept = "adapt" if s.kind == "adapt" else f"{s.kept + 1}/{len(s.candidates)}"
+            lines.append(f"{s.index:>4} {kept:>6} {dice:>8} {s.njd_percent:>8.3f} {s.seconds:>8.2f}")
+        return "\n".join(lines)
+
     def save(self, out_dir: str | Path) -> Path:
         """Write the outputs of ``morphseek register`` into ``out_dir``: the final step's files, and a
         ``step_NN/`` folder for each step whose images were kept (``keep_step_images``). Float

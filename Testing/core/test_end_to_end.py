@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from morphseek import cli, geometry, metrics
-from morphseek.checkpoint import load_checkpoint
+from morphseek.checkpoint import load_checkpoint, save_checkpoint
 from morphseek.data import load_dataset
 from morphseek.errors import Cancelled
 from morphseek.nets.policy import build_model
@@ -129,15 +129,22 @@ def test_warmup_cancelled_before_its_first_iteration_writes_nothing(dataset_path
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_at_a_tiny_scale(tmp_path):
+def test_demo_runs_end_to_end_on_the_brain_sample_with_a_tiny_model(tmp_path):
+    # the demo's own flow on the shipped brain sample; a tiny model on an 8 mm grid keeps it short
+    model = tmp_path / "tiny.pt"
+    save_checkpoint(model, build_model({"backbone": "tiny"}),
+                    {"spacing": 8.0, "similarity": "ncc", "window": 3, "lambda_reg": 1.0, "stage": "warmup"})
     out = tmp_path / "demo"
-    code = cli.main(["demo", "--out", str(out), "--grid", "32", "--subjects", "6", "--iterations", "4",
-                     "--finetune-iterations", "1", "--steps", "2", "--backbone", "tiny", "--device", "cpu"])
+    code = cli.main(["demo", "--out", str(out), "--model", str(model), "--steps", "2", "--adapt", "3",
+                     "--episodes", "1", "--trajectories", "2", "--device", "cpu"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["finetune_iterations"] == 1 and len(report["pairs"]) >= 1
-    assert set(report["summary"]) == {"initial_dice", "step_1", "step_2"}
-    assert (out / "model-finetuned.pt").exists()
+    assert report["episodes"] == 1 and report["pair"] == "09_to_10"
+    kinds = [s["kind"] for s in report["registrations"]["finetuned"]["steps"]]
+    assert kinds == ["network", "network", "adapt"]
+    assert report["summary"]["no_registration_dice"] > 30  # the held-back brain pair, 31 structures
+    assert (out / "model-finetuned.pt").exists() or (out / "model-finetuned.safetensors").exists()
+    assert (out / "09_to_10" / "displacement.nii.gz").exists()
     pngs = list(out.glob("*.png"))
     assert pngs and pngs[0].stat().st_size > 10_000
 

@@ -599,7 +599,8 @@ def grpo_finetune(
     from morphseek.losses import similarity_loss
 
     sim_name = config.similarity or run_config.get("similarity") or "mse"
-    similarity = similarity_loss(sim_name)
+    window = run_config.get("window") if config.similarity is None else None  # the warm-up's NCC window
+    similarity = similarity_loss(sim_name, **({"window": int(window)} if sim_name == "ncc" and window else {}))
     lambda_reg = config.lambda_reg if config.lambda_reg is not None else float(run_config.get("lambda_reg", 1.0))
     beta0 = config.beta_kl if config.beta_kl is not None else float(run_config.get("beta_kl", 1e-3))
     controller = TargetKLController(beta0, config.target_kl, config.kl_tolerance, config.kl_factor,
@@ -704,8 +705,13 @@ def grpo_finetune(
 # ----------------------------------------------------------------------------------------------
 # command line (called by morphseek.cli for `morphseek finetune`)
 # ----------------------------------------------------------------------------------------------
-def _dataset_samples(dataset, pairs, grid_shape, device) -> list:
-    """Load pairs onto the model grid, tensors on ``device``."""
+def _dataset_samples(dataset, pairs, grid_shape, device, run_config: dict | None = None, divisor: int = 1) -> list:
+    """Load pairs onto the model grid (by voxel size when the run configuration has ``spacing``,
+    as registration does), tensors on ``device``."""
+    spacing = (run_config or {}).get("spacing")
+    if spacing:
+        return [dataset.load_pair(pair, spacing=float(spacing), direction=run_config.get("direction"),
+                                  divisor=divisor).to(device) for pair in pairs]
     return [dataset.load_pair(pair, grid_shape).to(device) for pair in pairs]
 
 
@@ -718,13 +724,13 @@ def run_finetune(args: argparse.Namespace) -> int:
     model, run_config, _ = load_checkpoint(args.model, device=device)
     dataset = load_dataset(args.data)
     grid = tuple(int(n) for n in (run_config.get("grid") or dataset.grid or ()))
-    if not grid:
+    if not grid and not run_config.get("spacing"):
         raise MorphSeekError(f"{args.model}: neither the checkpoint's configuration nor {args.data} names a model grid")
-    train = _dataset_samples(dataset, dataset.train_pairs, grid, device)
+    train = _dataset_samples(dataset, dataset.train_pairs, grid, device, run_config, model.divisor)
     val_pairs = list(dataset.val_pairs)
     if args.max_val_pairs is not None:
         val_pairs = val_pairs[: args.max_val_pairs]
-    val = [s for s in _dataset_samples(dataset, val_pairs, grid, device) if s.has_labels]
+    val = [s for s in _dataset_samples(dataset, val_pairs, grid, device, run_config, model.divisor) if s.has_labels]
     if len(val) < len(val_pairs):
         print(f"{len(val_pairs) - len(val)} held-back pairs have no labels and are not used for validation",
               file=sys.stderr)
