@@ -266,7 +266,7 @@ def test_memory_check_stops_before_any_work_with_a_clear_message(tiny_checkpoint
 
     big = sitk.Image([512, 512, 400], sitk.sitkFloat32)
     need = estimate_memory(big, big, labels=False)
-    assert 4e9 < need < 8e9  # a 512x512x400 CT fits in 8 GB
+    assert 7e9 < need < 9e9  # a 512x512x400 CT: measured 8.4e9 bytes at its peak (writing transform.h5)
     with pytest.raises(MorphSeekError, match="GB .* available: crop the fixed image"):
         check_memory(big, big, False, torch.device("cpu"), limit=2 * 2**30)
     fixed, moving, _, _ = _small_pair()
