@@ -150,6 +150,8 @@ def _add_register(sub) -> None:
     p.add_argument("--adapt", type=options.non_negative_int, default=0, metavar="N",
                    help="after the network's steps, N iterations of test-time optimisation of the map on "
                    "this pair (one more step in the report; default 0: none)")
+    p.add_argument("--step-images", action="store_true",
+                   help="also write every step's images into step_NN/ folders (default: the last step only)")
     p.add_argument("--seed", type=options.non_negative_int, default=0)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(run=_run_register)
@@ -189,7 +191,7 @@ def _run_register(args) -> int:
         result = _interruptible(register_images, fixed, moving, args.model, fixed_seg=fixed_seg,
                                 moving_seg=moving_seg, steps=args.steps, trajectories=args.trajectories,
                                 tau=args.tau, prealign=args.prealign, device=args.device, seed=args.seed,
-                                adapt=args.adapt, progress=progress,
+                                adapt=args.adapt, keep_step_images=args.step_images, progress=progress,
                                 names={"fixed": args.fixed, "moving": args.moving,
                                        "fixed_seg": args.fixed_seg or "", "moving_seg": args.moving_seg or ""})
     result.save(args.out, overwrite=args.overwrite, inputs=inputs)
@@ -274,13 +276,19 @@ def _run_demo(args) -> int:
 
 # ------------------------------------------------------------------------------------- finetune
 def _add_finetune(sub) -> None:
-    from .train import grpo
+    from .train.config import add_finetune_arguments  # torch-free: --help stays fast
 
     p = sub.add_parser("finetune", help="stage C: GRPO fine-tuning with LDVN on labelled pairs",
                        description="Fine-tune a warmed-up model on a few labelled pairs with Group "
                        "Relative Policy Optimisation in the latent space (docs/GRPO.md).")
-    grpo.add_finetune_arguments(p)
-    p.set_defaults(run=grpo.run_finetune)
+    add_finetune_arguments(p)
+    p.set_defaults(run=_run_finetune)
+
+
+def _run_finetune(args) -> int:
+    from .train.grpo import run_finetune
+
+    return run_finetune(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,8 @@ Sampling uses ``align_corners=True`` so that voxel centres map exactly onto norm
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 
@@ -19,17 +21,40 @@ def _check_field(disp: Tensor) -> None:
         raise ValueError(f"a displacement must have shape (B, 3, D, H, W), got {tuple(disp.shape)}")
 
 
+#: Identity grids kept for reuse, keyed by (shape, device, dtype): the most recent few (a
+#: registration uses one model grid; a test session a handful).
+_IDENTITY_CACHE: "OrderedDict[tuple, Tensor]" = OrderedDict()
+_IDENTITY_CACHE_SIZE = 4
+
+
+def identity_grid(shape: tuple[int, int, int], device: torch.device | str, dtype: torch.dtype) -> Tensor:
+    """The normalised grid_sample grid of the identity map, (D, H, W, 3) with the last axis ordered
+    (x, y, z) = (W, H, D) index axes, -1 at the first voxel centre and +1 at the last (align_corners).
+    Built once per (shape, device, dtype) and cached: do not modify it in place."""
+    key = (tuple(int(n) for n in shape), torch.device(device), dtype)
+    grid = _IDENTITY_CACHE.get(key)
+    if grid is None:
+        axes = [torch.linspace(-1.0, 1.0, n, device=key[1], dtype=dtype) if n > 1
+                else torch.full((1,), -1.0, device=key[1], dtype=dtype) for n in key[0]]
+        d, h, w = torch.meshgrid(*axes, indexing="ij")
+        grid = torch.stack((w, h, d), dim=-1)
+        _IDENTITY_CACHE[key] = grid
+        while len(_IDENTITY_CACHE) > _IDENTITY_CACHE_SIZE:
+            _IDENTITY_CACHE.popitem(last=False)
+    else:
+        _IDENTITY_CACHE.move_to_end(key)
+    return grid
+
+
 def sampling_grid(disp: Tensor) -> Tensor:
-    """Normalised grid_sample grid (B, D, H, W, 3) for the points x + u(x)."""
+    """Normalised grid_sample grid (B, D, H, W, 3) for the points x + u(x): the cached identity plus
+    the displacement scaled to normalised units (no host-device traffic, no per-call index grids)."""
     _check_field(disp)
-    shape = disp.shape[2:]
-    axes = [torch.arange(n, device=disp.device, dtype=disp.dtype) for n in shape]
-    identity = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # (3, D, H, W)
-    points = identity.unsqueeze(0) + disp
-    scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], device=disp.device, dtype=disp.dtype)
-    normalised = points * scale.view(1, 3, 1, 1, 1) - 1.0
+    shape = tuple(disp.shape[2:])
+    scale = [2.0 / max(n - 1, 1) for n in shape]
     # grid_sample wants the last dimension ordered (W, H, D), i.e. reversed array axes.
-    return normalised.permute(0, 2, 3, 4, 1).flip(-1)
+    offset = torch.stack((disp[:, 2] * scale[2], disp[:, 1] * scale[1], disp[:, 0] * scale[0]), dim=-1)
+    return offset.add_(identity_grid(shape, disp.device, disp.dtype))
 
 
 def warp(image: Tensor, disp: Tensor, mode: str = "bilinear", padding_mode: str = "zeros") -> Tensor:
@@ -77,18 +102,34 @@ def resize_displacement(disp: Tensor, shape: tuple[int, int, int]) -> Tensor:
     return resized * torch.tensor(factors, device=disp.device, dtype=disp.dtype).view(1, 3, 1, 1, 1)
 
 
+def difference(values: Tensor, dim: int) -> Tensor:
+    """``numpy.gradient`` along ``dim`` with unit spacing (central differences inside, one-sided at
+    both ends); faster than ``torch.gradient``, which it equals. Needs at least 2 points."""
+    n = values.shape[dim]
+    if n < 2:
+        raise ValueError(f"a difference needs at least 2 points along dim {dim}, got {n}")
+    out = torch.empty_like(values)
+    if n > 2:
+        torch.sub(values.narrow(dim, 2, n - 2), values.narrow(dim, 0, n - 2), out=out.narrow(dim, 1, n - 2))
+        out.narrow(dim, 1, n - 2).mul_(0.5)
+    torch.sub(values.narrow(dim, 1, 1), values.narrow(dim, 0, 1), out=out.narrow(dim, 0, 1))
+    torch.sub(values.narrow(dim, n - 1, 1), values.narrow(dim, n - 2, 1), out=out.narrow(dim, n - 1, 1))
+    return out
+
+
 def jacobian_determinant(disp: Tensor) -> Tensor:
     """det of the Jacobian of x + u(x), (B, D, H, W); central differences with one-sided edges,
     exactly as ``numpy.gradient`` computes them (METHOD.md)."""
     _check_field(disp)
-    # grads[c][a] = d u_c / d x_a
-    grads = [torch.gradient(disp[:, c], dim=(1, 2, 3)) for c in range(3)]
-    j = [[grads[c][a] + (1.0 if a == c else 0.0) for a in range(3)] for c in range(3)]
-    return (
-        j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
-        - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
-        + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0])
-    )
+    # j[c][a] = d u_c / d x_a + delta_ca
+    j = [[difference(disp[:, c], 1 + a) for a in range(3)] for c in range(3)]
+    for c in range(3):
+        j[c][c].add_(1.0)
+    det = j[1][1] * j[2][2] - j[1][2] * j[2][1]
+    det.mul_(j[0][0])
+    det.sub_(j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0]))
+    det.add_(j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
+    return det
 
 
 def folding_fraction(disp: Tensor) -> Tensor:

@@ -1,4 +1,6 @@
-"""Images with physical geometry: reading, checking, writing, model grids, resampling, pre-alignment.
+"""Images with physical geometry: reading, checking, writing, model grids, resampling.
+
+The affine pre-alignment is in :mod:`morphseek.prealign`.
 
 Everything here works on SimpleITK images, whose geometry (size, spacing, origin, direction) is in
 ITK's LPS physical space. NumPy arrays taken from them are in (D, H, W) = (z, y, x) index order, the
@@ -575,91 +577,6 @@ def resample_to(image: sitk.Image, reference: sitk.Image, transform: sitk.Transf
             default = float(stats.GetMinimum())
     interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
     return sitk.Resample(image, reference, transform, interpolator, default, image.GetPixelID())
-
-
-def affine_prealign(fixed: sitk.Image, moving: sitk.Image, iterations: int = 100,
-                    init: str = "moments", seed: int = 1234) -> sitk.AffineTransform:
-    """Affine registration of ``moving`` to ``fixed`` with SimpleITK (works across modalities).
-
-    Both images are percentile-normalised. The transform starts from the centres of mass
-    (``init="moments"``) or the geometric centres (``"geometry"``); a rigid stage then an affine stage
-    started from it (a 12-parameter affine alone stalls in poor local optima) each minimise Mattes
-    mutual information (32 bins, 25 % random samples drawn with a fixed ``seed``, one thread, so runs
-    repeat to 1e-15) by
-    regular-step gradient descent over a 4-2-1 pyramid (coarse levels dropped for small images), at
-    most ``iterations`` steps per level. Returns a transform that maps FIXED physical points to MOVING
-    physical points (SimpleITK's convention): ``resample_to(moving, fixed, T)`` aligns them."""
-    fixed = _normalised_image(check_volume(fixed, "fixed", "image"))
-    moving = _normalised_image(check_volume(moving, "moving", "image"))
-    mode = {"moments": sitk.CenteredTransformInitializerFilter.MOMENTS,
-            "geometry": sitk.CenteredTransformInitializerFilter.GEOMETRY}.get(init)
-    if mode is None:
-        raise MorphSeekError(f"affine_prealign: init must be 'moments' or 'geometry', got {init!r}")
-    rigid = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(), mode)
-    rigid = _unwrap(_register(fixed, moving, rigid, iterations, seed))
-    affine = sitk.AffineTransform(3)
-    affine.SetCenter(rigid.GetCenter())
-    affine.SetMatrix(rigid.GetMatrix())
-    affine.SetTranslation(rigid.GetTranslation())
-    rigid_as_affine = sitk.AffineTransform(affine)
-    affine = sitk.AffineTransform(_unwrap(_register(fixed, moving, affine, iterations, seed)))
-    # On small or nearly symmetric fields of view the 12-parameter stage can drift into a reflection
-    # or an implausible scaling; then the rigid result is the safer pre-alignment.
-    return affine if plausible_affine(affine) else rigid_as_affine
-
-
-def plausible_affine(transform: sitk.AffineTransform, max_scale: float = 1.5) -> bool:
-    """True when the linear part keeps orientation (det > 0) and scales each axis by at most
-    ``max_scale`` (singular values in [1 / max_scale, max_scale])."""
-    matrix = np.asarray(transform.GetMatrix(), dtype=float).reshape(3, 3)
-    singular = np.linalg.svd(matrix, compute_uv=False)
-    return bool(np.linalg.det(matrix) > 0 and singular.max() <= max_scale and singular.min() >= 1.0 / max_scale)
-
-
-def _register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, iterations: int,
-              seed: int) -> sitk.Transform:
-    smallest = min(fixed.GetSize())
-    shrink = [f for f in (4, 2) if smallest / f >= 16] + [1]
-    reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.25, seed)
-    reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-4,
-                                                 numberOfIterations=int(iterations), relaxationFactor=0.5,
-                                                 gradientMagnitudeTolerance=1e-8)
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel(shrink)
-    reg.SetSmoothingSigmasPerLevel([f / 2.0 for f in shrink[:-1]] + [0.0])
-    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
-    reg.SetInitialTransform(initial, inPlace=False)
-    # One thread: multithreaded metric sums are added in a varying order, and the optimiser
-    # amplifies those 1e-16 differences; a pre-alignment must give the same answer every run.
-    # The method's own setting does not reach every internal stage, so the process-wide ITK default
-    # is also set to 1 for the duration (and restored).
-    reg.SetNumberOfThreads(1)
-    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    try:
-        return reg.Execute(fixed, moving)
-    except RuntimeError as err:
-        raise MorphSeekError(f"affine pre-alignment failed: {str(err).strip().splitlines()[-1]}") from None
-    finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-
-
-def _normalised_image(image: sitk.Image) -> sitk.Image:
-    out = sitk.GetImageFromArray(normalise_intensities(sitk.GetArrayViewFromImage(image)))
-    out.CopyInformation(image)
-    return out
-
-
-def _unwrap(transform: sitk.Transform) -> sitk.Transform:
-    """The registration returns a composite holding the optimised transform; unwrap it."""
-    transform = transform.Downcast()
-    if isinstance(transform, sitk.CompositeTransform):
-        transform = transform.GetNthTransform(transform.GetNumberOfTransforms() - 1).Downcast()
-    return transform
 
 
 # --------------------------------------------------------------------------------------------------

@@ -279,25 +279,100 @@ def dice_torch(fixed: torch.Tensor, warped: torch.Tensor, label_values) -> torch
     largest = int(torch.maximum(high_f, high_w))
     if largest >= _DIRECT_BINCOUNT_LIMIT:
         raise MorphSeekError(f"dice_torch: label values must be below {_DIRECT_BINCOUNT_LIMIT}, found {largest}")
-    # One row of bins per batch item, bin = label value (requested labels beyond every value
-    # present read zeros).
+    lookup = _label_lookup(values, max(largest, int(values.max())) + 1)
+    return _mean_dice(_label_counts_torch(fixed, lookup, values.numel()),
+                      _label_counts_torch(warped, lookup, values.numel()),
+                      _overlap_counts_torch(fixed, warped, lookup, values.numel()))
+
+
+def _label_lookup(values: torch.Tensor, width: int) -> torch.Tensor:
+    """A table label value -> position 1..K in ``values`` (0 for every other value), on their device."""
+    lookup = torch.zeros(width, dtype=torch.long, device=values.device)
+    lookup[values] = torch.arange(1, values.numel() + 1, device=values.device)
+    return lookup
+
+
+def _label_counts_torch(labels: torch.Tensor, lookup: torch.Tensor, k: int) -> torch.Tensor:
+    """Voxels per requested label, (B, K) int64, by a scatter-add into a fixed number of bins: no
+    data-dependent shapes, so no host synchronisation (unlike bincount or boolean indexing)."""
+    batch = labels.shape[0]
+    index = lookup[labels.reshape(batch, -1).long()]  # 0 = not a requested label
+    counts = torch.zeros((batch, k + 1), dtype=torch.long, device=labels.device)
+    counts.scatter_add_(1, index, torch.ones_like(index))
+    return counts[:, 1:]
+
+
+def _overlap_counts_torch(fixed: torch.Tensor, warped: torch.Tensor, lookup: torch.Tensor, k: int) -> torch.Tensor:
+    """Voxels where both maps hold the same requested label, (B, K) int64 (sync-free)."""
     batch = fixed.shape[0]
-    width = max(largest, int(values.max())) + 1
-    fixed, warped = fixed.flatten(1), warped.flatten(1)
-    if batch > 1:
-        offset = (torch.arange(batch, device=fixed.device) * width).unsqueeze(1)
-        fixed, warped = fixed.to(torch.long) + offset, warped.to(torch.long) + offset
+    f = fixed.reshape(batch, -1).long()
+    index = torch.where(f == warped.reshape(batch, -1).long(), lookup[f], 0)
+    counts = torch.zeros((batch, k + 1), dtype=torch.long, device=fixed.device)
+    counts.scatter_add_(1, index, torch.ones_like(index))
+    return counts[:, 1:]
 
-    def counts(labels: torch.Tensor) -> torch.Tensor:
-        return torch.bincount(labels.flatten(), minlength=batch * width).view(batch, width)[:, values]
 
-    in_fixed, in_warped = counts(fixed), counts(warped)
-    in_both = counts(fixed[fixed == warped])  # equal bins <=> same item and same label
-    total = (in_fixed + in_warped).to(torch.float64)
+def _mean_dice(in_fixed: torch.Tensor, in_warped: torch.Tensor, in_both: torch.Tensor) -> torch.Tensor:
+    """Mean over labels present in either map of 2 |F & W| / (|F| + |W|), (B,) float32 (nan when
+    none is present). float32 throughout: counts are exact integers until the division, and Apple's
+    MPS has no float64."""
+    total = in_fixed + in_warped
     defined = total > 0
-    dice = torch.where(defined, 2.0 * in_both.to(torch.float64) / total.clamp(min=1), 0.0)
-    mean = dice.sum(dim=1) / defined.sum(dim=1)  # 0 / 0 -> nan when no label is present
-    return mean.to(torch.float32)
+    dice = torch.where(defined, (2 * in_both).to(torch.float32) / total.clamp(min=1).to(torch.float32), 0.0)
+    return dice.sum(dim=1) / defined.sum(dim=1).to(torch.float32)  # 0 / 0 -> nan when no label is present
+
+
+class LabelDice:
+    """Mean Dice of warped label maps against one fixed label map, for rewards on the device.
+
+    The labels are checked ONCE on the host when the scorer is built (integer dtype, values >= 0 and
+    below 2^20, requested labels distinct); every call after that is sync-free: no ``.item()``,
+    ``unique`` or ``bincount``, so a GPU step never waits for the host. The fixed map's counts are
+    computed once. ``scorer(warped)`` with warped (B, 1, D, H, W) returns (B,) float32 on the device,
+    equal to ``dice_torch(fixed.expand(B, ...), warped, label_values)``. ``moving`` (optional): a
+    label map whose warps will be scored, checked now so that its values fit the lookup table."""
+
+    def __init__(self, fixed: torch.Tensor, label_values, moving: torch.Tensor | None = None,
+                 width: int | None = None):
+        """``width``: the largest label value + 1 when the caller has already checked the maps (then
+        nothing is read back from the device, e.g. on the meta device)."""
+        if width is not None:
+            values = torch.as_tensor(label_values).to(torch.long).flatten().cpu()
+            self.fixed, self.k, self.width = fixed, values.numel(), int(width)
+            self.lookup = _label_lookup(values.to(fixed.device), self.width)
+            self.in_fixed = _label_counts_torch(fixed, self.lookup, self.k)
+            return
+        if fixed.dim() != 5 or fixed.shape[:2] != (1, 1):
+            raise MorphSeekError(f"LabelDice: the fixed label map must be (1, 1, D, H, W), got {tuple(fixed.shape)}")
+        maps = [fixed] + ([moving] if moving is not None else [])
+        if any(m.is_floating_point() for m in maps):
+            raise MorphSeekError("LabelDice: label maps must have an integer dtype (hard labels)")
+        values = torch.as_tensor(label_values).to(torch.long).flatten().cpu()
+        if values.numel() == 0 or int(values.min()) < 0 or values.unique().numel() != values.numel():
+            raise MorphSeekError(f"LabelDice: label_values must be distinct non-negative labels, got {label_values}")
+        low = min(int(m.min()) for m in maps)
+        high = max(int(m.max()) for m in maps)
+        if low < 0:
+            raise MorphSeekError("LabelDice: label values must be >= 0")
+        if high >= _DIRECT_BINCOUNT_LIMIT or int(values.max()) >= _DIRECT_BINCOUNT_LIMIT:
+            raise MorphSeekError(f"LabelDice: label values must be below {_DIRECT_BINCOUNT_LIMIT}, found {high}")
+        self.fixed = fixed
+        self.k = values.numel()
+        self.width = max(high, int(values.max())) + 1
+        self.lookup = _label_lookup(values.to(fixed.device), self.width)
+        self.in_fixed = _label_counts_torch(fixed, self.lookup, self.k)
+
+    @torch.no_grad()
+    def __call__(self, warped: torch.Tensor) -> torch.Tensor:
+        """Mean Dice (B,) of ``warped`` (B, 1, D, H, W), values within the range checked at build time
+        (warping by nearest neighbour only moves values of the moving map, or writes 0)."""
+        batch = warped.shape[0]
+        if warped.shape[1:] != self.fixed.shape[1:]:
+            raise MorphSeekError(f"LabelDice: warped labels {tuple(warped.shape)} do not fit the fixed map "
+                                 f"{tuple(self.fixed.shape)}")
+        in_warped = _label_counts_torch(warped, self.lookup, self.k)
+        in_both = _overlap_counts_torch(self.fixed.expand(batch, *self.fixed.shape[1:]), warped, self.lookup, self.k)
+        return _mean_dice(self.in_fixed.expand(batch, -1), in_warped, in_both)
 
 
 # --------------------------------------------------------------------------------------- reports

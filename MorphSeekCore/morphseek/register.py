@@ -12,7 +12,10 @@ Two levels:
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,7 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import export, geometry, io, metrics
+from . import export, geometry, io, metrics, prealign as prealign_module
 from .adapt import AdaptSettings, fine_grid_shape
 from .adapt import adapt as adapt_total
 from .checkpoint import load_checkpoint, resolve_device
@@ -34,7 +37,7 @@ CancelCallback = Callable[[], bool]
 
 @dataclass
 class Candidate:
-    """One sampled trajectory of a step, scored on the model grid."""
+    """One sampled trajectory of a step, scored on the model grid (nan: not scored, J = 1)."""
 
     reward: float
     dice_gain: float | None  # mean Dice (fraction) gained over the previous state; None without labels
@@ -76,12 +79,17 @@ class StepRecord:
             "step": self.index,
             "kind": self.kind,
             "kept": self.kept,
-            "candidates": [asdict(c) for c in self.candidates],
+            "candidates": [_json_ready(asdict(c)) for c in self.candidates],
             "dice_percent": self.dice,
             "dice_per_label_percent": {str(k): v for k, v in (self.dice_per_label or {}).items()} or None,
             "njd_percent": self.njd_percent,
             "seconds": self.seconds,
         }
+
+
+def _json_ready(values: dict) -> dict:
+    """nan (not scored: a single candidate) becomes None, which JSON can hold."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items()}
 
 
 @dataclass
@@ -97,6 +105,43 @@ class ProgressEvent:
 def _check_cancel(cancel: CancelCallback | None) -> None:
     if cancel is not None and cancel():
         raise Cancelled("registration cancelled by the user")
+
+
+@contextmanager
+def mixed_precision(model: torch.nn.Module, device: torch.device, enabled: bool, dtype=torch.bfloat16):
+    """bf16 autocast of the network's convolutions and attention where it is safe (CUDA only): the
+    policy head (mu, sigma: the latent the LDVN sums are taken over) and the flow convolution (the
+    displacement itself) run in float32 with autocast off, and everything outside the network
+    (composition, warping, Jacobian, rewards) is float32 anyway. On the CPU (no bf16 instructions on
+    common CPUs: 15x slower, docs/CPU-COSTS) and when ``enabled`` is False it does nothing."""
+    if not enabled or device.type != "cuda":
+        yield
+        return
+    patched = [m for m in (getattr(model, "head", None), getattr(getattr(model, "backbone", None), "flow", None))
+               if isinstance(m, torch.nn.Module)]
+
+    def float32_forward(module):
+        original = module.forward
+
+        def forward(*args, **kwargs):
+            with torch.autocast(device_type=device.type, enabled=False):
+                args = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+                return original(*args, **kwargs)
+        return forward
+
+    for module in patched:
+        module.forward = float32_forward(module)
+    try:
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            yield
+    finally:
+        for module in patched:
+            del module.forward  # back to the class's forward
+
+
+def _expand(skips: list, batch: int) -> list:
+    """The encoder's outputs for ``batch`` candidates decoded at once (views, no copies)."""
+    return [s.expand(batch, *s.shape[1:]) if torch.is_tensor(s) and batch > 1 else s for s in skips]
 
 
 @torch.no_grad()
@@ -116,49 +161,90 @@ def refine(
     generator: torch.Generator | None = None,
     cancel: CancelCallback | None = None,
     on_step: Callable[[StepTensors], None] | None = None,
+    batch: int | None = None,
+    autocast: bool = False,
 ) -> list[StepTensors]:
     """T refinement steps on the model grid. With ``trajectories`` J > 1, each step scores the mean
     latent (candidate 0, what deterministic inference would keep) and J - 1 samples at temperature
     ``tau`` and keeps the best: by Dice gain when both label maps are given, otherwise by relative
     similarity gain; both minus ``|w_njd|`` times the folded fraction. Keeping the mean among the
-    candidates means the search never scores below deterministic inference."""
+    candidates means the search never scores below deterministic inference. With J = 1 nothing is
+    scored (there is nothing to choose): the candidate's reward, similarity gain and NJD are nan.
+
+    On a GPU the step runs without waiting for the host: labels are checked once before the loop,
+    scores stay on the device and are read back once per step (for the records), ``batch``
+    candidates are decoded in one call (default: all J on an accelerator, one at a time on the CPU,
+    where batching does not pay). Samples come from ``generator`` (use a CPU generator: the same seed
+    then gives the same candidates on every device). ``autocast``: bf16 where safe on CUDA
+    (:func:`mixed_precision`)."""
     if steps < 1 or trajectories < 1:
         raise MorphSeekError(f"steps and trajectories must be >= 1 (got {steps}, {trajectories})")
     use_labels = moving_labels is not None and fixed_labels is not None
     if use_labels and not label_values:
         raise MorphSeekError("label maps were given but they share no label")
+    device = fixed.device
+    score = trajectories > 1
+    batch = max(1, int(batch or (trajectories if device.type != "cpu" else 1)))
     sim = similarity_loss(similarity)
-    total = torch.zeros(1, 3, *fixed.shape[2:], device=fixed.device, dtype=fixed.dtype)
+    scorer = metrics.LabelDice(fixed_labels, label_values, moving_labels) if use_labels and score else None
+    total = torch.zeros(1, 3, *fixed.shape[2:], device=device, dtype=fixed.dtype)
     state = moving
-    prev_sim = float(sim(state, fixed))
-    prev_dice = float(metrics.dice_torch(fixed_labels, moving_labels, label_values)[0]) if use_labels else None
+    prev_sim = sim(state, fixed) if score else None
+    prev_dice = scorer(moving_labels)[0] if scorer is not None else None
     results: list[StepTensors] = []
     for t in range(1, steps + 1):
         _check_cancel(cancel)
         start = time.perf_counter()
-        enc = model.encode(state, fixed)
-        candidates: list[Candidate] = []
-        kept_state: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (total, warped, similarity)
-        for j in range(trajectories):
+        with mixed_precision(model, device, autocast):
+            enc = model.encode(state, fixed)
+        if not score:
+            with mixed_precision(model, device, autocast):
+                step_field = model.decode(enc.skips, enc.mu).float()
+            total = geometry.compose(total, step_field)
+            state = geometry.warp(moving, total)
+            nan = float("nan")
+            record = StepTensors(t, total, [Candidate(nan, None, nan, nan)], 0, time.perf_counter() - start)
+            results.append(record)
+            if on_step is not None:
+                on_step(record)
+            continue
+        # candidate 0 is the mean; the others are sampled (noise drawn from the generator's device,
+        # then moved: device-independent with a CPU generator)
+        latents = [enc.mu] + [model.sample(enc, tau, generator=generator) for _ in range(trajectories - 1)]
+        totals, warps, rows = [], [], []
+        for first in range(0, trajectories, batch):
             _check_cancel(cancel)
-            z = enc.mu if j == 0 else model.sample(enc, tau, generator=generator)
-            candidate_total = geometry.compose(total, model.decode(enc.skips, z))
-            warped = geometry.warp(moving, candidate_total)
-            sim_value = float(sim(warped, fixed))
-            sim_gain = (prev_sim - sim_value) / max(abs(prev_sim), 1e-12)
-            folded = float(geometry.folding_fraction(candidate_total)[0])
-            dice_gain = None
-            if use_labels:
-                warped_labels = geometry.warp_labels(moving_labels, candidate_total)
-                dice_gain = float(metrics.dice_torch(fixed_labels, warped_labels, label_values)[0]) - prev_dice
-            reward = (w_dice * dice_gain if use_labels else sim_gain) + w_njd * folded
-            candidates.append(Candidate(reward, dice_gain, sim_gain, 100.0 * folded))
-            kept_state.append((candidate_total, warped, sim_value))
-        kept = int(np.argmax([c.reward for c in candidates]))
+            z = torch.cat(latents[first:first + batch])
+            size = z.shape[0]
+            with mixed_precision(model, device, autocast):
+                step_field = model.decode(_expand(enc.skips, size), z).float()
+            candidate_total = geometry.compose(total.expand(size, -1, -1, -1, -1), step_field)
+            warped = geometry.warp(moving.expand(size, -1, -1, -1, -1), candidate_total)
+            sim_value = torch.stack([sim(warped[b:b + 1], fixed) for b in range(size)])
+            sim_gain = (prev_sim - sim_value) / prev_sim.abs().clamp(min=1e-12)
+            folded = geometry.folding_fraction(candidate_total)
+            if scorer is not None:
+                dice_gain = scorer(geometry.warp_labels(moving_labels.expand(size, -1, -1, -1, -1),
+                                                        candidate_total)) - prev_dice
+                reward = w_dice * dice_gain + w_njd * folded
+            else:
+                dice_gain = torch.full_like(sim_gain, float("nan"))
+                reward = sim_gain + w_njd * folded
+            rows.append(torch.stack([reward, dice_gain, sim_gain, sim_value, 100.0 * folded], dim=1))
+            totals.append(candidate_total)
+            warps.append(warped)
+        table = torch.cat(rows).float().cpu()  # the step's one read-back: every candidate's scores
+        kept = int(torch.argmax(table[:, 0]))
+        candidates = [Candidate(float(r[0]), float(r[1]) if use_labels else None, float(r[2]), float(r[4]))
+                      for r in table]
         # the kept candidate's image was resampled once from the original: it is the next state
-        total, state, prev_sim = kept_state[kept]
-        if use_labels:
-            prev_dice += candidates[kept].dice_gain
+        chunk, index = divmod(kept, batch)
+        total = totals[chunk][index:index + 1]
+        state = warps[chunk][index:index + 1]
+        prev_sim = rows[chunk][index, 3]
+        if scorer is not None:
+            prev_dice = prev_dice + rows[chunk][index, 1]
+        del totals, warps
         record = StepTensors(t, total, candidates, kept, time.perf_counter() - start)
         results.append(record)
         if on_step is not None:
@@ -202,32 +288,36 @@ class RegistrationResult:
         return "\n".join(lines)
 
     def save(self, out_dir: str | Path, overwrite: bool = False, inputs=()) -> Path:
-        """Write the outputs of ``morphseek register`` into ``out_dir``, whole or not at all.
+        """Write the outputs of ``morphseek register`` into ``out_dir``, whole or not at all: the
+        final step's files, and a ``step_NN/`` folder for each step whose images were kept
+        (``keep_step_images``).
 
         The files are written into a temporary folder beside ``out_dir`` (each one checked after
         writing) and moved into place at the end (``morphseek.outputs.staged_folder``): a failure
         leaves ``out_dir`` as it was. An existing result is replaced as a whole only with
-        ``overwrite=True``; ``inputs`` (paths) that lie inside ``out_dir`` are refused."""
+        ``overwrite=True``; ``inputs`` (paths) that lie inside ``out_dir`` are refused. Float volumes
+        are stored uncompressed inside their ``.nii.gz`` (they barely compress, and deflating them
+        took most of the time of a full-resolution run), label maps gzipped at level 1."""
         from .outputs import staged_folder
 
+        float_level, label_level = export.FLOAT_GZIP_LEVEL, export.LABEL_GZIP_LEVEL
         with staged_folder(out_dir, overwrite=overwrite, inputs=inputs, command="register") as out:
-            io.write_image(self.warped, out / "warped.nii.gz")
+            export.write_volume(self.warped, out / "warped.nii.gz", float_level)
             if self.warped_seg is not None:
-                io.write_image(self.warped_seg, out / "warped_seg.nii.gz")
+                export.write_volume(self.warped_seg, out / "warped_seg.nii.gz", label_level)
             export.write_field(self.field, out / "displacement.nii.gz")
             export.write_transform(self.field, out / "transform.h5")
-            io.write_image(self.jacobian, out / "jacobian.nii.gz")
+            export.write_volume(self.jacobian, out / "jacobian.nii.gz", float_level)
             for step in self.steps:
+                if step.field is None:  # images not kept for this step
+                    continue
                 folder = out / f"step_{step.index:02d}"
                 folder.mkdir(exist_ok=True)
-                if step.warped is not None:
-                    io.write_image(step.warped, folder / "warped.nii.gz")
+                export.write_volume(step.warped, folder / "warped.nii.gz", float_level)
                 if step.warped_seg is not None:
-                    io.write_image(step.warped_seg, folder / "warped_seg.nii.gz")
-                if step.jacobian is not None:
-                    io.write_image(step.jacobian, folder / "jacobian.nii.gz")
-                if step.field is not None:
-                    export.write_field(step.field, folder / "displacement.nii.gz")
+                    export.write_volume(step.warped_seg, folder / "warped_seg.nii.gz", label_level)
+                export.write_volume(step.jacobian, folder / "jacobian.nii.gz", float_level)
+                export.write_field(step.field, folder / "displacement.nii.gz")
             io.write_text(json.dumps(self.report(), indent=2), out / "report.json")
         return Path(out_dir)
 
@@ -238,11 +328,59 @@ def _label_values(fixed_seg: sitk.Image, moving_seg: sitk.Image) -> list[int]:
     return [int(v) for v in np.intersect1d(f, m) if v != 0]
 
 
-def _dice_percent(fixed_seg: sitk.Image, warped_seg: sitk.Image, labels: list[int]) -> dict[int, float]:
-    per_label = metrics.dice_per_label(
-        sitk.GetArrayViewFromImage(fixed_seg), sitk.GetArrayViewFromImage(warped_seg), labels
-    )
-    return {k: 100.0 * v for k, v in per_label.items()}
+#: Bytes per fixed-grid voxel that a registration's outputs hold at once: the field (3 x float32),
+#: its float64 copy for transform.h5 and the HDF5 writer's own float64 copy of it (2 x 3 x 8), the
+#: Jacobian and warped image (float32 each), plus the warped labels (float32 while sampled, then
+#: their pixel type) when segmentations are given. Measured: a 512x512x400 CT without labels peaked
+#: at 8.4e9 bytes resident (estimate 8.5e9).
+_BYTES_PER_FIXED_VOXEL = 12 + 24 + 24 + 4 + 4
+_BYTES_PER_FIXED_VOXEL_LABELS = 4 + 2 + 8  # + the fixed labels as int64 for Dice
+#: Work memory besides (slabs, the model grid, the interpreter and torch), bytes.
+_BASE_BYTES = 1.0e9
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to this process now (Linux MemAvailable, else the free physical
+    pages), or None when the system does not say."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def estimate_memory(fixed: sitk.Image, moving: sitk.Image, labels: bool) -> int:
+    """Peak bytes a registration needs beyond its inputs, dominated by the outputs on the fixed grid
+    (the network itself works on the small model grid)."""
+    n_fixed = int(np.prod(fixed.GetSize()))
+    n_moving = int(np.prod(moving.GetSize()))
+    per_voxel = _BYTES_PER_FIXED_VOXEL + (_BYTES_PER_FIXED_VOXEL_LABELS if labels else 0)
+    return int(n_fixed * per_voxel + n_moving * (4 + (4 if labels else 0)) + _BASE_BYTES)
+
+
+def check_memory(fixed: sitk.Image, moving: sitk.Image, labels: bool, device: torch.device,
+                 limit: int | None = None) -> None:
+    """Stop before any work when the outputs cannot fit: MorphSeekError naming the sizes and what to
+    change. ``limit``: bytes allowed (default: the memory available now, or the environment variable
+    MORPHSEEK_MEMORY_LIMIT_GB)."""
+    if limit is None:
+        env = os.environ.get("MORPHSEEK_MEMORY_LIMIT_GB")
+        limit = int(float(env) * 2**30) if env else available_memory()
+    if limit is None:
+        return
+    need = estimate_memory(fixed, moving, labels)
+    if need > limit:
+        raise MorphSeekError(
+            f"the fixed image {fixed.GetSize()} ({np.prod(fixed.GetSize()) / 1e6:.0f} M voxels) needs about "
+            f"{need / 2**30:.1f} GB for the registration's full-resolution outputs (displacement field, "
+            f"transform, warped image, Jacobian) and {limit / 2**30:.1f} GB are available: crop the fixed "
+            "image to the region of interest or resample it to a coarser grid (e.g. 1 mm), or free memory")
 
 
 def _adapt_step(last: StepTensors, moving_t: torch.Tensor, fixed_t: torch.Tensor, moving: sitk.Image,
@@ -300,6 +438,7 @@ def register_images(
     seed: int = 0,
     grid: tuple[int, int, int] | None = None,
     keep_step_images: bool = True,
+    autocast: bool = False,
     adapt: int = 0,
     adapt_settings: AdaptSettings | None = None,
     progress: ProgressCallback | None = None,
@@ -308,9 +447,14 @@ def register_images(
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with a MorphSeek model (object or checkpoint path).
 
-    ``names`` gives the inputs' names (files or Slicer nodes) for error messages. ``adapt`` > 0 adds
-    one more step after the network's: that many iterations of test-time optimisation of the total
-    map on this pair (``morphseek.adapt``; ``adapt_settings`` for the rest)."""
+    ``names`` gives the inputs' names (files or Slicer nodes) for error messages.
+    ``keep_step_images``: False exports only the last step's images (every step still gets its Dice
+    and NJD on the fixed grid). ``autocast``: bf16 where safe, CUDA only (:func:`mixed_precision`).
+    Peak memory is bounded by the fixed grid's outputs: :func:`check_memory` stops before any work
+    when they cannot fit. ``cancel()`` is polled between stages, inside the pre-alignment's optimiser
+    and between steps and candidates.
+    ``adapt`` > 0 adds one more step after the network's: that many iterations of test-time
+    optimisation of the total map on this pair (``morphseek.adapt``; ``adapt_settings`` for the rest)."""
     names = {"fixed": "fixed image", "moving": "moving image", "fixed_seg": "fixed segmentation",
              "moving_seg": "moving segmentation", **(names or {})}
     if prealign not in ("affine", "none"):
@@ -335,6 +479,12 @@ def register_images(
         )
 
     torch_device = resolve_device(device)
+    if torch_device.type == "mps":
+        raise MorphSeekError("Apple MPS is not supported: the engine is tested on CPU and CUDA only "
+                             "(3D grid sampling and float64 are incomplete on MPS); use --device cpu")
+    if torch_device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once
+    check_memory(fixed, moving, use_labels, torch_device)
     report("prepare", 0, 0.02, f"loading the model on {torch_device}")
     net, config = load_model(model, torch_device)
     if grid is None and config.get("spacing"):
@@ -349,7 +499,7 @@ def register_images(
     transform = sitk.Transform(3, sitk.sitkIdentity)
     if prealign == "affine":
         report("prepare", 0, 0.05, "affine pre-alignment")
-        transform = io.affine_prealign(fixed, moving)
+        transform = prealign_module.affine_prealign(fixed, moving, cancel=cancel)
     _check_cancel(cancel)
 
     report("prepare", 0, 0.1, f"resampling onto the model grid {grid}")
@@ -367,12 +517,25 @@ def register_images(
         fixed_l = io.labels_to_model_grid(fixed_seg, model_ref).to(torch_device)
         moving_l = io.labels_to_model_grid(moving_seg, model_ref, transform).to(torch_device)
 
-    generator = torch.Generator(device=torch_device).manual_seed(seed)
+    # Candidates are drawn from a CPU generator and moved to the device: the same seed gives the
+    # same candidates on every device.
+    generator = torch.Generator().manual_seed(seed)
+    # Export: the geometry (model grid -> fixed grid, pre-alignment, moving grids) once, then per step
+    # the physical field, the Jacobian and the warped volumes on the device, in float32.
+    exporter = export.FieldExporter(model_ref, fixed, transform, device=torch_device, dtype=torch.float32)
+    moving_source = exporter.source(moving)
+    seg_source = exporter.source(moving_seg, is_label=True) if moving_seg is not None else None
+    fixed_seg_array = sitk.GetArrayViewFromImage(fixed_seg) if use_labels else None
+
+    def dice_percent(warped_seg: torch.Tensor) -> dict[int, float]:
+        labels = torch.round(warped_seg).to(torch.int64).cpu().numpy()
+        return {k: 100.0 * v for k, v in metrics.dice_per_label(fixed_seg_array, labels, label_values).items()}
+
     initial_dice = None
     if use_labels:
-        moved0 = export.warp_original(moving_seg, fixed, export.physical_displacement(
-            torch.zeros(1, 3, *grid), model_ref, fixed, prealign=transform), is_label=True)
-        initial_dice = float(np.mean(list(_dice_percent(fixed_seg, moved0, label_values).values())))
+        zero = exporter.field(torch.zeros(1, 3, *grid, device=torch_device))
+        initial_dice = float(np.mean(list(dice_percent(exporter.warp(seg_source, zero)).values())))
+        del zero
 
     records: list[StepRecord] = []
     if adapt < 0:
@@ -380,18 +543,37 @@ def register_images(
     total_steps = steps + (1 if adapt else 0)
 
     def finish_step(step: StepTensors) -> None:
+        """The step's total map on the fixed grid: its Jacobian (NJD) and, with labels, its Dice,
+        always; the images (field, warped image and labels, Jacobian) only for the last step or
+        when ``keep_step_images``."""
         _check_cancel(cancel)
-        field_img = export.physical_displacement(step.total, model_ref, fixed, prealign=transform)
-        warped = export.warp_original(moving, fixed, field_img)
-        warped_seg = export.warp_original(moving_seg, fixed, field_img, is_label=True) if moving_seg is not None else None
-        jac = export.jacobian_image(field_img)
-        njd = metrics.njd_percent_from_det(sitk.GetArrayViewFromImage(jac))
-        per_label = _dice_percent(fixed_seg, warped_seg, label_values) if use_labels else None
-        dice = float(np.mean(list(per_label.values()))) if per_label else None
         keep = keep_step_images or step.index == total_steps
+        field_t = exporter.field(step.total)
+        det = exporter.jacobian(field_t)
+        njd = 100.0 * float((det <= 0).sum()) / det.numel()
+        warped_t = warped_seg_t = None
+        if keep and seg_source is not None and moving_source.same_grid(seg_source):
+            warped_t, warped_seg_t = exporter.warp([moving_source, seg_source], field_t)  # one set of points
+        elif seg_source is not None:
+            warped_seg_t = exporter.warp(seg_source, field_t)
+        per_label = dice_percent(warped_seg_t) if use_labels else None
+        dice = float(np.mean(list(per_label.values()))) if per_label else None
+        images = (None, None, None, None)
+        if keep:  # each tensor is freed as soon as its image exists (peak memory of large volumes)
+            _check_cancel(cancel)
+            jacobian = export.scalar_image(det, fixed, np.float32)
+            del det
+            if warped_t is None:
+                warped_t = exporter.warp(moving_source, field_t)
+            warped = export.scalar_image(warped_t, fixed, np.float32)
+            del warped_t
+            warped_seg = (export.scalar_image(torch.round(warped_seg_t), fixed, seg_source.pixel_dtype)
+                          if warped_seg_t is not None else None)
+            del warped_seg_t
+            images = (warped, warped_seg, jacobian, export.field_image(field_t, fixed))
+        del field_t
         record = StepRecord(step.index, step.candidates, step.kept, dice, per_label, njd, step.seconds,
-                            warped if keep else None, warped_seg if keep else None,
-                            jac if keep else None, field_img if keep else None, step.kind)
+                            *images, step.kind)
         records.append(record)
         dice_text = f", Dice {dice:.1f} %" if dice is not None else ""
         what = ("test-time optimisation" if step.kind == "adapt"
@@ -403,7 +585,7 @@ def register_images(
         tensors = refine(net, moving_t, fixed_t, steps=steps, trajectories=trajectories, tau=tau,
                          moving_labels=moving_l, fixed_labels=fixed_l, label_values=label_values,
                          similarity=config.get("similarity", "mse"), generator=generator, cancel=cancel,
-                         on_step=finish_step)
+                         on_step=finish_step, autocast=autocast)
         if adapt:
             finish_step(_adapt_step(tensors[-1], moving_t, fixed_t, moving, fixed, transform, model_ref,
                                     percentiles, names, adapt, adapt_settings, moving_l, fixed_l, label_values,
@@ -415,6 +597,7 @@ def register_images(
 
     last = records[-1]
     settings = {"steps": steps, "trajectories": trajectories, "tau": tau, "prealign": prealign, "adapt": adapt,
+                "autocast": autocast,
                 "device": str(torch_device), "seed": seed, "grid": list(grid),
                 "model": str(model) if isinstance(model, (str, Path)) else net.config.get("backbone", "model"),
                 "labels": label_values}

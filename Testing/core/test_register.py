@@ -187,18 +187,6 @@ def test_register_images_rejects_bad_inputs(tiny_checkpoint):
         register_images(vol, vol, "/nonexistent/model.pt", prealign="none")
 
 
-def test_affine_plausibility_guard_rejects_reflections_and_extreme_scaling():
-    ok = sitk.AffineTransform(3)
-    ok.SetMatrix((1.1, 0.05, 0, 0, 0.95, 0, 0, 0, 1.0))
-    reflection = sitk.AffineTransform(3)
-    reflection.SetMatrix((1, 0, 0, 0, 1, 0, 0, 0, -1))
-    squash = sitk.AffineTransform(3)
-    squash.SetMatrix((0.5, 0, 0, 0, 1, 0, 0, 0, 1))
-    assert io.plausible_affine(ok)
-    assert not io.plausible_affine(reflection)
-    assert not io.plausible_affine(squash)
-
-
 def test_written_files_get_ordinary_permissions(tmp_path, tiny_checkpoint):
     import os
     import stat
@@ -215,3 +203,73 @@ def test_written_files_get_ordinary_permissions(tmp_path, tiny_checkpoint):
         os.umask(umask)
     for path in (written, ckpt):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path  # not mkstemp's owner-only 0600
+
+
+def _small_pair():
+    rng = np.random.default_rng(3)
+    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, n) for n in (30, 34, 28)], indexing="ij")
+    fixed_arr = (np.exp(-((zz - 0.1) ** 2 + yy ** 2 + (xx + 0.2) ** 2) / 0.1) + 0.05 * rng.random(xx.shape))
+    fixed = _image(fixed_arr.astype(np.float32), (1.2, 1.0, 1.5), (0.0, 0.0, 0.0), np.eye(3).ravel().tolist())
+    moving = sitk.Resample(fixed, fixed, sitk.TranslationTransform(3, (2.0, -1.0, 0.5)), sitk.sitkLinear, 0.0)
+    seg = sitk.Cast(fixed > 0.5, sitk.sitkUInt16)
+    moving_seg = sitk.Resample(seg, seg, sitk.TranslationTransform(3, (2.0, -1.0, 0.5)), sitk.sitkNearestNeighbor, 0)
+    return fixed, moving, seg, moving_seg
+
+
+def test_cancel_works_in_every_stage(tiny_checkpoint):
+    fixed, moving, seg, moving_seg = _small_pair()
+    stages, polls = [], []
+
+    def progress(event):
+        stages.append(event.message)
+
+    def counting():
+        polls.append(stages[-1] if stages else "")
+        return False
+
+    register_images(fixed, moving, tiny_checkpoint, fixed_seg=seg, moving_seg=moving_seg, steps=2, trajectories=2,
+                    device="cpu", progress=progress, cancel=counting)
+    assert any(p == "affine pre-alignment" for p in polls)  # polled inside the optimiser, not only around it
+    assert any(p.startswith("step 1/2") for p in polls)  # and during the steps and their export
+    # stopping at the first, a pre-alignment, a step and the last poll all raise Cancelled
+    where = sorted({0, polls.index("affine pre-alignment") + 3, len(polls) // 2, len(polls) - 1})
+    for stop_at in where:
+        count = []
+
+        def cancel():
+            count.append(1)
+            return len(count) > stop_at
+
+        with pytest.raises(Cancelled):
+            register_images(fixed, moving, tiny_checkpoint, fixed_seg=seg, moving_seg=moving_seg, steps=2,
+                            trajectories=2, device="cpu", cancel=cancel)
+
+
+def test_only_the_last_step_images_are_exported_unless_kept(tmp_path, tiny_checkpoint):
+    fixed, moving, seg, moving_seg = _small_pair()
+    result = register_images(fixed, moving, tiny_checkpoint, fixed_seg=seg, moving_seg=moving_seg, steps=3,
+                             prealign="none", device="cpu", keep_step_images=False)
+    assert [s.field is None for s in result.steps] == [True, True, False]
+    assert all(s.dice is not None and s.njd_percent >= 0 for s in result.steps)  # metrics for every step
+    assert result.field.GetPixelID() == sitk.sitkVectorFloat32  # exported in float32
+    out = result.save(tmp_path / "out")
+    assert not (out / "step_01").exists() and (out / "step_03" / "displacement.nii.gz").exists()
+    # the float outputs are stored (gzip level 0) but still read back as the same images
+    back = sitk.ReadImage(str(out / "displacement.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(result.field))
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"][0]["candidates"][0]["reward"] is None  # J = 1: nothing scored, JSON null
+
+
+def test_memory_check_stops_before_any_work_with_a_clear_message(tiny_checkpoint, monkeypatch):
+    from morphseek.register import check_memory, estimate_memory
+
+    big = sitk.Image([512, 512, 400], sitk.sitkFloat32)
+    need = estimate_memory(big, big, labels=False)
+    assert 7e9 < need < 9e9  # a 512x512x400 CT: measured 8.4e9 bytes at its peak (writing transform.h5)
+    with pytest.raises(MorphSeekError, match="GB .* available: crop the fixed image"):
+        check_memory(big, big, False, torch.device("cpu"), limit=2 * 2**30)
+    fixed, moving, _, _ = _small_pair()
+    monkeypatch.setenv("MORPHSEEK_MEMORY_LIMIT_GB", "0.001")
+    with pytest.raises(MorphSeekError, match="needs about"):
+        register_images(fixed, moving, tiny_checkpoint, device="cpu")

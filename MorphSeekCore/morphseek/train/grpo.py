@@ -36,6 +36,9 @@ import torch
 
 from morphseek.errors import Cancelled, MorphSeekError
 from morphseek.geometry import compose, folding_fraction, one_hot, warp, warp_labels, warp_onehot
+# The configuration and the command-line options live in a torch-free module (the CLI builds its
+# parser without importing torch); they are part of this module's interface.
+from morphseek.train.config import LDVN_MODES, GRPOConfig, add_finetune_arguments
 from morphseek.train.trainlog import RunLogger
 
 Tensor = torch.Tensor
@@ -58,68 +61,6 @@ __all__ = [
     "add_finetune_arguments",
     "run_finetune",
 ]
-
-LDVN_MODES = ("sqrt", "adaptive", "none")
-
-
-# ----------------------------------------------------------------------------------------------
-# configuration
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class GRPOConfig:
-    """Every choice of stage C, with the defaults of METHOD.md / docs/GRPO.md."""
-
-    steps: int = 3  # T, refinement steps per pair (one optimiser step each)
-    trajectories: int = 6  # J, sampled latents per step
-    tau: float = 0.3  # exploration temperature
-    w_dice: float = 1.0  # reward weight of the Dice gain (> 0)
-    w_njd: float = -10.0  # reward weight of the folding fraction (< 0)
-    lambda_warm: float = 1.0  # weight of the warm-up objective (tau = 0, current state)
-    lambda_dice: float = 1.0  # weight of the soft-Dice loss over the J trajectories
-    lr: float = 1e-4  # Adam
-    ldvn: str = "sqrt"  # LDVN scale: sqrt(N), adaptive (fixed std of relative log pi), none (s = 1)
-    ldvn_target_std: float = 1.0  # target std of the relative log-likelihoods for ldvn="adaptive"
-    target_kl: float | None = None  # KL target; None: max(2 x the warm-up policy's KL, 0.01) (first step)
-    beta_kl: float | None = None  # initial KL weight; None: the warm-up configuration's (or 1e-3)
-    kl_tolerance: float = 1.5  # beta changes when KL leaves [target / tol, target * tol]
-    kl_factor: float = 1.5  # multiplicative change of beta
-    beta_kl_min: float = 1e-6
-    beta_kl_max: float = 1.0
-    similarity: str | None = None  # L_sim of L_warm; None: the warm-up configuration's (or "mse")
-    lambda_reg: float | None = None  # diffusion weight of L_warm; None: warm-up config's (or 1.0)
-    episodes: int | None = None  # pair visits (each T optimiser steps); None: one pass over the pairs
-    val_every: int = 1  # validate every this many episodes (and after the last)
-    checkpoint_every: int = 1  # save every this many episodes (and after the last)
-    seed: int = 0
-    memory_flat: bool = True  # False: build the whole graph at once (reference, J-times the memory)
-    policy: bool = True  # False: no policy term (the Dice-supervised baselines of the ablation, J = 1, tau = 0)
-
-    def validate(self) -> None:
-        """Raise MorphSeekError for settings that cannot work."""
-        problems = []
-        if self.steps < 1:
-            problems.append(f"steps must be >= 1 (got {self.steps})")
-        if self.policy and self.trajectories < 2:
-            problems.append(f"trajectories must be >= 2 for group-relative advantages (got {self.trajectories})")
-        if self.trajectories < 1:
-            problems.append(f"trajectories must be >= 1 (got {self.trajectories})")
-        if self.policy and not self.tau > 0:
-            problems.append(f"tau must be > 0 in fine-tuning (got {self.tau})")
-        if self.tau < 0:
-            problems.append(f"tau must be >= 0 (got {self.tau})")
-        if not self.w_dice > 0:
-            problems.append(f"w_dice must be > 0 (got {self.w_dice})")
-        if self.w_njd > 0:
-            problems.append(f"w_njd must be <= 0 (got {self.w_njd})")
-        if self.ldvn not in LDVN_MODES:
-            problems.append(f"ldvn must be one of {LDVN_MODES} (got {self.ldvn!r})")
-        if self.target_kl is not None and not self.target_kl > 0:
-            problems.append(f"target_kl must be > 0 (got {self.target_kl})")
-        if min(self.lambda_warm, self.lambda_dice) < 0:
-            problems.append("lambda_warm and lambda_dice must be >= 0")
-        if problems:
-            raise MorphSeekError("GRPO configuration: " + "; ".join(problems))
-
 
 class PairLike(Protocol):
     """What stage C needs of a pair (``morphseek.data.PairSample`` fits): tensors on the model grid."""
@@ -197,15 +138,32 @@ def hard_rewards(
     previous_dice: Tensor,
     w_dice: float,
     w_njd: float,
+    scorer=None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Reward of one candidate total map (1, 3, D, H, W): nearest-neighbour label warp + bincount
-    Dice (metrics.dice_torch), folding fraction of the total map. Returns (reward, dice, njd) (B,)."""
+    """Reward of one candidate total map (1, 3, D, H, W): nearest-neighbour label warp + Dice of
+    hard labels, folding fraction of the total map. Returns (reward, dice, njd) (B,), on the
+    device of ``total`` (``previous_dice`` is moved there). ``scorer``: a
+    :class:`morphseek.metrics.LabelDice` built once for the pair (sync-free); None checks the
+    labels on every call (``metrics.dice_torch``)."""
     from morphseek.metrics import dice_torch
 
     warped = warp_labels(moving_labels, total)
-    dice = dice_torch(fixed_labels, warped, label_values).to(torch.float32)
+    dice = scorer(warped) if scorer is not None else dice_torch(fixed_labels, warped, label_values)
+    dice = dice.to(torch.float32)
     njd = folding_fraction(total).to(torch.float32)
+    previous_dice = torch.as_tensor(previous_dice, dtype=torch.float32).to(dice.device)
     return w_dice * (dice - previous_dice) + w_njd * njd, dice, njd
+
+
+def label_scorer(sample: PairLike):
+    """The pair's :class:`~morphseek.metrics.LabelDice` (labels checked once, on the host), or None
+    for a label-free pair."""
+    if not check_pair_labels(sample, required=False):
+        return None
+    from morphseek.metrics import LabelDice
+
+    values = _foreground(sample.label_values, sample.fixed_labels.device)
+    return LabelDice(sample.fixed_labels, values, sample.moving_labels)
 
 
 class TargetKLController:
@@ -289,11 +247,18 @@ class UpdateOutcome:
     """What one GRPO step produced: the next state's total map, the chosen trajectory, the stats."""
 
     total: Tensor  # (1, 3, D, H, W) detached: Phi_t = Phi_{t-1} o phi_{j*}
-    best: int
+    best: int  # j* (-1 for a label-free pair); a 0-dim device tensor when not synchronised
     rewards: Tensor  # (J,)
     dice: Tensor  # (J,) hard Dice of each candidate (fraction)
     njd: Tensor  # (J,) folding fraction of each candidate
-    stats: dict[str, float]
+    stats: dict[str, float]  # 0-dim device tensors when not synchronised (``sync=False``)
+
+    @property
+    def best_dice(self) -> Tensor | None:
+        """(1,) hard Dice of the kept trajectory, on the device (None for a label-free pair)."""
+        if isinstance(self.best, int) and self.best < 0:
+            return None
+        return self.dice.gather(0, torch.as_tensor(self.best, device=self.dice.device).view(1))
 
 
 def _leaf(t: Tensor) -> Tensor:
@@ -311,8 +276,18 @@ def compute_grpo_gradients(
     lambda_reg: float,
     generator: torch.Generator | None = None,
     memory_flat: bool | None = None,
+    scorer=None,
+    sync: bool = True,
 ) -> UpdateOutcome:
     """Accumulate the gradients of one GRPO step into ``model``'s parameters (no optimiser step).
+
+    Every tensor is created on the pair's device and nothing is read back to the host until the
+    end: the running best trajectory is kept with ``torch.where`` (flat memory, no comparison on the
+    host), and the statistics are read back in one transfer when ``sync`` (else they stay 0-dim
+    device tensors and ``best`` a device index: the step is then free of host synchronisation,
+    which the tests check on the meta device). ``scorer``: the pair's :func:`label_scorer` (built
+    here when None). Noise is drawn from ``generator`` on the CPU and moved: the same seed gives
+    the same trajectories on every device.
 
     ``total_prev`` is Phi_{t-1} (zeros at t = 1); ``previous_dice`` its hard Dice (None: computed).
     For a label-free pair only L_warm contributes and the state advances by the deterministic step.
@@ -336,37 +311,41 @@ def compute_grpo_gradients(
     lam_w = config.lambda_warm
     warm, warm_parts, step0 = warm_objective(model, skips, mu, log_sigma, moving, fixed, total_prev,
                                              similarity, lambda_reg, beta_kl)
-    stats: dict[str, float] = {f"warm_{k}": float(v) for k, v in warm_parts.items()}
-    stats["loss_warm"] = float(warm.detach())
+    stats: dict[str, Tensor] = {f"warm_{k}": v for k, v in warm_parts.items()}
+    stats["loss_warm"] = warm.detach()
     stats["kl"] = stats.pop("warm_kl")
-    stats["beta_kl"] = float(beta_kl)
     if memory_flat:
         (lam_w * warm).backward()  # its decoder graph is freed before the trajectories run
 
+    device = moving.device
     if not labelled:
         if memory_flat:
             _encoder_backward(enc, skips, mu, log_sigma)
         else:
             (lam_w * warm).backward()
         total = compose(total_prev, step0.detach()).detach()
-        stats.update(loss=float(lam_w * warm.detach()), loss_policy=0.0, loss_dice=0.0, labelled=0.0)
-        empty = torch.zeros(0)
-        return UpdateOutcome(total, -1, empty, empty, empty, stats)
+        zero = torch.zeros((), device=device)
+        stats.update(loss=lam_w * warm.detach(), loss_policy=zero, loss_dice=zero, labelled=zero)
+        empty = torch.zeros(0, device=device)
+        return _finish(UpdateOutcome(total, -1, empty, empty, empty, stats), beta_kl, sync)
 
-    values = _foreground(sample.label_values, moving.device)
+    values = _foreground(sample.label_values, device)
     fixed_oh = _onehot_fixed(sample, values)
+    if scorer is None:
+        scorer = label_scorer(sample)
     if previous_dice is None:
-        from morphseek.metrics import dice_torch
-
         with torch.no_grad():
-            previous_dice = dice_torch(sample.fixed_labels, warp_labels(sample.moving_labels, total_prev), values)
-    previous_dice = previous_dice.to(torch.float32)
+            previous_dice = scorer(warp_labels(sample.moving_labels, total_prev))
+    previous_dice = torch.as_tensor(previous_dice, dtype=torch.float32).to(device)
 
     J, tau = config.trajectories, config.tau
-    eps = torch.randn((J, *mu.shape[1:]), generator=generator, dtype=mu.dtype, device="cpu").to(mu.device)
-    rewards, dices, njds = torch.zeros(J), torch.zeros(J), torch.zeros(J)
+    eps = torch.randn((J, *mu.shape[1:]), generator=generator, dtype=mu.dtype, device="cpu").to(device)
+    rewards = torch.zeros(J, device=device)
+    dices = torch.zeros(J, device=device)
+    njds = torch.zeros(J, device=device)
     z_all = []
-    best, best_total = -1, None
+    best = torch.zeros((), dtype=torch.long, device=device)
+    best_total = None
     dice_losses = []
     for j in range(J):
         # Reparameterised (soft Dice reaches mu and sigma); exp is taken per trajectory so that each
@@ -376,58 +355,88 @@ def compute_grpo_gradients(
             total_j = compose(total_prev, model.decode(skips, z))
         z_all.append(z.detach())
         r, d, n = hard_rewards(total_j.detach(), sample.moving_labels, sample.fixed_labels, values,
-                               previous_dice, config.w_dice, config.w_njd)
+                               previous_dice, config.w_dice, config.w_njd, scorer=scorer)
         rewards[j], dices[j], njds[j] = r[0], d[0], n[0]
-        if best < 0 or rewards[j] > rewards[best]:
-            best, best_total = j, total_j.detach()
+        # running best on the device: the first trajectory, then any with a strictly larger reward
+        if best_total is None:
+            best_total = total_j.detach().clone()
+        else:
+            better = rewards[j] > _pick(rewards, best)
+            best = torch.where(better, torch.full_like(best, j), best)
+            best_total = torch.where(better, total_j.detach(), best_total)
         if config.lambda_dice == 0:  # logged only
             with torch.no_grad():
                 value = _soft_dice(fixed_oh, sample.moving_labels, total_j, values)
-            dice_losses.append(float(value) if memory_flat else value)
+            dice_losses.append(value.detach())
             continue
         dice_j = _soft_dice(fixed_oh, sample.moving_labels, total_j, values)
         if memory_flat:
             # Free this trajectory's graph now; keep the leaves' (and mu/sigma's) gradients.
             (config.lambda_dice / J * dice_j).backward(retain_graph=False)
-            dice_losses.append(float(dice_j.detach()))
+            dice_losses.append(dice_j.detach())
         else:
             dice_losses.append(dice_j)
         del total_j
 
     if config.policy:
-        advantages = group_advantages(rewards).to(mu.device)
+        advantages = group_advantages(rewards).to(device)
         rel_log_pi, scale = relative_log_likelihoods(torch.cat(z_all), mu, log_sigma, tau, config.ldvn,
                                                      config.ldvn_target_std)
         policy = -(advantages * rel_log_pi).mean()
     else:  # Dice-supervised baseline: the same step without the policy term
-        rel_log_pi, scale = torch.zeros(J), float("nan")
+        rel_log_pi, scale = torch.zeros(J, device=device), float("nan")
         policy = (mu * 0.0).sum()
 
+    if memory_flat or config.lambda_dice == 0:
+        dice_term = torch.stack(dice_losses).mean()
     if memory_flat:
         policy.backward()
         _encoder_backward(enc, skips, mu, log_sigma)
-        loss_dice = float(np.mean(dice_losses))
     else:
-        dice_term = torch.stack(dice_losses).mean()
-        (policy + lam_w * warm + config.lambda_dice * dice_term).backward()
-        loss_dice = float(dice_term.detach())
+        if config.lambda_dice != 0:
+            dice_term = torch.stack(dice_losses).mean()
+            (policy + lam_w * warm + config.lambda_dice * dice_term).backward()
+        else:
+            (policy + lam_w * warm).backward()
+    loss_dice = dice_term.detach()
 
     stats.update(
-        loss=float(policy.detach()) + lam_w * stats["loss_warm"] + config.lambda_dice * loss_dice,
-        loss_policy=float(policy.detach()),
+        loss=policy.detach() + lam_w * stats["loss_warm"] + config.lambda_dice * loss_dice,
+        loss_policy=policy.detach(),
         loss_dice=loss_dice,
-        labelled=1.0,
-        reward_mean=float(rewards.mean()),
-        reward_std=float(rewards.std(unbiased=False)),
-        reward_best=float(rewards[best]),
-        dice_prev=float(previous_dice[0]),
-        dice_best=float(dices[best]),
-        njd_best=float(njds[best]),
-        log_pi_rel_std=float(rel_log_pi.detach().std(unbiased=False)),
-        ldvn_scale=float(scale),
-        sigma_mean=float(torch.exp(log_sigma.detach()).mean()),
+        labelled=torch.ones((), device=device),
+        reward_mean=rewards.mean(),
+        reward_std=rewards.std(unbiased=False),
+        reward_best=_pick(rewards, best),
+        dice_prev=previous_dice.reshape(-1)[0],
+        dice_best=_pick(dices, best),
+        njd_best=_pick(njds, best),
+        log_pi_rel_std=rel_log_pi.detach().std(unbiased=False),
+        ldvn_scale=torch.as_tensor(float(scale), device=device),
+        sigma_mean=torch.exp(log_sigma.detach()).mean(),
     )
-    return UpdateOutcome(best_total, best, rewards, dices, njds, stats)
+    return _finish(UpdateOutcome(best_total, best, rewards, dices, njds, stats), beta_kl, sync)
+
+
+def _pick(values: Tensor, index: Tensor) -> Tensor:
+    """values[index] for a 0-dim device index, without reading the index back to the host."""
+    return values.gather(0, index.reshape(1))[0]
+
+
+def _finish(outcome: UpdateOutcome, beta_kl: float, sync: bool) -> UpdateOutcome:
+    """With ``sync``: the statistics and the kept index read back to the host in one transfer."""
+    if not sync:
+        outcome.stats["beta_kl"] = float(beta_kl)
+        return outcome
+    names = list(outcome.stats)
+    best = outcome.best if isinstance(outcome.best, int) else None
+    values = torch.stack([outcome.stats[k].detach().reshape(()).to(torch.float64) for k in names]
+                         + ([outcome.best.to(torch.float64)] if best is None else [])).cpu().tolist()
+    if best is None:
+        best = int(values.pop())
+    stats = dict(zip(names, values))
+    stats["beta_kl"] = float(beta_kl)
+    return dataclasses.replace(outcome, best=best, stats=stats)
 
 
 def _encoder_backward(enc, skips: Sequence[Tensor], mu: Tensor, log_sigma: Tensor) -> None:
@@ -452,12 +461,14 @@ def grpo_update(
     similarity: Callable[[Tensor, Tensor], Tensor],
     lambda_reg: float,
     generator: torch.Generator | None = None,
+    scorer=None,
 ) -> UpdateOutcome:
-    """One refinement step of fine-tuning: gradients (memory-flat), one optimiser step, greedy state."""
+    """One refinement step of fine-tuning: gradients (memory-flat), one optimiser step, greedy state.
+    ``scorer``: the pair's :func:`label_scorer`, built once per pair by the caller (else per step)."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     outcome = compute_grpo_gradients(model, sample, total_prev, previous_dice, config, beta_kl,
-                                     similarity, lambda_reg, generator)
+                                     similarity, lambda_reg, generator, scorer=scorer)
     optimizer.step()
     return outcome
 
@@ -589,6 +600,9 @@ def grpo_finetune(
     """
     config = config or GRPOConfig()
     config.validate()
+    if next(model.parameters()).device.type == "mps":
+        raise MorphSeekError("GRPO fine-tuning on Apple MPS is not supported (float64 advantages, 3D grid "
+                             "sampling): use --device cpu or a CUDA GPU")
     run_config = dict(run_config or getattr(model, "training_config", None) or {})
     if not train:
         raise MorphSeekError("GRPO fine-tuning needs at least one training pair")
@@ -652,6 +666,7 @@ def grpo_finetune(
 
     history: list[dict[str, Any]] = []
     validation: dict[str, float] = {}
+    scorers: dict[int, Any] = {}
     stopped = False
     episode = start_episode
     try:
@@ -667,12 +682,14 @@ def grpo_finetune(
                 if cancel is not None and cancel():
                     raise Cancelled("GRPO fine-tuning cancelled")
                 tick = time.perf_counter()
+                if index not in scorers:  # labels checked once per pair, on the host
+                    scorers[index] = label_scorer(sample)
                 outcome = grpo_update(model, optimizer, sample, total, previous_dice, config,
-                                      controller.beta, similarity, lambda_reg, generator)
+                                      controller.beta, similarity, lambda_reg, generator, scorers[index])
                 optimizer_steps += 1
                 controller.update(outcome.stats["kl"])
                 total = outcome.total
-                if outcome.best >= 0:
+                if outcome.best >= 0:  # on the pair's device, as the next step's rewards
                     previous_dice = outcome.dice[outcome.best : outcome.best + 1]
                 row = {"episode": episode, "pair": index, "step": t, "optimizer_step": optimizer_steps,
                        **outcome.stats, "beta_kl_next": controller.beta, "kl_target": controller.target,
@@ -716,37 +733,6 @@ def grpo_finetune(
 # ----------------------------------------------------------------------------------------------
 # command line (called by morphseek.cli for `morphseek finetune`)
 # ----------------------------------------------------------------------------------------------
-def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the options of ``morphseek finetune`` to ``parser``."""
-    from morphseek import options
-
-    d = GRPOConfig()
-    parser.add_argument("--model", required=True, help="warmed-up checkpoint (stage B) to start from")
-    parser.add_argument("--data", required=True, help="dataset manifest or folder (docs/DATA.md) with labelled pairs")
-    parser.add_argument("--out", required=True, help="fine-tuned checkpoint to write (atomically, every episode)")
-    parser.add_argument("--steps", type=options.positive_int, default=d.steps, help="refinement steps T per pair (default %(default)s)")
-    parser.add_argument("--trajectories", type=options.integer(2), default=d.trajectories, help="trajectories J (default %(default)s)")
-    parser.add_argument("--tau", type=options.positive_float, default=d.tau, help="exploration temperature (default %(default)s)")
-    parser.add_argument("--w-dice", type=options.positive_float, default=d.w_dice, help="reward weight of the Dice gain (default %(default)s)")
-    parser.add_argument("--w-njd", type=options.number(maximum=0.0), default=d.w_njd, help="reward weight of the folding fraction (default %(default)s)")
-    parser.add_argument("--lambda-warm", type=options.non_negative_float, default=d.lambda_warm, help="weight of L_warm (default %(default)s)")
-    parser.add_argument("--lambda-dice", type=options.non_negative_float, default=d.lambda_dice, help="weight of the soft-Dice loss (default %(default)s)")
-    parser.add_argument("--target-kl", type=options.positive_float, default=None, help="KL target per latent dimension (default: max(2 x the warm-up policy's KL, 0.01))")
-    parser.add_argument("--ldvn", choices=LDVN_MODES, default=d.ldvn, help="LDVN scale (default %(default)s)")
-    parser.add_argument("--lr", type=options.positive_float, default=d.lr, help="Adam learning rate (default %(default)s)")
-    parser.add_argument("--episodes", type=options.positive_int, default=None, help="pair visits (default: one pass over the training pairs)")
-    parser.add_argument("--val-every", type=options.positive_int, default=d.val_every, help="validate every N episodes (default %(default)s)")
-    parser.add_argument("--max-val-pairs", type=options.positive_int, default=None, help="use at most this many held-back pairs")
-    parser.add_argument("--log", default=None, help="log stem (default: OUT without suffix + '.log' -> .jsonl and .csv)")
-    parser.add_argument("--resume", action="store_true", help="continue from --out if it holds a fine-tuning run")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing checkpoint at --out (without it an existing one is refused)")
-    parser.add_argument("--seed", type=options.non_negative_int, default=d.seed)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
-
-
 def _dataset_samples(dataset, pairs, grid_shape, device, run_config: dict | None = None, divisor: int = 1) -> list:
     """Load pairs onto the model grid (by voxel size when the run configuration has ``spacing``,
     as registration does), tensors on ``device``."""

@@ -1,0 +1,175 @@
+"""Affine pre-alignment with SimpleITK, on a downsampled pair: fast, repeatable, interruptible.
+
+The pre-alignment only has to bring the moving image near the fixed one (the network does the rest),
+so it runs on both images shrunk to about ``PREALIGN_SPACING`` mm (block averages by
+``sitk.BinShrink``: anti-aliased, one pass, no full-resolution copy), at most ``PREALIGN_MAX_SIZE``
+voxels along any axis and never below ``PREALIGN_MIN_SIZE`` voxels through shrinking. Its cost is
+then that of a ~50^3 problem whatever the size of the input (a 160x192x224 brain: about 1 s instead
+of minutes; a 512x512x400 CT: the same, plus one pass over each image to shrink it).
+
+Determinism: one ITK thread for the registration, a fixed metric sampling seed: the same pair gives
+the same transform to 1e-12 on every run.
+
+Cancel and Ctrl-C: an iteration observer polls ``cancel()`` at every optimiser iteration and stops
+the optimiser (``StopRegistration``) when it returns True or when Ctrl-C (KeyboardInterrupt) arrives
+while it runs; the pre-alignment then raises :class:`~morphseek.errors.Cancelled` (for ``cancel``) or
+re-raises KeyboardInterrupt (for Ctrl-C). Nothing is left half-set: the process-wide ITK thread count
+is restored in every case.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import Cancelled, MorphSeekError
+from .io import check_volume, normalise_intensities
+
+#: Target voxel size (mm) of the images the affine registration runs on.
+PREALIGN_SPACING = 4.0
+#: At most this many voxels along any axis after shrinking (very large fields of view).
+PREALIGN_MAX_SIZE = 80
+#: Shrinking for the target spacing stops at this many voxels along an axis (small images stay as they are).
+PREALIGN_MIN_SIZE = 32
+
+
+def shrink_factors(image: sitk.Image, spacing: float = PREALIGN_SPACING, max_size: int = PREALIGN_MAX_SIZE,
+                   min_size: int = PREALIGN_MIN_SIZE) -> list[int]:
+    """Integer block-averaging factor per axis (x, y, z): about ``spacing`` mm, keeping at least
+    ``min_size`` voxels, and at most ``max_size`` voxels whatever that costs in spacing."""
+    factors = []
+    for n, s in zip(image.GetSize(), image.GetSpacing()):
+        f = max(1, int(spacing / s))  # towards the target spacing...
+        f = min(f, max(1, n // min_size))  # ...without making a small image tiny...
+        f = max(f, math.ceil(n / max_size))  # ...but never more than max_size voxels
+        factors.append(int(f))
+    return factors
+
+
+def downsample(image: sitk.Image, spacing: float = PREALIGN_SPACING, max_size: int = PREALIGN_MAX_SIZE,
+               min_size: int = PREALIGN_MIN_SIZE) -> sitk.Image:
+    """``image`` block-averaged by :func:`shrink_factors` (geometry kept: same extent, larger voxels),
+    as float32 normalised to [0, 1] (1-99 percentiles of the shrunk image)."""
+    factors = shrink_factors(image, spacing, max_size, min_size)
+    image = sitk.Cast(image, sitk.sitkFloat32) if image.GetPixelID() != sitk.sitkFloat32 else image
+    small = sitk.BinShrink(image, factors) if max(factors) > 1 else image
+    out = sitk.GetImageFromArray(normalise_intensities(sitk.GetArrayViewFromImage(small)))
+    out.CopyInformation(small)
+    return out
+
+
+def affine_prealign(fixed: sitk.Image, moving: sitk.Image, iterations: int = 100, init: str = "moments",
+                    seed: int = 1234, spacing: float = PREALIGN_SPACING, max_size: int = PREALIGN_MAX_SIZE,
+                    cancel: Callable[[], bool] | None = None, sampling: float = 0.25,
+                    min_step: float = 1e-4) -> sitk.AffineTransform:
+    """Affine registration of ``moving`` to ``fixed`` with SimpleITK (works across modalities).
+
+    Both images are shrunk (:func:`downsample`, about ``spacing`` mm, at most ``max_size`` voxels per
+    axis) and percentile-normalised. The transform starts from the centres of mass
+    (``init="moments"``) or the geometric centres (``"geometry"``); a rigid stage then an affine stage
+    started from it (a 12-parameter affine alone stalls in poor local optima) each minimise Mattes
+    mutual information (32 bins, 25 % random samples drawn with a fixed ``seed``, one thread, so runs
+    repeat to 1e-12) by regular-step gradient descent over a 4-2-1 pyramid (coarse levels dropped for
+    small images), at most ``iterations`` steps per level. ``cancel()`` is polled at every iteration
+    (Cancelled is raised when it returns True; Ctrl-C stops it too). Returns a transform that maps
+    FIXED physical points to MOVING physical points (SimpleITK's convention):
+    ``resample_to(moving, fixed, T)`` aligns them."""
+    mode = {"moments": sitk.CenteredTransformInitializerFilter.MOMENTS,
+            "geometry": sitk.CenteredTransformInitializerFilter.GEOMETRY}.get(init)
+    if mode is None:
+        raise MorphSeekError(f"affine_prealign: init must be 'moments' or 'geometry', got {init!r}")
+    fixed = downsample(check_volume(fixed, "fixed", "image"), spacing, max_size)
+    _poll(cancel)
+    moving = downsample(check_volume(moving, "moving", "image"), spacing, max_size)
+    _poll(cancel)
+    rigid = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(), mode)
+    rigid = _unwrap(_register(fixed, moving, rigid, iterations, seed, cancel, sampling, min_step))
+    affine = sitk.AffineTransform(3)
+    affine.SetCenter(rigid.GetCenter())
+    affine.SetMatrix(rigid.GetMatrix())
+    affine.SetTranslation(rigid.GetTranslation())
+    rigid_as_affine = sitk.AffineTransform(affine)
+    affine = sitk.AffineTransform(_unwrap(_register(fixed, moving, affine, iterations, seed, cancel, sampling,
+                                                    min_step)))
+    # On small or nearly symmetric fields of view the 12-parameter stage can drift into a reflection
+    # or an implausible scaling; then the rigid result is the safer pre-alignment.
+    return affine if plausible_affine(affine) else rigid_as_affine
+
+
+def plausible_affine(transform: sitk.AffineTransform, max_scale: float = 1.5) -> bool:
+    """True when the linear part keeps orientation (det > 0) and scales each axis by at most
+    ``max_scale`` (singular values in [1 / max_scale, max_scale])."""
+    matrix = np.asarray(transform.GetMatrix(), dtype=float).reshape(3, 3)
+    singular = np.linalg.svd(matrix, compute_uv=False)
+    return bool(np.linalg.det(matrix) > 0 and singular.max() <= max_scale and singular.min() >= 1.0 / max_scale)
+
+
+def _poll(cancel: Callable[[], bool] | None) -> None:
+    if cancel is not None and cancel():
+        raise Cancelled("affine pre-alignment cancelled by the user")
+
+
+def _register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, iterations: int,
+              seed: int, cancel: Callable[[], bool] | None = None, sampling: float = 0.25,
+              min_step: float = 1e-4) -> sitk.Transform:
+    smallest = min(fixed.GetSize())
+    shrink = [f for f in (4, 2) if smallest / f >= 16] + [1]
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(sampling, seed)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=min_step,
+                                                 numberOfIterations=int(iterations), relaxationFactor=0.5,
+                                                 gradientMagnitudeTolerance=1e-8)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel(shrink)
+    reg.SetSmoothingSigmasPerLevel([f / 2.0 for f in shrink[:-1]] + [0.0])
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    reg.SetInitialTransform(initial, inPlace=False)
+    # Stop on cancel or Ctrl-C: a Python exception cannot cross SimpleITK's C++ loop, so the observer
+    # records why it stopped and asks the optimiser to stop; the reason is raised after Execute.
+    stopped: list[str] = []
+
+    def on_iteration() -> None:
+        try:
+            if not stopped and cancel is not None and cancel():
+                stopped.append("cancel")
+        except KeyboardInterrupt:
+            stopped.append("interrupt")
+        if stopped:
+            reg.StopRegistration()
+
+    reg.AddCommand(sitk.sitkIterationEvent, on_iteration)
+    # One thread: multithreaded metric sums are added in a varying order, and the optimiser
+    # amplifies those 1e-16 differences; a pre-alignment must give the same answer every run.
+    # The method's own setting does not reach every internal stage, so the process-wide ITK default
+    # is also set to 1 for the duration (and restored).
+    reg.SetNumberOfThreads(1)
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        result = reg.Execute(fixed, moving)
+    except RuntimeError as err:
+        if "Python Callable" in str(err):  # Ctrl-C landed outside the observer's try
+            raise KeyboardInterrupt from None
+        raise MorphSeekError(f"affine pre-alignment failed: {str(err).strip().splitlines()[-1]}") from None
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+        reg.RemoveAllCommands()
+    if "interrupt" in stopped:
+        raise KeyboardInterrupt
+    if stopped:
+        raise Cancelled("affine pre-alignment cancelled by the user")
+    return result
+
+
+def _unwrap(transform: sitk.Transform) -> sitk.Transform:
+    """The registration returns a composite holding the optimised transform; unwrap it."""
+    transform = transform.Downcast()
+    if isinstance(transform, sitk.CompositeTransform):
+        transform = transform.GetNthTransform(transform.GetNumberOfTransforms() - 1).Downcast()
+    return transform

@@ -1,0 +1,101 @@
+"""Stage C's configuration and the options of ``morphseek finetune``, without torch.
+
+Imported by the command line while it builds its parser (``morphseek --help`` must not pay for
+importing torch); :mod:`morphseek.train.grpo` re-exports every name.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from morphseek.errors import MorphSeekError
+
+LDVN_MODES = ("sqrt", "adaptive", "none")
+
+
+@dataclass
+class GRPOConfig:
+    """Every choice of stage C, with the defaults of METHOD.md / docs/GRPO.md."""
+
+    steps: int = 3  # T, refinement steps per pair (one optimiser step each)
+    trajectories: int = 6  # J, sampled latents per step
+    tau: float = 0.3  # exploration temperature
+    w_dice: float = 1.0  # reward weight of the Dice gain (> 0)
+    w_njd: float = -10.0  # reward weight of the folding fraction (< 0)
+    lambda_warm: float = 1.0  # weight of the warm-up objective (tau = 0, current state)
+    lambda_dice: float = 1.0  # weight of the soft-Dice loss over the J trajectories
+    lr: float = 1e-4  # Adam
+    ldvn: str = "sqrt"  # LDVN scale: sqrt(N), adaptive (fixed std of relative log pi), none (s = 1)
+    ldvn_target_std: float = 1.0  # target std of the relative log-likelihoods for ldvn="adaptive"
+    target_kl: float | None = None  # KL target; None: max(2 x the warm-up policy's KL, 0.01) (first step)
+    beta_kl: float | None = None  # initial KL weight; None: the warm-up configuration's (or 1e-3)
+    kl_tolerance: float = 1.5  # beta changes when KL leaves [target / tol, target * tol]
+    kl_factor: float = 1.5  # multiplicative change of beta
+    beta_kl_min: float = 1e-6
+    beta_kl_max: float = 1.0
+    similarity: str | None = None  # L_sim of L_warm; None: the warm-up configuration's (or "mse")
+    lambda_reg: float | None = None  # diffusion weight of L_warm; None: warm-up config's (or 1.0)
+    episodes: int | None = None  # pair visits (each T optimiser steps); None: one pass over the pairs
+    val_every: int = 1  # validate every this many episodes (and after the last)
+    checkpoint_every: int = 1  # save every this many episodes (and after the last)
+    seed: int = 0
+    memory_flat: bool = True  # False: build the whole graph at once (reference, J-times the memory)
+    policy: bool = True  # False: no policy term (the Dice-supervised baselines of the ablation, J = 1, tau = 0)
+
+    def validate(self) -> None:
+        """Raise MorphSeekError for settings that cannot work."""
+        problems = []
+        if self.steps < 1:
+            problems.append(f"steps must be >= 1 (got {self.steps})")
+        if self.policy and self.trajectories < 2:
+            problems.append(f"trajectories must be >= 2 for group-relative advantages (got {self.trajectories})")
+        if self.trajectories < 1:
+            problems.append(f"trajectories must be >= 1 (got {self.trajectories})")
+        if self.policy and not self.tau > 0:
+            problems.append(f"tau must be > 0 in fine-tuning (got {self.tau})")
+        if self.tau < 0:
+            problems.append(f"tau must be >= 0 (got {self.tau})")
+        if not self.w_dice > 0:
+            problems.append(f"w_dice must be > 0 (got {self.w_dice})")
+        if self.w_njd > 0:
+            problems.append(f"w_njd must be <= 0 (got {self.w_njd})")
+        if self.ldvn not in LDVN_MODES:
+            problems.append(f"ldvn must be one of {LDVN_MODES} (got {self.ldvn!r})")
+        if self.target_kl is not None and not self.target_kl > 0:
+            problems.append(f"target_kl must be > 0 (got {self.target_kl})")
+        if min(self.lambda_warm, self.lambda_dice) < 0:
+            problems.append("lambda_warm and lambda_dice must be >= 0")
+        if problems:
+            raise MorphSeekError("GRPO configuration: " + "; ".join(problems))
+
+
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the options of ``morphseek finetune`` to ``parser``."""
+    from morphseek import options
+
+    d = GRPOConfig()
+    parser.add_argument("--model", required=True, help="warmed-up checkpoint (stage B) to start from")
+    parser.add_argument("--data", required=True, help="dataset manifest or folder (docs/DATA.md) with labelled pairs")
+    parser.add_argument("--out", required=True, help="fine-tuned checkpoint to write (atomically, every episode)")
+    parser.add_argument("--steps", type=options.positive_int, default=d.steps, help="refinement steps T per pair (default %(default)s)")
+    parser.add_argument("--trajectories", type=options.integer(2), default=d.trajectories, help="trajectories J (default %(default)s)")
+    parser.add_argument("--tau", type=options.positive_float, default=d.tau, help="exploration temperature (default %(default)s)")
+    parser.add_argument("--w-dice", type=options.positive_float, default=d.w_dice, help="reward weight of the Dice gain (default %(default)s)")
+    parser.add_argument("--w-njd", type=options.number(maximum=0.0), default=d.w_njd, help="reward weight of the folding fraction (default %(default)s)")
+    parser.add_argument("--lambda-warm", type=options.non_negative_float, default=d.lambda_warm, help="weight of L_warm (default %(default)s)")
+    parser.add_argument("--lambda-dice", type=options.non_negative_float, default=d.lambda_dice, help="weight of the soft-Dice loss (default %(default)s)")
+    parser.add_argument("--target-kl", type=options.positive_float, default=None, help="KL target per latent dimension (default: max(2 x the warm-up policy's KL, 0.01))")
+    parser.add_argument("--ldvn", choices=LDVN_MODES, default=d.ldvn, help="LDVN scale (default %(default)s)")
+    parser.add_argument("--lr", type=options.positive_float, default=d.lr, help="Adam learning rate (default %(default)s)")
+    parser.add_argument("--episodes", type=options.positive_int, default=None, help="pair visits (default: one pass over the training pairs)")
+    parser.add_argument("--val-every", type=options.positive_int, default=d.val_every, help="validate every N episodes (default %(default)s)")
+    parser.add_argument("--max-val-pairs", type=options.positive_int, default=None, help="use at most this many held-back pairs")
+    parser.add_argument("--log", default=None, help="log stem (default: OUT without suffix + '.log' -> .jsonl and .csv)")
+    parser.add_argument("--resume", action="store_true", help="continue from --out if it holds a fine-tuning run")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing checkpoint at --out (without it an existing one is refused)")
+    parser.add_argument("--seed", type=options.non_negative_int, default=d.seed)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser

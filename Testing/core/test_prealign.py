@@ -1,0 +1,143 @@
+"""Affine pre-alignment (morphseek.prealign): accuracy on a known affine, repeatability, the
+downsampling that keeps it fast on large images, cancel and Ctrl-C, the plausibility guard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from morphseek import io, prealign
+from morphseek.errors import Cancelled
+
+
+def rotation(axis, degrees):
+    """Rotation matrix about ``axis`` by ``degrees`` (Rodrigues)."""
+    axis = np.asarray(axis, dtype=float) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    t = np.deg2rad(degrees)
+    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
+
+
+def image_from_function(size, spacing, origin, direction, function, dtype=np.float32):
+    """An image whose voxel values are ``function(physical points (..., 3))``."""
+    image = sitk.Image(list(size), sitk.sitkFloat32)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(np.asarray(direction, dtype=float).ravel().tolist())
+    a, o = io.index_to_physical(image)
+    k, j, i = np.meshgrid(*[np.arange(n) for n in size[::-1]], indexing="ij")
+    points = np.stack([i, j, k], axis=-1).astype(float) @ a.T + o
+    return io.from_array(function(points).astype(dtype), image)
+
+
+# A phantom: a body ellipsoid with four inner structures, soft (about 1 mm) edges.
+PHANTOM = [((0, 0, 0), (24, 19, 15), 0.3), ((8, -5, 3), (6, 4, 5), 0.7), ((-9, 6, -2), (5, 7, 4), 0.5),
+           ((2, 10, -6), (3, 3, 6), 0.4), ((-6, -8, 5), (3, 3, 3), 0.6)]
+
+
+def phantom(points):
+    value = np.zeros(points.shape[:-1])
+    for centre, axes, intensity in PHANTOM:
+        radius = np.sqrt((((points - np.asarray(centre)) / np.asarray(axes)) ** 2).sum(-1))
+        value += intensity / (1 + np.exp((radius - 1) * min(axes) / 0.7))
+    return value
+
+
+# T_true maps fixed points to moving points: 8 degree rotation, mild anisotropic scaling, translation.
+MATRIX = rotation((0.3, 1.0, 0.2), 8.0) @ np.diag([1.03, 0.97, 1.0])
+TRANSLATION = np.array([4.0, -3.0, 2.0])
+
+
+def _pair(size, spacing):
+    origin = tuple(-(n - 1) * s / 2 for n, s in zip(size, spacing))
+    grid = dict(size=size, spacing=spacing, origin=origin, direction=np.eye(3))
+    fixed = image_from_function(function=phantom, **grid)
+    inverse = np.linalg.inv(MATRIX)
+    # moving(T_true(x)) = fixed(x), and a different intensity mapping (MI must cope with it)
+    moving = image_from_function(function=lambda y: 1.0 - 0.8 * phantom((y - TRANSLATION) @ inverse.T), **grid)
+    return fixed, moving
+
+
+def _errors(transform):
+    points = np.stack(np.meshgrid(*[np.linspace(-20, 20, 5)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    found = np.array([transform.TransformPoint(tuple(p)) for p in points])
+    truth = points @ MATRIX.T + TRANSLATION
+    return np.linalg.norm(found - truth, axis=1), np.linalg.norm(points - truth, axis=1)
+
+
+@pytest.mark.parametrize("size, spacing", [((36, 36, 36), (2.0, 2.0, 2.0)),  # small: not shrunk
+                                           ((100, 90, 80), (0.8, 0.8, 1.0))])  # shrunk 4x per axis
+def test_affine_prealign_recovers_known_affine_and_repeats(size, spacing):
+    fixed, moving = _pair(size, spacing)
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    transform = prealign.affine_prealign(fixed, moving)
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == threads  # restored after the run
+    errors, start = _errors(transform)
+    assert start.mean() > 5.0  # the problem is not trivial
+    assert errors.mean() < 1.0 and errors.max() < 1.5, (errors.mean(), errors.max())
+    again = prealign.affine_prealign(fixed, moving)  # fixed sampling seed, one thread: the same answer
+    np.testing.assert_allclose(again.GetParameters(), transform.GetParameters(), rtol=0, atol=1e-12)
+
+
+def test_registration_runs_on_a_shrunk_image_of_bounded_size():
+    big = sitk.Image([512, 512, 400], sitk.sitkInt16)
+    big.SetSpacing((0.7, 0.7, 1.25))
+    factors = prealign.shrink_factors(big)
+    small_size = [n // f for n, f in zip(big.GetSize(), factors)]
+    assert max(small_size) <= prealign.PREALIGN_MAX_SIZE and min(small_size) >= 32
+    # about 4 mm where that keeps enough voxels; a small image is left alone
+    assert prealign.shrink_factors(sitk.Image([160, 192, 224], sitk.sitkFloat32)) == [4, 4, 4]
+    assert prealign.shrink_factors(sitk.Image([40, 40, 40], sitk.sitkFloat32)) == [1, 1, 1]
+    fixed, _ = _pair((100, 90, 80), (0.8, 0.8, 1.0))
+    small = prealign.downsample(fixed)
+    factors = prealign.shrink_factors(fixed)
+    assert factors == [3, 2, 2]  # 0.8 mm x 100 -> 33 voxels (not below 32), 1 mm x 80 -> 40
+    assert small.GetSize() == tuple(n // f for n, f in zip(fixed.GetSize(), factors))
+    # same physical extent (block averages: the corner of the first block is kept)
+    corner = lambda img: np.asarray(img.TransformContinuousIndexToPhysicalPoint([-0.5] * 3))  # noqa: E731
+    np.testing.assert_allclose(corner(small), corner(fixed), atol=1e-6)
+    values = sitk.GetArrayViewFromImage(small)
+    assert values.dtype == np.float32 and values.min() >= 0 and values.max() <= 1
+
+
+def test_cancel_stops_the_optimiser_and_restores_threads():
+    fixed, moving = _pair((36, 36, 36), (2.0, 2.0, 2.0))
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    polls = []
+
+    def cancel():
+        polls.append(1)
+        return len(polls) > 5  # a few iterations in
+
+    with pytest.raises(Cancelled):
+        prealign.affine_prealign(fixed, moving, cancel=cancel)
+    assert len(polls) == 6  # stopped at the first poll that said so
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == threads
+
+
+def test_ctrl_c_during_the_optimiser_is_a_keyboard_interrupt():
+    fixed, moving = _pair((36, 36, 36), (2.0, 2.0, 2.0))
+    polls = []
+
+    def interrupted():  # what Python's SIGINT handler does inside the iteration observer
+        polls.append(1)
+        if len(polls) == 3:
+            raise KeyboardInterrupt
+        return False
+
+    with pytest.raises(KeyboardInterrupt):
+        prealign.affine_prealign(fixed, moving, cancel=interrupted)
+    assert len(polls) == 3
+
+
+def test_affine_plausibility_guard_rejects_reflections_and_extreme_scaling():
+    ok = sitk.AffineTransform(3)
+    ok.SetMatrix((1.1, 0.05, 0, 0, 0.95, 0, 0, 0, 1.0))
+    reflection = sitk.AffineTransform(3)
+    reflection.SetMatrix((1, 0, 0, 0, 1, 0, 0, 0, -1))
+    squash = sitk.AffineTransform(3)
+    squash.SetMatrix((0.5, 0, 0, 0, 1, 0, 0, 0, 1))
+    assert prealign.plausible_affine(ok)
+    assert not prealign.plausible_affine(reflection)
+    assert not prealign.plausible_affine(squash)
