@@ -96,7 +96,26 @@ def affine_prealign(fixed: sitk.Image, moving: sitk.Image, iterations: int = 100
                                                     min_step)))
     # On small or nearly symmetric fields of view the 12-parameter stage can drift into a reflection
     # or an implausible scaling; then the rigid result is the safer pre-alignment.
-    return affine if plausible_affine(affine) else rigid_as_affine
+    found = affine if plausible_affine(affine) else rigid_as_affine
+    # Images that the headers already place well (e.g. pairs aligned beforehand) can come out worse
+    # from a registration on shrunk images: keep the headers' placement unless the result is better.
+    identity = sitk.AffineTransform(3)
+    return found if _metric(fixed, moving, found) <= _metric(fixed, moving, identity) else identity
+
+
+def _metric(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform) -> float:
+    """Mattes mutual information (as registered, all voxels, one thread) of ``moving`` through
+    ``transform`` against ``fixed``; +inf when they do not overlap."""
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    reg.SetMetricSamplingStrategy(reg.NONE)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetInitialTransform(transform, inPlace=False)
+    reg.SetNumberOfThreads(1)
+    try:
+        return float(reg.MetricEvaluate(fixed, moving))
+    except RuntimeError:
+        return float("inf")
 
 
 def plausible_affine(transform: sitk.AffineTransform, max_scale: float = 1.5) -> bool:

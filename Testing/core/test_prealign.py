@@ -141,3 +141,16 @@ def test_affine_plausibility_guard_rejects_reflections_and_extreme_scaling():
     assert prealign.plausible_affine(ok)
     assert not prealign.plausible_affine(reflection)
     assert not prealign.plausible_affine(squash)
+
+
+def test_prealign_keeps_the_headers_placement_when_it_cannot_improve_on_it():
+    # a pair already aligned: the registration on shrunk images must not make it worse
+    from morphseek.prealign import affine_prealign
+
+    rng = np.random.default_rng(3)
+    array = rng.random((24, 28, 32)).astype(np.float32)
+    image = sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(array), 1.5)
+    image.SetSpacing((2.0, 2.0, 2.0))
+    transform = affine_prealign(image, image)
+    np.testing.assert_allclose(np.asarray(transform.GetMatrix()).reshape(3, 3), np.eye(3), atol=1e-3)
+    np.testing.assert_allclose(transform.GetTranslation(), 0.0, atol=1e-2)
