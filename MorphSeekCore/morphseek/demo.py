@@ -30,8 +30,9 @@ def _register(dataset, pair, model, steps: int, adapt: int, device, seed: int):
     fixed, moving = io.read_image(f_entry.image, "fixed image"), io.read_image(m_entry.image, "moving image")
     fixed_seg = io.read_labels(f_entry.labels, reference=fixed, what="fixed segmentation")
     moving_seg = io.read_labels(m_entry.labels, reference=moving, what="moving segmentation")
+    # the sample pairs are affinely aligned already (scripts/prepare_brains.py), as the model expects
     result = register_images(fixed, moving, model, fixed_seg=fixed_seg, moving_seg=moving_seg, steps=steps,
-                             adapt=adapt, device=str(device), seed=seed,
+                             adapt=adapt, prealign="none", device=str(device), seed=seed,
                              names={"fixed": str(f_entry.image), "moving": str(m_entry.image),
                                     "fixed_seg": str(f_entry.labels), "moving_seg": str(m_entry.labels)})
     return result, (fixed, moving, fixed_seg, moving_seg)
