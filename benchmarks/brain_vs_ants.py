@@ -70,6 +70,8 @@ def run_syn(fixed: sitk.Image, moving: sitk.Image) -> tuple[sitk.Image, float]:
         path = ants.apply_transforms(to_ants(fixed), to_ants(moving), result["fwdtransforms"],
                                      compose=str(Path(tmp) / "total_"))
         field = sitk.ReadImage(path, sitk.sitkVectorFloat64)
+    for name in set(result["fwdtransforms"]) | set(result["invtransforms"]):  # antspyx leaves them in /tmp
+        Path(name).unlink(missing_ok=True)
     return field, seconds
 
 

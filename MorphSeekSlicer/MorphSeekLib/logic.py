@@ -16,6 +16,8 @@ scene as it was.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -174,7 +176,8 @@ class StepResult:
         return cls(index=int(summary["step"]), candidates=[SimpleNamespace(**c) for c in summary["candidates"]],
                    kept=int(summary["kept"]), dice=summary.get("dice_percent"),
                    dice_per_label={int(k): float(v) for k, v in per_label.items()} if per_label else None,
-                   njd_percent=float(summary["njd_percent"]), seconds=float(summary["seconds"]),
+                   njd_percent=float(summary["njd_percent"]) if summary.get("njd_percent") is not None else math.nan,
+                   seconds=float(summary["seconds"]),
                    warped=images.get("warped"), warped_seg=images.get("warped_seg"),
                    jacobian=images.get("jacobian"), field=images.get("displacement"))
 

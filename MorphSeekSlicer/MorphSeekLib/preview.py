@@ -266,6 +266,11 @@ def _percent(value: float | None) -> float:
     return math.nan if value is None else 100.0 * float(value)
 
 
+def _number(value: float | None) -> float:
+    """A table value: NaN where the engine gives none (e.g. candidates are not scored when J = 1)."""
+    return math.nan if value is None else float(value)
+
+
 def candidates_table(scene: slicer.vtkMRMLScene, steps: Sequence, name: str, only_step: int | None = None,
                      node: slicer.vtkMRMLTableNode | None = None) -> slicer.vtkMRMLTableNode:
     """One row per candidate of every step (or of step ``only_step``): reward, Dice gain (percentage
@@ -275,10 +280,10 @@ def candidates_table(scene: slicer.vtkMRMLScene, steps: Sequence, name: str, onl
     table = vtk.vtkTable()
     _column(table, vtk.vtkIntArray, "step", [r[0] for r in rows])
     _column(table, vtk.vtkIntArray, "candidate", [r[1] for r in rows])
-    _column(table, vtk.vtkDoubleArray, "reward", [float(r[2].reward) for r in rows])
+    _column(table, vtk.vtkDoubleArray, "reward", [_number(r[2].reward) for r in rows])
     _column(table, vtk.vtkDoubleArray, "Dice gain (pp)", [_percent(r[2].dice_gain) for r in rows])
-    _column(table, vtk.vtkDoubleArray, "similarity gain", [float(r[2].similarity_gain) for r in rows])
-    _column(table, vtk.vtkDoubleArray, "NJD %", [float(r[2].njd_percent) for r in rows])
+    _column(table, vtk.vtkDoubleArray, "similarity gain", [_number(r[2].similarity_gain) for r in rows])
+    _column(table, vtk.vtkDoubleArray, "NJD %", [_number(r[2].njd_percent) for r in rows])
     _column(table, vtk.vtkStringArray, "kept", ["kept" if r[3] else "" for r in rows])
     if node is None:
         node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)

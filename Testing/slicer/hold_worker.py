@@ -61,7 +61,9 @@ def corrupting(original):
 if stage == "loading":
     morphseek.register.load_model = held(morphseek.register.load_model)
 elif stage == "prealign":
-    morphseek.io.affine_prealign = held(morphseek.io.affine_prealign)
+    import morphseek.prealign
+
+    morphseek.prealign.affine_prealign = held(morphseek.prealign.affine_prealign)
 elif stage == "step":
     morphseek.geometry.compose = held(morphseek.geometry.compose)
 elif stage == "export":

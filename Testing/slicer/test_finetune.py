@@ -22,7 +22,7 @@ def dataset(tmp_path_factory):
 def test_finetune_writes_a_checkpoint_and_reports_progress(case, dataset, tmp_path, scene):
     _, _, model = case
     events = []
-    out = tmp_path / "tuned.pt"
+    out = tmp_path / "tuned.safetensors"
     result = SceneLogic.finetune(dataset, model, out, warmupIterations=1, episodes=1, steps=1,
                                      trajectories=2, device="cpu", progress=events.append)
     assert out.is_file() and result.episodes_done == 1 and not result.stopped

@@ -246,7 +246,7 @@ def dataset(tmp_path_factory):
 
 def test_finetune_in_the_worker_writes_a_checkpoint_and_a_live_chart(pair, dataset, tmp_path):
     scene, _, model = pair
-    out = tmp_path / "tuned.pt"
+    out = tmp_path / "tuned.safetensors"
     run = FinetuneRun(scene, dataset, model, out, warmupIterations=1, episodes=2, steps=1, trajectories=2,
                       device="cpu", launch=WorkerLaunch(temporary_folder=tmp_path)).start()
     updates = poll_until(run, ended)
