@@ -31,7 +31,9 @@ def trained(dataset_path, tmp_path_factory):
     dataset = load_dataset(dataset_path)
     model = build_model({"backbone": "voxelmorph"})
     out = tmp_path_factory.mktemp("ckpt") / "warm.pt"
-    config = WarmupConfig(grid=GRID, iterations=200, learning_rate=2e-3, checkpoint_every=100, validate_every=0, seed=0)
+    # every step of a 2-step refinement trained (refine_steps): measured 62.6 -> 66.5 -> 69.0 % held-back Dice
+    config = WarmupConfig(grid=GRID, iterations=300, learning_rate=2e-3, checkpoint_every=100, validate_every=0, seed=0,
+                          refine_steps=2)
     warmup(model, dataset, config, out)
     return dataset, out
 
@@ -57,12 +59,12 @@ def test_warmup_raises_held_back_dice_over_identity(trained):
     model, config, extra = load_checkpoint(ckpt)
     model.eval()
     dice = _held_back_dice(model, dataset, steps=2)
-    assert config["grid"] == list(GRID) and extra["state"]["iteration"] == 200
-    # identity -> one step: a clear gain on pairs never seen in training
-    assert dice[1] > dice[0] + 2.0, dice
+    assert config["grid"] == list(GRID) and extra["state"]["iteration"] == 300
+    # identity -> one step: a clear gain on pairs never seen in training; the second step adds more
+    assert dice[1] > dice[0] + 2.0 and dice[2] > dice[1], dice
     # the log was written row by row
     rows = [json.loads(line) for line in ckpt.with_suffix(".log.jsonl").read_text().splitlines()]
-    assert len(rows) == 200 and {"loss", "sim", "reg", "kl"} <= set(rows[0])
+    assert len(rows) == 300 and {"loss", "sim", "reg", "kl"} <= set(rows[0])
 
 
 def test_cancelled_warmup_keeps_a_checkpoint_and_resumes(dataset_path, tmp_path):
