@@ -9,26 +9,9 @@ import SimpleITK as sitk
 
 from morphseek import io, prealign
 from morphseek.errors import Cancelled
+from test_io import image_from_function, rotation  # the same geometry helpers as the io tests
 
 
-def rotation(axis, degrees):
-    """Rotation matrix about ``axis`` by ``degrees`` (Rodrigues)."""
-    axis = np.asarray(axis, dtype=float) / np.linalg.norm(axis)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    t = np.deg2rad(degrees)
-    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
-
-
-def image_from_function(size, spacing, origin, direction, function, dtype=np.float32):
-    """An image whose voxel values are ``function(physical points (..., 3))``."""
-    image = sitk.Image(list(size), sitk.sitkFloat32)
-    image.SetSpacing(spacing)
-    image.SetOrigin(origin)
-    image.SetDirection(np.asarray(direction, dtype=float).ravel().tolist())
-    a, o = io.index_to_physical(image)
-    k, j, i = np.meshgrid(*[np.arange(n) for n in size[::-1]], indexing="ij")
-    points = np.stack([i, j, k], axis=-1).astype(float) @ a.T + o
-    return io.from_array(function(points).astype(dtype), image)
 
 
 # A phantom: a body ellipsoid with four inner structures, soft (about 1 mm) edges.
