@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from morphseek.brains import BrainSet
-from morphseek.checkpoint import checkpoint_exists, save_checkpoint
+from morphseek.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from morphseek.errors import Cancelled
 from morphseek.nets.policy import build_model
 from morphseek.train.warmup import WarmupConfig, warmup
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-minutes", type=float, default=0, help="stop cleanly (checkpointed) after this long")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", type=Path, help="start a new run from this checkpoint's weights (e.g. the shipped "
+                   "Resources/Models/morphseek-brain); ignored when --out already holds a run to resume")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -64,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                           lambda_reg=args.lambda_reg, refine_steps=args.refine_steps,
                           checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
                           seed=args.seed, channels_last=True, workers=args.workers)
-    model = build_model({"backbone": args.backbone, **({"dec_channels": args.dec_channels} if args.dec_channels else {})})
+    if args.init is not None:
+        model, _, _ = load_checkpoint(args.init)
+    else:
+        model = build_model({"backbone": args.backbone, **({"dec_channels": args.dec_channels} if args.dec_channels else {})})
     best_file = args.out / "best-summary.json"
     best_dice = json.loads(best_file.read_text())["val_dice"] if best_file.exists() else -1.0
 
