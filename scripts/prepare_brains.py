@@ -16,6 +16,13 @@ nothing is copied into the repository):
   structures (``morphseek.brains.EVAL_LABELS``), for benchmarks and tests;
 - ``split.json``: which subjects train and which are held back.
 
+With ``--hcp`` it prepares a second, independent test set instead (default --out runs/brains-hcp):
+the 20 Human Connectome Project label maps (another source, another labelling protocol: white matter,
+cortex, hippocampus, amygdala, thalamus), mapped to FreeSurfer ids (2, 3, 17, 18, 10; unlabelled
+brain-mask voxels become CSF, 24), affinely aligned to the first HCP subject and turned into the same
+kind of T1-like images, every subject held back and ten disjoint pairs listed in ``split.json``.
+Nothing is trained on it: it measures whether what was tuned on the SynthSeg subjects generalises.
+
 Exits with status 2 and a clear message when the shared data is absent.
 """
 
@@ -130,13 +137,65 @@ def prepare(shared: Path, out: Path, seed: int = 0) -> Path:
     return out
 
 
+HCP_TO_FREESURFER = {1: 2, 2: 3, 3: 17, 4: 18, 5: 10}  # WM, cortex, hippocampus, amygdala, thalamus
+HCP_CSF = 24
+
+
+def prepare_hcp(shared: Path, out: Path, seed: int = 0) -> Path:
+    source = shared / "brain-labelmaps-hcp"
+    folders = sorted(f for f in source.iterdir() if (f / "labels_native.nii.gz").is_file()) if source.is_dir() else []
+    if len(folders) < 2:
+        print(f"error: no HCP label maps (<id>/labels_native.nii.gz) in {source}", file=sys.stderr)
+        raise SystemExit(2)
+    ids = [f.name for f in folders]
+    natives = {}
+    for i, folder in zip(ids, folders):
+        hcp = sitk.GetArrayFromImage(io.read_labels(folder / "labels_native.nii.gz")).astype(np.int64)
+        mask = sitk.GetArrayFromImage(io.read_labels(folder / "Brainmasknative.nii.gz")) > 0
+        mapped = np.zeros_like(hcp)
+        for value, freesurfer in HCP_TO_FREESURFER.items():
+            mapped[hcp == value] = freesurfer
+        mapped[mask & (hcp == 0)] = HCP_CSF
+        natives[i] = io.from_array(mapped.astype(np.uint16), io.read_labels(folder / "labels_native.nii.gz"))
+    small = {i: sitk.Resample(_t1_like(lab), [128] * 3, sitk.Transform(), sitk.sitkLinear,
+                              lab.GetOrigin(), [2.0] * 3, lab.GetDirection()) for i, lab in natives.items()}
+    transforms = {ids[0]: sitk.Transform(3, sitk.sitkIdentity)}
+    for i in ids[1:]:
+        tic = time.perf_counter()
+        transforms[i] = _align(small[ids[0]], small[i])
+        print(f"aligned {i} to {ids[0]} in {time.perf_counter() - tic:.1f} s", flush=True)
+    masks = [io.resample_to(sitk.Greater(natives[i], 0), natives[ids[0]], transforms[i], is_label=True) for i in ids]
+    grid = _common_grid(natives[ids[0]], masks)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    (out / "heldback").mkdir(parents=True, exist_ok=True)
+    for n, i in enumerate(ids):
+        labels = io.resample_to(natives[i], grid, transforms[i], is_label=True)
+        io.write_image(labels, out / "labels" / f"{i}.nii.gz")
+        array = sitk.GetArrayFromImage(labels).astype(np.int64)
+        image = brains.t1_image(array, np.random.default_rng(seed + 5000 + n))
+        io.write_image(io.from_array(image, grid), out / "heldback" / f"{i}_t1.nii.gz")
+        seg = np.where(np.isin(array, list(HCP_TO_FREESURFER.values())), array, 0).astype(np.uint16)
+        io.write_image(io.from_array(seg, grid), out / "heldback" / f"{i}_seg.nii.gz")
+    split = {"train": [], "heldback": ids, "pairs": [[ids[k + 1], ids[k]] for k in range(0, len(ids) - 1, 2)],
+             "grid_size_xyz": list(grid.GetSize()), "spacing_mm": SPACING,
+             "source": "HCP label maps via MIALab (Apache-2.0; HCP open-access terms), aligned to subject " + ids[0]}
+    (out / "split.json").write_text(json.dumps(split, indent=1) + "\n")
+    print(f"wrote {out}: grid {grid.GetSize()} at {SPACING} mm, {len(split['pairs'])} held-back pairs")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="the shared data folder")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (git-ignored)")
+    parser.add_argument("--out", type=Path, help="output folder (git-ignored; default runs/brains, "
+                        "runs/brains-hcp with --hcp)")
+    parser.add_argument("--hcp", action="store_true", help="prepare the HCP test set instead")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    prepare(args.shared, args.out, args.seed)
+    if args.hcp:
+        prepare_hcp(args.shared, args.out or REPO / "runs" / "brains-hcp", args.seed)
+    else:
+        prepare(args.shared, args.out or DEFAULT_OUT, args.seed)
     return 0
 
 

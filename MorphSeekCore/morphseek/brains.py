@@ -103,6 +103,7 @@ class BrainSet:
     heldback_ids: list[str]
     reference: sitk.Image  # the common 2 mm grid of the label maps
     labels: dict[str, torch.Tensor]  # id -> (1, 1, D, H, W) int64 on ``reference``
+    pairs: list[list[str]] | None = None  # held-back (moving, fixed) pairs, when split.json lists them
 
     @classmethod
     def open(cls, folder: str | Path) -> "BrainSet":
@@ -117,7 +118,7 @@ class BrainSet:
             image = io.read_labels(folder / "labels" / f"{i}.nii.gz")
             reference = reference or image
             labels[i] = io.labels_to_tensor(image)
-        return cls(folder, list(split["train"]), list(split["heldback"]), reference, labels)
+        return cls(folder, list(split["train"]), list(split["heldback"]), reference, labels, split.get("pairs"))
 
     # the Dataset surface the trainers use
     @property
@@ -130,6 +131,9 @@ class BrainSet:
 
     @property
     def val_pairs(self) -> list[tuple[str, str]]:
+        """(moving, fixed) held-back pairs: those ``split.json`` lists, else every ordered pair."""
+        if self.pairs:
+            return [tuple(p) for p in self.pairs]
         return [(m, f) for m in self.heldback_ids for f in self.heldback_ids if m != f]
 
     def _image(self, labels: np.ndarray, contrast: np.ndarray, rng: np.random.Generator) -> sitk.Image:

@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Choose the test-time optimisation settings on TRAINING subjects' pairs, never on the held-back ones.
+
+    python benchmarks/tune_adapt.py --model Resources/Models/morphseek-brain
+
+Pairs of the prepared training subjects (``runs/brains``, ``scripts/prepare_brains.py``) get the same
+kind of 2 mm T1-like images as the held-back subjects (``brains.t1_image``, own seeds); every variant
+of ``AdaptSettings`` starts from the same network result (3 steps) and is scored by Dice over the 31
+evaluation structures and NJD %. Cost is reported as iterations x (scale^3), relative to the
+default, because seconds on a shared machine are not comparable between variants run minutes apart.
+The chosen defaults live in ``morphseek.adapt.AdaptSettings``; ``benchmarks/brain_vs_ants.py`` then
+measures them on the held-back pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from morphseek import export, io, metrics
+from morphseek.adapt import AdaptSettings
+from morphseek.brains import EVAL_LABELS, BrainSet, t1_image
+from morphseek.register import register_images
+
+REPO = Path(__file__).resolve().parents[1]
+PAIRS = (("02", "01"), ("04", "03"), ("06", "05"), ("01", "07"))
+VARIANTS = {  # name -> AdaptSettings fields (iterations, learning_rate, lambda_reg, smooth, scale, window)
+    "30 it": dict(iterations=30),
+    "50 it": dict(iterations=50),
+    "80 it": dict(iterations=80),
+    "50 it, lambda 0.5": dict(iterations=50, lambda_reg=0.5),
+    "50 it, smooth 1": dict(iterations=50, smooth=1),
+    "30 it, scale 2, window 7": dict(iterations=30, scale=2, window=7),
+}
+
+
+def pair_images(data: BrainSet, subject: str, seed: int) -> tuple[sitk.Image, sitk.Image]:
+    labels = io.read_labels(data.folder / "labels" / f"{subject}.nii.gz")
+    array = sitk.GetArrayFromImage(labels).astype(np.int64)
+    image = io.from_array(t1_image(array, np.random.default_rng(seed)), labels)
+    seg = io.from_array(np.where(np.isin(array, EVAL_LABELS), array, 0).astype(np.uint16), labels)
+    return image, seg
+
+
+def score(fixed_seg: sitk.Image, moving_seg: sitk.Image, field: sitk.Image) -> tuple[float, float]:
+    warped = sitk.Resample(moving_seg, fixed_seg, export.displacement_transform(field), sitk.sitkNearestNeighbor, 0,
+                           moving_seg.GetPixelID())
+    f, w, m = (sitk.GetArrayViewFromImage(x) for x in (fixed_seg, warped, moving_seg))
+    labels = [v for v in EVAL_LABELS if (f == v).any() and (m == v).any()]
+    dice = 100.0 * float(np.mean(list(metrics.dice_per_label(f, w, labels).values())))
+    det = sitk.GetArrayFromImage(export.jacobian_image(field))
+    return dice, metrics.njd_percent_from_det(det)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=str(REPO / "Resources" / "Models" / "morphseek-brain"))
+    p.add_argument("--data", type=Path, default=REPO / "runs" / "brains")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "tune_adapt.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data = BrainSet.open(args.data)
+    base = AdaptSettings()
+    base_cost = base.iterations * base.scale**3
+    rows: dict[str, list[tuple[float, float]]] = {}
+    for n, (moving_id, fixed_id) in enumerate(PAIRS):
+        (fixed, fixed_seg), (moving, moving_seg) = pair_images(data, fixed_id, 2000 + n), pair_images(data, moving_id, 3000 + n)
+        network = register_images(fixed, moving, args.model, steps=3, prealign="none", device="cpu")
+        rows.setdefault("network 3 steps", []).append(score(fixed_seg, moving_seg, network.steps[-1].field))
+        for name, fields in VARIANTS.items():
+            tic = time.perf_counter()
+            result = register_images(fixed, moving, args.model, steps=3, prealign="none", device="cpu",
+                                     adapt=fields["iterations"], adapt_settings=AdaptSettings(**fields))
+            rows.setdefault(name, []).append(score(fixed_seg, moving_seg, result.steps[-1].field))
+            print(f"{moving_id}->{fixed_id} {name:<26} Dice {rows[name][-1][0]:6.2f}  NJD {rows[name][-1][1]:.3f} %  "
+                  f"{time.perf_counter() - tic:5.1f} s", flush=True)
+    summary = {}
+    for name, values in rows.items():
+        fields = VARIANTS.get(name, {"iterations": 0})
+        cost = fields["iterations"] * fields.get("scale", 1) ** 3 / base_cost
+        dice, njd = np.asarray(values).T
+        summary[name] = {"dice": float(dice.mean()), "dice_std": float(dice.std()), "njd": float(njd.mean()),
+                         "relative_cost": cost}
+    print(f"\n{'variant':<28} {'Dice %':>14} {'NJD %':>7} {'cost':>5}")
+    for name, s in summary.items():
+        print(f"{name:<28} {s['dice']:6.2f} ± {s['dice_std']:5.2f} {s['njd']:7.3f} {s['relative_cost']:5.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"model": args.model, "pairs": PAIRS, "summary": summary}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
