@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="MorphSeek brain model (checkpoint)")
     p.add_argument("--data", type=Path, default=REPO / "runs" / "brains", help="prepared brain folder")
-    p.add_argument("--adapt", type=int, default=30, help="test-time optimisation iterations (0: none)")
+    p.add_argument("--adapt", type=int, default=50, help="test-time optimisation iterations (0: none)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--prealign", default="affine", choices=("affine", "none"))
     p.add_argument("--threads", type=int, default=2)

@@ -38,6 +38,8 @@ VARIANTS = {  # name -> AdaptSettings fields (iterations, learning_rate, lambda_
     "50 it, lambda 0.5": dict(iterations=50, lambda_reg=0.5),
     "50 it, smooth 1": dict(iterations=50, smooth=1),
     "30 it, scale 2, window 7": dict(iterations=30, scale=2, window=7),
+    "15 it, scale 2, window 7": dict(iterations=15, scale=2, window=7),
+    "30 it, lambda 3, scale 2, window 7": dict(iterations=30, lambda_reg=3.0, scale=2, window=7),
 }
 
 
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=str(REPO / "Resources" / "Models" / "morphseek-brain"))
     p.add_argument("--data", type=Path, default=REPO / "runs" / "brains")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="run only these variants")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "tune_adapt.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -76,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         network = register_images(fixed, moving, args.model, steps=3, prealign="none", device="cpu")
         rows.setdefault("network 3 steps", []).append(score(fixed_seg, moving_seg, network.steps[-1].field))
         for name, fields in VARIANTS.items():
+            if args.only and name not in args.only:
+                continue
             tic = time.perf_counter()
             result = register_images(fixed, moving, args.model, steps=3, prealign="none", device="cpu",
                                      adapt=fields["iterations"], adapt_settings=AdaptSettings(**fields))

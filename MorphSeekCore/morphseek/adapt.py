@@ -27,7 +27,10 @@ from .losses import diffusion_regulariser, similarity_loss
 
 @dataclass
 class AdaptSettings:
-    """What ``adapt`` optimises; the defaults were chosen on held-back brain pairs (docs/QUALITY.md)."""
+    """What ``adapt`` optimises. The defaults were chosen on pairs of TRAINING subjects
+    (``benchmarks/tune_adapt.py``, docs/QUALITY.md section 5), then measured on held-back ones: a
+    twice finer similarity grid (``scale`` 2) gained 1-2 Dice points there but folded 4 % of one
+    pair's voxels unless lambda_reg was tripled, at about 5x the cost, so the model grid it is."""
 
     iterations: int = 50
     learning_rate: float = 0.5  # voxels of the model grid per Adam step, roughly
@@ -40,7 +43,7 @@ class AdaptSettings:
     #: passes of a 3x3x3 box filter applied to the variable before it is used (as ConvexAdam does):
     #: Adam moves every voxel by about the learning rate, even where the images are flat and the
     #: gradient is noise; the filter keeps those moves from roughening the map
-    smooth: int = 2
+    smooth: int = 1
 
 
 def fine_grid_shape(shape: tuple[int, ...], factor: int) -> tuple[int, int, int]:

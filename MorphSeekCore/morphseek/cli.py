@@ -149,7 +149,7 @@ def _add_register(sub) -> None:
     p.add_argument("--prealign", choices=["affine", "none"], default="affine")
     p.add_argument("--adapt", type=options.non_negative_int, default=0, metavar="N",
                    help="after the network's steps, N iterations of test-time optimisation of the map on "
-                   "this pair (one more step in the report; default 0: none)")
+                   "this pair (one more step in the report; default 0: none; 50 for the shipped brain model)")
     p.add_argument("--step-images", action="store_true",
                    help="also write every step's images into step_NN/ folders (default: the last step only)")
     p.add_argument("--seed", type=options.non_negative_int, default=0)
@@ -254,7 +254,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--model", default=None, help="brain model (default: Resources/Models/morphseek-brain)")
     p.add_argument("--sample", default=None, help="labelled sample dataset (default: Resources/SampleData/brain)")
     p.add_argument("--steps", type=options.positive_int, default=3)
-    p.add_argument("--adapt", type=options.non_negative_int, default=30,
+    p.add_argument("--adapt", type=options.non_negative_int, default=50,
                    help="test-time optimisation iterations (0: none)")
     p.add_argument("--episodes", type=options.non_negative_int, default=6,
                    help="GRPO episodes (each --steps optimiser steps); 0 skips GRPO")

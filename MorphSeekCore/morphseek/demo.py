@@ -39,7 +39,7 @@ def _register(dataset, pair, model, steps: int, adapt: int, device, seed: int):
 
 
 def run_demo(out: str | Path = "demo-output", model: str | Path = BRAIN_MODEL, sample: str | Path = BRAIN_SAMPLE,
-             steps: int = 3, adapt: int = 30, episodes: int = 6, trajectories: int = 4, seed: int = 0,
+             steps: int = 3, adapt: int = 50, episodes: int = 6, trajectories: int = 4, seed: int = 0,
              device: str = "auto", overwrite: bool = False) -> dict:
     """Register, fine-tune with GRPO, register again; returns the report (also written as JSON).
 

@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Several brain models on the same held-back pairs, in one run: Dice, NJD %, SDlogJ, HD95 per step.
+
+    python benchmarks/compare_models.py \\
+        warmup=runs/brain-train/last.pt grpo-4=runs/grpo-4/model grpo-16=runs/grpo-16/model \\
+        --data runs/brains runs/brains-hcp
+
+For the GRPO question of issue 7: does fine-tuning on 4 or 16 labelled pairs (``scripts/grpo_brain.py``)
+beat the warm-up model it started from, at equal or lower NJD, on pairs none of them trained on? Each
+model registers every held-back pair of every ``--data`` folder (``morphseek register``'s own path,
+``--prealign none``: the pairs are affinely aligned) and is scored like ``brain_vs_ants.py``. Prints
+the mean, the spread over pairs and the per-pair gain of each model over the first one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from brain_vs_ants import score  # noqa: E402  (the benchmark's own scorer)
+
+from morphseek import io  # noqa: E402
+from morphseek.brains import BrainSet  # noqa: E402
+from morphseek.register import register_images  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("models", nargs="+", help="NAME=CHECKPOINT, the first is the baseline")
+    p.add_argument("--data", type=Path, nargs="+", default=[REPO / "runs" / "brains"])
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "compare_models.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    models = dict(m.split("=", 1) for m in args.models)
+    rows: dict[str, dict[str, list[dict]]] = {}  # data set -> "model, step" -> per pair
+    for folder in args.data:
+        data = BrainSet.open(folder)
+        set_rows = rows.setdefault(folder.name, {})
+        for moving_id, fixed_id in data.val_pairs:
+            (fixed_path, fixed_seg_path), (moving_path, moving_seg_path) = (data.heldback_files(fixed_id),
+                                                                            data.heldback_files(moving_id))
+            fixed, moving = io.read_image(fixed_path), io.read_image(moving_path)
+            fixed_seg, moving_seg = io.read_labels(fixed_seg_path), io.read_labels(moving_seg_path)
+            set_rows.setdefault("no registration", []).append(score(fixed_seg, moving_seg, None))
+            for name, path in models.items():
+                result = register_images(fixed, moving, path, steps=args.steps, prealign="none", device="cpu")
+                for step in result.steps:
+                    set_rows.setdefault(f"{name}, step {step.index}", []).append(score(fixed_seg, moving_seg, step.field))
+            print(f"{folder.name} {moving_id}->{fixed_id}: " + ", ".join(
+                f"{name} {set_rows[f'{name}, step {args.steps}'][-1]['dice']:.2f}" for name in models), flush=True)
+    summary: dict[str, dict] = {}
+    baseline = next(iter(models))
+    for set_name, set_rows in rows.items():
+        print(f"\n{set_name}: {len(set_rows['no registration'])} pairs")
+        print(f"{'model, step':<26} {'Dice %':>14} {'gain vs ' + baseline:>22} {'NJD %':>7} {'HD95':>6}")
+        base = np.array([r["dice"] for r in set_rows[f"{baseline}, step {args.steps}"]])
+        for name, values in set_rows.items():
+            dice = np.array([r["dice"] for r in values])
+            gain = dice - base
+            summary.setdefault(set_name, {})[name] = {
+                "dice": float(dice.mean()), "dice_std": float(dice.std()), "gain_mean": float(gain.mean()),
+                "gain_min": float(gain.min()), "gain_max": float(gain.max()),
+                "njd": float(np.mean([r["njd"] for r in values])), "hd95": float(np.mean([r["hd95"] for r in values]))}
+            s = summary[set_name][name]
+            print(f"{name:<26} {s['dice']:6.2f} ± {s['dice_std']:5.2f} {s['gain_mean']:+7.2f} [{s['gain_min']:+.2f}, "
+                  f"{s['gain_max']:+.2f}] {s['njd']:7.3f} {s['hd95']:6.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"models": models, "data": [str(d) for d in args.data], "rows": rows,
+                                    "summary": summary}, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
