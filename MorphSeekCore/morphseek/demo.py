@@ -20,7 +20,7 @@ from .outputs import staged_folder
 from .register import register_images
 
 RESOURCES = Path(__file__).resolve().parents[2] / "Resources"
-BRAIN_MODEL = RESOURCES / "Models" / "morphseek-brain.pt"
+BRAIN_MODEL = RESOURCES / "Models" / "morphseek-brain"
 BRAIN_SAMPLE = RESOURCES / "SampleData" / "brain"
 
 

@@ -36,7 +36,7 @@ def write_montage(path: str | Path, fixed: sitk.Image, moving_on_fixed: sitk.Ima
     f = _normalise(_slice(fixed, k))
     fs = _slice(fixed_seg, k)
     rows = [("input", moving_on_fixed, moving_seg_on_fixed, None)]
-    rows += [(f"step {s.index}" + (f"  Dice {s.dice:.1f}%" if s.dice is not None else "")
+    rows += [((f"step {s.index}" if s.kind != "adapt" else f"step {s.index} (adapt)") + (f"  Dice {s.dice:.1f}%" if s.dice is not None else "")
               + f"  NJD {s.njd_percent:.2f}%", s.warped, s.warped_seg, s.jacobian) for s in result.steps]
     cols = ["fixed", "moving / warped", "|difference|", "labels (fixed white)", "Jacobian det"]
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.4 * len(cols), 2.4 * len(rows)), squeeze=False)
