@@ -3,7 +3,7 @@
 
     python scripts/prepare_brains.py                        # once: runs/brains (held-back subjects)
     python benchmarks/brain_vs_ants.py --model Resources/Models/morphseek-brain.safetensors \\
-        [--data runs/brains] [--adapt 30] [--threads 2] [--out benchmarks/results/brain_vs_ants.json]
+        [--data runs/brains] [--adapt 50] [--threads 2] [--out benchmarks/results/brain_vs_ants.json]
 
 Every method is scored the same way, from the displacement it produced on the fixed image's grid:
 the moving segmentation is resampled through it (SimpleITK, nearest neighbour) and compared with the
