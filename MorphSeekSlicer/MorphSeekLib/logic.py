@@ -113,6 +113,12 @@ class RegistrationRequest:
     names: dict[str, str]
     fixed_volume_id: str
     output_name: str
+    adapt: int = 0  # test-time optimisation iterations after the network's steps (0: none)
+
+    @property
+    def total_steps(self) -> int:
+        """The steps the preview will show: the network's, and one more for test-time optimisation."""
+        return self.steps + (1 if self.adapt else 0)
 
 
 @dataclass
@@ -147,7 +153,8 @@ class RegistrationOutputs:
 @dataclass
 class StepResult:
     """A registration step as the worker reports it (``StepRecord.summary()`` and the step's files
-    read back): the same attributes as the engine's ``StepRecord``, without torch."""
+    read back): the same attributes as the engine's ``StepRecord``, without torch. ``kind``:
+    ``"network"`` (a policy step) or ``"adapt"`` (test-time optimisation after the network's steps)."""
 
     index: int
     candidates: list[SimpleNamespace]
@@ -160,6 +167,7 @@ class StepResult:
     warped_seg: sitk.Image | None = field(default=None, repr=False)
     jacobian: sitk.Image | None = field(default=None, repr=False)
     field: sitk.Image | None = field(default=None, repr=False)
+    kind: str = "network"
 
     @classmethod
     def from_worker(cls, summary: dict, files: dict[str, str]) -> "StepResult":
@@ -179,7 +187,8 @@ class StepResult:
                    njd_percent=float(summary["njd_percent"]) if summary.get("njd_percent") is not None else math.nan,
                    seconds=float(summary["seconds"]),
                    warped=images.get("warped"), warped_seg=images.get("warped_seg"),
-                   jacobian=images.get("jacobian"), field=images.get("displacement"))
+                   jacobian=images.get("jacobian"), field=images.get("displacement"),
+                   kind=str(summary.get("kind") or "network"))
 
 
 @dataclass
@@ -219,14 +228,18 @@ class SceneLogic:
     # -- phase 1 ------------------------------------------------------------------------------
     def prepare(self, fixedVolume, movingVolume, fixedSegmentation=None, movingSegmentation=None,
                 model=None, steps: int = 3, trajectories: int = 1, tau: float = 0.3, device: str = "auto",
-                prealign: str = "affine", seed: int = 0, outputName: str | None = None) -> RegistrationRequest:
-        """Read and check the inputs (nothing is created in the scene)."""
+                prealign: str = "affine", seed: int = 0, outputName: str | None = None,
+                adapt: int = 0) -> RegistrationRequest:
+        """Read and check the inputs (nothing is created in the scene). ``adapt``: iterations of
+        test-time optimisation after the network's steps (one more step; 0: none)."""
         if fixedVolume is None or movingVolume is None:
             raise MorphSeekError("choose a fixed and a moving volume")
         if fixedVolume is movingVolume:
             raise MorphSeekError(f"the fixed and the moving volume are the same node ('{fixedVolume.GetName()}')")
         if steps < 1 or trajectories < 1:
             raise MorphSeekError(f"steps ({steps}) and candidates ({trajectories}) must be at least 1")
+        if isinstance(adapt, bool) or not isinstance(adapt, int) or adapt < 0:
+            raise MorphSeekError(f"test-time optimisation iterations must be a whole number >= 0, got {adapt!r}")
         fixed = mrml.volume_to_image(fixedVolume)
         moving = mrml.volume_to_image(movingVolume)
         for node, image in ((fixedVolume, fixed), (movingVolume, moving)):
@@ -255,6 +268,7 @@ class SceneLogic:
             device=device or "auto", prealign=prealign, seed=int(seed), names=names,
             fixed_volume_id=fixedVolume.GetID(),
             output_name=outputName or f"{movingVolume.GetName()} to {fixedVolume.GetName()}",
+            adapt=int(adapt),
         )
 
     # -- phase 2 ------------------------------------------------------------------------------
@@ -268,7 +282,7 @@ class SceneLogic:
             request.fixed, request.moving, request.model,
             fixed_seg=request.fixed_seg, moving_seg=request.moving_seg,
             steps=request.steps, trajectories=request.trajectories, tau=request.tau,
-            prealign=request.prealign, device=request.device, seed=request.seed,
+            prealign=request.prealign, device=request.device, seed=request.seed, adapt=request.adapt,
             progress=progress, cancel=cancel, names=request.names,
         )
 
@@ -305,11 +319,12 @@ class SceneLogic:
     def register(self, fixedVolume, movingVolume, fixedSegmentation=None, movingSegmentation=None, model=None,
                  steps: int = 3, trajectories: int = 1, device: str = "auto", progress: ProgressCallback | None = None,
                  cancel: CancelCallback | None = None, tau: float = 0.3, prealign: str = "affine",
-                 seed: int = 0) -> RegistrationOutputs:
-        """Register ``movingVolume`` to ``fixedVolume`` and return the created nodes (synchronous)."""
+                 seed: int = 0, adapt: int = 0) -> RegistrationOutputs:
+        """Register ``movingVolume`` to ``fixedVolume`` and return the created nodes (synchronous).
+        ``adapt`` > 0: that many iterations of test-time optimisation after the network's steps."""
         request = self.prepare(fixedVolume, movingVolume, fixedSegmentation, movingSegmentation, model=model,
                                steps=steps, trajectories=trajectories, tau=tau, device=device,
-                               prealign=prealign, seed=seed)
+                               prealign=prealign, seed=seed, adapt=adapt)
         result = self.compute(request, progress=progress, cancel=cancel)
         return self.create_nodes(request, result)
 
