@@ -26,6 +26,7 @@ from typing import Any, Callable
 import SimpleITK as sitk
 import slicer
 
+from morphseek.checkpoint_names import checkpoint_files, find_checkpoint
 from morphseek.errors import MorphSeekError
 
 from . import mrml, preview, training
@@ -59,14 +60,20 @@ def default_model_path() -> Path:
 
 
 def resolve_model(model: Any) -> Any:
-    """None -> the shipped model's path; a path -> checked to exist; a model object -> itself."""
+    """None -> the shipped model's path; a checkpoint name -> the file it is loaded from; a model
+    object -> itself. A name follows the engine's rule (``morphseek.checkpoint_names``, torch-free):
+    ``x``, ``x.pt``, ``x.json`` or ``x.safetensors`` all mean ``x.safetensors`` + ``x.json``; a
+    legacy ``x.pt`` is used when there is no ``x.safetensors``. MorphSeekError when none exists."""
     if model is None or model == "":
         return default_model_path()
     if isinstance(model, (str, Path)):
         path = Path(model).expanduser()
-        if not path.is_file():
-            raise MorphSeekError(f"model checkpoint {path}: file not found")
-        return path
+        found = find_checkpoint(path)
+        if found is None:
+            weights, config = checkpoint_files(path)
+            raise MorphSeekError(f"model checkpoint {path}: file not found (looked for {weights.name} with "
+                                 f"{config.name}{'' if path.suffix != '.pt' else ', and ' + path.name})")
+        return found
     return model
 
 

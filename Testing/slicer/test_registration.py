@@ -168,4 +168,32 @@ def test_bad_inputs_give_clear_errors_and_change_nothing(case, tmp_path, monkeyp
         logic.register(nodes["fixed"], nodes["moving"], model=None)
     with pytest.raises(MorphSeekError, match="choose a fixed and a moving volume"):
         logic.register(None, nodes["moving"], model=model)
+    for bad in (-1, 2.5, "30", True):
+        with pytest.raises(MorphSeekError, match="test-time optimisation iterations must be a whole number >= 0"):
+            logic.register(nodes["fixed"], nodes["moving"], model=model, adapt=bad)
     assert node_ids(scene) == before
+
+
+def test_a_model_is_found_by_any_of_its_names(tmp_path):
+    """The panel's Model field and the script API take a checkpoint as the engine names it: ``x``,
+    ``x.pt``, ``x.json`` or ``x.safetensors`` for ``x.safetensors`` + ``x.json`` (what the shipped
+    models and fine-tuning write), a legacy ``x.pt`` by its name; without importing torch here."""
+    from morphseek.checkpoint_names import checkpoint_files
+
+    weights, config = checkpoint_files(tmp_path / "tuned")
+    weights.write_bytes(b"w")
+    config.write_text("{}")
+    legacy = tmp_path / "old.pt"
+    legacy.write_bytes(b"w")
+    for given in ("tuned", "tuned.pt", "tuned.json", "tuned.safetensors", "tuned.pth"):
+        assert logic_module.resolve_model(str(tmp_path / given)) == weights, given
+        assert logic_module.resolve_model(tmp_path / given) == weights, given
+    assert logic_module.resolve_model(str(legacy)) == legacy
+    with pytest.raises(MorphSeekError, match=r"old: file not found \(looked for old.safetensors with old.json\)"):
+        logic_module.resolve_model(str(tmp_path / "old"))
+    with pytest.raises(MorphSeekError, match=r"gone.pt: file not found .*gone.safetensors.*gone.pt"):
+        logic_module.resolve_model(str(tmp_path / "gone.pt"))
+    config.unlink()  # weights without their .json: the engine's loader reads the header; found as well
+    assert logic_module.resolve_model(str(tmp_path / "tuned")) == weights
+    model = object()
+    assert logic_module.resolve_model(model) is model
