@@ -204,6 +204,9 @@ class Source:
         array = sitk.GetArrayViewFromImage(image)
         self.pixel_dtype = array.dtype
         self.is_label = is_label
+        # what points outside the image read: its background, the minimum of an intensity image (air in
+        # a CT, -1024 HU, where 0 would be soft tissue; as io.resample_to pads), 0 (no structure) for labels
+        self.background = 0.0 if is_label or not array.size else float(array.min())
         # label values are sampled as floats: exact in float32 up to 2^24, else float64
         work = dtype
         if is_label and array.size and dtype != torch.float64 and max(abs(int(array.max())), abs(int(array.min()))) >= 2**24:
@@ -334,8 +337,9 @@ def _warp(source: Source | Sequence[Source], field: torch.Tensor, size_xyz: Sequ
           slab_points: int) -> torch.Tensor | list[torch.Tensor]:
     """``source`` read at x + field(x) for every voxel x of the fixed grid of ``size_xyz``, (D, H, W):
     trilinear (nearest neighbour for labels); ITK's image extent (voxel centres plus half a voxel:
-    edge values inside that band, 0 beyond), so it reproduces SimpleITK's resampling through the
-    exported transform. Several sources on one grid (an image and its labels) share the sampling
+    edge values inside that band, the source's ``background`` beyond: its minimum for intensities,
+    0 for labels), so it reproduces SimpleITK's resampling through the exported transform with that
+    default pixel value. Several sources on one grid (an image and its labels) share the sampling
     points: pass a sequence, get a list."""
     sources = [source] if isinstance(source, Source) else list(source)
     first = sources[0]
@@ -351,7 +355,7 @@ def _warp(source: Source | Sequence[Source], field: torch.Tensor, size_xyz: Sequ
         inside = ((g >= first.low) & (g < first.high)).all(dim=-1)
         for s, out in zip(sources, outs):
             sampled = _sample(s.volume, g, "nearest" if s.is_label else "bilinear", "border")[0]
-            out[k0:k1] = sampled.masked_fill_(~inside, 0)
+            out[k0:k1] = sampled.masked_fill_(~inside, s.background)
     return outs[0] if isinstance(source, Source) else outs
 
 
@@ -433,15 +437,61 @@ def displacement_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform
 
 def write_transform(field: sitk.Image | sitk.Transform, path: PathLike) -> Path:
     """Write the field as an ITK transform file (``.h5``), atomically; Slicer and SimpleITK
-    (``sitk.ReadTransform``) read it back. Returns the path."""
+    (``sitk.ReadTransform``) read it back. The file written is read back and checked
+    (:func:`verify_written_transform`) before it takes ``path``'s name: a short or corrupt write
+    (a full disk) is a MorphSeekError and leaves ``path`` as it was. Returns the path."""
     path = Path(path)
     transform = field if isinstance(field, sitk.Transform) else displacement_transform(field)
     try:
         with atomic_target(path) as tmp:
             sitk.WriteTransform(transform, tmp)
+            verify_written_transform(transform, tmp, path)
     except RuntimeError as err:
         raise MorphSeekError(f"cannot write transform '{path}': {str(err).strip().splitlines()[-1]}") from None
     return path
+
+
+#: Probe points of :func:`verify_written_transform`: the corners and the centre of the field's grid,
+#: and this many voxels drawn at random (fixed seed) inside it.
+VERIFY_RANDOM_POINTS = 24
+
+
+def _probe_points(transform: sitk.Transform) -> list[tuple[float, float, float]]:
+    """Physical points where a written transform is compared with the original: for a displacement
+    field, voxel centres of its grid (corners, centre, random voxels), read from the transform's
+    fixed parameters (size, origin, spacing, direction) without copying the field; for any other
+    transform, a few points around the origin."""
+    if transform.GetTransformEnum() == sitk.sitkDisplacementField:
+        fixed = np.asarray(transform.GetFixedParameters(), dtype=np.float64)
+        size, origin, spacing, direction = fixed[:3], fixed[3:6], fixed[6:9], fixed[9:18].reshape(3, 3)
+        last = np.maximum(size - 1, 0)
+        corners = np.array([[x, y, z] for x in (0, last[0]) for y in (0, last[1]) for z in (0, last[2])])
+        drawn = np.random.default_rng(0).integers(0, np.maximum(size, 1), size=(VERIFY_RANDOM_POINTS, 3))
+        index = np.concatenate([corners, [np.round(last / 2)], drawn]).astype(np.float64)
+        points = origin + (index * spacing) @ direction.T
+    else:
+        points = np.array([[0.0, 0.0, 0.0], [100.0, -50.0, 25.0], [-75.0, 60.0, -120.0]])
+    return [tuple(float(v) for v in p) for p in points]
+
+
+def verify_written_transform(transform: sitk.Transform, written: PathLike, name: PathLike,
+                             tolerance_mm: float = 1e-6) -> None:
+    """Check that the file ``written`` holds ``transform``: SimpleITK reads it back, and it maps the
+    probe points (:func:`_probe_points`) where ``transform`` maps them, to ``tolerance_mm`` (the
+    ``.h5`` stores the field in float64: the values come back exactly). MorphSeekError naming
+    ``name`` otherwise (a file cut short or corrupted by a full disk)."""
+    try:
+        read = sitk.ReadTransform(str(written))
+    except RuntimeError:  # ITK's message lists the readers it tried: it says nothing more to a user
+        raise MorphSeekError(f"cannot write transform '{name}': the file written is incomplete or unreadable "
+                             "(SimpleITK cannot read it back; is the disk full?)") from None
+    for point in _probe_points(transform):
+        expected = np.asarray(transform.TransformPoint(point))
+        got = np.asarray(read.TransformPoint(point))
+        if not np.all(np.abs(got - expected) <= tolerance_mm * (1.0 + np.abs(expected))):
+            raise MorphSeekError(
+                f"cannot write transform '{name}': the file written maps {np.round(point, 3).tolist()} mm to "
+                f"{np.round(got, 3).tolist()}, not {np.round(expected, 3).tolist()} (is the disk full?)")
 
 
 def write_field(field: sitk.Image, path: PathLike, level: int | None = None) -> Path:
@@ -460,7 +510,8 @@ def warp_original(moving: sitk.Image, fixed: sitk.Image, field: sitk.Image, is_l
     For each fixed voxel centre x the moving point is ``y = x + field(x)``; its continuous index in
     ``moving`` comes from moving's own geometry, and ``grid_sample`` (trilinear, or nearest neighbour
     for labels) reads moving's voxel array there. As in ITK, the moving image covers its voxel centres
-    plus half a voxel: points within that band take edge values, points beyond it give 0. Computed in
+    plus half a voxel: points within that band take edge values, points beyond it give the moving
+    image's background (its minimum: air in a CT, not 0 HU; 0 for labels). Computed in
     the field's precision (float32 or float64). Intensities come back as float32, labels with their
     own pixel type."""
     values = _field_array(field)
