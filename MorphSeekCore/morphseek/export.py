@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from .errors import MorphSeekError
 from .geometry import difference
 from .io import PathLike, atomic_target, grid_differences, index_to_physical, same_grid, verify_written_image, write_image
+from .outputs import verify_written_transform
 
 #: Fixed-grid points handled at once on the CPU (about 100 MB of float64 work arrays per slab).
 SLAB_POINTS = 2_000_000
@@ -438,8 +439,8 @@ def displacement_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform
 def write_transform(field: sitk.Image | sitk.Transform, path: PathLike) -> Path:
     """Write the field as an ITK transform file (``.h5``), atomically; Slicer and SimpleITK
     (``sitk.ReadTransform``) read it back. The file written is read back and checked
-    (:func:`verify_written_transform`) before it takes ``path``'s name: a short or corrupt write
-    (a full disk) is a MorphSeekError and leaves ``path`` as it was. Returns the path."""
+    (:func:`morphseek.outputs.verify_written_transform`) before it takes ``path``'s name: a short or
+    corrupt write (a full disk) is a MorphSeekError and leaves ``path`` as it was. Returns the path."""
     path = Path(path)
     transform = field if isinstance(field, sitk.Transform) else displacement_transform(field)
     try:
@@ -449,49 +450,6 @@ def write_transform(field: sitk.Image | sitk.Transform, path: PathLike) -> Path:
     except RuntimeError as err:
         raise MorphSeekError(f"cannot write transform '{path}': {str(err).strip().splitlines()[-1]}") from None
     return path
-
-
-#: Probe points of :func:`verify_written_transform`: the corners and the centre of the field's grid,
-#: and this many voxels drawn at random (fixed seed) inside it.
-VERIFY_RANDOM_POINTS = 24
-
-
-def _probe_points(transform: sitk.Transform) -> list[tuple[float, float, float]]:
-    """Physical points where a written transform is compared with the original: for a displacement
-    field, voxel centres of its grid (corners, centre, random voxels), read from the transform's
-    fixed parameters (size, origin, spacing, direction) without copying the field; for any other
-    transform, a few points around the origin."""
-    if transform.GetTransformEnum() == sitk.sitkDisplacementField:
-        fixed = np.asarray(transform.GetFixedParameters(), dtype=np.float64)
-        size, origin, spacing, direction = fixed[:3], fixed[3:6], fixed[6:9], fixed[9:18].reshape(3, 3)
-        last = np.maximum(size - 1, 0)
-        corners = np.array([[x, y, z] for x in (0, last[0]) for y in (0, last[1]) for z in (0, last[2])])
-        drawn = np.random.default_rng(0).integers(0, np.maximum(size, 1), size=(VERIFY_RANDOM_POINTS, 3))
-        index = np.concatenate([corners, [np.round(last / 2)], drawn]).astype(np.float64)
-        points = origin + (index * spacing) @ direction.T
-    else:
-        points = np.array([[0.0, 0.0, 0.0], [100.0, -50.0, 25.0], [-75.0, 60.0, -120.0]])
-    return [tuple(float(v) for v in p) for p in points]
-
-
-def verify_written_transform(transform: sitk.Transform, written: PathLike, name: PathLike,
-                             tolerance_mm: float = 1e-6) -> None:
-    """Check that the file ``written`` holds ``transform``: SimpleITK reads it back, and it maps the
-    probe points (:func:`_probe_points`) where ``transform`` maps them, to ``tolerance_mm`` (the
-    ``.h5`` stores the field in float64: the values come back exactly). MorphSeekError naming
-    ``name`` otherwise (a file cut short or corrupted by a full disk)."""
-    try:
-        read = sitk.ReadTransform(str(written))
-    except RuntimeError:  # ITK's message lists the readers it tried: it says nothing more to a user
-        raise MorphSeekError(f"cannot write transform '{name}': the file written is incomplete or unreadable "
-                             "(SimpleITK cannot read it back; is the disk full?)") from None
-    for point in _probe_points(transform):
-        expected = np.asarray(transform.TransformPoint(point))
-        got = np.asarray(read.TransformPoint(point))
-        if not np.all(np.abs(got - expected) <= tolerance_mm * (1.0 + np.abs(expected))):
-            raise MorphSeekError(
-                f"cannot write transform '{name}': the file written maps {np.round(point, 3).tolist()} mm to "
-                f"{np.round(got, 3).tolist()}, not {np.round(expected, 3).tolist()} (is the disk full?)")
 
 
 def write_field(field: sitk.Image, path: PathLike, level: int | None = None) -> Path:

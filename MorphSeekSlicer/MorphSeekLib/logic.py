@@ -17,7 +17,9 @@ scene as it was.
 from __future__ import annotations
 
 import math
-
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -376,20 +378,49 @@ class SceneLogic:
     # -- saving -------------------------------------------------------------------------------
     def save_outputs(self, outputs: RegistrationOutputs, folder: str | Path) -> list[Path]:
         """Write the outputs with Slicer's storage nodes: transform (.h5, ITK LPS), volumes (.nrrd),
-        segmentation (.seg.nrrd), tables (.tsv)."""
+        segmentation (.seg.nrrd), tables (.tsv). All or none: the files are written into a hidden
+        temporary folder inside ``folder`` and checked (every storage node must succeed and write a
+        file that is not empty; ``transform.h5`` is read back with SimpleITK and must map probe
+        points as the registration's field does), and only then moved to their names in
+        ``folder``. On any failure ``folder`` keeps what it had (an earlier save's files included)
+        and the temporary folder is removed. Returns the paths of the main files."""
+        from morphseek.outputs import verify_written_transform
+
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         targets = [(outputs.transform, "transform.h5"), (outputs.warped_volume, "warped.nrrd"),
                    (outputs.jacobian, "jacobian.nrrd"), (outputs.folding, "folding.nrrd"),
                    (outputs.candidates_table, "candidates.tsv"), (outputs.metrics_table, "metrics.tsv")]
         if outputs.warped_segmentation is not None:
             targets.append((outputs.warped_segmentation, "warped_segmentation.seg.nrrd"))
-        written = []
-        for node, file_name in targets:
-            path = folder / file_name
-            storage = node.CreateDefaultStorageNode()  # not added to the scene
-            storage.SetFileName(str(path))
-            if not storage.WriteData(node):
-                raise MorphSeekError(f"could not write '{node.GetName()}' to {path}")
-            written.append(path)
-        return written
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            stage = Path(tempfile.mkdtemp(prefix=".morphseek-save-", dir=folder))
+        except OSError as error:
+            raise MorphSeekError(f"cannot write to {folder}: {error.strerror or error}") from None
+        try:
+            for node, file_name in targets:
+                path = stage / file_name
+                self._write_node(node, path)
+                if not path.is_file() or path.stat().st_size == 0:
+                    raise MorphSeekError(f"could not write '{node.GetName()}' to {folder / file_name}: "
+                                         "nothing was written (is the disk full?)")
+                field_image = getattr(outputs.result, "field", None)
+                if file_name == "transform.h5" and field_image is not None:
+                    # Slicer stores the grid in float32: compare to a micrometre, not to float64's last bit.
+                    reference = sitk.DisplacementFieldTransform(sitk.Cast(field_image, sitk.sitkVectorFloat64))
+                    verify_written_transform(reference, path, folder / file_name, tolerance_mm=1e-3)
+            for path in sorted(stage.iterdir()):  # with the files a storage node adds (a table's schema)
+                os.replace(path, folder / path.name)
+        except OSError as error:
+            raise MorphSeekError(f"cannot write the outputs to {folder}: {error.strerror or error}") from None
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return [folder / file_name for _, file_name in targets]
+
+    @staticmethod
+    def _write_node(node, path: Path) -> None:
+        """Write ``node`` to ``path`` with its default storage node (not added to the scene)."""
+        storage = node.CreateDefaultStorageNode()
+        storage.SetFileName(str(path))
+        if not storage.WriteData(node):
+            raise MorphSeekError(f"could not write '{node.GetName()}' to {path.parent.parent / path.name}")

@@ -135,6 +135,46 @@ def test_outputs_can_be_saved(registered, tmp_path):
     np.testing.assert_allclose(transform.TransformPoint(point), expected, atol=1e-4)
 
 
+def folder_state(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("fault", ["transform cut short", "transform of another field", "a table fails"])
+def test_save_outputs_is_all_or_none(registered, tmp_path, monkeypatch, fault):
+    """Save outputs writes into a hidden folder, checks every file (transform.h5 read back with
+    SimpleITK against the registration's field) and only then moves them in: a bad write leaves the
+    folder as it was (an earlier save's files included) and no temporary folder."""
+    scene, _, outputs, *_ = registered
+    logic = SceneLogic(scene)
+    (tmp_path / "mine.txt").write_text("the user's own file")
+    logic.save_outputs(outputs, tmp_path)
+    before = folder_state(tmp_path)
+    real_write = SceneLogic._write_node
+
+    def bad_write(node, path):
+        if fault == "a table fails" and path.name == "metrics.tsv":
+            raise MorphSeekError(f"could not write '{node.GetName()}' to {path}")
+        real_write(node, path)
+        if path.name == "transform.h5" and fault == "transform cut short":
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2])
+        elif path.name == "transform.h5" and fault == "transform of another field":
+            shifted = sitk.GetImageFromArray(sitk.GetArrayFromImage(outputs.result.field).astype(np.float64) + 0.5,
+                                             isVector=True)
+            shifted.CopyInformation(outputs.result.field)
+            sitk.WriteTransform(sitk.DisplacementFieldTransform(shifted), str(path))
+
+    monkeypatch.setattr(SceneLogic, "_write_node", staticmethod(bad_write))
+    message = "metrics" if fault == "a table fails" else r"cannot write transform .*transform\.h5"
+    with pytest.raises(MorphSeekError, match=message):
+        logic.save_outputs(outputs, tmp_path)
+    assert folder_state(tmp_path) == before
+    fresh = tmp_path / "fresh"
+    with pytest.raises(MorphSeekError):
+        logic.save_outputs(outputs, fresh)
+    assert list(fresh.iterdir()) == []
+
+
 def node_ids(scene):
     return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
 
