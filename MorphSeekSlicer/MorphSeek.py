@@ -45,6 +45,7 @@ from MorphSeekLib.runs import DeviceProbe, FinetuneRun, RegistrationRun, WorkerL
 
 POLL_MS = 100
 SAMPLE_CATEGORY = "MorphSeek"
+ADAPT_DEFAULT = 30  # test-time optimisation iterations, as `morphseek demo` (docs/QUALITY.md)
 
 
 class MorphSeek(ScriptedLoadableModule):
@@ -56,9 +57,10 @@ class MorphSeek(ScriptedLoadableModule):
         self.parent.contributors = ["MorphSeek contributors"]
         self.parent.helpText = _(
             "Deformable registration of 3D volumes (and their segmentations) with a MorphSeek model: "
-            "T refinement steps, optional candidate search per step, a step-by-step preview with the "
-            "Jacobian determinant and folded voxels, and GRPO fine-tuning on a few labelled cases. "
-            "See docs/SLICER-MODULE.md in the project repository."
+            "T refinement steps by the network, optional candidate search per step, then optional "
+            "test-time optimisation of the result on this pair (one more step; 30 iterations by default, "
+            "0 = off), a step-by-step preview with the Jacobian determinant and folded voxels, and GRPO "
+            "fine-tuning on a few labelled cases. See docs/SLICER-MODULE.md in the project repository."
         )
         self.parent.acknowledgementText = _("MorphSeek (arXiv 2511.17392) implemented as an open Slicer extension.")
         slicer.app.connect("startupCompleted()", registerSampleData)
@@ -116,6 +118,9 @@ class MorphSeekParameterNode:
     candidates: Annotated[float, WithinRange(1, 16)] = 1
     temperature: Annotated[float, WithinRange(0, 1)] = 0.3
     prealign: bool = True
+    #: test-time optimisation after the network's steps (one more step; 0: off). The default is the
+    #: demo's (``morphseek demo --adapt 30``): the shipped brain model improves Dice only with it.
+    adaptIterations: Annotated[int, WithinRange(0, 500)] = ADAPT_DEFAULT
     outputTransform: vtkMRMLGridTransformNode
     finetuneFromScene: bool = True
     datasetPath: str = ""
@@ -380,7 +385,8 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             request = self.logic.sceneLogic.prepare(
                 p.fixedVolume, p.movingVolume, p.fixedSegmentation, p.movingSegmentation,
                 model=p.modelPath or None, steps=int(p.steps), trajectories=int(p.candidates),
-                tau=float(p.temperature), device=p.device, prealign="affine" if p.prealign else "none")
+                tau=float(p.temperature), device=p.device, prealign="affine" if p.prealign else "none",
+                adapt=p.adaptIterations)
             with slicer.util.WaitCursor():
                 run = RegistrationRun(self.logic.sceneLogic, request, self._launch()).start()
         except Exception as error:  # MorphSeekError: bad input, missing model; nothing was created
@@ -390,6 +396,7 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._viewState = None
         self._fixedVolumeId = request.fixed_volume_id  # the views' background, whatever the selector says later
         self.ui.stepSliderWidget.enabled = False
+        self.ui.stepTitleLabel.text = ""
         self._startRun("register", run)
 
     def _showStep(self, update) -> None:
@@ -403,6 +410,7 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         run = self._run
         if run is None or run.preview is None:
             return
+        self.ui.stepTitleLabel.text = preview.step_title(step, run.request.total_steps)
         # Everything shown here is made inside the run's tracker: Cancel removes it with the preview.
         with run.tracker.recording():
             if self._viewState is None:
@@ -481,6 +489,8 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         step = int(round(value))
         preview.select_step(slicer.mrmlScene, self._outputs.preview, step)
+        steps = self._outputs.result.steps
+        self.ui.stepTitleLabel.text = preview.step_title(steps[step - 1], len(steps))
         self._showCandidates(self._outputs.result.steps, step, self._outputs.preview.name)
 
     def onSave(self) -> None:

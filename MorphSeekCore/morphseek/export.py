@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from .errors import MorphSeekError
 from .geometry import difference
 from .io import PathLike, atomic_target, grid_differences, index_to_physical, same_grid, verify_written_image, write_image
+from .outputs import verify_written_transform
 
 #: Fixed-grid points handled at once on the CPU (about 100 MB of float64 work arrays per slab).
 SLAB_POINTS = 2_000_000
@@ -204,6 +205,9 @@ class Source:
         array = sitk.GetArrayViewFromImage(image)
         self.pixel_dtype = array.dtype
         self.is_label = is_label
+        # what points outside the image read: its background, the minimum of an intensity image (air in
+        # a CT, -1024 HU, where 0 would be soft tissue; as io.resample_to pads), 0 (no structure) for labels
+        self.background = 0.0 if is_label or not array.size else float(array.min())
         # label values are sampled as floats: exact in float32 up to 2^24, else float64
         work = dtype
         if is_label and array.size and dtype != torch.float64 and max(abs(int(array.max())), abs(int(array.min()))) >= 2**24:
@@ -334,8 +338,9 @@ def _warp(source: Source | Sequence[Source], field: torch.Tensor, size_xyz: Sequ
           slab_points: int) -> torch.Tensor | list[torch.Tensor]:
     """``source`` read at x + field(x) for every voxel x of the fixed grid of ``size_xyz``, (D, H, W):
     trilinear (nearest neighbour for labels); ITK's image extent (voxel centres plus half a voxel:
-    edge values inside that band, 0 beyond), so it reproduces SimpleITK's resampling through the
-    exported transform. Several sources on one grid (an image and its labels) share the sampling
+    edge values inside that band, the source's ``background`` beyond: its minimum for intensities,
+    0 for labels), so it reproduces SimpleITK's resampling through the exported transform with that
+    default pixel value. Several sources on one grid (an image and its labels) share the sampling
     points: pass a sequence, get a list."""
     sources = [source] if isinstance(source, Source) else list(source)
     first = sources[0]
@@ -351,7 +356,7 @@ def _warp(source: Source | Sequence[Source], field: torch.Tensor, size_xyz: Sequ
         inside = ((g >= first.low) & (g < first.high)).all(dim=-1)
         for s, out in zip(sources, outs):
             sampled = _sample(s.volume, g, "nearest" if s.is_label else "bilinear", "border")[0]
-            out[k0:k1] = sampled.masked_fill_(~inside, 0)
+            out[k0:k1] = sampled.masked_fill_(~inside, s.background)
     return outs[0] if isinstance(source, Source) else outs
 
 
@@ -433,12 +438,15 @@ def displacement_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform
 
 def write_transform(field: sitk.Image | sitk.Transform, path: PathLike) -> Path:
     """Write the field as an ITK transform file (``.h5``), atomically; Slicer and SimpleITK
-    (``sitk.ReadTransform``) read it back. Returns the path."""
+    (``sitk.ReadTransform``) read it back. The file written is read back and checked
+    (:func:`morphseek.outputs.verify_written_transform`) before it takes ``path``'s name: a short or
+    corrupt write (a full disk) is a MorphSeekError and leaves ``path`` as it was. Returns the path."""
     path = Path(path)
     transform = field if isinstance(field, sitk.Transform) else displacement_transform(field)
     try:
         with atomic_target(path) as tmp:
             sitk.WriteTransform(transform, tmp)
+            verify_written_transform(transform, tmp, path)
     except RuntimeError as err:
         raise MorphSeekError(f"cannot write transform '{path}': {str(err).strip().splitlines()[-1]}") from None
     return path
@@ -460,7 +468,8 @@ def warp_original(moving: sitk.Image, fixed: sitk.Image, field: sitk.Image, is_l
     For each fixed voxel centre x the moving point is ``y = x + field(x)``; its continuous index in
     ``moving`` comes from moving's own geometry, and ``grid_sample`` (trilinear, or nearest neighbour
     for labels) reads moving's voxel array there. As in ITK, the moving image covers its voxel centres
-    plus half a voxel: points within that band take edge values, points beyond it give 0. Computed in
+    plus half a voxel: points within that band take edge values, points beyond it give the moving
+    image's background (its minimum: air in a CT, not 0 HU; 0 for labels). Computed in
     the field's precision (float32 or float64). Intensities come back as float32, labels with their
     own pixel type."""
     values = _field_array(field)

@@ -16,7 +16,8 @@ folder moved into place with a rename. So:
   work starts: replacing the folder would delete it.
 
 :func:`check_output_folder` runs the same checks without writing, so commands can refuse a bad
-``--out`` before hours of work.
+``--out`` before hours of work. :func:`verify_written_transform` checks a written ``.h5`` transform
+by reading it back (the engine's ``export.write_transform`` and the Slicer module's *Save outputs*).
 """
 
 from __future__ import annotations
@@ -143,3 +144,56 @@ def _replace(stage: Path, target: Path, out: PathLike, option: str) -> None:
                              f"({error.strerror or error})") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checking a written transform file
+# --------------------------------------------------------------------------------------------------
+#: Probe points of :func:`verify_written_transform`: the corners and the centre of the field's grid,
+#: and this many voxels drawn at random (fixed seed) inside it.
+VERIFY_RANDOM_POINTS = 24
+
+
+def probe_points(transform: "sitk.Transform") -> list[tuple[float, float, float]]:
+    """Physical points where a written transform is compared with the original: for a displacement
+    field, voxel centres of its grid (corners, centre, random voxels), read from the transform's
+    fixed parameters (size, origin, spacing, direction) without copying the field; for any other
+    transform, a few points around the origin."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    if transform.GetTransformEnum() == sitk.sitkDisplacementField:
+        fixed = np.asarray(transform.GetFixedParameters(), dtype=np.float64)
+        size, origin, spacing, direction = fixed[:3], fixed[3:6], fixed[6:9], fixed[9:18].reshape(3, 3)
+        last = np.maximum(size - 1, 0)
+        corners = np.array([[x, y, z] for x in (0, last[0]) for y in (0, last[1]) for z in (0, last[2])])
+        drawn = np.random.default_rng(0).integers(0, np.maximum(size, 1), size=(VERIFY_RANDOM_POINTS, 3))
+        index = np.concatenate([corners, [np.round(last / 2)], drawn]).astype(np.float64)
+        points = origin + (index * spacing) @ direction.T
+    else:
+        points = np.array([[0.0, 0.0, 0.0], [100.0, -50.0, 25.0], [-75.0, 60.0, -120.0]])
+    return [tuple(float(v) for v in p) for p in points]
+
+
+def verify_written_transform(transform: "sitk.Transform", written: PathLike, name: PathLike,
+                             tolerance_mm: float = 1e-6) -> None:
+    """Check that the file ``written`` holds ``transform``: SimpleITK reads it back, and it maps the
+    probe points (:func:`probe_points`) where ``transform`` maps them, to ``tolerance_mm`` (the
+    ``.h5`` stores the field in float64: the values come back exactly). MorphSeekError naming
+    ``name`` otherwise (a file cut short or corrupted by a full disk). Torch-free: the Slicer module
+    checks the ``.h5`` that Slicer writes with it too (with a tolerance for Slicer's float32 grid)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    try:
+        read = sitk.ReadTransform(str(written))
+    except RuntimeError:  # ITK's message lists the readers it tried: it says nothing more to a user
+        raise MorphSeekError(f"cannot write transform '{name}': the file written is incomplete or unreadable "
+                             "(SimpleITK cannot read it back; is the disk full?)") from None
+    for point in probe_points(transform):
+        expected = np.asarray(transform.TransformPoint(point))
+        got = np.asarray(read.TransformPoint(point))
+        if not np.all(np.abs(got - expected) <= tolerance_mm * (1.0 + np.abs(expected))):
+            raise MorphSeekError(
+                f"cannot write transform '{name}': the file written maps {np.round(point, 3).tolist()} mm to "
+                f"{np.round(got, 3).tolist()}, not {np.round(expected, 3).tolist()} (is the disk full?)")

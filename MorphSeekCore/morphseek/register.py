@@ -96,7 +96,7 @@ def _json_ready(values: dict) -> dict:
 class ProgressEvent:
     stage: str  # "prepare" | "step" | "export" | "done"
     step: int
-    total_steps: int
+    total_steps: int  # the network's steps, + 1 with test-time optimisation (``adapt``)
     fraction: float  # 0..1 of the whole job
     message: str
     record: StepRecord | None = None
@@ -459,10 +459,13 @@ def register_images(
              "moving_seg": "moving segmentation", **(names or {})}
     if prealign not in ("affine", "none"):
         raise MorphSeekError(f"prealign must be 'affine' or 'none', got {prealign!r}")
+    if adapt < 0:
+        raise MorphSeekError(f"adapt must be >= 0 iterations, got {adapt}")
+    total_steps = steps + (1 if adapt else 0)  # the network's steps, then test-time optimisation
 
     def report(stage, step, fraction, message, record=None):
         if progress is not None:
-            progress(ProgressEvent(stage, step, steps, fraction, message, record))
+            progress(ProgressEvent(stage, step, total_steps, fraction, message, record))
 
     report("prepare", 0, 0.0, "checking inputs")
     fixed = io.check_volume(fixed, names["fixed"])
@@ -538,9 +541,6 @@ def register_images(
         del zero
 
     records: list[StepRecord] = []
-    if adapt < 0:
-        raise MorphSeekError(f"adapt must be >= 0 iterations, got {adapt}")
-    total_steps = steps + (1 if adapt else 0)
 
     def finish_step(step: StepTensors) -> None:
         """The step's total map on the fixed grid: its Jacobian (NJD) and, with labels, its Dice,

@@ -8,14 +8,19 @@ lines on its standard output, one object per line, each with an ``"event"`` key:
     first line, once torch is imported.
 ``{"event": "progress", "stage": ..., "fraction": 0..1, "message": ...}``
     stages of a registration: ``checking``, ``loading`` (the model), ``prealign`` (affine),
-    ``resampling``, ``step`` (the network refines), ``export`` (a step's files are written);
-    of a fine-tuning: ``loading``, ``warmup`` and ``grpo`` with ``done``, ``total`` and ``metrics``.
-``{"event": "step", "step": n, "total_steps": T, "fraction": ..., "message": ..., "record": {...},
-"files": {"warped": ..., "warped_seg": ..., "jacobian": ..., "displacement": ...}}``
+    ``resampling``, ``step`` (the network refines, or the test-time optimisation runs), ``export``
+    (a step's files are written); of a fine-tuning: ``loading``, ``warmup`` and ``grpo`` with
+    ``done``, ``total`` and ``metrics``.
+``{"event": "step", "step": n, "total_steps": T, "kind": "network" | "adapt", "fraction": ...,
+"message": ..., "record": {...}, "files": {"warped": ..., "warped_seg": ..., "jacobian": ...,
+"displacement": ...}}``
     a registration step is finished and its files are complete on disk (written atomically before
     the line): images on the fixed grid, ``displacement`` an ITK vector image in LPS millimetres
-    (x -> x + u(x), pre-alignment included); ``record`` is ``StepRecord.summary()`` (the candidates'
-    rewards, the kept one, Dice, NJD %, seconds).
+    (x -> x + u(x), pre-alignment included); ``record`` is ``StepRecord.summary()`` (its ``kind``,
+    the candidates' rewards, the kept one, Dice, NJD %, seconds). With ``settings.adapt`` = N > 0
+    the network's ``steps`` are followed by one more step of kind ``adapt``: N iterations of
+    test-time optimisation of the total map on this pair (``morphseek.adapt``); ``total_steps`` then
+    counts it (``steps`` + 1) and its record has one candidate (reward = the similarity gain).
 ``{"event": "done", "result": {...}}`` or ``{"event": "error", "error": kind, "message": ...,
 "traceback": ...}``
     the last line. ``error`` kinds: ``input`` (a MorphSeekError: the message names the file and the
@@ -32,7 +37,8 @@ Job files (JSON, paths absolute or relative to the job file's folder)::
     {"kind": "register", "model": "model.pt", "output": "out/",
      "inputs": {"fixed": "f.nrrd", "moving": "m.nrrd", "fixed_seg": "fs.nrrd", "moving_seg": "ms.nrrd"},
      "names": {"fixed": "fixed volume 'CT'", ...},
-     "settings": {"steps": 3, "trajectories": 1, "tau": 0.3, "prealign": "affine", "device": "auto", "seed": 0}}
+     "settings": {"steps": 3, "trajectories": 1, "tau": 0.3, "prealign": "affine", "adapt": 0,
+                  "device": "auto", "seed": 0}}
     {"kind": "finetune", "model": "model.pt", "dataset": "cases/manifest.json", "checkpoint": "tuned.pt",
      "settings": {"warmup_iterations": 0, "episodes": 20, "steps": 3, "trajectories": 4, "tau": 0.3,
                   "device": "auto"}}
@@ -183,6 +189,7 @@ def run_register(job: dict, protocol: Protocol) -> dict:
     fixed_seg = sitk.ReadImage(inputs["fixed_seg"]) if "fixed_seg" in inputs else None
     moving_seg = sitk.ReadImage(inputs["moving_seg"]) if "moving_seg" in inputs else None
     step_files: dict[int, dict[str, str]] = {}
+    adapt = int(settings.get("adapt", 0))
 
     def progress(event) -> None:
         if event.record is None:
@@ -190,25 +197,30 @@ def run_register(job: dict, protocol: Protocol) -> dict:
             protocol.emit("progress", stage=stage, step=event.step, total_steps=event.total_steps,
                           fraction=event.fraction, message=event.message)
             if stage == "resampling":  # the engine reports a step when it is done: say that one runs
-                protocol.emit("progress", stage="step", step=1, total_steps=event.total_steps,
-                              fraction=event.fraction, message=f"step 1/{event.total_steps}: refining")
+                announce(1, event)
             return
         record = event.record
         protocol.emit("progress", stage="export", step=record.index, total_steps=event.total_steps,
                       fraction=event.fraction, message=f"step {record.index}: writing its images")
         files = write_step_files(record, out / f"step_{record.index:02d}")
         step_files[record.index] = files
-        protocol.emit("step", step=record.index, total_steps=event.total_steps, fraction=event.fraction,
-                      message=event.message, record=record.summary(), files=files)
+        protocol.emit("step", step=record.index, total_steps=event.total_steps, kind=record.kind,
+                      fraction=event.fraction, message=event.message, record=record.summary(), files=files)
         if record.index < event.total_steps:
-            protocol.emit("progress", stage="step", step=record.index + 1, total_steps=event.total_steps,
-                          fraction=event.fraction, message=f"step {record.index + 1}/{event.total_steps}: refining")
+            announce(record.index + 1, event)
+
+    def announce(index: int, event) -> None:
+        """Say which step runs now: a network step, or the test-time optimisation after them."""
+        what = (f"test-time optimisation ({adapt} iterations)" if adapt and index == event.total_steps
+                else "refining")
+        protocol.emit("progress", stage="step", step=index, total_steps=event.total_steps,
+                      fraction=event.fraction, message=f"step {index}/{event.total_steps}: {what}")
 
     result = register_images(
         fixed, moving, job["model"], fixed_seg=fixed_seg, moving_seg=moving_seg,
         steps=int(settings.get("steps", 3)), trajectories=int(settings.get("trajectories", 1)),
         tau=float(settings.get("tau", 0.3)), prealign=str(settings.get("prealign", "affine")),
-        device=str(settings.get("device", "auto")), seed=int(settings.get("seed", 0)),
+        device=str(settings.get("device", "auto")), seed=int(settings.get("seed", 0)), adapt=adapt,
         keep_step_images=True, progress=progress, names=names)
     report = result.report()
     (out / "report.json").write_text(json.dumps(report, indent=1, default=_plain))

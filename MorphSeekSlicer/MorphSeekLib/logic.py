@@ -17,7 +17,9 @@ scene as it was.
 from __future__ import annotations
 
 import math
-
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,6 +28,7 @@ from typing import Any, Callable
 import SimpleITK as sitk
 import slicer
 
+from morphseek.checkpoint_names import checkpoint_files, find_checkpoint
 from morphseek.errors import MorphSeekError
 
 from . import mrml, preview, training
@@ -59,14 +62,20 @@ def default_model_path() -> Path:
 
 
 def resolve_model(model: Any) -> Any:
-    """None -> the shipped model's path; a path -> checked to exist; a model object -> itself."""
+    """None -> the shipped model's path; a checkpoint name -> the file it is loaded from; a model
+    object -> itself. A name follows the engine's rule (``morphseek.checkpoint_names``, torch-free):
+    ``x``, ``x.pt``, ``x.json`` or ``x.safetensors`` all mean ``x.safetensors`` + ``x.json``; a
+    legacy ``x.pt`` is used when there is no ``x.safetensors``. MorphSeekError when none exists."""
     if model is None or model == "":
         return default_model_path()
     if isinstance(model, (str, Path)):
         path = Path(model).expanduser()
-        if not path.is_file():
-            raise MorphSeekError(f"model checkpoint {path}: file not found")
-        return path
+        found = find_checkpoint(path)
+        if found is None:
+            weights, config = checkpoint_files(path)
+            raise MorphSeekError(f"model checkpoint {path}: file not found (looked for {weights.name} with "
+                                 f"{config.name}{'' if path.suffix != '.pt' else ', and ' + path.name})")
+        return found
     return model
 
 
@@ -113,6 +122,12 @@ class RegistrationRequest:
     names: dict[str, str]
     fixed_volume_id: str
     output_name: str
+    adapt: int = 0  # test-time optimisation iterations after the network's steps (0: none)
+
+    @property
+    def total_steps(self) -> int:
+        """The steps the preview will show: the network's, and one more for test-time optimisation."""
+        return self.steps + (1 if self.adapt else 0)
 
 
 @dataclass
@@ -147,7 +162,8 @@ class RegistrationOutputs:
 @dataclass
 class StepResult:
     """A registration step as the worker reports it (``StepRecord.summary()`` and the step's files
-    read back): the same attributes as the engine's ``StepRecord``, without torch."""
+    read back): the same attributes as the engine's ``StepRecord``, without torch. ``kind``:
+    ``"network"`` (a policy step) or ``"adapt"`` (test-time optimisation after the network's steps)."""
 
     index: int
     candidates: list[SimpleNamespace]
@@ -160,6 +176,7 @@ class StepResult:
     warped_seg: sitk.Image | None = field(default=None, repr=False)
     jacobian: sitk.Image | None = field(default=None, repr=False)
     field: sitk.Image | None = field(default=None, repr=False)
+    kind: str = "network"
 
     @classmethod
     def from_worker(cls, summary: dict, files: dict[str, str]) -> "StepResult":
@@ -179,7 +196,8 @@ class StepResult:
                    njd_percent=float(summary["njd_percent"]) if summary.get("njd_percent") is not None else math.nan,
                    seconds=float(summary["seconds"]),
                    warped=images.get("warped"), warped_seg=images.get("warped_seg"),
-                   jacobian=images.get("jacobian"), field=images.get("displacement"))
+                   jacobian=images.get("jacobian"), field=images.get("displacement"),
+                   kind=str(summary.get("kind") or "network"))
 
 
 @dataclass
@@ -219,14 +237,18 @@ class SceneLogic:
     # -- phase 1 ------------------------------------------------------------------------------
     def prepare(self, fixedVolume, movingVolume, fixedSegmentation=None, movingSegmentation=None,
                 model=None, steps: int = 3, trajectories: int = 1, tau: float = 0.3, device: str = "auto",
-                prealign: str = "affine", seed: int = 0, outputName: str | None = None) -> RegistrationRequest:
-        """Read and check the inputs (nothing is created in the scene)."""
+                prealign: str = "affine", seed: int = 0, outputName: str | None = None,
+                adapt: int = 0) -> RegistrationRequest:
+        """Read and check the inputs (nothing is created in the scene). ``adapt``: iterations of
+        test-time optimisation after the network's steps (one more step; 0: none)."""
         if fixedVolume is None or movingVolume is None:
             raise MorphSeekError("choose a fixed and a moving volume")
         if fixedVolume is movingVolume:
             raise MorphSeekError(f"the fixed and the moving volume are the same node ('{fixedVolume.GetName()}')")
         if steps < 1 or trajectories < 1:
             raise MorphSeekError(f"steps ({steps}) and candidates ({trajectories}) must be at least 1")
+        if isinstance(adapt, bool) or not isinstance(adapt, int) or adapt < 0:
+            raise MorphSeekError(f"test-time optimisation iterations must be a whole number >= 0, got {adapt!r}")
         fixed = mrml.volume_to_image(fixedVolume)
         moving = mrml.volume_to_image(movingVolume)
         for node, image in ((fixedVolume, fixed), (movingVolume, moving)):
@@ -255,6 +277,7 @@ class SceneLogic:
             device=device or "auto", prealign=prealign, seed=int(seed), names=names,
             fixed_volume_id=fixedVolume.GetID(),
             output_name=outputName or f"{movingVolume.GetName()} to {fixedVolume.GetName()}",
+            adapt=int(adapt),
         )
 
     # -- phase 2 ------------------------------------------------------------------------------
@@ -268,7 +291,7 @@ class SceneLogic:
             request.fixed, request.moving, request.model,
             fixed_seg=request.fixed_seg, moving_seg=request.moving_seg,
             steps=request.steps, trajectories=request.trajectories, tau=request.tau,
-            prealign=request.prealign, device=request.device, seed=request.seed,
+            prealign=request.prealign, device=request.device, seed=request.seed, adapt=request.adapt,
             progress=progress, cancel=cancel, names=request.names,
         )
 
@@ -305,11 +328,12 @@ class SceneLogic:
     def register(self, fixedVolume, movingVolume, fixedSegmentation=None, movingSegmentation=None, model=None,
                  steps: int = 3, trajectories: int = 1, device: str = "auto", progress: ProgressCallback | None = None,
                  cancel: CancelCallback | None = None, tau: float = 0.3, prealign: str = "affine",
-                 seed: int = 0) -> RegistrationOutputs:
-        """Register ``movingVolume`` to ``fixedVolume`` and return the created nodes (synchronous)."""
+                 seed: int = 0, adapt: int = 0) -> RegistrationOutputs:
+        """Register ``movingVolume`` to ``fixedVolume`` and return the created nodes (synchronous).
+        ``adapt`` > 0: that many iterations of test-time optimisation after the network's steps."""
         request = self.prepare(fixedVolume, movingVolume, fixedSegmentation, movingSegmentation, model=model,
                                steps=steps, trajectories=trajectories, tau=tau, device=device,
-                               prealign=prealign, seed=seed)
+                               prealign=prealign, seed=seed, adapt=adapt)
         result = self.compute(request, progress=progress, cancel=cancel)
         return self.create_nodes(request, result)
 
@@ -354,20 +378,49 @@ class SceneLogic:
     # -- saving -------------------------------------------------------------------------------
     def save_outputs(self, outputs: RegistrationOutputs, folder: str | Path) -> list[Path]:
         """Write the outputs with Slicer's storage nodes: transform (.h5, ITK LPS), volumes (.nrrd),
-        segmentation (.seg.nrrd), tables (.tsv)."""
+        segmentation (.seg.nrrd), tables (.tsv). All or none: the files are written into a hidden
+        temporary folder inside ``folder`` and checked (every storage node must succeed and write a
+        file that is not empty; ``transform.h5`` is read back with SimpleITK and must map probe
+        points as the registration's field does), and only then moved to their names in
+        ``folder``. On any failure ``folder`` keeps what it had (an earlier save's files included)
+        and the temporary folder is removed. Returns the paths of the main files."""
+        from morphseek.outputs import verify_written_transform
+
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         targets = [(outputs.transform, "transform.h5"), (outputs.warped_volume, "warped.nrrd"),
                    (outputs.jacobian, "jacobian.nrrd"), (outputs.folding, "folding.nrrd"),
                    (outputs.candidates_table, "candidates.tsv"), (outputs.metrics_table, "metrics.tsv")]
         if outputs.warped_segmentation is not None:
             targets.append((outputs.warped_segmentation, "warped_segmentation.seg.nrrd"))
-        written = []
-        for node, file_name in targets:
-            path = folder / file_name
-            storage = node.CreateDefaultStorageNode()  # not added to the scene
-            storage.SetFileName(str(path))
-            if not storage.WriteData(node):
-                raise MorphSeekError(f"could not write '{node.GetName()}' to {path}")
-            written.append(path)
-        return written
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            stage = Path(tempfile.mkdtemp(prefix=".morphseek-save-", dir=folder))
+        except OSError as error:
+            raise MorphSeekError(f"cannot write to {folder}: {error.strerror or error}") from None
+        try:
+            for node, file_name in targets:
+                path = stage / file_name
+                self._write_node(node, path)
+                if not path.is_file() or path.stat().st_size == 0:
+                    raise MorphSeekError(f"could not write '{node.GetName()}' to {folder / file_name}: "
+                                         "nothing was written (is the disk full?)")
+                field_image = getattr(outputs.result, "field", None)
+                if file_name == "transform.h5" and field_image is not None:
+                    # Slicer stores the grid in float32: compare to a micrometre, not to float64's last bit.
+                    reference = sitk.DisplacementFieldTransform(sitk.Cast(field_image, sitk.sitkVectorFloat64))
+                    verify_written_transform(reference, path, folder / file_name, tolerance_mm=1e-3)
+            for path in sorted(stage.iterdir()):  # with the files a storage node adds (a table's schema)
+                os.replace(path, folder / path.name)
+        except OSError as error:
+            raise MorphSeekError(f"cannot write the outputs to {folder}: {error.strerror or error}") from None
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return [folder / file_name for _, file_name in targets]
+
+    @staticmethod
+    def _write_node(node, path: Path) -> None:
+        """Write ``node`` to ``path`` with its default storage node (not added to the scene)."""
+        storage = node.CreateDefaultStorageNode()
+        storage.SetFileName(str(path))
+        if not storage.WriteData(node):
+            raise MorphSeekError(f"could not write '{node.GetName()}' to {path.parent.parent / path.name}")

@@ -266,6 +266,22 @@ def _percent(value: float | None) -> float:
     return math.nan if value is None else 100.0 * float(value)
 
 
+STEP_KINDS = {"network": "network", "adapt": "test-time optimisation"}
+
+
+def step_kind(step) -> str:
+    """What made a step, for tables and labels: "network" (a policy step) or "test-time
+    optimisation" (``kind == "adapt"``: the map optimised on this pair after the network's steps)."""
+    kind = getattr(step, "kind", "network") or "network"
+    return STEP_KINDS.get(kind, kind)
+
+
+def step_title(step, total: int | None = None) -> str:
+    """The preview's caption of a step: "step 2 of 4: network", "step 4 of 4: test-time optimisation"."""
+    of = f" of {total}" if total else ""
+    return f"step {step.index}{of}: {step_kind(step)}"
+
+
 def _number(value: float | None) -> float:
     """A table value: NaN where the engine gives none (e.g. candidates are not scored when J = 1)."""
     return math.nan if value is None else float(value)
@@ -274,9 +290,11 @@ def _number(value: float | None) -> float:
 def candidates_table(scene: slicer.vtkMRMLScene, steps: Sequence, name: str, only_step: int | None = None,
                      node: slicer.vtkMRMLTableNode | None = None) -> slicer.vtkMRMLTableNode:
     """One row per candidate of every step (or of step ``only_step``): reward, Dice gain (percentage
-    points), similarity gain, NJD %, and whether it was kept. ``node``: a table to refill."""
-    rows = [(step.index, j + 1, c, j == step.kept) for step in steps for j, c in enumerate(step.candidates)
-            if only_step is None or step.index == only_step]
+    points), similarity gain, NJD %, whether it was kept, and the step's kind (``step_kind``: the
+    test-time optimisation step has one candidate, its reward the similarity gain). ``node``: a
+    table to refill."""
+    rows = [(step.index, j + 1, c, j == step.kept, step_kind(step)) for step in steps
+            for j, c in enumerate(step.candidates) if only_step is None or step.index == only_step]
     table = vtk.vtkTable()
     _column(table, vtk.vtkIntArray, "step", [r[0] for r in rows])
     _column(table, vtk.vtkIntArray, "candidate", [r[1] for r in rows])
@@ -285,6 +303,7 @@ def candidates_table(scene: slicer.vtkMRMLScene, steps: Sequence, name: str, onl
     _column(table, vtk.vtkDoubleArray, "similarity gain", [_number(r[2].similarity_gain) for r in rows])
     _column(table, vtk.vtkDoubleArray, "NJD %", [_number(r[2].njd_percent) for r in rows])
     _column(table, vtk.vtkStringArray, "kept", ["kept" if r[3] else "" for r in rows])
+    _column(table, vtk.vtkStringArray, "step kind", [r[4] for r in rows])
     if node is None:
         node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     node.SetAndObserveTable(table)
@@ -297,7 +316,8 @@ def candidates_table(scene: slicer.vtkMRMLScene, steps: Sequence, name: str, onl
 def metrics_table(scene: slicer.vtkMRMLScene, steps: Sequence, scheme: mrml.LabelScheme | None,
                   initial_dice: float | None, name: str) -> slicer.vtkMRMLTableNode:
     """One row per step (step 0 = before the deformable steps, after pre-alignment): mean Dice %,
-    NJD % on the fixed grid, seconds, kept candidate, and Dice % per structure."""
+    NJD % on the fixed grid, seconds, kept candidate (0: none, as for step 0 and the test-time
+    optimisation), the step's kind (``step_kind``), and Dice % per structure."""
     labels = sorted({label for step in steps for label in (step.dice_per_label or {})})
     table = vtk.vtkTable()
     _column(table, vtk.vtkIntArray, "step", [0] + [s.index for s in steps])
@@ -305,7 +325,9 @@ def metrics_table(scene: slicer.vtkMRMLScene, steps: Sequence, scheme: mrml.Labe
             + [math.nan if s.dice is None else float(s.dice) for s in steps])
     _column(table, vtk.vtkDoubleArray, "NJD %", [math.nan] + [float(s.njd_percent) for s in steps])
     _column(table, vtk.vtkDoubleArray, "seconds", [math.nan] + [float(s.seconds) for s in steps])
-    _column(table, vtk.vtkIntArray, "kept candidate", [0] + [s.kept + 1 for s in steps])
+    _column(table, vtk.vtkIntArray, "kept candidate",
+            [0] + [0 if getattr(s, "kind", "network") == "adapt" else s.kept + 1 for s in steps])
+    _column(table, vtk.vtkStringArray, "step kind", ["initial"] + [step_kind(s) for s in steps])
     for label in labels:
         title = scheme.name_of(label) if scheme is not None else f"label {label}"
         _column(table, vtk.vtkDoubleArray, f"Dice % {title}",

@@ -69,7 +69,9 @@ def sitk_resample_through_file(moving, fixed, field, tmp_path, interpolator=sitk
     path = export.write_transform(field, tmp_path / "out" / "total.h5")
     transform = sitk.ReadTransform(str(path))
     assert isinstance(transform.Downcast(), (sitk.DisplacementFieldTransform, sitk.CompositeTransform))
-    return sitk.Resample(moving, fixed, transform, interpolator, 0.0, moving.GetPixelID())
+    # the engine pads with the moving image's background (its minimum; 0 for labels): so does ITK here
+    background = 0.0 if interpolator == sitk.sitkNearestNeighbor else float(sitk.GetArrayViewFromImage(moving).min())
+    return sitk.Resample(moving, fixed, transform, interpolator, background, moving.GetPixelID())
 
 
 def relative_error(a, b, mask, value_range):

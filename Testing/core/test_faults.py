@@ -417,6 +417,60 @@ def test_disk_full_while_writing_leaves_the_previous_result(result, workspace, m
     assert not (root / "fresh").exists()
 
 
+@pytest.mark.parametrize("fault", ["cut short", "zeroed", "other field"])
+def test_a_bad_transform_h5_write_is_caught_by_reading_it_back(result, workspace, monkeypatch, fault):
+    """transform.h5 is read back with SimpleITK and compared with the field at probe points before it
+    takes its name: a file cut short (full disk), zeroed blocks, or a readable file holding another
+    field are errors naming the file, and the previous result stays whole."""
+    from morphseek import export
+
+    root, _ = workspace
+    out = root / "reg"
+    result.save(out)
+    before = snapshot(out)
+    real_write = export.sitk.WriteTransform
+
+    def bad_write(transform, path):
+        if fault == "other field":  # a readable .h5 whose displacement is off by 0.5 mm at one voxel
+            field = sitk.GetArrayFromImage(result.field).astype(np.float64)
+            field[-1, 0, -1] += 0.5  # a corner: always probed
+            image = sitk.GetImageFromArray(field, isVector=True)
+            image.CopyInformation(result.field)
+            transform = export.displacement_transform(image)
+        real_write(transform, path)
+        data = bytearray(Path(path).read_bytes())
+        if fault == "cut short":
+            Path(path).write_bytes(bytes(data[: len(data) * 2 // 3]))
+        elif fault == "zeroed":  # the tail of the file never reached the disk
+            data[len(data) // 2:] = bytes(len(data) - len(data) // 2)
+            Path(path).write_bytes(bytes(data))
+
+    monkeypatch.setattr(export.sitk, "WriteTransform", bad_write)
+    with pytest.raises(MorphSeekError, match=r"cannot write transform '.*transform\.h5'"):
+        result.save(out, overwrite=True)
+    assert snapshot(out) == before  # the previous result, whole
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []
+    with pytest.raises(MorphSeekError, match=r"cannot write transform '.*alone\.h5'.*(unreadable|maps)"):
+        export.write_transform(result.field, root / "alone.h5")
+    assert not (root / "alone.h5").exists() and not [p for p in root.iterdir() if p.name.startswith(".alone")]
+
+
+def test_a_written_transform_h5_passes_its_check_and_maps_like_the_field(result, tmp_path):
+    from morphseek import export
+
+    path = export.write_transform(result.field, tmp_path / "t.h5")
+    read = sitk.ReadTransform(str(path))
+    from morphseek import outputs
+
+    points = outputs.probe_points(export.displacement_transform(result.field))
+    assert len(points) == 8 + 1 + outputs.VERIFY_RANDOM_POINTS
+    field = sitk.GetArrayFromImage(result.field)
+    for index in ((0, 0, 0), (3, 5, 7), tuple(n - 1 for n in result.field.GetSize())):
+        x = np.asarray(result.field.TransformIndexToPhysicalPoint(index))
+        u = field[index[::-1]]
+        np.testing.assert_allclose(read.TransformPoint(tuple(x)), x + u, atol=1e-6)
+
+
 def test_out_of_memory_and_ctrl_c_during_register_write_nothing(workspace, capsys, monkeypatch):
     from morphseek import register
 
@@ -623,3 +677,32 @@ def test_ct_is_padded_with_its_background_not_with_zero():
     assert (padded == -1000).all()
     labels = sitk.Cast(ct > 0, sitk.sitkUInt8)
     assert (sitk.GetArrayFromImage(io.resample_to(labels, labels, shift, is_label=True)) == 0).all()
+
+
+def test_warped_ct_is_padded_with_its_background_not_with_zero():
+    """Where x + u(x) leaves the moving CT, the warped image (the registration's warped output and
+    ``export.warp_original``) holds the CT's background, air (its minimum, -1024 HU), not 0 HU;
+    labels are still padded with 0 (no structure)."""
+    from morphseek import export
+
+    array = np.full((10, 12, 14), -1024, np.int16)
+    array[3:7, 4:8, 5:9] = 60
+    ct = sitk.GetImageFromArray(array)
+    ct.SetSpacing((1.5, 1.0, 2.0))
+    labels = sitk.Cast(ct > 0, sitk.sitkUInt8)
+    shift = np.zeros((10, 12, 14, 3))
+    shift[..., 0] = 12.0  # mm along x: the right half of the fixed grid reads beyond the image
+    field = sitk.GetImageFromArray(shift, isVector=True)
+    field.CopyInformation(ct)
+    outside = np.zeros(array.shape, bool)
+    outside[..., 6:] = True  # x index >= 6: 6 * 1.5 + 12 = 21 mm, beyond the extent (13 * 1.5 + 0.75 = 20.25)
+    warped = sitk.GetArrayFromImage(export.warp_original(ct, ct, field))
+    assert (warped[outside] == -1024).all(), np.unique(warped[outside])
+    assert (warped[~outside] == -1024).sum() > 0 and (warped == 60).sum() > 0  # inside: the image
+    warped_labels = sitk.GetArrayFromImage(export.warp_original(labels, ct, field, is_label=True))
+    assert (warped_labels[outside] == 0).all()
+    exporter = export.FieldExporter(ct, ct)  # the path of register_images' warped output
+    voxels = torch.zeros(1, 3, *array.shape)
+    voxels[0, 2] = 12.0 / 1.5  # the same shift in model-grid voxels (channel 2 = x)
+    by_exporter = exporter.warp(exporter.source(ct), exporter.field(voxels)).numpy()
+    np.testing.assert_allclose(by_exporter, warped, atol=1e-3)

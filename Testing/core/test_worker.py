@@ -146,6 +146,29 @@ def test_registration_job_announces_each_step_with_complete_files(pair, tmp_path
     assert json.loads((tmp_path / "out" / "report.json").read_text()) == result["report"]
 
 
+def test_registration_job_with_test_time_optimisation_reports_it_as_one_more_step(pair, tmp_path):
+    """``settings.adapt`` = N: the network's steps, then one step of kind ``adapt`` (announced and
+    reported like the others, with its files), counted in ``total_steps`` everywhere."""
+    job = write_job({"kind": "register", "model": str(pair / "tiny.pt"), "output": str(tmp_path / "out"),
+                     "inputs": {k: str(pair / f"{k}.nrrd") for k in ("fixed", "moving", "fixed_seg", "moving_seg")},
+                     "settings": {"steps": 2, "trajectories": 1, "adapt": 5, "device": "cpu", "prealign": "none"}},
+                    tmp_path / "job.json")
+    events, stderr, status = run_worker(job)
+    assert status == 0, stderr[-3000:]
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3] and {e["total_steps"] for e in steps} == {3}
+    assert [e["kind"] for e in steps] == [e["record"]["kind"] for e in steps] == ["network", "network", "adapt"]
+    last = steps[-1]
+    assert "test-time optimisation" in last["message"] and len(last["record"]["candidates"]) == 1
+    assert set(last["files"]) == {"warped", "warped_seg", "jacobian", "displacement"}
+    assert sitk.ReadImage(last["files"]["displacement"]).GetNumberOfComponentsPerPixel() == 3
+    running = [e["message"] for e in events if e["event"] == "progress" and e["stage"] == "step"]
+    assert running == ["step 1/3: refining", "step 2/3: refining", "step 3/3: test-time optimisation (5 iterations)"]
+    report = events[-1]["result"]["report"]
+    assert report["settings"]["adapt"] == 5 and report["final"]["kind"] == "adapt" and len(report["steps"]) == 3
+    assert events[-1]["result"]["files"]["warped"].endswith("step_03/warped.nrrd")
+
+
 def test_a_missing_model_is_an_input_error_naming_the_file(pair, tmp_path):
     job = write_job({"kind": "register", "model": str(tmp_path / "absent.pt"), "output": str(tmp_path / "out"),
                      "inputs": {k: str(pair / f"{k}.nrrd") for k in ("fixed", "moving")},

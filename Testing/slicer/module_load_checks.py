@@ -47,6 +47,7 @@ assert logic.moduleName == "MorphSeek"
 parameters = logic.getParameterNode()
 assert isinstance(parameters, module.MorphSeekParameterNode)
 assert parameters.steps == 3 and parameters.device == "auto" and parameters.prealign is True
+assert parameters.adaptIterations == 30 and type(parameters.adaptIterations) is int  # noqa: E721
 assert logic.sceneLogic.scene is slicer.mrmlScene
 fixed = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fixed CT")
 parameters.fixedVolume = fixed
@@ -56,11 +57,19 @@ parameters.temperature = 0.25
 parameters.device = "cuda:1"
 parameters.modelPath = "/models/tuned.pt"
 parameters.prealign = False
+parameters.adaptIterations = 45
 try:
     parameters.steps = 11
     raise AssertionError("WithinRange(1, 10) accepted 11 steps")
 except ValueError:
     pass
+for bad in (-1, 501):
+    try:
+        parameters.adaptIterations = bad
+        raise AssertionError(f"WithinRange(0, 500) accepted {bad} test-time optimisation iterations")
+    except ValueError:
+        pass
+assert parameters.adaptIterations == 45
 
 # Round trip through a saved and reloaded scene.
 folder = Path(tempfile.mkdtemp(prefix="morphseek-scene-"))
@@ -75,6 +84,7 @@ slicer.mrmlScene = reloaded
 restored = module.MorphSeekLogic().getParameterNode()
 assert restored.steps == 5 and restored.candidates == 4 and abs(restored.temperature - 0.25) < 1e-9
 assert restored.device == "cuda:1" and restored.modelPath == "/models/tuned.pt" and restored.prealign is False
+assert restored.adaptIterations == 45 and type(restored.adaptIterations) is int  # noqa: E721
 assert restored.fixedVolume is not None and restored.fixedVolume.GetName() == "fixed CT"
 assert restored.fixedVolume.GetScene() is reloaded
 print("parameter node round trip through", scene_file.name, "ok")

@@ -65,7 +65,8 @@ class FakeRun:
 
 names = ("registerButton", "finetuneButton", "saveButton", "progressBar", "finetuneProgressBar", "statusLabel",
          "finetuneStatusLabel", "deviceComboBox", "modelPathLineEdit", "datasetPathLineEdit",
-         "checkpointOutPathLineEdit", "candidatesTableView", "metricsTableView", "stepSliderWidget")
+         "checkpointOutPathLineEdit", "candidatesTableView", "metricsTableView", "stepSliderWidget",
+         "stepTitleLabel")
 widget = module.MorphSeekWidget(parent=slicer_app._Placeholder())
 widget.ui = SimpleNamespace(**{name: StandIn() for name in names})
 widget.logic = module.MorphSeekLogic()
@@ -93,6 +94,31 @@ assert ui.finetuneButton.enabled and ui.finetuneButton.text == "Cancel"
 widget._runKind = "register"
 widget._updateButtons()
 assert ui.registerButton.enabled and ui.registerButton.text == "Cancel" and not ui.finetuneButton.enabled
+
+# Register passes the panel's settings to the logic's request: test-time optimisation as an int.
+from MorphSeekLib.logic import SceneLogic  # noqa: E402
+from morphseek.errors import MorphSeekError  # noqa: E402
+
+requested, shown = [], []
+
+
+def prepare(self, *args, **kwargs):
+    requested.append(kwargs)
+    raise MorphSeekError("stopped after the request (no worker in this check)")
+
+
+original_prepare, SceneLogic.prepare = SceneLogic.prepare, prepare
+widget._ensureDependencies, widget._showError = (lambda: True), shown.append
+widget._run, widget._runKind = None, None
+try:
+    for iterations in (30, 0):
+        parameters.adaptIterations = iterations
+        widget.onRegisterOrCancel()
+finally:
+    SceneLogic.prepare = original_prepare
+assert [r["adapt"] for r in requested] == [30, 0] and all(type(r["adapt"]) is int for r in requested)  # noqa: E721
+assert requested[0]["steps"] == 3 and requested[0]["prealign"] == "affine" and len(shown) == 2
+assert widget._run is None and ui.registerButton.enabled
 
 # One update whose display fails (a progress row without payload) must not drop the final update.
 parameters.checkpointOut = "/tmp/tuned.pt"

@@ -78,7 +78,7 @@ def test_parameter_bindings_match_the_parameter_node(ui, module_tree):
     assert bindings, "no widget is bound to the parameter node"
     assert set(bindings) <= set(fields), f"bound to unknown parameters: {set(bindings) - set(fields)}"
     # Each binding has a widget type that parameterNodeWrapper can connect to the field's type.
-    compatible = {"qMRMLNodeComboBox": "vtkMRML", "ctkSliderWidget": "float", "QCheckBox": "bool"}
+    compatible = {"qMRMLNodeComboBox": "vtkMRML", "ctkSliderWidget": "float", "QCheckBox": "bool", "QSpinBox": "int"}
     for name, widget_class in bindings.items():
         assert compatible[widget_class] in fields[name], f"{name}: {widget_class} cannot show {fields[name]}"
 
@@ -140,3 +140,17 @@ def test_extensions_index_entry_and_icons():
         width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
         assert (width, height) == (128, 128)
     assert "Apache License" in (REPO / "LICENSE.txt").read_text()[:200]
+
+
+def test_test_time_optimisation_spin_box_defaults_like_the_parameter(ui, module_tree):
+    """The spin box shows what the parameter node holds before it is connected: both default to
+    the module's ADAPT_DEFAULT, an int (parameterNodeWrapper connects QSpinBox to int only)."""
+    box = next(w for w in ui.iter("widget") if w.get("name") == "adaptIterationsSpinBox")
+    props = {p.get("name"): p for p in box.findall("property")}
+    assert box.get("class") == "QSpinBox" and props["SlicerParameterName"].find("string").text == "adaptIterations"
+    default = next(n.value.value for n in module_tree.body if isinstance(n, ast.Assign)
+                   and getattr(n.targets[0], "id", "") == "ADAPT_DEFAULT")
+    assert int(props["value"].find("number").text) == default == 30
+    assert int(props["minimum"].find("number").text) == 0
+    assert parameter_fields(module_tree)["adaptIterations"] == "Annotated[int, WithinRange(0, 500)]"
+    assert int(props["maximum"].find("number").text) == 500

@@ -149,8 +149,20 @@ def test_tables_from_hand_made_steps(scene):
     preview.candidates_table(scene, steps, "candidates", only_step=2, node=candidates)
     assert candidates.GetNumberOfRows() == 2 and candidates.GetCellText(1, 6) == "kept"
     metrics = preview.metrics_table(scene, steps, mrml.LabelScheme(values={"organ": 1}), 79.0, "metrics")
-    assert metrics.GetNumberOfRows() == 3 and metrics.GetColumnName(5) == "Dice % organ"
-    assert float(metrics.GetCellText(0, 1)) == 79.0 and float(metrics.GetCellText(2, 5)) == 82.0
+    assert metrics.GetNumberOfRows() == 3 and metrics.GetColumnName(6) == "Dice % organ"
+    assert float(metrics.GetCellText(0, 1)) == 79.0 and float(metrics.GetCellText(2, 6)) == 82.0
+    assert [metrics.GetCellText(r, 5) for r in range(3)] == ["initial", "network", "network"]
+    assert [candidates.GetCellText(r, 7) for r in range(2)] == ["network", "network"]
+    # Test-time optimisation after the network's steps: one more row, labelled as such, no candidate kept.
+    adapt = SimpleNamespace(**{**vars(steps[-1]), "index": 3, "kind": "adapt", "kept": 0, "dice": 85.0,
+                               "dice_per_label": {1: 85.0}, "candidates": steps[-1].candidates[:1]})
+    metrics = preview.metrics_table(scene, [*steps, adapt], mrml.LabelScheme(values={"organ": 1}), 79.0, "metrics")
+    assert metrics.GetNumberOfRows() == 4 and metrics.GetCellText(3, 5) == "test-time optimisation"
+    assert int(metrics.GetCellText(3, 4)) == 0 and float(metrics.GetCellText(3, 6)) == 85.0
+    preview.candidates_table(scene, [*steps, adapt], "candidates", only_step=3, node=candidates)
+    assert candidates.GetNumberOfRows() == 1 and candidates.GetCellText(0, 7) == "test-time optimisation"
+    assert preview.step_title(adapt, 3) == "step 3 of 3: test-time optimisation"
+    assert preview.step_title(steps[0], 3) == "step 1 of 3: network"
 
 
 def test_screenshots_of_the_real_registration(registered, tmp_path):

@@ -135,6 +135,46 @@ def test_outputs_can_be_saved(registered, tmp_path):
     np.testing.assert_allclose(transform.TransformPoint(point), expected, atol=1e-4)
 
 
+def folder_state(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("fault", ["transform cut short", "transform of another field", "a table fails"])
+def test_save_outputs_is_all_or_none(registered, tmp_path, monkeypatch, fault):
+    """Save outputs writes into a hidden folder, checks every file (transform.h5 read back with
+    SimpleITK against the registration's field) and only then moves them in: a bad write leaves the
+    folder as it was (an earlier save's files included) and no temporary folder."""
+    scene, _, outputs, *_ = registered
+    logic = SceneLogic(scene)
+    (tmp_path / "mine.txt").write_text("the user's own file")
+    logic.save_outputs(outputs, tmp_path)
+    before = folder_state(tmp_path)
+    real_write = SceneLogic._write_node
+
+    def bad_write(node, path):
+        if fault == "a table fails" and path.name == "metrics.tsv":
+            raise MorphSeekError(f"could not write '{node.GetName()}' to {path}")
+        real_write(node, path)
+        if path.name == "transform.h5" and fault == "transform cut short":
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2])
+        elif path.name == "transform.h5" and fault == "transform of another field":
+            shifted = sitk.GetImageFromArray(sitk.GetArrayFromImage(outputs.result.field).astype(np.float64) + 0.5,
+                                             isVector=True)
+            shifted.CopyInformation(outputs.result.field)
+            sitk.WriteTransform(sitk.DisplacementFieldTransform(shifted), str(path))
+
+    monkeypatch.setattr(SceneLogic, "_write_node", staticmethod(bad_write))
+    message = "metrics" if fault == "a table fails" else r"cannot write transform .*transform\.h5"
+    with pytest.raises(MorphSeekError, match=message):
+        logic.save_outputs(outputs, tmp_path)
+    assert folder_state(tmp_path) == before
+    fresh = tmp_path / "fresh"
+    with pytest.raises(MorphSeekError):
+        logic.save_outputs(outputs, fresh)
+    assert list(fresh.iterdir()) == []
+
+
 def node_ids(scene):
     return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
 
@@ -168,4 +208,32 @@ def test_bad_inputs_give_clear_errors_and_change_nothing(case, tmp_path, monkeyp
         logic.register(nodes["fixed"], nodes["moving"], model=None)
     with pytest.raises(MorphSeekError, match="choose a fixed and a moving volume"):
         logic.register(None, nodes["moving"], model=model)
+    for bad in (-1, 2.5, "30", True):
+        with pytest.raises(MorphSeekError, match="test-time optimisation iterations must be a whole number >= 0"):
+            logic.register(nodes["fixed"], nodes["moving"], model=model, adapt=bad)
     assert node_ids(scene) == before
+
+
+def test_a_model_is_found_by_any_of_its_names(tmp_path):
+    """The panel's Model field and the script API take a checkpoint as the engine names it: ``x``,
+    ``x.pt``, ``x.json`` or ``x.safetensors`` for ``x.safetensors`` + ``x.json`` (what the shipped
+    models and fine-tuning write), a legacy ``x.pt`` by its name; without importing torch here."""
+    from morphseek.checkpoint_names import checkpoint_files
+
+    weights, config = checkpoint_files(tmp_path / "tuned")
+    weights.write_bytes(b"w")
+    config.write_text("{}")
+    legacy = tmp_path / "old.pt"
+    legacy.write_bytes(b"w")
+    for given in ("tuned", "tuned.pt", "tuned.json", "tuned.safetensors", "tuned.pth"):
+        assert logic_module.resolve_model(str(tmp_path / given)) == weights, given
+        assert logic_module.resolve_model(tmp_path / given) == weights, given
+    assert logic_module.resolve_model(str(legacy)) == legacy
+    with pytest.raises(MorphSeekError, match=r"old: file not found \(looked for old.safetensors with old.json\)"):
+        logic_module.resolve_model(str(tmp_path / "old"))
+    with pytest.raises(MorphSeekError, match=r"gone.pt: file not found .*gone.safetensors.*gone.pt"):
+        logic_module.resolve_model(str(tmp_path / "gone.pt"))
+    config.unlink()  # weights without their .json: the engine's loader reads the header; found as well
+    assert logic_module.resolve_model(str(tmp_path / "tuned")) == weights
+    model = object()
+    assert logic_module.resolve_model(model) is model

@@ -7,6 +7,7 @@ each reported clearly with the scene as before and the next run working."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -129,6 +130,45 @@ def test_registration_in_the_worker_fills_the_preview_step_by_step(pair, tmp_pat
     target = SCREENSHOTS / "live-preview.png" if UPDATE_SCREENSHOTS else tmp_path / "live-preview.png"
     write_png(sheet, target)
     print(f"live preview frames (after steps 1, 2, 3): {target}")
+    for node in outputs.nodes():
+        scene.RemoveNode(node)
+
+
+def test_test_time_optimisation_arrives_as_one_more_step_of_the_live_preview(pair, tmp_path):
+    """adapt > 0 (the panel's "Test-time optimisation iterations"): the request's setting reaches the
+    worker's job, the network's steps arrive, then one more step of kind "adapt", which joins the
+    preview and the tables labelled as test-time optimisation, not as a network step."""
+    scene, nodes, model = pair
+    request = request_for(scene, nodes, model, steps=2, trajectories=1, prealign="none", adapt=4)
+    assert request.adapt == 4 and request.total_steps == 3
+    run = RegistrationRun(SceneLogic(scene), request, WorkerLaunch(temporary_folder=tmp_path)).start()
+    job = json.loads((run.folder / "job.json").read_text())
+    assert job["settings"]["adapt"] == 4
+    live = []  # (step, kind, steps in the preview) as each step arrives
+
+    def record(updates):
+        live.extend((u.payload.index, u.payload.kind, run.preview.number_of_steps) for u in updates[len(seen):]
+                    if u.kind == "step")
+        seen[:] = updates
+        return ended(updates)
+
+    seen = []
+    updates = poll_until(run, record)
+    assert updates[-1].kind == "finished", [(u.kind, u.message) for u in updates if u.kind == "failed"]
+    # Each step is in the preview when its update is handled (several may land in one poll).
+    assert [(index, kind) for index, kind, _ in live] == [(1, "network"), (2, "network"), (3, "adapt")]
+    assert all(in_preview >= index for index, _, in_preview in live)
+    running = [u.message for u in updates if u.kind == "progress" and u.stage == "step"]
+    assert running[-1] == "step 3/3: test-time optimisation (4 iterations)", running
+    last = [u for u in updates if u.kind == "step"][-1]
+    assert "test-time optimisation" in last.message
+    assert preview.step_title(last.payload, request.total_steps) == "step 3 of 3: test-time optimisation"
+    outputs = run.outputs
+    assert outputs.preview.number_of_steps == 3
+    metrics = outputs.metrics_table
+    assert [metrics.GetCellText(r, 5) for r in range(4)] == ["initial", "network", "network", "test-time optimisation"]
+    assert outputs.candidates_table.GetCellText(2, 7) == "test-time optimisation"
+    assert selftest.check_registration(scene, nodes, outputs) == []  # the result is the adapted map
     for node in outputs.nodes():
         scene.RemoveNode(node)
 
