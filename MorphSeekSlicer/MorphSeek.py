@@ -45,7 +45,7 @@ from MorphSeekLib.runs import DeviceProbe, FinetuneRun, RegistrationRun, WorkerL
 
 POLL_MS = 100
 SAMPLE_CATEGORY = "MorphSeek"
-ADAPT_DEFAULT = 30  # test-time optimisation iterations, as `morphseek demo` (docs/QUALITY.md)
+ADAPT_DEFAULT = 50  # test-time optimisation iterations, as `morphseek demo` (docs/QUALITY.md)
 
 
 class MorphSeek(ScriptedLoadableModule):
@@ -119,7 +119,7 @@ class MorphSeekParameterNode:
     temperature: Annotated[float, WithinRange(0, 1)] = 0.3
     prealign: bool = True
     #: test-time optimisation after the network's steps (one more step; 0: off). The default is the
-    #: demo's (``morphseek demo --adapt 30``): the shipped brain model improves Dice only with it.
+    #: demo's (``morphseek demo --adapt 50``): the shipped brain model improves Dice only with it.
     adaptIterations: Annotated[int, WithinRange(0, 500)] = ADAPT_DEFAULT
     outputTransform: vtkMRMLGridTransformNode
     finetuneFromScene: bool = True

@@ -47,7 +47,7 @@ assert logic.moduleName == "MorphSeek"
 parameters = logic.getParameterNode()
 assert isinstance(parameters, module.MorphSeekParameterNode)
 assert parameters.steps == 3 and parameters.device == "auto" and parameters.prealign is True
-assert parameters.adaptIterations == 30 and type(parameters.adaptIterations) is int  # noqa: E721
+assert parameters.adaptIterations == 50 and type(parameters.adaptIterations) is int  # noqa: E721
 assert logic.sceneLogic.scene is slicer.mrmlScene
 fixed = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fixed CT")
 parameters.fixedVolume = fixed

@@ -150,7 +150,7 @@ def test_test_time_optimisation_spin_box_defaults_like_the_parameter(ui, module_
     assert box.get("class") == "QSpinBox" and props["SlicerParameterName"].find("string").text == "adaptIterations"
     default = next(n.value.value for n in module_tree.body if isinstance(n, ast.Assign)
                    and getattr(n.targets[0], "id", "") == "ADAPT_DEFAULT")
-    assert int(props["value"].find("number").text) == default == 30
+    assert int(props["value"].find("number").text) == default == 50  # as `morphseek demo --adapt`
     assert int(props["minimum"].find("number").text) == 0
     assert parameter_fields(module_tree)["adaptIterations"] == "Annotated[int, WithinRange(0, 500)]"
     assert int(props["maximum"].find("number").text) == 500
