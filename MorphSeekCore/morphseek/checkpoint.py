@@ -411,6 +411,18 @@ def load_checkpoint(
     return model, config, extra
 
 
+def load_model(model: MorphSeekNet | str | Path, device: torch.device | str = "cpu") -> tuple[MorphSeekNet, dict]:
+    """A model object, or a checkpoint path -> (the model in eval mode on ``device``, its run
+    configuration): ``load_checkpoint``'s for a path, ``model.training_config`` (or {}) for an object."""
+    if isinstance(model, (str, Path)):
+        model, config, _ = load_checkpoint(model, device=device)
+    else:
+        config = getattr(model, "training_config", {}) or {}
+        model = model.to(device)
+    model.eval()
+    return model, config
+
+
 def describe_checkpoint(path: str | os.PathLike) -> str | None:
     """One line about the checkpoint at ``path`` (its stage and progress), None when there is none
     or it cannot be read (for messages such as "what was kept" after an interruption)."""

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import options
 from .errors import MorphSeekError
+from .train.config import LDVN_MODES, GRPOConfig  # torch-free: --help stays fast
 
 DEVICE_HELP = "auto (a GPU when present, else CPU), cpu, cuda or cuda:N"
 
@@ -275,9 +276,36 @@ def _run_demo(args) -> int:
 
 
 # ------------------------------------------------------------------------------------- finetune
-def _add_finetune(sub) -> None:
-    from .train.config import add_finetune_arguments  # torch-free: --help stays fast
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the options of ``morphseek finetune`` to ``parser``."""
+    d = GRPOConfig()
+    parser.add_argument("--model", required=True, help="warmed-up checkpoint (stage B) to start from")
+    parser.add_argument("--data", required=True, help="dataset manifest or folder (docs/DATA.md) with labelled pairs")
+    parser.add_argument("--out", required=True, help="fine-tuned checkpoint to write (atomically, every episode)")
+    parser.add_argument("--steps", type=options.positive_int, default=d.steps, help="refinement steps T per pair (default %(default)s)")
+    parser.add_argument("--trajectories", type=options.integer(2), default=d.trajectories, help="trajectories J (default %(default)s)")
+    parser.add_argument("--tau", type=options.positive_float, default=d.tau, help="exploration temperature (default %(default)s)")
+    parser.add_argument("--w-dice", type=options.positive_float, default=d.w_dice, help="reward weight of the Dice gain (default %(default)s)")
+    parser.add_argument("--w-njd", type=options.number(maximum=0.0), default=d.w_njd, help="reward weight of the folding fraction (default %(default)s)")
+    parser.add_argument("--lambda-warm", type=options.non_negative_float, default=d.lambda_warm, help="weight of L_warm (default %(default)s)")
+    parser.add_argument("--lambda-dice", type=options.non_negative_float, default=d.lambda_dice, help="weight of the soft-Dice loss (default %(default)s)")
+    parser.add_argument("--target-kl", type=options.positive_float, default=None, help="KL target per latent dimension (default: max(2 x the warm-up policy's KL, 0.01))")
+    parser.add_argument("--ldvn", choices=LDVN_MODES, default=d.ldvn, help="LDVN scale (default %(default)s)")
+    parser.add_argument("--lr", type=options.positive_float, default=d.lr, help="Adam learning rate (default %(default)s)")
+    parser.add_argument("--episodes", type=options.positive_int, default=None, help="pair visits (default: one pass over the training pairs)")
+    parser.add_argument("--val-every", type=options.positive_int, default=d.val_every, help="validate every N episodes (default %(default)s)")
+    parser.add_argument("--max-val-pairs", type=options.positive_int, default=None, help="use at most this many held-back pairs")
+    parser.add_argument("--log", default=None, help="log stem (default: OUT without suffix + '.log' -> .jsonl and .csv)")
+    parser.add_argument("--resume", action="store_true", help="continue from --out if it holds a fine-tuning run")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing checkpoint at --out (without it an existing one is refused)")
+    parser.add_argument("--seed", type=options.non_negative_int, default=d.seed)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
 
+
+def _add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="stage C: GRPO fine-tuning with LDVN on labelled pairs",
                        description="Fine-tune a warmed-up model on a few labelled pairs with Group "
                        "Relative Policy Optimisation in the latent space (docs/GRPO.md).")
@@ -286,9 +314,51 @@ def _add_finetune(sub) -> None:
 
 
 def _run_finetune(args) -> int:
-    from .train.grpo import run_finetune
+    """Run ``morphseek finetune`` from parsed arguments; returns the process exit code."""
+    from .checkpoint import check_checkpoint_target, checkpoint_exists, dataset_files, load_checkpoint, resolve_device
+    from .data import load_dataset, load_samples
+    from .train.grpo import check_pair_labels, grpo_finetune
 
-    return run_finetune(args)
+    out = Path(args.out)
+    log = args.log or str(out.with_suffix("")) + ".log"
+    device = resolve_device(args.device)
+    model, run_config, extra = load_checkpoint(args.model, device=device)
+    dataset = load_dataset(args.data)
+    check_checkpoint_target(out, resume=args.resume, overwrite=args.overwrite,
+                            inputs=[extra.get("path"), args.model, args.data, *dataset_files(dataset)],
+                            logs=[Path(log + ".jsonl"), Path(log + ".csv")])
+    grid = tuple(int(n) for n in (run_config.get("grid") or dataset.grid or ()))
+    if not grid and not run_config.get("spacing"):
+        raise MorphSeekError(f"{args.model}: neither the checkpoint's configuration nor {args.data} names a model grid")
+    train = load_samples(dataset, dataset.train_pairs, run_config, device, model.divisor, grid)
+    val_pairs = list(dataset.val_pairs)
+    if args.max_val_pairs is not None:
+        val_pairs = val_pairs[: args.max_val_pairs]
+    val = [s for s in load_samples(dataset, val_pairs, run_config, device, model.divisor, grid) if s.has_labels]
+    if len(val) < len(val_pairs):
+        print(f"{len(val_pairs) - len(val)} held-back pairs have no labels and are not used for validation",
+              file=sys.stderr)
+    config = GRPOConfig(steps=args.steps, trajectories=args.trajectories, tau=args.tau, w_dice=args.w_dice,
+                        w_njd=args.w_njd, lambda_warm=args.lambda_warm, lambda_dice=args.lambda_dice,
+                        target_kl=args.target_kl, ldvn=args.ldvn, lr=args.lr, episodes=args.episodes,
+                        val_every=args.val_every, seed=args.seed)
+    n_lab = sum(check_pair_labels(s) for s in train)
+    print(f"GRPO fine-tuning {args.model} on {len(train)} pairs ({n_lab} labelled, "
+          f"{len(train) - n_lab} label-free), {len(val)} held back; J={config.trajectories}, "
+          f"T={config.steps}, LDVN={config.ldvn}; log: {log}.jsonl/.csv", file=sys.stderr)
+    result = grpo_finetune(model, train, val, config, run_config=run_config, out=out, log=log,
+                           resume=args.resume, progress=not args.no_progress)
+    if result.stopped:
+        print(f"Stopped: the checkpoint {out} holds {result.episodes_done} complete episodes; rerun the same "
+              "command with --resume to continue" if checkpoint_exists(out)
+              else "Stopped before the first checkpoint; nothing was written.", file=sys.stderr)
+        return 130
+    v = result.validation
+    if v:
+        print(f"Held-back pairs: Dice {v['val_dice']:.2f} +/- {v['val_dice_std']:.2f} %, "
+              f"NJD {v['val_njd']:.3f} +/- {v['val_njd_std']:.3f} %", file=sys.stderr)
+    print(f"Wrote {out}", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

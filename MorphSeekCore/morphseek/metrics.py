@@ -255,6 +255,14 @@ def hd95(
 
 # --------------------------------------------------------------------------------------- torch
 @torch.no_grad()
+def foreground_labels(label_values, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The label values (a sequence or tensor of ints) as a long tensor on ``device``, background
+    (0) removed."""
+    values = torch.as_tensor(list(label_values) if not isinstance(label_values, torch.Tensor) else label_values,
+                             dtype=torch.long).flatten()
+    return values[values != 0].to(device)
+
+
 def dice_torch(fixed: torch.Tensor, warped: torch.Tensor, label_values) -> torch.Tensor:
     """Mean Dice over ``label_values`` per batch item (B,), from hard integer labels (B, 1, D, H, W).
 

@@ -27,7 +27,7 @@ import torch
 from . import export, geometry, io, metrics, prealign as prealign_module
 from .adapt import AdaptSettings, fine_grid_shape
 from .adapt import adapt as adapt_total
-from .checkpoint import load_checkpoint, resolve_device
+from .checkpoint import load_model, resolve_device
 from .errors import Cancelled, MorphSeekError
 from .losses import similarity_loss
 
@@ -410,17 +410,6 @@ def _adapt_step(last: StepTensors, moving_t: torch.Tensor, fixed_t: torch.Tensor
         dice_gain = float(after - before)
     candidate = Candidate(sim_gain, dice_gain, sim_gain, 100.0 * folded)
     return StepTensors(last.index + 1, total, [candidate], 0, time.perf_counter() - start, kind="adapt")
-
-
-def load_model(model, device: torch.device):
-    """A model object, or a checkpoint path -> (model in eval mode on ``device``, training config)."""
-    if isinstance(model, (str, Path)):
-        model, config, _ = load_checkpoint(model, device=device)
-    else:
-        config = getattr(model, "training_config", {}) or {}
-        model = model.to(device)
-    model.eval()
-    return model, config
 
 
 def register_images(

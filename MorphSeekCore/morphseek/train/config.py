@@ -1,4 +1,4 @@
-"""Stage C's configuration and the options of ``morphseek finetune``, without torch.
+"""Stage C's configuration, without torch.
 
 Imported by the command line while it builds its parser (``morphseek --help`` must not pay for
 importing torch); :mod:`morphseek.train.grpo` re-exports every name.
@@ -6,7 +6,6 @@ importing torch); :mod:`morphseek.train.grpo` re-exports every name.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 from morphseek.errors import MorphSeekError
@@ -68,34 +67,3 @@ class GRPOConfig:
             problems.append("lambda_warm and lambda_dice must be >= 0")
         if problems:
             raise MorphSeekError("GRPO configuration: " + "; ".join(problems))
-
-
-def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the options of ``morphseek finetune`` to ``parser``."""
-    from morphseek import options
-
-    d = GRPOConfig()
-    parser.add_argument("--model", required=True, help="warmed-up checkpoint (stage B) to start from")
-    parser.add_argument("--data", required=True, help="dataset manifest or folder (docs/DATA.md) with labelled pairs")
-    parser.add_argument("--out", required=True, help="fine-tuned checkpoint to write (atomically, every episode)")
-    parser.add_argument("--steps", type=options.positive_int, default=d.steps, help="refinement steps T per pair (default %(default)s)")
-    parser.add_argument("--trajectories", type=options.integer(2), default=d.trajectories, help="trajectories J (default %(default)s)")
-    parser.add_argument("--tau", type=options.positive_float, default=d.tau, help="exploration temperature (default %(default)s)")
-    parser.add_argument("--w-dice", type=options.positive_float, default=d.w_dice, help="reward weight of the Dice gain (default %(default)s)")
-    parser.add_argument("--w-njd", type=options.number(maximum=0.0), default=d.w_njd, help="reward weight of the folding fraction (default %(default)s)")
-    parser.add_argument("--lambda-warm", type=options.non_negative_float, default=d.lambda_warm, help="weight of L_warm (default %(default)s)")
-    parser.add_argument("--lambda-dice", type=options.non_negative_float, default=d.lambda_dice, help="weight of the soft-Dice loss (default %(default)s)")
-    parser.add_argument("--target-kl", type=options.positive_float, default=None, help="KL target per latent dimension (default: max(2 x the warm-up policy's KL, 0.01))")
-    parser.add_argument("--ldvn", choices=LDVN_MODES, default=d.ldvn, help="LDVN scale (default %(default)s)")
-    parser.add_argument("--lr", type=options.positive_float, default=d.lr, help="Adam learning rate (default %(default)s)")
-    parser.add_argument("--episodes", type=options.positive_int, default=None, help="pair visits (default: one pass over the training pairs)")
-    parser.add_argument("--val-every", type=options.positive_int, default=d.val_every, help="validate every N episodes (default %(default)s)")
-    parser.add_argument("--max-val-pairs", type=options.positive_int, default=None, help="use at most this many held-back pairs")
-    parser.add_argument("--log", default=None, help="log stem (default: OUT without suffix + '.log' -> .jsonl and .csv)")
-    parser.add_argument("--resume", action="store_true", help="continue from --out if it holds a fine-tuning run")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing checkpoint at --out (without it an existing one is refused)")
-    parser.add_argument("--seed", type=options.non_negative_int, default=d.seed)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser

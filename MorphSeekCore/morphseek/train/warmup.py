@@ -20,10 +20,12 @@ from typing import Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .. import geometry
+from .. import geometry, io
 from ..checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from ..errors import Cancelled, MorphSeekError
+from ..evaluate import evaluate_heldback
 from ..losses import diffusion_regulariser, similarity_loss
 from ..nets.policy import kl_standard_normal
 from .trainlog import RunLogger
@@ -181,26 +183,11 @@ def _to_device(sample, device, channels_last):
             sample.fixed.to(device).contiguous(memory_format=fmt))
 
 
-def validate(model, dataset, grid, device, steps: int = 1, model_ref=None) -> dict:
-    """Deterministic registration of the labelled held-back pairs: Dice (%) and NJD% (mean, std),
-    the same evaluation as stage C's (``grpo.evaluate_pairs``); {} when no held-back pair has labels.
-    Data sets that synthesise their training pairs give their held-back pairs on ``model_ref``."""
-    from .grpo import evaluate_pairs
-
-    if hasattr(dataset, "val_samples"):
-        samples = [s.to(device) for s in dataset.val_samples(model_ref)]
-    else:
-        samples = [dataset.load_pair(pair, grid).to(device) for pair in dataset.val_pairs]
-    return evaluate_pairs(model, [s for s in samples if s.has_labels and s.label_values], steps)
-
-
 def training_grid(dataset, config: WarmupConfig, divisor: int):
     """The model grid of a data set that synthesises pairs on one reference grid (by
     ``config.spacing``), else None (pairs are loaded onto ``config.grid``)."""
     if config.spacing is None:
         return None
-    from .. import io
-
     reference = getattr(dataset, "reference", None)
     if reference is None:
         raise MorphSeekError(f"{getattr(dataset, 'source', 'dataset')}: a model grid by spacing needs a data "
@@ -295,8 +282,6 @@ def warmup(
     completed = start  # last iteration whose optimiser step finished
     bar = None
     if progress is True:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=config.iterations, initial=min(start, config.iterations), desc="warm-up", unit="it",
                    dynamic_ncols=True)
     try:
@@ -334,7 +319,7 @@ def warmup(
                 row = {"iteration": iteration, **terms, "seconds": time.perf_counter() - tic}
                 if config.validate_every and (iteration % config.validate_every == 0 or iteration == config.iterations):
                     if dataset.val_pairs:
-                        row.update(validate(model, dataset, config.grid, device, config.refine_steps, model_ref))
+                        row.update(evaluate_heldback(model, dataset, config.grid, device, config.refine_steps, model_ref))
                 log(row)
                 if bar is not None:
                     bar.update(1)
