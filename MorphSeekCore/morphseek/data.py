@@ -27,6 +27,7 @@ import SimpleITK as sitk
 import torch
 
 from . import io
+from .atomic import write_text
 from .errors import MorphSeekError
 
 FORMAT = "morphseek-dataset"
@@ -291,11 +292,20 @@ def load_samples(dataset: Dataset, pairs: Sequence[Sequence[str]], run_config: d
 # ----------------------------------------------------------------------------- splits
 
 
+def held_out_count(n_subjects: int, from_subjects: int = 6, minimum: int = 2) -> int:
+    """THE train/val split rule: how many of ``n_subjects`` (the last ones, in the given order) are
+    held out for validation: none below ``from_subjects`` (every subject is needed to train), then a
+    quarter, at least ``minimum``. Datasets use the defaults; the Slicer module's scene cases hold
+    out from 4 cases on, at least one (``MorphSeekLib.training.held_back_count``)."""
+    return max(minimum, round(n_subjects / 4)) if n_subjects >= from_subjects else 0
+
+
 def default_split(ids: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Held-out split used when a dataset names no pairs: with 6 or more subjects the last quarter
-    (at least 2, in the given order) are validation subjects, the rest train; below 6, all train."""
+    """Held-out split used when a dataset names no pairs (:func:`held_out_count`): with 6 or more
+    subjects the last quarter (at least 2, in the given order) are validation subjects, the rest
+    train; below 6, all train."""
     ids = list(ids)
-    n_val = max(2, round(len(ids) / 4)) if len(ids) >= 6 else 0
+    n_val = held_out_count(len(ids))
     return ids[: len(ids) - n_val], ids[len(ids) - n_val :]
 
 
@@ -303,6 +313,21 @@ def ordered_pairs(ids: Iterable[str]) -> list[Pair]:
     """All ordered pairs (moving, fixed) of distinct subjects."""
     ids = list(ids)
     return [(m, f) for m in ids for f in ids if m != f]
+
+
+def write_manifest(folder: str | Path, subjects: Sequence[dict], train_pairs: Sequence[Sequence[str]],
+                   val_pairs: Sequence[Sequence[str]], description: str, **fields) -> Path:
+    """THE manifest writer (docs/DATA.md): ``folder/manifest.json`` with ``subjects`` (dicts with
+    ``id``, ``image`` and optionally ``labels``, paths relative to ``folder``), the pairs and any
+    other top-level ``fields`` (``modality``, ``grid``, ``labels``...), written atomically and
+    readably (one subject, one pair per line). Returns its path."""
+    manifest = {"format": FORMAT, "version": VERSION, "description": description, **fields,
+                "subjects": list(subjects),
+                "pairs": {"train": [list(p) for p in train_pairs], "val": [list(p) for p in val_pairs]}}
+    text = json.dumps(manifest, indent=1)
+    text = re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
+    text = re.sub(r"\{\s+(\"id\"[^{}]*?)\s+\}", lambda m: "{" + re.sub(r",\s+", ", ", m.group(1)) + "}", text)
+    return write_text(text + "\n", Path(folder) / MANIFEST_NAME)
 
 
 # ----------------------------------------------------------------------------- loading

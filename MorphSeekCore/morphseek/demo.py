@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io
+from . import defaults, io
 from .checkpoint import find_checkpoint, load_checkpoint, resolve_device
 from .data import load_dataset, load_samples, read_pair
 from .errors import MorphSeekError
@@ -35,7 +35,8 @@ def _register(dataset, pair, model, steps: int, adapt: int, device, seed: int):
 
 
 def run_demo(out: str | Path = "demo-output", model: str | Path = BRAIN_MODEL, sample: str | Path = BRAIN_SAMPLE,
-             steps: int = 3, adapt: int = 30, episodes: int = 6, trajectories: int = 4, seed: int = 0,
+             steps: int = defaults.STEPS, adapt: int = 30, episodes: int = 6,
+             trajectories: int = defaults.PANEL_TRAJECTORIES, seed: int = 0,
              device: str = "auto", overwrite: bool = False) -> dict:
     """Register, fine-tune with GRPO, register again; returns the report (also written as JSON).
 
@@ -87,8 +88,8 @@ def _run_demo(out: Path, final: Path, model: Path, dataset, sample, steps, adapt
         finetuned = out / "model-finetuned.safetensors"
         result = grpo_finetune(net, load(dataset.train_pairs), load(dataset.val_pairs),
                                GRPOConfig(steps=steps, trajectories=trajectories, episodes=episodes, seed=seed,
-                                          val_every=max(episodes, 1)),
-                               run_config=run_config, out=finetuned, log=out / "finetune.log", progress=True)
+                                          validate_every=max(episodes, 1)),
+                               out=finetuned, log=out / "finetune.log", progress=True, run_config=run_config)
         timings["finetune_seconds"] = time.perf_counter() - tic
         print(f"held-back Dice after fine-tuning (model grid, {steps} steps): "
               f"{result.validation.get('val_dice', float('nan')):.2f} %")

@@ -22,7 +22,7 @@ import SimpleITK as sitk
 import torch
 from tqdm import tqdm
 
-from . import metrics
+from . import defaults, metrics
 from .checkpoint import load_model, resolve_device
 from .data import Dataset, PairSample, load_dataset, read_pair
 from .errors import MorphSeekError
@@ -88,8 +88,8 @@ def result_metrics(result, fixed_seg: sitk.Image) -> list[dict]:
     return rows
 
 
-def evaluate_dataset(data: str | Path, model: MorphSeekNet | str | Path, out: str | Path, steps: int = 3,
-                     trajectories: int = 1, tau: float = 0.3, prealign: str = "none", device: str = "auto",
+def evaluate_dataset(data: str | Path, model: MorphSeekNet | str | Path, out: str | Path, steps: int = defaults.STEPS,
+                     trajectories: int = defaults.SEARCH_TRAJECTORIES, tau: float = defaults.TAU, prealign: str = "none", device: str = "auto",
                      all_pairs: bool = False) -> dict:
     """``morphseek evaluate``: register every evaluation pair of ``data`` (its val pairs, or all with
     ``all_pairs``) and write ``evaluation.json`` and ``evaluation.csv`` into ``out``; returns the

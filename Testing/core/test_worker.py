@@ -93,7 +93,7 @@ def pair(tmp_path_factory):
     import torch
 
     from morphseek.checkpoint import save_checkpoint
-    from morphseek.nets.policy import build_model
+    from morphseek.nets.registry import build_model
     from morphseek.synth import make_subject
 
     folder = tmp_path_factory.mktemp("pair")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from morphseek import defaults
 from morphseek.errors import MorphSeekError
 
 LDVN_MODES = ("sqrt", "adaptive", "none")
@@ -17,14 +18,14 @@ LDVN_MODES = ("sqrt", "adaptive", "none")
 class GRPOConfig:
     """Every choice of stage C, with the defaults of METHOD.md / docs/GRPO.md."""
 
-    steps: int = 3  # T, refinement steps per pair (one optimiser step each)
-    trajectories: int = 6  # J, sampled latents per step
-    tau: float = 0.3  # exploration temperature
-    w_dice: float = 1.0  # reward weight of the Dice gain (> 0)
-    w_njd: float = -10.0  # reward weight of the folding fraction (< 0)
+    steps: int = defaults.STEPS  # T, refinement steps per pair (one optimiser step each)
+    trajectories: int = defaults.GRPO_TRAJECTORIES  # J, sampled latents per step
+    tau: float = defaults.TAU  # exploration temperature
+    w_dice: float = defaults.W_DICE  # reward weight of the Dice gain (> 0)
+    w_njd: float = defaults.W_NJD  # reward weight of the folding fraction (< 0)
     lambda_warm: float = 1.0  # weight of the warm-up objective (tau = 0, current state)
     lambda_dice: float = 1.0  # weight of the soft-Dice loss over the J trajectories
-    lr: float = 1e-4  # Adam
+    learning_rate: float = 1e-4  # Adam
     ldvn: str = "sqrt"  # LDVN scale: sqrt(N), adaptive (fixed std of relative log pi), none (s = 1)
     ldvn_target_std: float = 1.0  # target std of the relative log-likelihoods for ldvn="adaptive"
     target_kl: float | None = None  # KL target; None: max(2 x the warm-up policy's KL, 0.01) (first step)
@@ -36,7 +37,7 @@ class GRPOConfig:
     similarity: str | None = None  # L_sim of L_warm; None: the warm-up configuration's (or "mse")
     lambda_reg: float | None = None  # diffusion weight of L_warm; None: warm-up config's (or 1.0)
     episodes: int | None = None  # pair visits (each T optimiser steps); None: one pass over the pairs
-    val_every: int = 1  # validate every this many episodes (and after the last)
+    validate_every: int = 1  # evaluate the held-back pairs every this many episodes (and after the last)
     checkpoint_every: int = 1  # save every this many episodes (and after the last)
     seed: int = 0
     memory_flat: bool = True  # False: build the whole graph at once (reference, J-times the memory)

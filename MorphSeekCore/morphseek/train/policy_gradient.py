@@ -57,6 +57,7 @@ __all__ = [
     "describe_pair",
 ]
 
+
 class PairLike(Protocol):
     """What stage C needs of a pair (``morphseek.data.PairSample`` fits): tensors on the model grid."""
 
@@ -65,8 +66,6 @@ class PairLike(Protocol):
     moving_labels: Tensor | None  # (1, 1, D, H, W) int64, or None for a label-free pair
     fixed_labels: Tensor | None
     label_values: Any  # labels present in both maps (sequence / tensor of ints)
-
-
 
 
 # ----------------------------------------------------------------------------------------------
