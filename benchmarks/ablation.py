@@ -48,7 +48,7 @@ def _finetune_and_evaluate(warm_ckpt: Path, train, val, config, eval_steps: int)
     metrics = evaluate_pairs(model, val, eval_steps)
     rewards = [row["reward_std"] for row in result.history if "reward_std" in row]
     return {**metrics, "train_seconds": round(seconds, 1), "optimizer_steps": result.optimizer_steps,
-            "episodes": result.episodes_done, "train_pairs": len(train), "eval_steps": eval_steps,
+            "episodes": result.done, "train_pairs": len(train), "eval_steps": eval_steps,
             "mean_reward_std": float(sum(rewards) / len(rewards)) if rewards else None,
             "zero_spread_fraction": (sum(r == 0 for r in rewards) / len(rewards)) if rewards else None}
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     from morphseek.data import load_dataset
-    from morphseek.nets.policy import build_model
+    from morphseek.nets.registry import build_model
     from morphseek.train.grpo import GRPOConfig, evaluate_pairs
     from morphseek.train.warmup import WarmupConfig, warmup
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             **evaluate_pairs(warm_model, val, steps), "train_seconds": round(warm_seconds, 1), "eval_steps": steps}
     print(json.dumps(rows, indent=1), flush=True)
 
-    common = dict(episodes=args.episodes, lr=args.lr, seed=args.seed, val_every=10**9, checkpoint_every=10**9)
+    common = dict(episodes=args.episodes, learning_rate=args.lr, seed=args.seed, validate_every=10**9, checkpoint_every=10**9)
     dice_1 = GRPOConfig(policy=False, trajectories=1, tau=0.0, steps=1, **common)
     dice_3 = GRPOConfig(policy=False, trajectories=1, tau=0.0, steps=3, **common)
     grpo = GRPOConfig(trajectories=6, steps=3, tau=args.tau, **common)

@@ -139,7 +139,7 @@ def grpo_scaling(device, args) -> dict:
     import torch
 
     from morphseek.losses import similarity_loss
-    from morphseek.nets.policy import build_model
+    from morphseek.nets.registry import build_model
     from morphseek.synth import make_pair
     from morphseek.train.grpo import GRPOConfig, grpo_update
 
@@ -195,7 +195,7 @@ def register_speed(device, args) -> dict:
     import torch
 
     from morphseek import geometry
-    from morphseek.nets.policy import build_model
+    from morphseek.nets.registry import build_model
     from morphseek.register import refine
 
     backbones = ["tiny"] if args.quick else ["voxelmorph", "voxelmorph-l", "transmorph"]

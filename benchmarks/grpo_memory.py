@@ -37,7 +37,7 @@ def measure(grid: int, backbone: str, trajectories: int, mode: str, threads: int
     torch.set_num_threads(threads)
     from morphseek.data import PairSample
     from morphseek.losses import similarity_loss
-    from morphseek.nets.policy import build_model
+    from morphseek.nets.registry import build_model
     from morphseek.synth import make_pair
     from morphseek.train.grpo import GRPOConfig, grpo_update
 
@@ -66,7 +66,7 @@ def measure(grid: int, backbone: str, trajectories: int, mode: str, threads: int
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", type=int, default=64, help="cubic grid size (a multiple of 16)")
-    parser.add_argument("--backbone", default="voxelmorph", help="preset of nets.policy.BACKBONES")
+    parser.add_argument("--backbone", default="voxelmorph", help="preset of nets.registry.BACKBONES")
     parser.add_argument("--js", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--modes", nargs="+", default=["flat", "whole"], choices=["flat", "whole"])
     parser.add_argument("--threads", type=int, default=1)

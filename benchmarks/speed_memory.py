@@ -31,7 +31,7 @@ def measure(backbone: str, grid: tuple[int, int, int], device: str, repeats: int
     import torch
 
     from morphseek.checkpoint import resolve_device
-    from morphseek.nets.policy import build_model
+    from morphseek.nets.registry import build_model
     from morphseek.register import refine
 
     dev = resolve_device(device)

@@ -54,20 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"start: held-back Dice {before['val_dice']:.2f} ± {before['val_dice_std']:.2f} %, "
           f"NJD {before['val_njd']:.3f} %", flush=True)
 
-    def progress(row: dict) -> None:
+    def progress(episode: int, episodes: int, row: dict) -> None:
         if "val_dice" in row:
             print(f"episode {row.get('episode')}: held-back Dice {row['val_dice']:.2f} %, NJD {row['val_njd']:.3f} %",
                   flush=True)
 
-    config = GRPOConfig(steps=args.steps, trajectories=args.trajectories, episodes=args.episodes, lr=args.lr,
-                        val_every=args.val_every, checkpoint_every=args.val_every)
+    config = GRPOConfig(steps=args.steps, trajectories=args.trajectories, episodes=args.episodes, learning_rate=args.lr,
+                        validate_every=args.val_every, checkpoint_every=args.val_every)
     result = grpo_finetune(model, train, val, config, run_config=run_config, out=args.out,
                            log=args.out.with_suffix(""), resume=True, progress=progress)
     after = result.validation or evaluate_pairs(model, val, args.steps)
-    summary = {"model": str(args.model), "pairs": args.pairs, "episodes": result.episodes_done,
+    summary = {"model": str(args.model), "pairs": args.pairs, "episodes": result.done,
                "before": before, "after": after}
     args.out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"after {result.episodes_done} episodes: held-back Dice {after['val_dice']:.2f} ± "
+    print(f"after {result.done} episodes: held-back Dice {after['val_dice']:.2f} ± "
           f"{after['val_dice_std']:.2f} %, NJD {after['val_njd']:.3f} %")
     return 0
 

@@ -11,7 +11,6 @@ labels); 09 and 10 are held back from all training and form the demo's registrat
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -57,12 +56,8 @@ def main() -> int:
         seg = np.where(np.isin(array, EVAL_LABELS), array, 0).astype(np.uint8)
         io.write_image(io.from_array(seg, labels), out / f"{i}_seg.nii.gz")
         subjects.append({"id": i, "image": f"{i}_t1.nii.gz", "labels": f"{i}_seg.nii.gz"})
-    manifest = {"format": data.FORMAT, "version": data.VERSION,
-                "description": "Brain sample: SynthSeg label maps (Apache-2.0), aligned, 2 mm, T1-like images",
-                "modality": "mono", "subjects": subjects,
-                "pairs": {"train": [list(p) for p in data.ordered_pairs(FINETUNE)],
-                          "val": [list(p) for p in data.ordered_pairs(HELD_BACK)]}}
-    (out / data.MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
+    data.write_manifest(out, subjects, data.ordered_pairs(FINETUNE), data.ordered_pairs(HELD_BACK),
+                        "Brain sample: SynthSeg label maps (Apache-2.0), aligned, 2 mm, T1-like images", modality="mono")
     (out / "README.md").write_text(LICENCE)
     print(f"wrote {out}")
     return 0

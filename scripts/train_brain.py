@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
     try:
         warmup(model, data, config, last, device=args.device, resume=checkpoint_exists(last), progress=progress,
-               log_path=args.out / "log.jsonl", cancel=lambda: deadline is not None and time.monotonic() > deadline)
+               log=args.out / "log.jsonl", cancel=lambda: deadline is not None and time.monotonic() > deadline)
     except Cancelled:
         print(f"stopped after {args.max_minutes} minutes; rerun the command to resume", flush=True)
     return 0

@@ -21,7 +21,7 @@ import torch
 from morphseek import io
 from morphseek.checkpoint import load_checkpoint, save_checkpoint
 from morphseek.data import load_dataset
-from morphseek.nets.policy import build_model
+from morphseek.nets.registry import build_model
 from morphseek.synth import make_dataset, write_dataset
 from morphseek.train.grpo import GRPOConfig, evaluate_pairs, grpo_finetune
 from morphseek.train.warmup import WarmupConfig, warmup
@@ -78,8 +78,8 @@ def main() -> int:
     model, run_config, _ = load_checkpoint(warm_path)
     train = [dataset.load_pair(p, grid) for p in dataset.train_pairs]
     result = grpo_finetune(model, train, val, GRPOConfig(episodes=args.episodes, seed=args.seed,
-                                                         val_every=max(args.episodes, 1)),
-                           run_config=run_config, out=out, log=work / "finetune.log", progress=True)
+                                                         validate_every=max(args.episodes, 1)),
+                           out=out, log=work / "finetune.log", progress=True, run_config=run_config)
     provenance["grpo"] = {"episodes": args.episodes, "seconds": time.perf_counter() - tic,
                           "held_back": result.validation}
     print("after GRPO:", result.validation, flush=True)

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 import torch
 
 from . import geometry, io, synth
-from .data import PairSample
+from .data import PairSample, shared_labels
 from .errors import MorphSeekError
 
 #: The 31 structures scored in brain benchmarks (FreeSurfer ids): left and right cerebral white
@@ -166,7 +166,7 @@ class BrainSet:
             label_tensors.append(io.labels_to_model_grid(io.from_array(brain, self.reference), model_ref))
         if rng.random() < identical:
             tensors[1], label_tensors[1], fixed_id = tensors[0], label_tensors[0], moving_id
-        values = sorted(set(torch.unique(label_tensors[0]).tolist()) & set(torch.unique(label_tensors[1]).tolist()) - {0})
+        values = shared_labels(label_tensors[0], label_tensors[1])
         return PairSample(tensors[0], tensors[1], label_tensors[0], label_tensors[1], values, (moving_id, fixed_id))
 
     def heldback_files(self, subject: str) -> tuple[Path, Path]:
@@ -186,7 +186,7 @@ class BrainSet:
                           io.labels_to_model_grid(io.read_labels(seg_path), model_ref))
         samples = []
         for m, f in self.val_pairs:
-            values = sorted(set(torch.unique(volumes[m][1]).tolist()) & set(torch.unique(volumes[f][1]).tolist()) - {0})
+            values = shared_labels(volumes[m][1], volumes[f][1])
             samples.append(PairSample(volumes[m][0], volumes[f][0], volumes[m][1], volumes[f][1], values, (m, f)))
         cache[key] = samples
         return samples

@@ -36,46 +36,27 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import pickle
 import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from . import __version__
+from .atomic import check_writable_folder, write_bytes
+from .checkpoint_names import CHECKPOINT_SUFFIXES, CONFIG_SUFFIX, WEIGHTS_SUFFIX, checkpoint_files, find_checkpoint  # noqa: F401
 from .errors import MorphSeekError
-from .io import give_default_permissions
-from .nets.policy import MorphSeekNet, build_model
+from .nets.policy import MorphSeekNet
+from .nets.registry import build_model
 
 FORMAT_VERSION = 2
 LEGACY_FORMAT_VERSION = 1
-WEIGHTS_SUFFIX = ".safetensors"
-CONFIG_SUFFIX = ".json"
-#: Suffixes dropped from a checkpoint name to find its two files.
-CHECKPOINT_SUFFIXES = (WEIGHTS_SUFFIX, CONFIG_SUFFIX, ".pt", ".pth")
-
-
-def checkpoint_files(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(``NAME.safetensors``, ``NAME.json``) for a checkpoint named ``path`` (see the module notes)."""
-    path = Path(path)
-    stem = path.with_suffix("") if path.suffix in CHECKPOINT_SUFFIXES else path
-    return stem.with_name(stem.name + WEIGHTS_SUFFIX), stem.with_name(stem.name + CONFIG_SUFFIX)
-
-
-def find_checkpoint(path: str | os.PathLike) -> Path | None:
-    """The file :func:`load_checkpoint` would read for ``path``, or None when there is none: the
-    ``.safetensors`` of the checkpoint when it exists, else ``path`` itself when it is a file (a
-    legacy ``.pt``)."""
-    weights, _ = checkpoint_files(path)
-    if weights.is_file():
-        return weights
-    path = Path(path)
-    if path.is_file() and path.suffix != CONFIG_SUFFIX:
-        return path
-    return None
+# The naming rule lives in the torch-free checkpoint_names (the Slicer module's process uses it too).
 
 
 def checkpoint_exists(path: str | os.PathLike) -> bool:
@@ -181,28 +162,6 @@ def _summary(state: dict | None) -> dict:
     return out
 
 
-def _write_atomically(path: Path, data: bytes, what: str) -> None:
-    """Write ``data`` to a temporary file beside ``path``, flush it to disk, check its size, rename."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as error:
-        raise MorphSeekError(f"checkpoint {path}: cannot write to its folder ({error.strerror or error})") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if os.path.getsize(tmp) != len(data):
-            raise OSError(f"only {os.path.getsize(tmp)} of {len(data)} bytes of its {what} were written")
-        give_default_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise MorphSeekError(f"checkpoint {path}: writing failed ({error}); is the disk full?") from None
-        raise
-
-
 def save_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
@@ -215,8 +174,6 @@ def save_checkpoint(
     module notes), each atomically (a temporary file in the same folder, flushed to disk, its size
     checked, then ``os.replace``): a crash or a full disk never leaves a half-written checkpoint, and
     a failed save leaves the previous one as it was. Returns the ``.safetensors`` path."""
-    from safetensors.torch import save as safetensors_bytes
-
     weights, sidecar = checkpoint_files(path)
     net = getattr(model, "_orig_mod", model)  # torch.compile wrapper -> the module itself
     if not isinstance(net, MorphSeekNet):
@@ -251,8 +208,8 @@ def save_checkpoint(
         weights.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise MorphSeekError(f"checkpoint {weights}: cannot create its folder ({error.strerror or error})") from None
-    _write_atomically(weights, data, "weights")
-    _write_atomically(sidecar, (json.dumps(readable, indent=2) + "\n").encode(), "configuration")
+    write_bytes(data, weights)
+    write_bytes((json.dumps(readable, indent=2) + "\n").encode(), sidecar)
     return weights
 
 
@@ -260,8 +217,6 @@ def _load_legacy(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # zip/pickle errors of every kind: corrupt, truncated, foreign, unsafe
-        import pickle
-
         if isinstance(error, pickle.UnpicklingError):
             # torch's own message suggests weights_only=False, i.e. running the file's code: never.
             raise MorphSeekError(
@@ -278,8 +233,6 @@ def _load_legacy(path: Path) -> dict:
 
 
 def _load_safetensors(path: Path) -> dict:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
@@ -411,6 +364,18 @@ def load_checkpoint(
     return model, config, extra
 
 
+def load_model(model: MorphSeekNet | str | Path, device: torch.device | str = "cpu") -> tuple[MorphSeekNet, dict]:
+    """A model object, or a checkpoint path -> (the model in eval mode on ``device``, its run
+    configuration): ``load_checkpoint``'s for a path, ``model.training_config`` (or {}) for an object."""
+    if isinstance(model, (str, Path)):
+        model, config, _ = load_checkpoint(model, device=device)
+    else:
+        config = getattr(model, "training_config", {}) or {}
+        model = model.to(device)
+    model.eval()
+    return model, config
+
+
 def describe_checkpoint(path: str | os.PathLike) -> str | None:
     """One line about the checkpoint at ``path`` (its stage and progress), None when there is none
     or it cannot be read (for messages such as "what was kept" after an interruption)."""
@@ -468,12 +433,4 @@ def check_checkpoint_target(out: str | os.PathLike, resume: bool = False, overwr
         raise MorphSeekError(
             f"--out '{out}' already holds a checkpoint{': ' + existing if existing else ''}; add --resume to "
             "continue that run, --overwrite to replace it, or choose another --out")
-    folder = weights.parent
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise MorphSeekError(f"--out '{out}': '{probe}' is a file, so the folder cannot be created there")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise MorphSeekError(f"--out '{out}': no permission to write in '{probe}' (read-only?); choose a "
-                             "folder you can write to")
+    check_writable_folder(weights.parent, out)

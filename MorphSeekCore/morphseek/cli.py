@@ -6,6 +6,9 @@ files, missing checkpoint, out of memory) are printed as one clear line and exit
 Ctrl-C exits with 130 and says what was kept: the trainers' last complete checkpoint (resume with
 ``--resume``), or for ``register``, ``evaluate`` and ``demo`` nothing (their output folder is
 written whole at the end, or not at all: ``morphseek.outputs``).
+
+Building the parser imports no torch (``morphseek --help`` is fast): the runners import the engine
+when they run.
 """
 
 from __future__ import annotations
@@ -17,8 +20,12 @@ import sys
 import threading
 from pathlib import Path
 
-from . import options
+from . import defaults, options
 from .errors import MorphSeekError
+# torch-free: --help stays fast
+from .train.config import LDVN_MODES, GRPOConfig
+from .train.contract import default_log
+from .train.trainlog import log_files
 
 DEVICE_HELP = "auto (a GPU when present, else CPU), cpu, cuda or cuda:N"
 
@@ -77,14 +84,15 @@ def _add_warmup(sub) -> None:
                    "its log goes beside it")
     p.add_argument("--backbone", default="voxelmorph",
                    help="tiny | voxelmorph | voxelmorph-l | transmorph-tiny | transmorph (default: voxelmorph)")
-    p.add_argument("--grid", type=options.grid, default=(64, 64, 64), help="model grid D,H,W (default 64)")
+    p.add_argument("--grid", type=options.grid, default=defaults.MODEL_GRID,
+                   help=f"model grid D,H,W (default {defaults.MODEL_GRID[0]})")
     p.add_argument("--iterations", type=options.positive_int, default=1000)
     p.add_argument("--lr", type=options.positive_float, default=1e-3, help="Adam learning rate")
     p.add_argument("--similarity", choices=["mse", "ncc", "mind"], default="mse",
                    help="mse for same modality, mind (MIND-SSC) across modalities, or local ncc")
     p.add_argument("--lambda-reg", type=options.non_negative_float, default=None,
                    help="diffusion weight (default per similarity)")
-    p.add_argument("--beta-kl", type=options.non_negative_float, default=1e-3)
+    p.add_argument("--beta-kl", type=options.non_negative_float, default=defaults.BETA_KL)
     p.add_argument("--checkpoint-every", type=options.positive_int, default=50)
     p.add_argument("--resume", action="store_true",
                    help="continue the run whose checkpoint is --out (exactly: same result as uninterrupted)")
@@ -100,7 +108,7 @@ def _run_warmup(args) -> int:
 
     from .checkpoint import check_checkpoint_target, checkpoint_files, dataset_files, describe_checkpoint, resolve_device
     from .data import load_dataset
-    from .nets.policy import build_model
+    from .nets.registry import build_model
     from .train.warmup import WarmupConfig, warmup
 
     torch.manual_seed(args.seed)
@@ -110,8 +118,7 @@ def _run_warmup(args) -> int:
     dataset = load_dataset(args.data)
     out = Path(args.out)
     check_checkpoint_target(out, resume=args.resume, overwrite=args.overwrite,
-                            inputs=[args.data, *dataset_files(dataset)],
-                            logs=[out.with_suffix(".log.jsonl"), out.with_suffix(".log.csv")])
+                            inputs=[args.data, *dataset_files(dataset)], logs=log_files(default_log(out)))
     config = WarmupConfig(grid=args.grid, iterations=args.iterations, learning_rate=args.lr,
                           similarity=args.similarity, lambda_reg=args.lambda_reg, beta_kl=args.beta_kl,
                           checkpoint_every=args.checkpoint_every, seed=args.seed,
@@ -122,13 +129,24 @@ def _run_warmup(args) -> int:
         return (f"the checkpoint {held} is kept; rerun the same command with --resume to continue exactly"
                 if held else f"nothing was written to {out}")
     args.on_interrupt = kept
-    warmup(model, dataset, config, out, device=device, resume=args.resume, progress=True)
+    warmup(model, dataset, config, out, resume=args.resume, progress=True, device=device)
     weights, sidecar = checkpoint_files(out)
     print(f"wrote {weights} and {sidecar}")
     return 0
 
 
 # ------------------------------------------------------------------------------------- register
+def _add_registration_options(p, prealign: str) -> None:
+    """The options of one registration, shared by ``register`` and ``evaluate``."""
+    p.add_argument("--steps", type=options.positive_int, default=defaults.STEPS,
+                   help="refinement steps T (default %(default)s)")
+    p.add_argument("--trajectories", type=options.positive_int, default=defaults.SEARCH_TRAJECTORIES,
+                   help="candidates J per step for test-time search (default %(default)s: deterministic)")
+    p.add_argument("--tau", type=options.non_negative_float, default=defaults.TAU,
+                   help="sampling temperature of the search (default %(default)s)")
+    p.add_argument("--prealign", choices=["affine", "none"], default=prealign)
+
+
 def _add_register(sub) -> None:
     p = sub.add_parser("register", help="register a moving volume to a fixed one, step by step",
                        description="Writes warped.nii.gz, warped_seg.nii.gz (with --moving-seg), "
@@ -142,11 +160,7 @@ def _add_register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (written whole at the end, or not at all)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing result in --out as a whole (without it an existing result is refused)")
-    p.add_argument("--steps", type=options.positive_int, default=3, help="refinement steps T (default 3)")
-    p.add_argument("--trajectories", type=options.positive_int, default=1,
-                   help="candidates J per step for test-time search (default 1: deterministic)")
-    p.add_argument("--tau", type=options.non_negative_float, default=0.3, help="sampling temperature of the search")
-    p.add_argument("--prealign", choices=["affine", "none"], default="affine")
+    _add_registration_options(p, prealign=defaults.PREALIGN)
     p.add_argument("--adapt", type=options.non_negative_int, default=0, metavar="N",
                    help="after the network's steps, N iterations of test-time optimisation of the map on "
                    "this pair (one more step in the report; default 0: none; 50 for the shipped brain model)")
@@ -211,10 +225,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (written whole at the end, or not at all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing result in --out as a whole")
     p.add_argument("--all", action="store_true", help="evaluate train and val pairs")
-    p.add_argument("--steps", type=options.positive_int, default=3)
-    p.add_argument("--trajectories", type=options.positive_int, default=1)
-    p.add_argument("--tau", type=options.non_negative_float, default=0.3)
-    p.add_argument("--prealign", choices=["affine", "none"], default="none")
+    _add_registration_options(p, prealign="none")  # evaluation data sets are aligned already
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(run=_run_evaluate)
 
@@ -253,12 +264,13 @@ def _add_demo(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo result in --out as a whole")
     p.add_argument("--model", default=None, help="brain model (default: Resources/Models/morphseek-brain)")
     p.add_argument("--sample", default=None, help="labelled sample dataset (default: Resources/SampleData/brain)")
-    p.add_argument("--steps", type=options.positive_int, default=3)
-    p.add_argument("--adapt", type=options.non_negative_int, default=50,
+    p.add_argument("--steps", type=options.positive_int, default=defaults.STEPS)
+    p.add_argument("--adapt", type=options.non_negative_int, default=defaults.ADAPT,
                    help="test-time optimisation iterations (0: none)")
     p.add_argument("--episodes", type=options.non_negative_int, default=6,
                    help="GRPO episodes (each --steps optimiser steps); 0 skips GRPO")
-    p.add_argument("--trajectories", type=options.integer(2), default=4, help="GRPO trajectories J per step (default 4)")
+    p.add_argument("--trajectories", type=options.integer(2), default=defaults.PANEL_TRAJECTORIES,
+                   help="GRPO trajectories J per step (default %(default)s)")
     p.add_argument("--seed", type=options.non_negative_int, default=0)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(run=_run_demo)
@@ -275,9 +287,36 @@ def _run_demo(args) -> int:
 
 
 # ------------------------------------------------------------------------------------- finetune
-def _add_finetune(sub) -> None:
-    from .train.config import add_finetune_arguments  # torch-free: --help stays fast
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the options of ``morphseek finetune`` to ``parser``."""
+    d = GRPOConfig()
+    parser.add_argument("--model", required=True, help="warmed-up checkpoint (stage B) to start from")
+    parser.add_argument("--data", required=True, help="dataset manifest or folder (docs/DATA.md) with labelled pairs")
+    parser.add_argument("--out", required=True, help="fine-tuned checkpoint to write (atomically, every episode)")
+    parser.add_argument("--steps", type=options.positive_int, default=d.steps, help="refinement steps T per pair (default %(default)s)")
+    parser.add_argument("--trajectories", type=options.integer(2), default=d.trajectories, help="trajectories J (default %(default)s)")
+    parser.add_argument("--tau", type=options.positive_float, default=d.tau, help="exploration temperature (default %(default)s)")
+    parser.add_argument("--w-dice", type=options.positive_float, default=d.w_dice, help="reward weight of the Dice gain (default %(default)s)")
+    parser.add_argument("--w-njd", type=options.number(maximum=0.0), default=d.w_njd, help="reward weight of the folding fraction (default %(default)s)")
+    parser.add_argument("--lambda-warm", type=options.non_negative_float, default=d.lambda_warm, help="weight of L_warm (default %(default)s)")
+    parser.add_argument("--lambda-dice", type=options.non_negative_float, default=d.lambda_dice, help="weight of the soft-Dice loss (default %(default)s)")
+    parser.add_argument("--target-kl", type=options.positive_float, default=None, help="KL target per latent dimension (default: max(2 x the warm-up policy's KL, 0.01))")
+    parser.add_argument("--ldvn", choices=LDVN_MODES, default=d.ldvn, help="LDVN scale (default %(default)s)")
+    parser.add_argument("--lr", type=options.positive_float, default=d.learning_rate, help="Adam learning rate (default %(default)s)")
+    parser.add_argument("--episodes", type=options.positive_int, default=None, help="pair visits (default: one pass over the training pairs)")
+    parser.add_argument("--val-every", type=options.positive_int, default=d.validate_every, help="validate every N episodes (default %(default)s)")
+    parser.add_argument("--max-val-pairs", type=options.positive_int, default=None, help="use at most this many held-back pairs")
+    parser.add_argument("--log", default=None, help="log stem (default: OUT without suffix + '.log' -> .jsonl and .csv)")
+    parser.add_argument("--resume", action="store_true", help="continue from --out if it holds a fine-tuning run")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing checkpoint at --out (without it an existing one is refused)")
+    parser.add_argument("--seed", type=options.non_negative_int, default=d.seed)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
 
+
+def _add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="stage C: GRPO fine-tuning with LDVN on labelled pairs",
                        description="Fine-tune a warmed-up model on a few labelled pairs with Group "
                        "Relative Policy Optimisation in the latent space (docs/GRPO.md).")
@@ -286,9 +325,47 @@ def _add_finetune(sub) -> None:
 
 
 def _run_finetune(args) -> int:
-    from .train.grpo import run_finetune
+    """Run ``morphseek finetune`` from parsed arguments; returns the process exit code."""
+    from .checkpoint import check_checkpoint_target, dataset_files, load_checkpoint, resolve_device
+    from .data import load_dataset, load_samples
+    from .train.grpo import check_pair_labels, grpo_finetune
 
-    return run_finetune(args)
+    out = Path(args.out)
+    log = Path(args.log) if args.log else default_log(out)
+    device = resolve_device(args.device)
+    model, run_config, extra = load_checkpoint(args.model, device=device)
+    dataset = load_dataset(args.data)
+    check_checkpoint_target(out, resume=args.resume, overwrite=args.overwrite,
+                            inputs=[extra.get("path"), args.model, args.data, *dataset_files(dataset)],
+                            logs=log_files(log))
+    grid = tuple(int(n) for n in (run_config.get("grid") or dataset.grid or ()))
+    if not grid and not run_config.get("spacing"):
+        raise MorphSeekError(f"{args.model}: neither the checkpoint's configuration nor {args.data} names a model grid")
+    train = load_samples(dataset, dataset.train_pairs, run_config, device, model.divisor, grid)
+    val_pairs = list(dataset.val_pairs)
+    if args.max_val_pairs is not None:
+        val_pairs = val_pairs[: args.max_val_pairs]
+    val = [s for s in load_samples(dataset, val_pairs, run_config, device, model.divisor, grid) if s.has_labels]
+    if len(val) < len(val_pairs):
+        print(f"{len(val_pairs) - len(val)} held-back pairs have no labels and are not used for validation",
+              file=sys.stderr)
+    config = GRPOConfig(steps=args.steps, trajectories=args.trajectories, tau=args.tau, w_dice=args.w_dice,
+                        w_njd=args.w_njd, lambda_warm=args.lambda_warm, lambda_dice=args.lambda_dice,
+                        target_kl=args.target_kl, ldvn=args.ldvn, learning_rate=args.lr, episodes=args.episodes,
+                        validate_every=args.val_every, seed=args.seed)
+    n_lab = sum(check_pair_labels(s) for s in train)
+    print(f"GRPO fine-tuning {args.model} on {len(train)} pairs ({n_lab} labelled, "
+          f"{len(train) - n_lab} label-free), {len(val)} held back; J={config.trajectories}, "
+          f"T={config.steps}, LDVN={config.ldvn}; log: {log}.jsonl/.csv", file=sys.stderr)
+    # Ctrl-C: the episodes done are checkpointed and main() says what was kept (exit status 130)
+    result = grpo_finetune(model, train, val, config, out=out, log=log, resume=args.resume,
+                           progress=not args.no_progress, run_config=run_config)
+    v = result.validation
+    if v:
+        print(f"Held-back pairs: Dice {v['val_dice']:.2f} +/- {v['val_dice_std']:.2f} %, "
+              f"NJD {v['val_njd']:.3f} +/- {v['val_njd_std']:.3f} %", file=sys.stderr)
+    print(f"Wrote {out}", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,13 +20,14 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
 from . import io
+from .atomic import write_text
 from .errors import MorphSeekError
 
 FORMAT = "morphseek-dataset"
@@ -158,7 +159,7 @@ class Dataset:
         stretch = fixed_grid if self.moving_to_fixed == "stretch" else None
         moving_volume = self._volume(moving_id, reference, model_key, stretch, None)
         both = fixed_volume.labels is not None and moving_volume.labels is not None
-        values = sorted(fixed_volume.label_values & moving_volume.label_values) if both else []
+        values = shared_labels(fixed_volume.label_values, moving_volume.label_values) if both else []
         as_long = lambda t: None if t is None else t.to(torch.int64)  # noqa: E731
         return PairSample(moving_volume.image, fixed_volume.image, as_long(moving_volume.labels),
                           as_long(fixed_volume.labels), values, (moving_id, fixed_id), model_key)
@@ -236,14 +237,75 @@ def with_extent_of(image: sitk.Image, target: io.Grid) -> sitk.Image:
     return out
 
 
+class PairImages(NamedTuple):
+    """A pair's four images as read from disk (``read_pair``), and the file names for messages."""
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    fixed_seg: sitk.Image | None
+    moving_seg: sitk.Image | None
+    names: dict[str, str]  # fixed, moving, fixed_seg, moving_seg -> the file (or "")
+
+
+def read_pair(dataset: Dataset, pair: Sequence[str]) -> PairImages:
+    """Read ``pair = (moving_id, fixed_id)`` of ``dataset`` at full resolution (``io.read_image``,
+    ``io.read_labels`` checked against their images); a segmentation is None when the subject has none."""
+    moving_id, fixed_id = dataset._check_pair(pair)
+    f_entry, m_entry = dataset.subject(fixed_id), dataset.subject(moving_id)
+    fixed = io.read_image(f_entry.image, "fixed image")
+    moving = io.read_image(m_entry.image, "moving image")
+    fixed_seg = (io.read_labels(f_entry.labels, reference=fixed, what="fixed segmentation")
+                 if f_entry.labels is not None else None)
+    moving_seg = (io.read_labels(m_entry.labels, reference=moving, what="moving segmentation")
+                  if m_entry.labels is not None else None)
+    names = {"fixed": str(f_entry.image), "moving": str(m_entry.image),
+             "fixed_seg": str(f_entry.labels or ""), "moving_seg": str(m_entry.labels or "")}
+    return PairImages(fixed, moving, fixed_seg, moving_seg, names)
+
+
+def shared_labels(a, b) -> list[int]:
+    """THE rule for the labels a Dice is taken over: the non-zero labels present in both label maps
+    (tensors, arrays or sets of label values), sorted."""
+    def present(labels) -> set[int]:
+        if isinstance(labels, torch.Tensor):
+            return set(torch.unique(labels).tolist())
+        if isinstance(labels, np.ndarray):
+            return set(np.unique(labels).tolist())
+        return {int(v) for v in labels}
+    return sorted((present(a) & present(b)) - {0})
+
+
+def load_samples(dataset: Dataset, pairs: Sequence[Sequence[str]], run_config: dict | None, device,
+                 divisor: int = 1, grid: Sequence[int] | None = None) -> list[PairSample]:
+    """Pairs loaded onto a model's grid as its run configuration says: by voxel size when it has
+    ``spacing`` (as ``register_images`` builds it), else onto ``grid`` (default: the configuration's
+    ``grid``, else the dataset's); tensors on ``device``."""
+    run_config = run_config or {}
+    spacing = run_config.get("spacing")
+    if spacing:
+        return [dataset.load_pair(pair, spacing=float(spacing), direction=run_config.get("direction"),
+                                  divisor=divisor).to(device) for pair in pairs]
+    grid = grid if grid is not None else run_config.get("grid")
+    return [dataset.load_pair(pair, grid).to(device) for pair in pairs]
+
+
 # ----------------------------------------------------------------------------- splits
 
 
+def held_out_count(n_subjects: int, from_subjects: int = 6, minimum: int = 2) -> int:
+    """THE train/val split rule: how many of ``n_subjects`` (the last ones, in the given order) are
+    held out for validation: none below ``from_subjects`` (every subject is needed to train), then a
+    quarter, at least ``minimum``. Datasets use the defaults; the Slicer module's scene cases hold
+    out from 4 cases on, at least one (``MorphSeekLib.training.held_back_count``)."""
+    return max(minimum, round(n_subjects / 4)) if n_subjects >= from_subjects else 0
+
+
 def default_split(ids: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Held-out split used when a dataset names no pairs: with 6 or more subjects the last quarter
-    (at least 2, in the given order) are validation subjects, the rest train; below 6, all train."""
+    """Held-out split used when a dataset names no pairs (:func:`held_out_count`): with 6 or more
+    subjects the last quarter (at least 2, in the given order) are validation subjects, the rest
+    train; below 6, all train."""
     ids = list(ids)
-    n_val = max(2, round(len(ids) / 4)) if len(ids) >= 6 else 0
+    n_val = held_out_count(len(ids))
     return ids[: len(ids) - n_val], ids[len(ids) - n_val :]
 
 
@@ -251,6 +313,21 @@ def ordered_pairs(ids: Iterable[str]) -> list[Pair]:
     """All ordered pairs (moving, fixed) of distinct subjects."""
     ids = list(ids)
     return [(m, f) for m in ids for f in ids if m != f]
+
+
+def write_manifest(folder: str | Path, subjects: Sequence[dict], train_pairs: Sequence[Sequence[str]],
+                   val_pairs: Sequence[Sequence[str]], description: str, **fields) -> Path:
+    """THE manifest writer (docs/DATA.md): ``folder/manifest.json`` with ``subjects`` (dicts with
+    ``id``, ``image`` and optionally ``labels``, paths relative to ``folder``), the pairs and any
+    other top-level ``fields`` (``modality``, ``grid``, ``labels``...), written atomically and
+    readably (one subject, one pair per line). Returns its path."""
+    manifest = {"format": FORMAT, "version": VERSION, "description": description, **fields,
+                "subjects": list(subjects),
+                "pairs": {"train": [list(p) for p in train_pairs], "val": [list(p) for p in val_pairs]}}
+    text = json.dumps(manifest, indent=1)
+    text = re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
+    text = re.sub(r"\{\s+(\"id\"[^{}]*?)\s+\}", lambda m: "{" + re.sub(r",\s+", ", ", m.group(1)) + "}", text)
+    return write_text(text + "\n", Path(folder) / MANIFEST_NAME)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io
+from . import defaults, io
 from .checkpoint import find_checkpoint, load_checkpoint, resolve_device
-from .data import load_dataset
+from .data import load_dataset, load_samples, read_pair
 from .errors import MorphSeekError
 from .montage import write_montage
 from .outputs import staged_folder
 from .register import register_images
+from .train.grpo import GRPOConfig, grpo_finetune
 
 RESOURCES = Path(__file__).resolve().parents[2] / "Resources"
 BRAIN_MODEL = RESOURCES / "Models" / "morphseek-brain"
@@ -25,21 +26,17 @@ BRAIN_SAMPLE = RESOURCES / "SampleData" / "brain"
 
 
 def _register(dataset, pair, model, steps: int, adapt: int, device, seed: int):
-    moving_id, fixed_id = pair
-    f_entry, m_entry = dataset.subject(fixed_id), dataset.subject(moving_id)
-    fixed, moving = io.read_image(f_entry.image, "fixed image"), io.read_image(m_entry.image, "moving image")
-    fixed_seg = io.read_labels(f_entry.labels, reference=fixed, what="fixed segmentation")
-    moving_seg = io.read_labels(m_entry.labels, reference=moving, what="moving segmentation")
+    images = read_pair(dataset, pair)
     # the sample pairs are affinely aligned already (scripts/prepare_brains.py), as the model expects
-    result = register_images(fixed, moving, model, fixed_seg=fixed_seg, moving_seg=moving_seg, steps=steps,
-                             adapt=adapt, prealign="none", device=str(device), seed=seed,
-                             names={"fixed": str(f_entry.image), "moving": str(m_entry.image),
-                                    "fixed_seg": str(f_entry.labels), "moving_seg": str(m_entry.labels)})
-    return result, (fixed, moving, fixed_seg, moving_seg)
+    result = register_images(images.fixed, images.moving, model, fixed_seg=images.fixed_seg,
+                             moving_seg=images.moving_seg, steps=steps, adapt=adapt, prealign="none",
+                             device=str(device), seed=seed, names=images.names)
+    return result, images[:4]
 
 
 def run_demo(out: str | Path = "demo-output", model: str | Path = BRAIN_MODEL, sample: str | Path = BRAIN_SAMPLE,
-             steps: int = 3, adapt: int = 50, episodes: int = 6, trajectories: int = 4, seed: int = 0,
+             steps: int = defaults.STEPS, adapt: int = defaults.ADAPT, episodes: int = 6,
+             trajectories: int = defaults.PANEL_TRAJECTORIES, seed: int = 0,
              device: str = "auto", overwrite: bool = False) -> dict:
     """Register, fine-tune with GRPO, register again; returns the report (also written as JSON).
 
@@ -66,8 +63,6 @@ def run_demo(out: str | Path = "demo-output", model: str | Path = BRAIN_MODEL, s
 
 def _run_demo(out: Path, final: Path, model: Path, dataset, sample, steps, adapt, episodes, trajectories, seed,
               device) -> dict:
-    from .train.grpo import GRPOConfig, grpo_finetune
-
     pair = dataset.val_pairs[0]
     name = f"{pair[0]}_to_{pair[1]}"
     timings, tables = {}, {}
@@ -83,12 +78,9 @@ def _run_demo(out: Path, final: Path, model: Path, dataset, sample, steps, adapt
     finetuned = model
     if episodes:
         net, run_config, _ = load_checkpoint(model, device=device)
-        spacing, direction = run_config.get("spacing"), run_config.get("direction")
 
         def load(pairs):
-            return [dataset.load_pair(p, run_config.get("grid"), **({"spacing": float(spacing), "direction": direction,
-                                                                     "divisor": net.divisor} if spacing else {})).to(device)
-                    for p in pairs]
+            return load_samples(dataset, pairs, run_config, device, net.divisor)
 
         print(f"\n[2/3] GRPO fine-tuning on {len(dataset.train_pairs)} labelled pairs: {episodes} episodes of "
               f"{steps} steps, J = {trajectories}; held back: {len(dataset.val_pairs)} pairs")
@@ -96,8 +88,8 @@ def _run_demo(out: Path, final: Path, model: Path, dataset, sample, steps, adapt
         finetuned = out / "model-finetuned.safetensors"
         result = grpo_finetune(net, load(dataset.train_pairs), load(dataset.val_pairs),
                                GRPOConfig(steps=steps, trajectories=trajectories, episodes=episodes, seed=seed,
-                                          val_every=max(episodes, 1)),
-                               run_config=run_config, out=finetuned, log=out / "finetune.log", progress=True)
+                                          validate_every=max(episodes, 1)),
+                               out=finetuned, log=out / "finetune.log", progress=True, run_config=run_config)
         timings["finetune_seconds"] = time.perf_counter() - tic
         print(f"held-back Dice after fine-tuning (model grid, {steps} steps): "
               f"{result.validation.get('val_dice', float('nan')):.2f} %")

@@ -1,6 +1,13 @@
-"""``morphseek evaluate``: register every evaluation pair of a labelled dataset and report, per pair
-and step, Dice, NJD%, SDlogJ and HD95 on the fixed image's grid, with their mean and standard
-deviation over pairs (JSON and CSV)."""
+"""Evaluation, in two kinds (the names say which grid the Dice is measured on):
+
+* on the MODEL grid, tensors in, during training: :func:`evaluate_pairs` (deterministic T-step
+  ``register.refine`` of prepared ``PairSample``s; Dice and NJD% of the total map) and
+  :func:`evaluate_heldback` (a data set's labelled held-back pairs, for the warm-up and GRPO logs);
+* on the FIXED image's grid, files in: ``morphseek evaluate`` (:func:`evaluate_dataset`) registers
+  every evaluation pair of a labelled dataset with ``register_images`` and reports, per pair and
+  step, Dice, NJD%, SDlogJ and HD95 (:func:`result_metrics`), with their mean and standard deviation
+  over pairs (JSON and CSV).
+"""
 
 from __future__ import annotations
 
@@ -8,20 +15,63 @@ import csv
 import json
 from pathlib import Path
 
+from typing import Sequence
+
+import numpy as np
 import SimpleITK as sitk
+import torch
 from tqdm import tqdm
 
-from . import io, metrics
-from .checkpoint import resolve_device
-from .data import load_dataset
+from . import defaults, metrics
+from .checkpoint import load_model, resolve_device
+from .data import Dataset, PairSample, load_dataset, read_pair
 from .errors import MorphSeekError
-from .register import load_model, register_images
+from .geometry import warp_labels
+from .nets.policy import MorphSeekNet
+from .register import refine, register_images
 
 METRICS = ("dice", "njd_percent", "sd_log_j", "hd95_mm")
 
 
-def evaluate_pair(result, fixed_seg: sitk.Image) -> list[dict]:
-    """Metrics of every step of a RegistrationResult (with labels) -> one row per step."""
+# ---------------------------------------------------------------------------- on the model grid
+@torch.no_grad()
+def evaluate_pairs(model: MorphSeekNet, samples: Sequence[PairSample], steps: int) -> dict[str, float]:
+    """Held-back evaluation on the model grid: deterministic T-step inference (``register.refine``,
+    tau = 0), Dice (%, mean over the labels present in both, ``metrics.dice_torch``) and NJD%
+    (``metrics.njd_percent``) of the total map; mean and (population) std over the pairs."""
+    was_training = model.training
+    model.eval()
+    dices, njds = [], []
+    try:
+        for sample in samples:
+            total = refine(model, sample.moving, sample.fixed, steps=steps)[-1].total
+            values = metrics.foreground_labels(sample.label_values, sample.moving.device)
+            warped = warp_labels(sample.moving_labels, total)
+            dices.append(100.0 * float(metrics.dice_torch(sample.fixed_labels, warped, values)[0]))
+            njds.append(float(metrics.njd_percent(total[0].cpu().numpy())))
+    finally:
+        model.train(was_training)
+    if not dices:
+        return {}
+    return {"val_dice": float(np.mean(dices)), "val_dice_std": float(np.std(dices)),
+            "val_njd": float(np.mean(njds)), "val_njd_std": float(np.std(njds)), "val_pairs": len(dices)}
+
+
+def evaluate_heldback(model: MorphSeekNet, dataset: Dataset, grid, device, steps: int = 1, model_ref=None) -> dict:
+    """:func:`evaluate_pairs` of the labelled held-back pairs of ``dataset`` (Dice %, NJD%: mean,
+    std); {} when no held-back pair has labels. Data sets that synthesise their training pairs
+    (``val_samples``) give their held-back pairs on ``model_ref``; others are loaded onto ``grid``."""
+    if hasattr(dataset, "val_samples"):
+        samples = [s.to(device) for s in dataset.val_samples(model_ref)]
+    else:
+        samples = [dataset.load_pair(pair, grid).to(device) for pair in dataset.val_pairs]
+    return evaluate_pairs(model, [s for s in samples if s.has_labels and s.label_values], steps)
+
+
+# ---------------------------------------------------------------------------- on the fixed grid
+def result_metrics(result, fixed_seg: sitk.Image) -> list[dict]:
+    """Metrics on the fixed image's grid of every step of a RegistrationResult (with labels) -> one
+    row per step."""
     rows = []
     fixed_labels = sitk.GetArrayViewFromImage(fixed_seg)
     for step in result.steps:
@@ -38,8 +88,12 @@ def evaluate_pair(result, fixed_seg: sitk.Image) -> list[dict]:
     return rows
 
 
-def evaluate_dataset(data, model, out, steps: int = 3, trajectories: int = 1, tau: float = 0.3,
-                     prealign: str = "none", device: str = "auto", all_pairs: bool = False) -> dict:
+def evaluate_dataset(data: str | Path, model: MorphSeekNet | str | Path, out: str | Path, steps: int = defaults.STEPS,
+                     trajectories: int = defaults.SEARCH_TRAJECTORIES, tau: float = defaults.TAU, prealign: str = "none", device: str = "auto",
+                     all_pairs: bool = False) -> dict:
+    """``morphseek evaluate``: register every evaluation pair of ``data`` (its val pairs, or all with
+    ``all_pairs``) and write ``evaluation.json`` and ``evaluation.csv`` into ``out``; returns the
+    summary (per step: mean and std over pairs of each of ``METRICS``)."""
     dataset = load_dataset(data, require_labels=True)
     pairs = (dataset.train_pairs + dataset.val_pairs) if all_pairs else dataset.val_pairs
     if not pairs:
@@ -47,19 +101,16 @@ def evaluate_dataset(data, model, out, steps: int = 3, trajectories: int = 1, ta
     net, config = load_model(model, resolve_device(device))
     rows = []
     for moving_id, fixed_id in tqdm(pairs, desc="evaluate", unit="pair"):
-        f, m = dataset.subject(fixed_id), dataset.subject(moving_id)
-        fixed = io.read_image(f.image, "fixed image")
-        moving = io.read_image(m.image, "moving image")
-        fixed_seg = io.read_labels(f.labels, reference=fixed, what="fixed segmentation")
-        moving_seg = io.read_labels(m.labels, reference=moving, what="moving segmentation")
-        result = register_images(fixed, moving, net, fixed_seg=fixed_seg, moving_seg=moving_seg, steps=steps,
-                                 trajectories=trajectories, tau=tau, prealign=prealign, device=device,
+        images = read_pair(dataset, (moving_id, fixed_id))
+        fixed_seg = images.fixed_seg
+        result = register_images(images.fixed, images.moving, net, fixed_seg=fixed_seg, moving_seg=images.moving_seg,
+                                 steps=steps, trajectories=trajectories, tau=tau, prealign=prealign, device=device,
                                  keep_step_images=True,
-                                 names={"fixed": str(f.image), "moving": str(m.image)})
+                                 names={"fixed": images.names["fixed"], "moving": images.names["moving"]})
         base = {"moving": moving_id, "fixed": fixed_id}
         rows.append({**base, "step": 0, "dice": result.initial_dice, "njd_percent": None,
                      "sd_log_j": None, "hd95_mm": None})
-        rows += [{**base, **r} for r in evaluate_pair(result, fixed_seg)]
+        rows += [{**base, **r} for r in result_metrics(result, fixed_seg)]
     per_step = {}
     for t in range(0, steps + 1):
         step_rows = [r for r in rows if r["step"] == t]

@@ -13,12 +13,14 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from .errors import MorphSeekError
+
 Tensor = torch.Tensor
 
 
 def _check_field(disp: Tensor) -> None:
     if disp.dim() != 5 or disp.shape[1] != 3:
-        raise ValueError(f"a displacement must have shape (B, 3, D, H, W), got {tuple(disp.shape)}")
+        raise MorphSeekError(f"a displacement must have shape (B, 3, D, H, W), got {tuple(disp.shape)}")
 
 
 #: Identity grids kept for reuse, keyed by (shape, device, dtype): the most recent few (a
@@ -60,9 +62,9 @@ def sampling_grid(disp: Tensor) -> Tensor:
 def warp(image: Tensor, disp: Tensor, mode: str = "bilinear", padding_mode: str = "zeros") -> Tensor:
     """Resample ``image`` (B, C, D, H, W) at x + u(x). ``mode``: 'bilinear' (trilinear) or 'nearest'."""
     if image.dim() != 5:
-        raise ValueError(f"an image batch must have shape (B, C, D, H, W), got {tuple(image.shape)}")
+        raise MorphSeekError(f"an image batch must have shape (B, C, D, H, W), got {tuple(image.shape)}")
     if image.shape[2:] != disp.shape[2:]:
-        raise ValueError(f"image grid {tuple(image.shape[2:])} differs from field grid {tuple(disp.shape[2:])}")
+        raise MorphSeekError(f"image grid {tuple(image.shape[2:])} differs from field grid {tuple(disp.shape[2:])}")
     grid = sampling_grid(disp.to(image.dtype) if image.is_floating_point() else disp)
     source = image if image.is_floating_point() else image.to(disp.dtype)
     out = F.grid_sample(source, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
@@ -107,7 +109,7 @@ def difference(values: Tensor, dim: int) -> Tensor:
     both ends); faster than ``torch.gradient``, which it equals. Needs at least 2 points."""
     n = values.shape[dim]
     if n < 2:
-        raise ValueError(f"a difference needs at least 2 points along dim {dim}, got {n}")
+        raise MorphSeekError(f"a difference needs at least 2 points along dim {dim}, got {n}")
     out = torch.empty_like(values)
     if n > 2:
         torch.sub(values.narrow(dim, 2, n - 2), values.narrow(dim, 0, n - 2), out=out.narrow(dim, 1, n - 2))

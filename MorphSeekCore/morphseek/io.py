@@ -13,16 +13,16 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-import tempfile
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
+# THE atomic write (re-exported: io.atomic_target and io.write_text are used across the engine)
+from .atomic import atomic_target, give_default_permissions, write_text  # noqa: F401
 from .errors import MorphSeekError
 
 PathLike = str | os.PathLike
@@ -373,55 +373,6 @@ def read_labels(path: PathLike, reference: sitk.Image | PathLike | None = None,
     return check_labels(image, reference, str(path), reference_name=reference_name, what=what)
 
 
-def give_default_permissions(path: PathLike) -> None:
-    """chmod a temporary file to what a plain ``open()`` would have given it (0666 minus the umask):
-    ``mkstemp`` makes files only their owner can read, which would hide results from colleagues."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def _fsync(path: PathLike) -> None:
-    """Flush a written file to the disk (so a full disk or I/O error surfaces here, not later)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_target(path: PathLike) -> Iterator[str]:
-    """Yield a temporary file name in ``path``'s folder (same extension, so writers that choose the
-    format from the extension still work); on success (the file exists, is not empty and is flushed
-    to disk) it replaces ``path`` atomically, on failure it is removed and ``path`` is left as it was.
-    Parent folders are created. An OSError (full disk, no permission) becomes a MorphSeekError
-    naming ``path``."""
-    path = Path(path)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-        os.close(fd)
-    except OSError as error:
-        raise MorphSeekError(f"cannot write '{path}': {error.strerror or error}") from None
-    try:
-        yield tmp
-        if os.path.getsize(tmp) == 0:
-            raise MorphSeekError(f"cannot write '{path}': nothing was written (is the disk full?)")
-        _fsync(tmp)
-        give_default_permissions(tmp)
-        os.replace(tmp, path)
-    except OSError as error:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise MorphSeekError(f"cannot write '{path}': {error.strerror or error}") from None
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def verify_written_image(image: sitk.Image, written: PathLike, name: PathLike) -> None:
     """Check that the file ``written`` holds all of ``image``: the header read back gives the same
     size, and for NIfTI the (uncompressed) byte length matches the header (a short write on a full
@@ -453,19 +404,6 @@ def write_image(image: sitk.Image, path: PathLike) -> Path:
             verify_written_image(image, tmp, path)
     except RuntimeError as err:
         raise MorphSeekError(f"cannot write image '{path}': {str(err).strip().splitlines()[-1]}") from None
-    return path
-
-
-def write_text(text: str, path: PathLike) -> Path:
-    """Write ``text`` (UTF-8) atomically and check its length on disk. Returns the path."""
-    path = Path(path)
-    data = text.encode("utf-8")
-    with atomic_target(path) as tmp:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        if os.path.getsize(tmp) != len(data):
-            raise MorphSeekError(f"cannot write '{path}': only {os.path.getsize(tmp)} of {len(data)} bytes "
-                                 "were written (is the disk full?)")
     return path
 
 

@@ -22,6 +22,7 @@ import SimpleITK as sitk
 import torch
 
 from .errors import MorphSeekError
+from .geometry import jacobian_determinant
 
 # Label values up to this bound are counted with a direct bincount; beyond it they are first
 # renumbered with np.unique (slower, but bounded memory for e.g. 32-bit label values).
@@ -135,15 +136,9 @@ def jacobian_determinant_np(disp) -> np.ndarray:
     reports folding; agrees with ``geometry.jacobian_determinant``.
     """
     u = _displacement_array(disp)
-    # j[c][a] = d(x_c + u_c) / d x_a
-    j = [list(np.gradient(u[c])) for c in range(3)]
-    for c in range(3):
-        j[c][c] = j[c][c] + 1.0
-    return (
-        j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
-        - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
-        + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0])
-    )
+    # THE determinant is geometry's (torch on the CPU, the same operations in the same order as
+    # numpy.gradient and the cofactor expansion: bit-identical to computing it here in NumPy)
+    return jacobian_determinant(torch.from_numpy(np.ascontiguousarray(u))[None])[0].numpy()
 
 
 def njd_percent(disp) -> float:
@@ -255,6 +250,14 @@ def hd95(
 
 # --------------------------------------------------------------------------------------- torch
 @torch.no_grad()
+def foreground_labels(label_values, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The label values (a sequence or tensor of ints) as a long tensor on ``device``, background
+    (0) removed."""
+    values = torch.as_tensor(list(label_values) if not isinstance(label_values, torch.Tensor) else label_values,
+                             dtype=torch.long).flatten()
+    return values[values != 0].to(device)
+
+
 def dice_torch(fixed: torch.Tensor, warped: torch.Tensor, label_values) -> torch.Tensor:
     """Mean Dice over ``label_values`` per batch item (B,), from hard integer labels (B, 1, D, H, W).
 

@@ -26,6 +26,7 @@ def write_montage(path: str | Path, fixed: sitk.Image, moving_on_fixed: sitk.Ima
                   slice_index: int | None = None, title: str = "") -> Path:
     """``moving_on_fixed`` / ``moving_seg_on_fixed``: the inputs before deformable registration
     (step 0), resampled onto the fixed grid. ``result``: a RegistrationResult with step images."""
+    # matplotlib on use only: the backend must be chosen before pyplot loads, and only the demo draws
     import matplotlib
 
     matplotlib.use("Agg")

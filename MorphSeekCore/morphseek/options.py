@@ -13,47 +13,42 @@ import math
 from typing import Callable
 
 
-def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
-    """An integer in [minimum, maximum] (either bound optional)."""
+def _bounded(kind: str, convert: Callable[[str], float], minimum, maximum, exclusive_minimum: bool,
+             show: Callable[[float], str]) -> Callable[[str], float]:
+    """THE bounded-number parser behind :func:`integer` and :func:`number`: ``convert`` the text
+    (its ValueError: "is not a {kind}"), refuse NaN and infinity, check the bounds (``show`` writes
+    a bound or value into the message)."""
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if minimum is not None and value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if minimum is not None:
+            if exclusive_minimum and value <= minimum:
+                raise argparse.ArgumentTypeError(f"must be greater than {show(minimum)}, got {show(value)}")
+            if not exclusive_minimum and value < minimum:
+                raise argparse.ArgumentTypeError(f"must be at least {show(minimum)}, got {show(value)}")
         if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be at most {show(maximum)}, got {show(value)}")
         return value
 
-    parse.__name__ = "integer"
+    parse.__name__ = "integer" if convert is int else "number"
     return parse
+
+
+def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
+    """An integer in [minimum, maximum] (either bound optional)."""
+    return _bounded("whole number", int, minimum, maximum, False, str)
 
 
 def number(minimum: float | None = None, maximum: float | None = None, *,
            exclusive_minimum: bool = False) -> Callable[[str], float]:
     """A finite float in [minimum, maximum] (``exclusive_minimum``: strictly above ``minimum``).
     NaN and infinity are refused."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-        if minimum is not None:
-            if exclusive_minimum and value <= minimum:
-                raise argparse.ArgumentTypeError(f"must be greater than {minimum:g}, got {value:g}")
-            if not exclusive_minimum and value < minimum:
-                raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {value:g}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be at most {maximum:g}, got {value:g}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
+    return _bounded("number", float, minimum, maximum, exclusive_minimum, lambda v: f"{v:g}")
 
 
 #: Smallest model-grid size along an axis: the backbones halve the grid four times.

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .atomic import check_writable_folder, give_default_permissions, write_text
 from .errors import MorphSeekError
 
 PathLike = str | os.PathLike
@@ -81,15 +82,7 @@ def check_output_folder(out: PathLike, overwrite: bool = False, inputs: Iterable
                 raise MorphSeekError(
                     f"{option} '{out}' already holds a result; add --overwrite to replace it as a whole, "
                     f"or choose another folder")
-    parent = target.parent
-    existing = parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise MorphSeekError(f"{option} '{out}': '{existing}' is a file, so the folder cannot be created there")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise MorphSeekError(f"{option} '{out}': no permission to write in '{existing}' (read-only?); "
-                             "choose a folder you can write to")
+    check_writable_folder(target.parent, out, option)
     return target
 
 
@@ -108,20 +101,14 @@ def staged_folder(out: PathLike, overwrite: bool = False, inputs: Iterable[PathL
     except OSError as error:
         raise MorphSeekError(f"{option} '{out}': cannot create a folder beside it ({error.strerror})") from None
     try:
-        os.chmod(stage, 0o777 & ~_umask())
+        give_default_permissions(stage, 0o777)
         yield stage
         marker = {"command": command, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        (stage / MARKER).write_text(json.dumps(marker) + "\n")
+        write_text(json.dumps(marker) + "\n", stage / MARKER)
         _replace(stage, target, out, option)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _replace(stage: Path, target: Path, out: PathLike, option: str) -> None:

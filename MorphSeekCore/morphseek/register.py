@@ -24,12 +24,15 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import export, geometry, io, metrics, prealign as prealign_module
+from . import defaults, export, geometry, io, metrics, prealign as prealign_module
 from .adapt import AdaptSettings, fine_grid_shape
 from .adapt import adapt as adapt_total
-from .checkpoint import load_checkpoint, resolve_device
+from .checkpoint import load_model, resolve_device
+from .data import shared_labels
 from .errors import Cancelled, MorphSeekError
 from .losses import similarity_loss
+from .nets.policy import MorphSeekNet
+from .outputs import staged_folder
 
 ProgressCallback = Callable[["ProgressEvent"], None]
 CancelCallback = Callable[[], bool]
@@ -146,18 +149,18 @@ def _expand(skips: list, batch: int) -> list:
 
 @torch.no_grad()
 def refine(
-    model: torch.nn.Module,
+    model: MorphSeekNet,
     moving: torch.Tensor,
     fixed: torch.Tensor,
-    steps: int = 3,
-    trajectories: int = 1,
-    tau: float = 0.3,
+    steps: int = defaults.STEPS,
+    trajectories: int = defaults.SEARCH_TRAJECTORIES,
+    tau: float = defaults.TAU,
     moving_labels: torch.Tensor | None = None,
     fixed_labels: torch.Tensor | None = None,
     label_values: list[int] | None = None,
     similarity: str = "mse",
-    w_dice: float = 1.0,
-    w_njd: float = -10.0,
+    w_dice: float = defaults.W_DICE,
+    w_njd: float = defaults.W_NJD,
     generator: torch.Generator | None = None,
     cancel: CancelCallback | None = None,
     on_step: Callable[[StepTensors], None] | None = None,
@@ -298,8 +301,6 @@ class RegistrationResult:
         ``overwrite=True``; ``inputs`` (paths) that lie inside ``out_dir`` are refused. Float volumes
         are stored uncompressed inside their ``.nii.gz`` (they barely compress, and deflating them
         took most of the time of a full-resolution run), label maps gzipped at level 1."""
-        from .outputs import staged_folder
-
         float_level, label_level = export.FLOAT_GZIP_LEVEL, export.LABEL_GZIP_LEVEL
         with staged_folder(out_dir, overwrite=overwrite, inputs=inputs, command="register") as out:
             export.write_volume(self.warped, out / "warped.nii.gz", float_level)
@@ -323,9 +324,8 @@ class RegistrationResult:
 
 
 def _label_values(fixed_seg: sitk.Image, moving_seg: sitk.Image) -> list[int]:
-    f = np.unique(sitk.GetArrayViewFromImage(fixed_seg))
-    m = np.unique(sitk.GetArrayViewFromImage(moving_seg))
-    return [int(v) for v in np.intersect1d(f, m) if v != 0]
+    """The labels a registration's Dice is taken over (``data.shared_labels``: present in both)."""
+    return shared_labels(sitk.GetArrayViewFromImage(fixed_seg), sitk.GetArrayViewFromImage(moving_seg))
 
 
 #: Bytes per fixed-grid voxel that a registration's outputs hold at once: the field (3 x float32),
@@ -412,28 +412,17 @@ def _adapt_step(last: StepTensors, moving_t: torch.Tensor, fixed_t: torch.Tensor
     return StepTensors(last.index + 1, total, [candidate], 0, time.perf_counter() - start, kind="adapt")
 
 
-def load_model(model, device: torch.device):
-    """A model object, or a checkpoint path -> (model in eval mode on ``device``, training config)."""
-    if isinstance(model, (str, Path)):
-        model, config, _ = load_checkpoint(model, device=device)
-    else:
-        config = getattr(model, "training_config", {}) or {}
-        model = model.to(device)
-    model.eval()
-    return model, config
-
-
 def register_images(
     fixed: sitk.Image,
     moving: sitk.Image,
-    model,
+    model: MorphSeekNet | str | Path,
     *,
     fixed_seg: sitk.Image | None = None,
     moving_seg: sitk.Image | None = None,
-    steps: int = 3,
-    trajectories: int = 1,
-    tau: float = 0.3,
-    prealign: str = "affine",
+    steps: int = defaults.STEPS,
+    trajectories: int = defaults.SEARCH_TRAJECTORIES,
+    tau: float = defaults.TAU,
+    prealign: str = defaults.PREALIGN,
     device: str = "auto",
     seed: int = 0,
     grid: tuple[int, int, int] | None = None,
@@ -494,7 +483,7 @@ def register_images(
         model_ref = io.model_grid_at(fixed, float(config["spacing"]), net.divisor, config.get("direction"))
         grid = tuple(int(n) for n in model_ref.GetSize()[::-1])
     else:
-        grid = tuple(grid or config.get("grid") or (64, 64, 64))
+        grid = tuple(grid or config.get("grid") or defaults.MODEL_GRID)
         model_ref = None
     net.backbone.check_grid(grid, "model grid")
 
@@ -508,7 +497,7 @@ def register_images(
     report("prepare", 0, 0.1, f"resampling onto the model grid {grid}")
     if model_ref is None:
         model_ref = io.model_grid(fixed, grid)
-    percentiles = tuple(config.get("percentiles", (1.0, 99.0)))
+    percentiles = tuple(config.get("percentiles", defaults.PERCENTILES))
 
     def image_tensor(image, name, tfm=None, reference=model_ref):
         return io.image_to_model_grid(image, reference, tfm, percentiles, name=name).to(torch_device)

@@ -15,9 +15,7 @@ every pair is cross-modal, as SynthMorph trains contrast-agnostic registration).
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,7 +25,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .data import FORMAT, VERSION, default_split, ordered_pairs
+from .data import default_split, ordered_pairs, write_manifest
 from .errors import MorphSeekError
 from .geometry import compose, resize_displacement, warp_labels
 from .io import write_image
@@ -429,19 +427,6 @@ def write_dataset(
     ids = [s.id for s in subjects]
     train, val = ids[: len(ids) - val_subjects], ids[len(ids) - val_subjects :]
 
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "description": f"synthetic SynthMorph-style dataset (seed {seed}, {n_labels} labels, {modality}-modal)",
-        "modality": modality,
-        "grid": [int(n) for n in shape],
-        "subjects": entries,
-        "pairs": {"train": [list(p) for p in ordered_pairs(train)], "val": [list(p) for p in ordered_pairs(val)]},
-    }
-    path = folder / "manifest.json"
-    text = json.dumps(manifest, indent=1)
-    # Readable: one subject, one pair and the grid per line.
-    text = re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
-    text = re.sub(r"\{\s+(\"id\"[^{}]*?)\s+\}", lambda m: "{" + re.sub(r",\s+", ", ", m.group(1)) + "}", text)
-    path.write_text(text + "\n")
-    return path
+    return write_manifest(folder, entries, ordered_pairs(train), ordered_pairs(val),
+                          f"synthetic SynthMorph-style dataset (seed {seed}, {n_labels} labels, {modality}-modal)",
+                          modality=modality, grid=[int(n) for n in shape])

@@ -57,6 +57,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
+from . import defaults
+from .atomic import write_text
 from .errors import Cancelled, MorphSeekError
 
 PROTOCOL = 1
@@ -129,12 +131,7 @@ def read_job(path: str | Path) -> dict:
 
 def write_job(job: dict, path: str | Path) -> Path:
     """Write a job description (atomically, so a worker never reads half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(job, indent=1, default=_plain))
-    os.replace(tmp, path)
-    return path
+    return write_text(json.dumps(job, indent=1, default=_plain), path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,14 +225,16 @@ def run_register(job: dict, protocol: Protocol) -> dict:
 
 
 def finetune(dataset: str | Path, model: str | Path, checkpoint: str | Path, *, warmup_iterations: int = 0,
-             episodes: int = 20, steps: int = 3, trajectories: int = 4, tau: float = 0.3, device: str = "auto",
+             episodes: int = defaults.PANEL_EPISODES, steps: int = defaults.STEPS,
+             trajectories: int = defaults.PANEL_TRAJECTORIES, tau: float = defaults.TAU, device: str = "auto",
              progress: Callable[[dict], None] | None = None, cancel: Callable[[], bool] | None = None):
     """Warm-up (when ``warmup_iterations`` > 0) then GRPO on a folder or manifest of labelled cases
-    (docs/DATA.md), the checkpoint written to ``checkpoint``. ``progress`` receives dicts:
-    ``{"stage": "warmup" | "grpo", "done", "total", **metrics of that iteration or episode}``.
-    Returns the engine's ``FinetuneResult``."""
+    (docs/DATA.md), the checkpoint written to ``checkpoint`` (its run log beside it). Both trainers
+    keep one contract (``train.contract``); ``progress`` receives each row as a dict:
+    ``{"stage": "warmup" | "grpo", "done", "total", **metrics of that row}``. On ``cancel()`` what is
+    done is checkpointed and ``Cancelled`` raised. Returns GRPO's ``TrainResult``."""
     from .checkpoint import load_checkpoint, resolve_device
-    from .data import load_dataset
+    from .data import load_dataset, load_samples
     from .train.grpo import GRPOConfig, grpo_finetune
     from .train.warmup import WarmupConfig, warmup
 
@@ -244,23 +243,31 @@ def finetune(dataset: str | Path, model: str | Path, checkpoint: str | Path, *, 
     net, run_config, _ = load_checkpoint(model, device=torch_device)
     data = load_dataset(dataset)
     grid = tuple(int(n) for n in (run_config.get("grid") or data.grid or ()))
-    if not grid:
+    by_spacing = bool(run_config.get("spacing"))  # the model grid follows each pair (the brain model)
+    if not grid and not by_spacing:
         raise MorphSeekError(f"{dataset}: neither the model's configuration nor the dataset names a model grid")
+    if by_spacing and warmup_iterations > 0:
+        raise MorphSeekError(f"{model}: its model grid is set by voxel size ({run_config['spacing']} mm), and the "
+                             "warm-up here trains on one fixed grid: fine-tune it with GRPO only (warm-up "
+                             "iterations 0)")
 
-    def report(stage: str, done: int, total: int, metrics: dict) -> None:
-        if progress is not None:
-            progress({"stage": stage, "done": done, "total": total, **metrics})
+    def report(stage: str):
+        if progress is None:
+            return None
+        return lambda done, total, row: progress({"stage": stage, "done": done, "total": total, **row})
 
     if warmup_iterations > 0:
         config = WarmupConfig(grid=grid, iterations=int(warmup_iterations), similarity=run_config.get("similarity", "mse"))
-        warmup(net, data, config, out, device=torch_device, cancel=cancel,
-               progress=lambda i, n, row: report("warmup", i, n, dict(row)))
+        # its log apart from GRPO's (which is beside the checkpoint: NAME.log.jsonl / .csv)
+        warmup(net, data, config, out, log=out.with_suffix(".warmup.log"), progress=report("warmup"), cancel=cancel,
+               device=torch_device)
         net, run_config, _ = load_checkpoint(out, device=torch_device)
-    train = [data.load_pair(pair, grid).to(torch_device) for pair in data.train_pairs]
-    val = [data.load_pair(pair, grid).to(torch_device) for pair in data.val_pairs]
+    # as register_images prepares a pair for this model: by its voxel size, else onto its grid
+    train = load_samples(data, data.train_pairs, run_config, torch_device, net.divisor, grid or None)
+    val = load_samples(data, data.val_pairs, run_config, torch_device, net.divisor, grid or None)
     config = GRPOConfig(steps=int(steps), trajectories=int(trajectories), tau=float(tau), episodes=int(episodes))
-    return grpo_finetune(net, train, val, config, run_config=run_config, out=out, cancel=cancel,
-                         progress=lambda row: report("grpo", int(row.get("episode", 0)) + 1, int(episodes), dict(row)))
+    return grpo_finetune(net, train, val, config, out=out, progress=report("grpo"), cancel=cancel,
+                         run_config=run_config)
 
 
 def run_finetune(job: dict, protocol: Protocol) -> dict:
@@ -276,11 +283,14 @@ def run_finetune(job: dict, protocol: Protocol) -> dict:
 
     result = finetune(job["dataset"], job["model"], job["checkpoint"],
                       warmup_iterations=int(settings.get("warmup_iterations", 0)),
-                      episodes=int(settings.get("episodes", 20)), steps=int(settings.get("steps", 3)),
-                      trajectories=int(settings.get("trajectories", 4)), tau=float(settings.get("tau", 0.3)),
+                      episodes=int(settings.get("episodes", defaults.PANEL_EPISODES)),
+                      steps=int(settings.get("steps", defaults.STEPS)),
+                      trajectories=int(settings.get("trajectories", defaults.PANEL_TRAJECTORIES)),
+                      tau=float(settings.get("tau", defaults.TAU)),
                       device=str(settings.get("device", "auto")), progress=progress)
-    return {"checkpoint": job["checkpoint"], "episodes_done": result.episodes_done,
-            "optimizer_steps": result.optimizer_steps, "stopped": result.stopped,
+    # (the protocol's names; a finished job was never stopped: a stop kills the process)
+    return {"checkpoint": job["checkpoint"], "episodes_done": result.done,
+            "optimizer_steps": result.optimizer_steps, "stopped": False,
             "validation": _json_ready(result.validation)}
 
 

@@ -347,8 +347,9 @@ class SceneLogic:
         cases (see docs/DATA.md); the checkpoint is written to ``checkpointOut``. Thread-safe (no
         MRML). ``progress`` receives dicts: {"stage": "warmup" | "grpo", "done", "total", and the
         engine's metrics of that iteration or episode (reward, Dice...)}. Returns the engine's
-        FinetuneResult. Runs in this process (torch needed here); the panel runs the same function
-        (``morphseek.worker.finetune``) in a worker process."""
+        TrainResult (on ``cancel()`` what is done is checkpointed and Cancelled raised). Runs in this
+        process (torch needed here); the panel runs the same function (``morphseek.worker.finetune``)
+        in a worker process."""
         from morphseek.worker import finetune
 
         if not checkpointOut:

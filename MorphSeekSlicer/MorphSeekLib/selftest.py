@@ -50,7 +50,7 @@ def tiny_checkpoint(path: str | Path) -> str:
     (untrained) steps deform visibly, as a model early in training does."""
     import torch
     from morphseek.checkpoint import save_checkpoint
-    from morphseek.nets.policy import build_model
+    from morphseek.nets.registry import build_model
 
     torch.manual_seed(0)
     model = build_model({"backbone": "tiny"})

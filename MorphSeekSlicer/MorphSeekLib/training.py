@@ -10,7 +10,6 @@ removed by ``SceneDataset.cleanup`` (or on leaving its ``with`` block), and at o
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -80,9 +79,12 @@ def cases_from_segmentations(segmentations: Sequence[slicer.vtkMRMLSegmentationN
 
 
 def held_back_count(n_cases: int) -> int:
-    """Cases held back for validation: none below 4 cases (every case is needed to train), then
-    a quarter (at least one), the last ones in the given order."""
-    return max(1, round(n_cases / 4)) if n_cases >= MIN_CASES_FOR_VALIDATION else 0
+    """Cases held back for validation (the engine's split rule, ``morphseek.data.held_out_count``,
+    from 4 cases on): none below 4 cases (every case is needed to train), then a quarter (at least
+    one), the last ones in the given order."""
+    from morphseek.data import held_out_count  # imports torch: only when fine-tuning, never at module load
+
+    return held_out_count(n_cases, MIN_CASES_FOR_VALIDATION, minimum=1)
 
 
 def split_pairs(ids: Sequence[str]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -143,7 +145,7 @@ def export_cases(scene: slicer.vtkMRMLScene, cases: Sequence[LabelledCase | tupl
     creates nothing in the scene. On error the folder is removed and a MorphSeekError names the
     case and the problem (fewer than 2 cases, a case without segmentation, a 2D volume, no
     segment name in common, an empty segmentation)."""
-    from morphseek.data import FORMAT, VERSION  # imports torch: only when fine-tuning, never at module load
+    from morphseek.data import write_manifest  # imports torch: only when fine-tuning, never at module load
     from morphseek.io import write_image
 
     cases = as_cases(cases)
@@ -175,17 +177,8 @@ def export_cases(scene: slicer.vtkMRMLScene, cases: Sequence[LabelledCase | tupl
             entries.append({"id": subject, "image": f"images/{subject}.nrrd", "labels": f"labels/{subject}.nrrd"})
             subjects[subject] = f"{case.volume.GetName()} / {case.segmentation.GetName()}"
         train, val = split_pairs(list(subjects))
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "description": "labelled cases exported from the Slicer scene: "
-                           + "; ".join(f"{k} = {v}" for k, v in subjects.items()),
-            "labels": scheme.values,
-            "subjects": entries,
-            "pairs": {"train": [list(p) for p in train], "val": [list(p) for p in val]},
-        }
-        manifest_path = root / "manifest.json"
-        manifest_path.write_text(json.dumps(manifest, indent=1))
+        manifest_path = write_manifest(root, entries, train, val, "labelled cases exported from the Slicer scene: "
+                                       + "; ".join(f"{k} = {v}" for k, v in subjects.items()), labels=scheme.values)
     except BaseException:
         if created:
             shutil.rmtree(root, ignore_errors=True)

@@ -14,7 +14,7 @@ import torch
 from morphseek import geometry
 from morphseek.losses import similarity_loss
 from morphseek.metrics import LabelDice, dice_torch
-from morphseek.nets.policy import build_model
+from morphseek.nets.registry import build_model
 from morphseek.register import refine
 from morphseek.train.grpo import GRPOConfig, compute_grpo_gradients
 

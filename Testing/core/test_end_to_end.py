@@ -13,7 +13,7 @@ from morphseek import cli, geometry, metrics
 from morphseek.checkpoint import load_checkpoint, save_checkpoint
 from morphseek.data import load_dataset
 from morphseek.errors import Cancelled
-from morphseek.nets.policy import build_model
+from morphseek.nets.registry import build_model
 from morphseek.synth import write_dataset
 from morphseek.train.warmup import WarmupConfig, warmup
 
@@ -173,16 +173,8 @@ def test_cli_turns_out_of_memory_into_a_clear_message(monkeypatch, capsys, tmp_p
     def other_failure(args):
         raise RuntimeError("shape mismatch")
 
-    parser = cli.build_parser
     for run, expect_exit in ((exhausted, 2), (other_failure, None)):
-        def patched_parser(run=run):
-            p = parser()
-            p.set_defaults(run=run)
-            for action in p._subparsers._group_actions[0].choices.values():
-                action.set_defaults(run=run)
-            return p
-
-        monkeypatch.setattr(cli, "build_parser", patched_parser)
+        monkeypatch.setattr(cli, "_run_register", run)  # what `morphseek register` runs
         argv = ["register", "--fixed", "f", "--moving", "m", "--model", "x", "--out", str(tmp_path)]
         if expect_exit is None:
             with pytest.raises(RuntimeError, match="shape mismatch"):  # not hidden behind a generic message

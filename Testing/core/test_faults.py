@@ -24,7 +24,7 @@ import torch
 from morphseek import cli, io
 from morphseek.checkpoint import checkpoint_files, load_checkpoint, save_checkpoint
 from morphseek.errors import MorphSeekError
-from morphseek.nets.policy import build_model
+from morphseek.nets.registry import build_model
 from morphseek.outputs import MARKER
 
 CORE = Path(__file__).resolve().parents[2] / "MorphSeekCore"
@@ -542,7 +542,7 @@ WARMUP_SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
 from morphseek.data import load_dataset
-from morphseek.nets.policy import build_model
+from morphseek.nets.registry import build_model
 from morphseek.train.warmup import WarmupConfig, warmup
 data, out, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 torch.manual_seed(0)
@@ -595,7 +595,7 @@ def test_warmup_killed_with_sigkill_resumes_bit_identical(dataset, tmp_path):
 @pytest.mark.slow
 def test_cancelled_grpo_resumes_bit_identical(dataset, tmp_path):
     from morphseek.data import load_dataset
-    from morphseek.errors import Cancelled  # noqa: F401 (grpo_finetune reports it as stopped)
+    from morphseek.errors import Cancelled
     from morphseek.train.grpo import GRPOConfig, grpo_finetune
 
     data = load_dataset(dataset)
@@ -607,7 +607,7 @@ def test_cancelled_grpo_resumes_bit_identical(dataset, tmp_path):
     def run(out, cancel=None, resume=False):
         model, run_config, _ = load_checkpoint(start)
         config = GRPOConfig(steps=2, trajectories=2, episodes=3, seed=3)
-        return grpo_finetune(model, train, (), config, run_config=run_config, out=out, resume=resume, cancel=cancel)
+        return grpo_finetune(model, train, (), config, out=out, resume=resume, cancel=cancel, run_config=run_config)
 
     run(tmp_path / "reference")
     polls = {"n": 0}
@@ -616,9 +616,10 @@ def test_cancelled_grpo_resumes_bit_identical(dataset, tmp_path):
         polls["n"] += 1
         return polls["n"] == 4  # episode 2, step 2: that episode is not saved
 
-    stopped = run(tmp_path / "resumed", cancel=cancel_in_second_episode)
-    assert stopped.stopped and stopped.episodes_done == 1
-    assert not run(tmp_path / "resumed", resume=True).stopped
+    with pytest.raises(Cancelled):
+        run(tmp_path / "resumed", cancel=cancel_in_second_episode)
+    assert polls["n"] == 4 and load_checkpoint(tmp_path / "resumed")[2]["state"]["grpo"]["episode"] == 1
+    assert run(tmp_path / "resumed", resume=True).done == 3
     a, b = _weights(tmp_path / "reference"), _weights(tmp_path / "resumed")
     for key in a:
         assert torch.equal(a[key], b[key]), key

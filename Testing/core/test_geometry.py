@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from morphseek import geometry
+from morphseek.errors import MorphSeekError
 
 torch.manual_seed(0)
 
@@ -111,7 +112,7 @@ def test_resize_displacement_keeps_physical_meaning():
 
 
 def test_bad_shapes_are_rejected():
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(MorphSeekError, match="shape"):
         geometry.warp(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 2, 4, 4, 4))
-    with pytest.raises(ValueError, match="differs"):
+    with pytest.raises(MorphSeekError, match="differs"):
         geometry.warp(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 3, 4, 4, 5))

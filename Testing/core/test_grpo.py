@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from morphseek.data import PairSample
-from morphseek.errors import MorphSeekError
+from morphseek.errors import Cancelled, MorphSeekError
 from morphseek.losses import similarity_loss
-from morphseek.nets.policy import build_model
+from morphseek.nets.registry import build_model
 from morphseek.synth import make_dataset
 from morphseek.train.grpo import (
     GRPOConfig,
@@ -199,14 +199,17 @@ def test_short_finetune_raises_held_back_dice_without_folding(subjects, tmp_path
     val = [_sample(subjects[i], subjects[j]) for i, j in itertools.permutations(range(4, 6), 2)]
     model = _warm_up(build_model({"backbone": "tiny"}), train, iterations=24, lr=5e-3)
     before = evaluate_pairs(model, val, steps=2)
-    config = GRPOConfig(steps=2, trajectories=3, tau=0.5, lr=1e-3, episodes=4, val_every=4)
+    config = GRPOConfig(steps=2, trajectories=3, tau=0.5, learning_rate=1e-3, episodes=4, validate_every=4)
     rows = []
-    result = grpo_finetune(model, train, val, config, run_config={"lambda_reg": 0.02, "grid": list(GRID)},
-                           out=tmp_path / "ft.ckpt", log=tmp_path / "ft", progress=rows.append)
+    progress = []
+    result = grpo_finetune(model, train, val, config, out=tmp_path / "ft.ckpt", log=tmp_path / "ft",
+                           progress=lambda done, total, row: (progress.append((done, total)), rows.append(row)),
+                           run_config={"lambda_reg": 0.02, "grid": list(GRID)})
     after = result.validation
-    assert not result.stopped and result.optimizer_steps == 8
+    assert result.done == 4 and result.optimizer_steps == 8 and result.model is model
+    assert progress == [(e, 4) for e in (1, 1, 2, 2, 3, 3, 4, 4)]  # episodes done, per row
+    assert result.last == rows[-1] and result.history == rows
     # Stated bound: held-back Dice rises by at least 0.5 points; NJD% rises by at most 0.5 points.
-    print("held-back before/after:", before, after)
     assert after["val_dice"] > before["val_dice"] + 0.5, (before, after)
     assert after["val_njd"] <= before["val_njd"] + 0.5, (before, after)
     # The log has one row per optimiser step with every item a person needs to follow the run.
@@ -230,9 +233,11 @@ def test_cancel_keeps_the_last_checkpoint_and_resume_continues(subjects, tmp_pat
         calls["n"] += 1
         return calls["n"] > 2
 
-    result = grpo_finetune(model, train, [], config, out=out, log=log, cancel=cancel_after_two_steps)
-    assert result.stopped and result.episodes_done == 2 and result.checkpoint.is_file()  # ft.ckpt.safetensors
-    from morphseek.checkpoint import load_checkpoint
+    with pytest.raises(Cancelled):
+        grpo_finetune(model, train, [], config, out=out, log=log, cancel=cancel_after_two_steps)
+    assert calls["n"] == 3  # no step ran after the cancel
+    assert [row["episode"] for row in RunLogger(log, append=True).rows()] == [0, 1]
+    from morphseek.checkpoint import checkpoint_files, load_checkpoint
 
     saved, run_config, extra = load_checkpoint(out)
     assert extra["state"]["grpo"]["episode"] == 2 and run_config["stage"] == "finetune"
@@ -240,5 +245,5 @@ def test_cancel_keeps_the_last_checkpoint_and_resume_continues(subjects, tmp_pat
         torch.testing.assert_close(tensor, model.state_dict()[name])
 
     resumed = grpo_finetune(saved, train, [], config, out=out, log=log, resume=True)
-    assert not resumed.stopped and resumed.episodes_done == 3 and resumed.optimizer_steps == 3
+    assert resumed.done == 3 and resumed.optimizer_steps == 3 and resumed.checkpoint == checkpoint_files(out)[0]
     assert [row["episode"] for row in RunLogger(log, append=True).rows()] == [0, 1, 2]

@@ -13,7 +13,8 @@ import torch
 from morphseek import geometry, io, metrics, synth
 from morphseek.adapt import AdaptSettings, adapt, fine_grid_shape
 from morphseek.data import Dataset, SubjectEntry
-from morphseek.nets.policy import MorphSeekNet, build_model
+from morphseek.nets.policy import MorphSeekNet
+from morphseek.nets.registry import build_model
 from morphseek.register import register_images
 
 

@@ -13,7 +13,8 @@ import torch
 from morphseek import geometry, io
 from morphseek.checkpoint import save_checkpoint
 from morphseek.errors import Cancelled, MorphSeekError
-from morphseek.nets.policy import Encoded, build_model
+from morphseek.nets.policy import Encoded
+from morphseek.nets.registry import build_model
 from morphseek.register import refine, register_images
 
 torch.manual_seed(0)

@@ -93,7 +93,7 @@ def pair(tmp_path_factory):
     import torch
 
     from morphseek.checkpoint import save_checkpoint
-    from morphseek.nets.policy import build_model
+    from morphseek.nets.registry import build_model
     from morphseek.synth import make_subject
 
     folder = tmp_path_factory.mktemp("pair")
@@ -189,3 +189,35 @@ def test_out_of_memory_errors_are_recognised():
                                          "memory: you tried to allocate 1024 bytes. Error code 12 (out of memory)"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     assert not is_out_of_memory(ValueError("out of memory"))  # only errors that can mean memory
+
+
+BRAIN_MODEL = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "morphseek-brain"
+BRAIN_SAMPLE = Path(__file__).resolve().parents[2] / "Resources" / "SampleData" / "brain" / "manifest.json"
+
+
+def test_fine_tuning_a_model_whose_grid_follows_the_voxel_size(tmp_path):
+    """The panel's fine-tuning job prepares cases as registration does for this model: the brain
+    model's grid is by voxel size (4 mm), not a fixed shape, so the pairs reach GRPO on that grid."""
+    import morphseek.train.grpo as grpo
+    from morphseek.errors import MorphSeekError
+    from morphseek.worker import finetune
+
+    seen = []
+    original = grpo.grpo_finetune
+
+    def spy(model, train, val, config, **kwargs):
+        seen.extend((tuple(s.fixed.shape[2:]), s.grid.spacing) for s in list(train) + list(val))
+        return original(model, train[:1], val[:1], config, **kwargs)
+
+    grpo.grpo_finetune = spy
+    try:
+        result = finetune(BRAIN_SAMPLE, BRAIN_MODEL, tmp_path / "tuned", episodes=1, steps=1, trajectories=2,
+                          device="cpu")
+    finally:
+        grpo.grpo_finetune = original
+    assert result.done == 1 and (tmp_path / "tuned.safetensors").is_file()
+    # the sample's 2 mm brains (88x120x102 voxels) on the 4 mm grid in LIA axes, padded to (64, 64, 48)
+    # (a grid by shape alone would have stretched them to anisotropic voxels of another size)
+    assert seen and set(seen) == {((64, 64, 48), (4.0, 4.0, 4.0))}, seen
+    with pytest.raises(MorphSeekError, match="GRPO only"):
+        finetune(BRAIN_SAMPLE, BRAIN_MODEL, tmp_path / "other", warmup_iterations=5, episodes=1, device="cpu")

@@ -4,6 +4,7 @@ synthetic cases, progress for the live plot, the checkpoint written and usable; 
 from __future__ import annotations
 
 import pytest
+from morphseek.errors import Cancelled
 
 from MorphSeekLib import preview
 from MorphSeekLib.logic import SceneLogic
@@ -25,7 +26,7 @@ def test_finetune_writes_a_checkpoint_and_reports_progress(case, dataset, tmp_pa
     out = tmp_path / "tuned.safetensors"
     result = SceneLogic.finetune(dataset, model, out, warmupIterations=1, episodes=1, steps=1,
                                      trajectories=2, device="cpu", progress=events.append)
-    assert out.is_file() and result.episodes_done == 1 and not result.stopped
+    assert out.is_file() and result.done == 1 and result.checkpoint == out
     stages = [e["stage"] for e in events]
     assert stages.count("warmup") >= 1 and stages.count("grpo") == 1
     assert events[-1]["done"] == events[-1]["total"] == 1
@@ -39,7 +40,7 @@ def test_finetune_writes_a_checkpoint_and_reports_progress(case, dataset, tmp_pa
 
 def test_finetune_cancel_stops(case, dataset, tmp_path):
     _, _, model = case
-    result = SceneLogic.finetune(dataset, model, tmp_path / "never.pt", episodes=5, steps=1,
-                                     trajectories=2, device="cpu", cancel=lambda: True)
-    assert result.stopped and result.episodes_done == 0
-    assert not (tmp_path / "never.pt").exists()
+    with pytest.raises(Cancelled):
+        SceneLogic.finetune(dataset, model, tmp_path / "never.pt", episodes=5, steps=1, trajectories=2,
+                            device="cpu", cancel=lambda: True)
+    assert not (tmp_path / "never.pt").exists() and list(tmp_path.iterdir()) == []

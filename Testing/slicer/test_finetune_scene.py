@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from morphseek.errors import MorphSeekError
+from morphseek.errors import Cancelled, MorphSeekError
 from MorphSeekLib import mrml, training
 from MorphSeekLib.logic import SceneLogic
 from MorphSeekLib.selftest import LABELS, SHAPE, with_geometry
@@ -141,7 +141,7 @@ def test_finetune_from_scene_writes_a_checkpoint_that_registers(case, scene, sub
                                        trajectories=2, device="cpu", progress=events.append)
     assert node_ids(scene) == before, "fine-tuning added nodes to the scene"
     assert temp_folders and not any(f.exists() for f in temp_folders), "the exported cases were not removed"
-    assert out.is_file() and result.episodes_done == 1 and not result.stopped
+    assert out.is_file() and result.done == 1 and result.checkpoint == out
     stages = [e["stage"] for e in events]
     assert stages.count("warmup") == 1 and stages.count("grpo") == 1
     grpo = next(e for e in events if e["stage"] == "grpo")
@@ -159,9 +159,9 @@ def test_cancel_leaves_no_checkpoint_no_nodes_no_folder(case, scene, subjects, t
     cases = add_cases(scene, subjects, 2)
     before = node_ids(scene)
     out = tmp_path / "never.pt"
-    result = SceneLogic(scene).finetune_from_scene(cases, model, out, episodes=3, steps=1, trajectories=2,
-                                                       device="cpu", cancel=lambda: True)
-    assert result.stopped and result.episodes_done == 0
+    with pytest.raises(Cancelled):
+        SceneLogic(scene).finetune_from_scene(cases, model, out, episodes=3, steps=1, trajectories=2,
+                                              device="cpu", cancel=lambda: True)
     assert not out.exists() and list(tmp_path.iterdir()) == []
     assert node_ids(scene) == before
     assert temp_folders and not any(f.exists() for f in temp_folders)

@@ -3,8 +3,8 @@
 docs/METHOD.md, "The network" and "Stage C": two 1x1x1 convolutions on f_L give
 ``mu = tanh(W_mu f_L) * lambda_scale`` and ``log_sigma = clip(W_logsigma f_L, s_min, s_max)``;
 the decoder receives ``z = mu + tau * sigma * eps`` (tau = 0: z = mu exactly) with the backbone's
-skips. ``build_model(config)`` builds a model from a JSON-serialisable dict and ``model.config``
-returns the complete dict, so that a checkpoint can rebuild the model.
+skips. ``model.config`` returns the complete JSON-serialisable dict from which
+``nets.registry.build_model(config)`` rebuilds the model (what a checkpoint stores).
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from torch import nn
 
 from ..errors import MorphSeekError
 from .base import Backbone, Tensor
-from .transmorph import TransMorph
-from .voxelmorph import VoxelMorph
 
 
 class Encoded(NamedTuple):
@@ -72,7 +70,11 @@ class MorphSeekNet(nn.Module):
                 f"{backbone.top_channels}"
             )
         self.backbone, self.head = backbone, head
-        self.backbone_name = backbone_name or _class_key(type(backbone))
+        if backbone_name is None:
+            from .registry import backbone_key  # the registry imports this module
+
+            backbone_name = backbone_key(type(backbone))
+        self.backbone_name = backbone_name
 
     @property
     def divisor(self) -> int:
@@ -167,45 +169,13 @@ def head_parameter_fraction(model: MorphSeekNet) -> float:
 
 
 # Presets: name -> (backbone class, constructor arguments). A config may override any argument.
-BACKBONES: dict[str, tuple[type[Backbone], dict[str, Any]]] = {
-    "tiny": (VoxelMorph, {"enc_channels": [8, 16, 16, 16], "dec_channels": [16, 16, 16, 16, 16, 8, 8]}),
-    "voxelmorph": (VoxelMorph, {"enc_channels": [16, 32, 32, 32], "dec_channels": [32, 32, 32, 32, 32, 16, 16]}),
-    # Decoder mirrors the encoder widths, then three full-resolution convolutions: 10.0 M parameters.
-    # The paper gives "about 27 M" for its VoxelMorph-L without its decoder; widen dec_channels to match.
-    "voxelmorph-l": (
-        VoxelMorph,
-        {"enc_channels": [32, 64, 128, 256, 256], "dec_channels": [256, 256, 128, 64, 32, 32, 16, 16]},
-    ),
-    "transmorph-tiny": (TransMorph, {"embed_dim": 12, "depths": [2, 2, 2, 2], "heads": [2, 2, 4, 4], "window": 2}),
-    # TransMorph's own sizes (46.7 M parameters); window 4 instead of its OASIS-specific (5, 6, 7).
-    "transmorph": (TransMorph, {"embed_dim": 96, "depths": [2, 2, 4, 2], "heads": [4, 4, 8, 8], "window": 4}),
-}
-HEAD_DEFAULTS: dict[str, float] = {"lambda_scale": 3.0, "s_min": -5.0, "s_max": 1.0}
 
 
-def _class_key(cls: type) -> str:
-    for name, (preset_cls, _) in BACKBONES.items():
-        if preset_cls is cls and name in ("voxelmorph", "transmorph"):
-            return name
-    raise MorphSeekError(f"{cls.__name__} is not a registered backbone class")
+def __getattr__(name: str):
+    # The registry moved to ``nets.registry`` (it imports this module, so this one cannot import it
+    # at load time); ``from morphseek.nets.policy import build_model`` keeps working.
+    if name in ("BACKBONES", "HEAD_DEFAULTS", "build_model"):
+        from . import registry
 
-
-def build_model(config: dict[str, Any]) -> MorphSeekNet:
-    """Build a MorphSeekNet from {"backbone": preset name, backbone arguments..., "lambda_scale",
-    "s_min", "s_max"}; missing arguments take the preset's and the head's defaults."""
-    if not isinstance(config, dict) or "backbone" not in config:
-        raise MorphSeekError(f"a model config must be a dict with a 'backbone' key, got {config!r}")
-    name = config["backbone"]
-    if name not in BACKBONES:
-        raise MorphSeekError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}")
-    cls, defaults = BACKBONES[name]
-    try:
-        head_args = {k: float(config.get(k, v)) for k, v in HEAD_DEFAULTS.items()}
-    except (TypeError, ValueError) as error:
-        raise MorphSeekError(f"bad Gaussian head settings in model config {config!r}: {error}") from error
-    backbone_args = {**defaults, **{k: v for k, v in config.items() if k != "backbone" and k not in HEAD_DEFAULTS}}
-    try:
-        backbone = cls(**backbone_args)
-    except TypeError as error:
-        raise MorphSeekError(f"bad arguments for backbone {name!r}: {error}") from error
-    return MorphSeekNet(backbone, GaussianPolicyHead(backbone.top_channels, **head_args), backbone_name=name)
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Stage C's configuration and the options of ``morphseek finetune``, without torch.
+"""Stage C's configuration, without torch.
 
 Imported by the command line while it builds its parser (``morphseek --help`` must not pay for
 importing torch); :mod:`morphseek.train.grpo` re-exports every name.
@@ -6,9 +6,9 @@ importing torch); :mod:`morphseek.train.grpo` re-exports every name.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
+from morphseek import defaults
 from morphseek.errors import MorphSeekError
 
 LDVN_MODES = ("sqrt", "adaptive", "none")
@@ -18,14 +18,14 @@ LDVN_MODES = ("sqrt", "adaptive", "none")
 class GRPOConfig:
     """Every choice of stage C, with the defaults of METHOD.md / docs/GRPO.md."""
 
-    steps: int = 3  # T, refinement steps per pair (one optimiser step each)
-    trajectories: int = 6  # J, sampled latents per step
-    tau: float = 0.3  # exploration temperature
-    w_dice: float = 1.0  # reward weight of the Dice gain (> 0)
-    w_njd: float = -10.0  # reward weight of the folding fraction (< 0)
+    steps: int = defaults.STEPS  # T, refinement steps per pair (one optimiser step each)
+    trajectories: int = defaults.GRPO_TRAJECTORIES  # J, sampled latents per step
+    tau: float = defaults.TAU  # exploration temperature
+    w_dice: float = defaults.W_DICE  # reward weight of the Dice gain (> 0)
+    w_njd: float = defaults.W_NJD  # reward weight of the folding fraction (< 0)
     lambda_warm: float = 1.0  # weight of the warm-up objective (tau = 0, current state)
     lambda_dice: float = 1.0  # weight of the soft-Dice loss over the J trajectories
-    lr: float = 1e-4  # Adam
+    learning_rate: float = 1e-4  # Adam
     ldvn: str = "sqrt"  # LDVN scale: sqrt(N), adaptive (fixed std of relative log pi), none (s = 1)
     ldvn_target_std: float = 1.0  # target std of the relative log-likelihoods for ldvn="adaptive"
     target_kl: float | None = None  # KL target; None: max(2 x the warm-up policy's KL, 0.01) (first step)
@@ -37,7 +37,7 @@ class GRPOConfig:
     similarity: str | None = None  # L_sim of L_warm; None: the warm-up configuration's (or "mse")
     lambda_reg: float | None = None  # diffusion weight of L_warm; None: warm-up config's (or 1.0)
     episodes: int | None = None  # pair visits (each T optimiser steps); None: one pass over the pairs
-    val_every: int = 1  # validate every this many episodes (and after the last)
+    validate_every: int = 1  # evaluate the held-back pairs every this many episodes (and after the last)
     checkpoint_every: int = 1  # save every this many episodes (and after the last)
     seed: int = 0
     memory_flat: bool = True  # False: build the whole graph at once (reference, J-times the memory)
@@ -68,34 +68,3 @@ class GRPOConfig:
             problems.append("lambda_warm and lambda_dice must be >= 0")
         if problems:
             raise MorphSeekError("GRPO configuration: " + "; ".join(problems))
-
-
-def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the options of ``morphseek finetune`` to ``parser``."""
-    from morphseek import options
-
-    d = GRPOConfig()
-    parser.add_argument("--model", required=True, help="warmed-up checkpoint (stage B) to start from")
-    parser.add_argument("--data", required=True, help="dataset manifest or folder (docs/DATA.md) with labelled pairs")
-    parser.add_argument("--out", required=True, help="fine-tuned checkpoint to write (atomically, every episode)")
-    parser.add_argument("--steps", type=options.positive_int, default=d.steps, help="refinement steps T per pair (default %(default)s)")
-    parser.add_argument("--trajectories", type=options.integer(2), default=d.trajectories, help="trajectories J (default %(default)s)")
-    parser.add_argument("--tau", type=options.positive_float, default=d.tau, help="exploration temperature (default %(default)s)")
-    parser.add_argument("--w-dice", type=options.positive_float, default=d.w_dice, help="reward weight of the Dice gain (default %(default)s)")
-    parser.add_argument("--w-njd", type=options.number(maximum=0.0), default=d.w_njd, help="reward weight of the folding fraction (default %(default)s)")
-    parser.add_argument("--lambda-warm", type=options.non_negative_float, default=d.lambda_warm, help="weight of L_warm (default %(default)s)")
-    parser.add_argument("--lambda-dice", type=options.non_negative_float, default=d.lambda_dice, help="weight of the soft-Dice loss (default %(default)s)")
-    parser.add_argument("--target-kl", type=options.positive_float, default=None, help="KL target per latent dimension (default: max(2 x the warm-up policy's KL, 0.01))")
-    parser.add_argument("--ldvn", choices=LDVN_MODES, default=d.ldvn, help="LDVN scale (default %(default)s)")
-    parser.add_argument("--lr", type=options.positive_float, default=d.lr, help="Adam learning rate (default %(default)s)")
-    parser.add_argument("--episodes", type=options.positive_int, default=None, help="pair visits (default: one pass over the training pairs)")
-    parser.add_argument("--val-every", type=options.positive_int, default=d.val_every, help="validate every N episodes (default %(default)s)")
-    parser.add_argument("--max-val-pairs", type=options.positive_int, default=None, help="use at most this many held-back pairs")
-    parser.add_argument("--log", default=None, help="log stem (default: OUT without suffix + '.log' -> .jsonl and .csv)")
-    parser.add_argument("--resume", action="store_true", help="continue from --out if it holds a fine-tuning run")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing checkpoint at --out (without it an existing one is refused)")
-    parser.add_argument("--seed", type=options.non_negative_int, default=d.seed)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser

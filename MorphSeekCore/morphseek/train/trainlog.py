@@ -10,13 +10,25 @@ new key the CSV is rewritten from the JSON lines (atomically), which stay the re
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
-__all__ = ["RunLogger"]
+from morphseek.atomic import write_text
+
+__all__ = ["RunLogger", "log_files"]
+
+
+def log_files(path: str | os.PathLike) -> tuple[Path, Path]:
+    """The two files of the run log with stem ``path`` (a ``.jsonl`` or ``.csv`` suffix is dropped):
+    ``(<stem>.jsonl, <stem>.csv)``."""
+    stem = Path(path)
+    if stem.suffix in (".jsonl", ".csv"):
+        stem = stem.with_suffix("")
+    return stem.with_name(stem.name + ".jsonl"), stem.with_name(stem.name + ".csv")
 
 
 def _plain(value: Any) -> Any:
@@ -41,12 +53,8 @@ class RunLogger:
     """
 
     def __init__(self, path: str | os.PathLike, append: bool = False) -> None:
-        stem = Path(path)
-        if stem.suffix in (".jsonl", ".csv"):
-            stem = stem.with_suffix("")
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        self.jsonl_path = stem.with_name(stem.name + ".jsonl")
-        self.csv_path = stem.with_name(stem.name + ".csv")
+        self.jsonl_path, self.csv_path = log_files(path)
+        self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
         self._rows: list[dict[str, Any]] = []
         if append and self.jsonl_path.exists():
             with open(self.jsonl_path, encoding="utf-8") as handle:
@@ -92,20 +100,12 @@ class RunLogger:
         return bool(new)
 
     def _rewrite(self) -> None:
-        _atomic_write(self.jsonl_path, (json.dumps(row) + "\n" for row in self._rows))
+        write_text("".join(json.dumps(row) + "\n" for row in self._rows), self.jsonl_path)
         self._rewrite_csv()
 
     def _rewrite_csv(self) -> None:
-        tmp = self.csv_path.with_name(self.csv_path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self._columns)
-            writer.writeheader()
-            writer.writerows(self._rows)
-        os.replace(tmp, self.csv_path)
-
-
-def _atomic_write(path: Path, lines: Iterable[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.writelines(lines)
-    os.replace(tmp, path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=self._columns)
+        writer.writeheader()
+        writer.writerows(self._rows)
+        write_text(text.getvalue(), self.csv_path)

@@ -2,39 +2,38 @@
 
 L_warm = L_sim(I_f, I_m o phi) + lambda_reg * L_reg(phi) + beta_KL * KL(N(mu, sigma^2) || N(0, I)).
 Labels are not needed. Checkpoints carry the model and training configuration, are written
-atomically, and hold the optimiser and random states so that an interrupted run resumes exactly.
+atomically, and hold the optimizer and random states so that an interrupted run resumes exactly.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .. import geometry
-from ..checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+from .. import defaults, geometry, io
+from ..checkpoint import checkpoint_exists, checkpoint_files, load_checkpoint, save_checkpoint
 from ..errors import Cancelled, MorphSeekError
+from ..evaluate import evaluate_heldback
 from ..losses import diffusion_regulariser, similarity_loss
-from ..nets.policy import kl_standard_normal
-from .trainlog import RunLogger
+from ..nets.policy import MorphSeekNet, kl_standard_normal
+from .contract import Progress, RunLog, TrainResult, default_log, deferred_interrupt, raised_by
 
-# Regulariser weights that suit each similarity on [0, 1] images (VoxelMorph's choices for MSE and NCC).
-DEFAULT_LAMBDA_REG = {"mse": 0.02, "ncc": 1.0, "mind": 0.5}
+#: Regulariser weight per similarity (``defaults.LAMBDA_REG``).
+DEFAULT_LAMBDA_REG = defaults.LAMBDA_REG
 
 
 @dataclass
 class WarmupConfig:
-    grid: tuple[int, int, int] = (48, 48, 48)
+    grid: tuple[int, int, int] = defaults.MODEL_GRID
     #: model grid by voxel size instead of ``grid``: ``io.model_grid_at(fixed, spacing, divisor,
     #: direction)``, the same at registration (for data sets with a ``reference`` grid, e.g. brains)
     spacing: float | None = None
@@ -48,11 +47,11 @@ class WarmupConfig:
     learning_rate: float = 1e-3
     similarity: str = "mse"
     lambda_reg: float | None = None  # None: DEFAULT_LAMBDA_REG[similarity]
-    beta_kl: float = 1e-3
+    beta_kl: float = defaults.BETA_KL
     checkpoint_every: int = 50
     validate_every: int = 50
     seed: int = 0
-    percentiles: tuple[float, float] = (1.0, 99.0)
+    percentiles: tuple[float, float] = defaults.PERCENTILES
     channels_last: bool = True  # 13-17 % faster on CPU (CPU-COSTS.md), same results
     extra: dict = field(default_factory=dict)
 
@@ -126,30 +125,6 @@ def set_random_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([s.to(torch.uint8).cpu() for s in state["cuda"]])
 
 
-@contextmanager
-def deferred_interrupt():
-    """Within the block, a first Ctrl-C (SIGINT) only sets a flag that the training loop checks
-    between iterations (so the checkpoint it writes is a whole iteration's state); a second Ctrl-C
-    interrupts at once. Yields the flag's ``is_set``. Outside the main thread (Slicer's worker) signals
-    do not arrive and the flag stays unset: use ``cancel`` there."""
-    flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag.is_set
-        return
-    previous = signal.getsignal(signal.SIGINT)
-
-    def handler(signum, frame):
-        if flag.is_set():
-            raise KeyboardInterrupt
-        flag.set()
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag.is_set
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def warmup_loss(model, moving, fixed, sim, lambda_reg: float, beta_kl: float,
                 prior_steps: int = 0) -> tuple[torch.Tensor, dict]:
     """One evaluation of L_warm at tau = 0 on a batch; returns the loss and its terms (floats).
@@ -181,26 +156,11 @@ def _to_device(sample, device, channels_last):
             sample.fixed.to(device).contiguous(memory_format=fmt))
 
 
-def validate(model, dataset, grid, device, steps: int = 1, model_ref=None) -> dict:
-    """Deterministic registration of the labelled held-back pairs: Dice (%) and NJD% (mean, std),
-    the same evaluation as stage C's (``grpo.evaluate_pairs``); {} when no held-back pair has labels.
-    Data sets that synthesise their training pairs give their held-back pairs on ``model_ref``."""
-    from .grpo import evaluate_pairs
-
-    if hasattr(dataset, "val_samples"):
-        samples = [s.to(device) for s in dataset.val_samples(model_ref)]
-    else:
-        samples = [dataset.load_pair(pair, grid).to(device) for pair in dataset.val_pairs]
-    return evaluate_pairs(model, [s for s in samples if s.has_labels and s.label_values], steps)
-
-
 def training_grid(dataset, config: WarmupConfig, divisor: int):
     """The model grid of a data set that synthesises pairs on one reference grid (by
     ``config.spacing``), else None (pairs are loaded onto ``config.grid``)."""
     if config.spacing is None:
         return None
-    from .. import io
-
     reference = getattr(dataset, "reference", None)
     if reference is None:
         raise MorphSeekError(f"{getattr(dataset, 'source', 'dataset')}: a model grid by spacing needs a data "
@@ -209,29 +169,31 @@ def training_grid(dataset, config: WarmupConfig, divisor: int):
 
 
 def warmup(
-    model,
-    dataset,
+    model: MorphSeekNet,
+    dataset: Any,
     config: WarmupConfig,
     out: str | Path,
-    device: torch.device | str = "cpu",
+    *,
+    log: str | Path | None = None,
     resume: bool = False,
-    progress: bool | Callable[[int, int, dict], None] | None = None,
+    progress: bool | Progress | None = None,
     cancel: Callable[[], bool] | None = None,
-    log_path: str | Path | None = None,
-):
-    """Train ``model`` unsupervised on ``dataset.train_pairs``; write checkpoints to ``out`` (a
-    checkpoint name: ``out`` -> ``NAME.safetensors`` + ``NAME.json``, see ``morphseek.checkpoint``).
+    device: torch.device | str = "cpu",
+) -> TrainResult:
+    """Train ``model`` unsupervised on ``dataset`` (a ``data.Dataset``: ``train_pairs``, ``val_pairs``,
+    ``load_pair``; or a data set that synthesises pairs: ``sample_pair``, ``val_samples``, e.g.
+    ``brains.BrainSet``); write checkpoints to ``out`` (``NAME.safetensors`` + ``NAME.json``, see
+    ``morphseek.checkpoint``). The trainers' contract (``train.contract``): ``log``, ``resume``,
+    ``progress(iteration, iterations, row)``, ``cancel`` and the returned ``TrainResult``.
 
-    Every checkpoint holds the weights, the optimiser, every random generator (which carry the pair
+    Every checkpoint holds the weights, the optimizer, every random generator (which carry the pair
     order) and the iteration, so that ``resume=True`` after an interruption at any moment, even a
     SIGKILL, ends bit-identical (on the CPU) to an uninterrupted run with the same configuration.
     ``resume=True`` refuses a checkpoint from another run (another stage, grid, seed, similarity...).
     On Ctrl-C (a first SIGINT is deferred to the end of the iteration running) or ``cancel()``, the
     state after the last completed iteration is checkpointed before KeyboardInterrupt / Cancelled
     propagates, so nothing done is lost; a run stopped before its first iteration leaves ``out`` as
-    it was (absent, or the resumed checkpoint).
-    ``progress``: True for a tqdm bar (loss, held-back Dice when validated), or a callable given
-    (iteration, iterations, row) after every iteration (as ``grpo.grpo_finetune`` takes it)."""
+    it was (absent, or the resumed checkpoint)."""
     out = Path(out)
     device = torch.device(device)
     config.validate()
@@ -247,7 +209,7 @@ def warmup(
     model.to(device).train()
     if config.channels_last:
         model.to(memory_format=torch.channels_last_3d)
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     start = 0
     rng = random.Random(config.seed)  # the pair order
     torch.manual_seed(config.seed)  # and every global generator, so that runs (and resumes) repeat
@@ -258,7 +220,7 @@ def warmup(
         _check_same_run(extra.get("path", out), saved_config, model_state.config, config, model)
         model.load_state_dict(model_state.state_dict())
         if extra.get("optimizer"):
-            optimiser.load_state_dict(extra["optimizer"])
+            optimizer.load_state_dict(extra["optimizer"])
         state = extra.get("state") or {}
         start = int(state.get("iteration", 0))
         if "pair_rng" in state and "random" in state:
@@ -267,21 +229,15 @@ def warmup(
         else:  # a checkpoint of MorphSeek 0.1: the iteration only (not an exact resume)
             rng = random.Random(config.seed + start)
             torch.manual_seed(config.seed + start)
-    logger: RunLogger | None = None  # opened at the first logged row: a run stopped at once writes nothing
-
-    def log(row: dict) -> None:
-        nonlocal logger
-        if logger is None:
-            logger = RunLogger(log_path or out.with_suffix(".log.jsonl"), append=resume)
-            logger.truncate(lambda r: r.get("iteration", 0) <= start)  # drop rows after the resumed checkpoint
-        logger.log(row)
+    # rows after the resumed checkpoint are dropped when the log opens (at the first row)
+    run_log = RunLog(log if log is not None else default_log(out), resume, lambda r: r.get("iteration", 0) <= start)
     model.training_config = config.to_dict()
     saved = start  # iteration of the checkpoint on disk (0: none written by this run)
 
     def checkpoint(iteration: int) -> None:
         nonlocal saved
         state = {"iteration": iteration, "pair_rng": rng.getstate(), "random": random_state()}
-        save_checkpoint(out, model, config.to_dict(), optimizer=optimiser, state=state)
+        save_checkpoint(out, model, config.to_dict(), optimizer=optimizer, state=state)
         saved = iteration
 
     synthesised = hasattr(dataset, "sample_pair")
@@ -292,11 +248,10 @@ def warmup(
         return dataset.sample_pair(np.random.default_rng([config.seed, iteration]), model_ref,
                                    percentiles=config.percentiles)
 
-    completed = start  # last iteration whose optimiser step finished
+    completed = start  # last iteration whose optimizer step finished
+    validation: dict = {}
     bar = None
     if progress is True:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=config.iterations, initial=min(start, config.iterations), desc="warm-up", unit="it",
                    dynamic_ncols=True)
     try:
@@ -327,15 +282,17 @@ def warmup(
                         f"warm-up diverged at iteration {iteration} (loss {terms['loss']}) on pair {pair} of "
                         f"{getattr(dataset, 'source', 'the dataset')}: lower the learning rate (--lr); the last "
                         f"checkpoint written is kept")
-                optimiser.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                optimiser.step()
+                optimizer.step()
                 completed = iteration
                 row = {"iteration": iteration, **terms, "seconds": time.perf_counter() - tic}
                 if config.validate_every and (iteration % config.validate_every == 0 or iteration == config.iterations):
                     if dataset.val_pairs:
-                        row.update(validate(model, dataset, config.grid, device, config.refine_steps, model_ref))
-                log(row)
+                        row.update(evaluate_heldback(model, dataset, config.grid, device, config.refine_steps, model_ref))
+                run_log.log(row)
+                if "val_dice" in row:
+                    validation = {k: v for k, v in row.items() if k.startswith("val_")}
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{row['loss']:.4f}",
@@ -347,7 +304,7 @@ def warmup(
     except (KeyboardInterrupt, Cancelled) as stop:
         # Raised at a clean boundary (deferred Ctrl-C, cancel): save what was done. A second Ctrl-C
         # may have arrived mid-step; then only the last periodic checkpoint is trusted.
-        if completed > saved and _at_boundary(stop):
+        if completed > saved and raised_by(stop, "warmup"):
             checkpoint(completed)
         raise
     finally:
@@ -355,18 +312,12 @@ def warmup(
             bar.close()
         if prefetch is not None:
             prefetch.shutdown(wait=True, cancel_futures=True)
-    if saved != max(config.iterations, start):
-        checkpoint(max(config.iterations, start))
+    done = max(config.iterations, start)
+    if saved != done:
+        checkpoint(done)
     model.eval()
-    return model
-
-
-def _at_boundary(stop: BaseException) -> bool:
-    """True when ``stop`` was raised by the loop itself (at the top of an iteration), not inside one."""
-    tb = stop.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_code.co_name == "warmup"
+    return TrainResult(model, checkpoint_files(out)[0], done, done, run_log.rows[-1] if run_log.rows else {},
+                       run_log.rows, validation)
 
 
 def _check_same_run(path, saved: dict, model_config: dict, config: WarmupConfig, model) -> None:

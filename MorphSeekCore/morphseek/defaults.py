@@ -1,0 +1,44 @@
+"""Every default setting of the engine, in one place (no torch: the command line reads it while it
+builds its parser). The trainers' dataclasses (``train.warmup.WarmupConfig``, ``train.config.GRPOConfig``),
+``register_images``, ``evaluate_dataset``, the worker's fine-tuning job and the command line take
+their defaults from here; a value written out anywhere else is a bug.
+
+What a checkpoint's run configuration holds (``grid`` or ``spacing``, ``similarity``, ``lambda_reg``,
+``beta_kl``, ``percentiles``...) always wins over these: they are used only when it says nothing.
+"""
+
+from __future__ import annotations
+
+#: Refinement steps T of a registration, an evaluation and a GRPO episode.
+STEPS = 3
+#: Sampling temperature tau: exploration in GRPO fine-tuning, candidates in test-time search.
+TAU = 0.3
+#: Trajectories J (the sampled candidates of one step) at registration: 1 = deterministic (tau unused).
+SEARCH_TRAJECTORIES = 1
+#: Trajectories J per step in GRPO fine-tuning (METHOD.md).
+GRPO_TRAJECTORIES = 6
+#: Trajectories J of the fine-tuning job the Slicer panel runs (``worker.finetune``) and of the demo.
+PANEL_TRAJECTORIES = 4
+#: Reward weights: Dice gain (> 0) and folding fraction (< 0), at registration and in GRPO.
+W_DICE = 1.0
+W_NJD = -10.0
+#: Model grid (D, H, W) when neither the checkpoint's configuration nor the caller names one
+#: (``register_images``, ``morphseek warmup --grid``, ``WarmupConfig.grid``).
+MODEL_GRID = (64, 64, 64)
+#: Diffusion-regulariser weight per similarity on [0, 1] images (VoxelMorph's choices for MSE, NCC).
+LAMBDA_REG = {"mse": 0.02, "ncc": 1.0, "mind": 0.5}
+#: GRPO's diffusion weight of L_warm when neither its configuration nor the warm-up run's names one.
+#: (It is not ``LAMBDA_REG[similarity]``: changing it would change the results of fine-tuning such
+#: hand-made checkpoints; every checkpoint the warm-up writes names its own ``lambda_reg``.)
+GRPO_LAMBDA_REG_FALLBACK = 1.0
+#: KL weight of the warm-up objective (METHOD.md: about 1e-3), and GRPO's first one.
+BETA_KL = 1e-3
+#: Intensity normalisation: these percentiles of an image's voxels map to 0 and 1.
+PERCENTILES = (1.0, 99.0)
+#: Test-time optimisation iterations of the demo and the Slicer panel (``morphseek register --adapt``
+#: stays 0 unless asked); chosen on training subjects' pairs (docs/QUALITY.md section 2).
+ADAPT = 50
+#: Pre-alignment of ``morphseek register`` ("affine" or "none").
+PREALIGN = "affine"
+#: GRPO episodes of the fine-tuning job the Slicer panel runs.
+PANEL_EPISODES = 20
