@@ -213,3 +213,36 @@ def test_regulariser_and_soft_dice_gradients_are_finite():
     soft = torch.rand(1, 3, 8, 8, 8, requires_grad=True)
     losses.soft_dice_loss(fixed, soft).backward()
     assert torch.isfinite(soft.grad).all() and soft.grad.abs().sum() > 0
+
+
+def test_gaussian_blur_keeps_constants_and_the_mean_and_sigma_zero_is_identity():
+    from morphseek.losses import gaussian_blur
+
+    constant = torch.full((1, 1, 9, 10, 11), 0.7)
+    assert torch.allclose(gaussian_blur(constant, 1.0), constant, atol=1e-6)
+    spike = torch.zeros(1, 1, 15, 15, 15)
+    spike[0, 0, 7, 7, 7] = 1.0
+    blurred = gaussian_blur(spike, 1.0)
+    assert abs(float(blurred.sum()) - 1.0) < 1e-5 and float(blurred.max()) < 0.1
+    assert gaussian_blur(spike, 0.0) is spike
+
+
+def test_presmoothing_takes_away_what_blur_alone_gains():
+    """A uniform quarter-voxel shift aligns nothing, but on noisy images its interpolation blur
+    lowers NCC by a lot (docs/QUALITY.md section 1); with both images presmoothed it barely does."""
+    from morphseek import geometry
+    from morphseek.losses import presmoothed, similarity_loss
+
+    generator = torch.Generator().manual_seed(0)
+    anatomy = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 40, 40, 40, generator=generator), 5, 1, 2)
+    anatomy = (anatomy - anatomy.min()) / (anatomy.max() - anatomy.min())
+    moving = anatomy + 0.05 * torch.randn(anatomy.shape, generator=generator)
+    fixed = anatomy + 0.05 * torch.randn(anatomy.shape, generator=generator)
+    shift = torch.full((1, 3, 40, 40, 40), 0.25)
+    gains = {}
+    for sigma in (0.0, 1.0):
+        loss = presmoothed(similarity_loss("ncc", window=5), sigma)
+        before = float(loss(moving, fixed))
+        gains[sigma] = (before - float(loss(geometry.warp(moving, shift), fixed))) / before
+    assert gains[0.0] > 0.1, gains  # blur passes for alignment
+    assert gains[1.0] < gains[0.0] / 3, gains

@@ -23,7 +23,7 @@ from .. import defaults, geometry, io
 from ..checkpoint import checkpoint_exists, checkpoint_files, load_checkpoint, save_checkpoint
 from ..errors import Cancelled, MorphSeekError
 from ..evaluate import evaluate_heldback
-from ..losses import diffusion_regulariser, similarity_loss
+from ..losses import diffusion_regulariser, presmoothed, similarity_loss
 from ..nets.policy import MorphSeekNet, kl_standard_normal
 from .contract import Progress, RunLog, TrainResult, default_log, deferred_interrupt, raised_by
 
@@ -42,6 +42,9 @@ class WarmupConfig:
     #: model run without gradients, so that later steps learn to refine rather than start over
     refine_steps: int = 1
     window: int = 9  # local NCC window (voxels of the model grid)
+    #: Gaussian blur (voxels) of both images inside the similarity (``losses.presmoothed``), so that
+    #: blurring the moving image by a sub-voxel shift does not pass for alignment; 0: none
+    presmooth: float = 0.0
     workers: int = 1  # threads synthesising pairs ahead (data sets with sample_pair; GPUs want many)
     iterations: int = 150
     learning_rate: float = 1e-3
@@ -78,6 +81,8 @@ class WarmupConfig:
         if int(self.refine_steps) < 1 or int(self.workers) < 1 or int(self.window) < 1 or int(self.window) % 2 == 0:
             problems.append(f"refine_steps and workers must be >= 1 and window a positive odd number "
                             f"(got {self.refine_steps}, {self.workers}, {self.window})")
+        if not (math.isfinite(self.presmooth) and self.presmooth >= 0):
+            problems.append(f"presmooth must be a finite number of voxels >= 0 (got {self.presmooth})")
         if self.similarity not in DEFAULT_LAMBDA_REG:
             problems.append(f"similarity must be one of {sorted(DEFAULT_LAMBDA_REG)} (got {self.similarity!r})")
         if problems:
@@ -199,7 +204,8 @@ def warmup(
     config.validate()
     if not dataset.train_pairs:
         raise MorphSeekError(f"{getattr(dataset, 'source', 'dataset')}: no training pairs")
-    sim = similarity_loss(config.similarity, **({"window": config.window} if config.similarity == "ncc" else {}))
+    sim = presmoothed(similarity_loss(config.similarity, **({"window": config.window} if config.similarity == "ncc" else {})),
+                      config.presmooth)
     model_ref = training_grid(dataset, config, model.divisor)
     if model_ref is not None:
         config.grid = tuple(int(n) for n in model_ref.GetSize()[::-1])
