@@ -66,7 +66,7 @@ def adapt(total: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, settin
     fine = tuple(moving.shape[2:])
     start = time.perf_counter()
     variable = total.detach().clone().requires_grad_(True)  # smoothed again below: close to ``total``
-    optimiser = torch.optim.Adam([variable], lr=settings.learning_rate)
+    optimizer = torch.optim.Adam([variable], lr=settings.learning_rate)
 
     def smoothed() -> torch.Tensor:
         field = variable
@@ -86,9 +86,9 @@ def adapt(total: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, settin
                 raise Cancelled("test-time optimisation cancelled by the user")
             l_sim, l_reg = objective()
             loss = l_sim + settings.lambda_reg * l_reg
-            optimiser.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimiser.step()
+            optimizer.step()
         with torch.no_grad():
             sim1, reg1 = (float(v) for v in objective())
     summary = {"iterations": settings.iterations, "similarity_before": sim0, "similarity_after": sim1,
