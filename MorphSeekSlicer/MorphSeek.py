@@ -58,7 +58,7 @@ class MorphSeek(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Deformable registration of 3D volumes (and their segmentations) with a MorphSeek model: "
             "T refinement steps by the network, optional candidate search per step, then optional "
-            "test-time optimisation of the result on this pair (one more step; 30 iterations by default, "
+            "test-time optimisation of the result on this pair (one more step; 50 iterations by default, "
             "0 = off), a step-by-step preview with the Jacobian determinant and folded voxels, and GRPO "
             "fine-tuning on a few labelled cases. See docs/SLICER-MODULE.md in the project repository."
         )
