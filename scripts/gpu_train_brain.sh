@@ -10,7 +10,7 @@
 set -euo pipefail
 python3 -m pip install -q --no-index --find-links runs/wheels SimpleITK
 export PYTHONPATH="$PWD/MorphSeekCore"
-python3 scripts/train_brain.py --device cuda --threads 8 --workers 12 --iterations 20000 \
-    --validate-every 250 --checkpoint-every 250 --max-minutes 7 --out runs/brain-train
+python3 scripts/train_brain.py --device cuda --threads 8 --workers 12 --iterations 20000 --presmooth 1.0 \
+    --validate-every 250 --checkpoint-every 250 --max-minutes 7 --out runs/brain-train-gpu
 mkdir -p "${OUT:-/tmp/out}"
-cp runs/brain-train/best.* runs/brain-train/last.* runs/brain-train/log.csv "${OUT:-/tmp/out}/" 2>/dev/null || true
+cp runs/brain-train-gpu/best.* runs/brain-train-gpu/last.* runs/brain-train-gpu/log.csv "${OUT:-/tmp/out}/" 2>/dev/null || true
