@@ -8,7 +8,10 @@ Sampling uses ``align_corners=True`` so that voxel centres map exactly onto norm
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections import OrderedDict
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -138,3 +141,37 @@ def folding_fraction(disp: Tensor) -> Tensor:
     """Fraction of voxels with det(J) <= 0, per batch item (B,)."""
     det = jacobian_determinant(disp)
     return (det <= 0).flatten(1).to(torch.float32).mean(dim=1)
+
+
+def _gaussian_kernel(sigma: float, radius: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def blur_axes(volume: torch.Tensor, sigmas: Sequence[float], radii: Sequence[int], pad: bool) -> torch.Tensor:
+    """Separable Gaussian blur with the given radius per axis; ``pad``: replicate the edges (same
+    size), else only the valid part."""
+    channels = volume.shape[1]
+    out = volume
+    for axis, (s, radius) in enumerate(zip(sigmas, radii)):
+        if s <= 0 or radius == 0:
+            continue
+        view = [1, 1, 1]
+        view[axis] = 2 * radius + 1
+        weight = _gaussian_kernel(s, radius, out.dtype, out.device).view(1, 1, *view).repeat(channels, 1, 1, 1, 1)
+        if pad:
+            padding = [0, 0, 0, 0, 0, 0]
+            padding[2 * (2 - axis)] = padding[2 * (2 - axis) + 1] = radius  # F.pad lists the last axis first
+            out = F.pad(out, padding, mode="replicate")
+        out = F.conv3d(out, weight, groups=channels)
+    return out
+
+
+def gaussian_blur(volume: torch.Tensor, sigma: float | Sequence[float]) -> torch.Tensor:
+    """Separable Gaussian blur of (N, C, D, H, W) (each channel alone, edges replicated);
+    ``sigma`` in voxels, one value or one per axis; sigma <= 0 leaves that axis alone."""
+    sigmas = [float(sigma)] * 3 if isinstance(sigma, numbers.Real) else [float(s) for s in sigma]
+    # A kernel longer than the axis adds nothing but cost: replicate padding covers the rest.
+    radii = [min(max(1, math.ceil(3.0 * s)), n - 1) if s > 0 else 0 for s, n in zip(sigmas, volume.shape[2:])]
+    return blur_axes(volume, sigmas, radii, pad=True)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import MorphSeekError
+from .geometry import gaussian_blur
 
 Tensor = torch.Tensor
 
@@ -229,25 +230,6 @@ def similarity_loss(name: str, **options) -> Callable[[Tensor, Tensor], Tensor]:
     loss.__name__ = f"{key}_loss"
     loss.__doc__ = f"Similarity loss {key!r}(warped, fixed) with options {options}."
     return loss
-
-
-def gaussian_blur(image: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of (B, C, D, H, W) images, ``sigma`` in voxels (3 sigma support,
-    replicated borders); ``sigma`` <= 0 returns the image itself."""
-    if sigma <= 0:
-        return image
-    radius = max(1, int(3.0 * sigma + 0.5))
-    taps = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
-    kernel = torch.exp(-(taps**2) / (2.0 * sigma**2))
-    kernel = kernel / kernel.sum()
-    channels = image.shape[1]
-    for axis in range(3):
-        shape = [channels, 1, 1, 1, 1]
-        shape[2 + axis] = kernel.numel()
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius  # F.pad lists the last axis first
-        image = F.conv3d(F.pad(image, pad, mode="replicate"), kernel.view(shape), groups=channels)
-    return image
 
 
 def presmoothed(loss: Callable[[Tensor, Tensor], Tensor], sigma: float) -> Callable[[Tensor, Tensor], Tensor]:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .data import default_split, ordered_pairs, write_manifest
 from .errors import MorphSeekError
-from .geometry import compose, resize_displacement, warp_labels
+from .geometry import blur_axes, compose, gaussian_blur, resize_displacement, warp_labels
 from .io import write_image
 
 Shape = tuple[int, int, int]
@@ -64,38 +64,6 @@ def _check_shape(shape: Sequence[int]) -> Shape:
     return shape  # type: ignore[return-value]
 
 
-def _gaussian_kernel(sigma: float, radius: int, dtype: torch.dtype) -> torch.Tensor:
-    x = torch.arange(-radius, radius + 1, dtype=dtype)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    return kernel / kernel.sum()
-
-
-def _blur_axes(volume: torch.Tensor, sigmas: Sequence[float], radii: Sequence[int], pad: bool) -> torch.Tensor:
-    channels = volume.shape[1]
-    out = volume
-    for axis, (s, radius) in enumerate(zip(sigmas, radii)):
-        if s <= 0 or radius == 0:
-            continue
-        view = [1, 1, 1]
-        view[axis] = 2 * radius + 1
-        weight = _gaussian_kernel(s, radius, out.dtype).view(1, 1, *view).repeat(channels, 1, 1, 1, 1)
-        if pad:
-            padding = [0, 0, 0, 0, 0, 0]
-            padding[2 * (2 - axis)] = padding[2 * (2 - axis) + 1] = radius  # F.pad lists the last axis first
-            out = F.pad(out, padding, mode="replicate")
-        out = F.conv3d(out, weight, groups=channels)
-    return out
-
-
-def gaussian_blur(volume: torch.Tensor, sigma: float | Sequence[float]) -> torch.Tensor:
-    """Separable Gaussian blur of (N, C, D, H, W) (each channel alone, edges replicated);
-    ``sigma`` in voxels, one value or one per axis; sigma <= 0 leaves that axis alone."""
-    sigmas = [float(sigma)] * 3 if np.isscalar(sigma) else [float(s) for s in sigma]  # type: ignore[arg-type]
-    # A kernel longer than the axis adds nothing but cost: replicate padding covers the rest.
-    radii = [min(max(1, math.ceil(3.0 * s)), n - 1) if s > 0 else 0 for s, n in zip(sigmas, volume.shape[2:])]
-    return _blur_axes(volume, sigmas, radii, pad=True)
-
-
 def smooth_noise(
     shape: Sequence[int], channels: int, sigma: float, seed: int | np.random.Generator
 ) -> torch.Tensor:
@@ -113,7 +81,7 @@ def smooth_noise(
     fine_sigma = sigma / factor
     radius = max(1, math.ceil(3.0 * fine_sigma))
     noise = rng.standard_normal((1, channels, *(n + 2 * radius for n in coarse)), dtype=np.float32)
-    field = _blur_axes(torch.from_numpy(noise), [fine_sigma] * 3, [radius] * 3, pad=False)
+    field = blur_axes(torch.from_numpy(noise), [fine_sigma] * 3, [radius] * 3, pad=False)
     if coarse != shape:
         field = F.interpolate(field, size=shape, mode="trilinear", align_corners=True)
     field = field - field.mean(dim=(2, 3, 4), keepdim=True)

@@ -216,7 +216,7 @@ def test_regulariser_and_soft_dice_gradients_are_finite():
 
 
 def test_gaussian_blur_keeps_constants_and_the_mean_and_sigma_zero_is_identity():
-    from morphseek.losses import gaussian_blur
+    from morphseek.geometry import gaussian_blur
 
     constant = torch.full((1, 1, 9, 10, 11), 0.7)
     assert torch.allclose(gaussian_blur(constant, 1.0), constant, atol=1e-6)
