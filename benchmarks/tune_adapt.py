@@ -24,12 +24,14 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from morphseek import export, io, metrics
+from morphseek import io
 from morphseek.adapt import AdaptSettings
 from morphseek.brains import EVAL_LABELS, BrainSet, t1_image
 from morphseek.register import register_images
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from brain_vs_ants import score as benchmark_score  # noqa: E402  (the benchmark's own scorer)
 PAIRS = (("02", "01"), ("04", "03"), ("06", "05"), ("01", "07"))
 VARIANTS = {  # name -> AdaptSettings fields (iterations, learning_rate, lambda_reg, smooth, scale, window)
     "30 it": dict(iterations=30),
@@ -51,14 +53,9 @@ def pair_images(data: BrainSet, subject: str, seed: int) -> tuple[sitk.Image, si
     return image, seg
 
 
-def score(fixed_seg: sitk.Image, moving_seg: sitk.Image, field: sitk.Image) -> tuple[float, float]:
-    warped = sitk.Resample(moving_seg, fixed_seg, export.displacement_transform(field), sitk.sitkNearestNeighbor, 0,
-                           moving_seg.GetPixelID())
-    f, w, m = (sitk.GetArrayViewFromImage(x) for x in (fixed_seg, warped, moving_seg))
-    labels = [v for v in EVAL_LABELS if (f == v).any() and (m == v).any()]
-    dice = 100.0 * float(np.mean(list(metrics.dice_per_label(f, w, labels).values())))
-    det = sitk.GetArrayFromImage(export.jacobian_image(field))
-    return dice, metrics.njd_percent_from_det(det)
+def score(fixed_seg, moving_seg, field) -> tuple[float, float]:
+    values = benchmark_score(fixed_seg, moving_seg, field)
+    return values["dice"], values["njd"]
 
 
 def main(argv: list[str] | None = None) -> int:
