@@ -555,8 +555,10 @@ warmup(build_model({"backbone": "tiny"}), load_dataset(data), config, out, resum
 
 def _python(script: str, *args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(CORE), "OMP_NUM_THREADS": "1"}
+    # a child inherits an ignored SIGINT (Python then keeps it ignored): start it as a shell would
+    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
     return subprocess.Popen([sys.executable, "-c", script, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, **kwargs)
+                            stderr=subprocess.PIPE, preexec_fn=restore, **kwargs)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
