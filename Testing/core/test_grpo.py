@@ -12,7 +12,8 @@ import torch
 
 from morphseek.data import PairSample
 from morphseek.errors import Cancelled, MorphSeekError
-from morphseek.losses import similarity_loss
+from morphseek.geometry import gaussian_blur
+from morphseek.losses import local_ncc_loss, similarity_loss
 from morphseek.nets.registry import build_model
 from morphseek.synth import make_dataset
 from morphseek.train.grpo import (
@@ -24,6 +25,7 @@ from morphseek.train.grpo import (
     grpo_finetune,
     group_advantages,
     relative_log_likelihoods,
+    warm_similarity,
 )
 from morphseek.train.trainlog import RunLogger
 
@@ -57,6 +59,22 @@ def lively_model():
 
 
 # ------------------------------------------------------------------------------------ LDVN
+def test_warm_objective_keeps_the_warm_up_runs_similarity_window_and_presmoothing():
+    """GRPO's L_warm is the warm-up's own L_sim: a presmoothed warm-up (docs/QUALITY.md section 1)
+    must not be fine-tuned against raw NCC, which rewards interpolation blur again."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand((1, 1, 12, 12, 12), generator=g), torch.rand((1, 1, 12, 12, 12), generator=g)
+    raw = float(local_ncc_loss(a, b, window=5))
+    smoothed = float(local_ncc_loss(gaussian_blur(a, 1.0), gaussian_blur(b, 1.0), window=5))
+    assert abs(raw - smoothed) > 0.05  # noise images: blur changes NCC a lot, so the cases below differ
+    run = {"similarity": "ncc", "window": 5, "presmooth": 1.0}
+    assert float(warm_similarity(GRPOConfig(), run)(a, b)) == pytest.approx(smoothed, abs=1e-6)
+    assert float(warm_similarity(GRPOConfig(), {**run, "presmooth": 0.0})(a, b)) == pytest.approx(raw, abs=1e-6)
+    assert float(warm_similarity(GRPOConfig(), {"similarity": "ncc", "window": 5})(a, b)) == pytest.approx(raw, abs=1e-6)
+    # an explicit similarity replaces the warm-up's, presmoothing included
+    assert float(warm_similarity(GRPOConfig(similarity="mse"), run)(a, b)) == pytest.approx(float(torch.mean((a - b) ** 2)), abs=1e-6)
+
+
 def test_ldvn_keeps_order_and_only_rescales_relative_values():
     torch.manual_seed(2)
     J, shape, tau = 6, (1, 4, 3, 3, 2), 0.3

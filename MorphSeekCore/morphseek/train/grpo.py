@@ -21,7 +21,7 @@ from morphseek import defaults
 from morphseek.checkpoint import checkpoint_exists, checkpoint_files, load_checkpoint, save_checkpoint
 from morphseek.errors import Cancelled, MorphSeekError
 from morphseek.evaluate import evaluate_pairs
-from morphseek.losses import similarity_loss
+from morphseek.losses import presmoothed, similarity_loss
 from morphseek.nets.policy import MorphSeekNet
 from morphseek.train import policy_gradient
 from morphseek.train.config import LDVN_MODES, GRPOConfig
@@ -73,6 +73,19 @@ def _episode_pair(episode: int, n_pairs: int, seed: int) -> int:
     return int(order[position])
 
 
+def warm_similarity(config: GRPOConfig, run_config: dict):
+    """L_sim of GRPO's L_warm: ``config.similarity`` when set, else the warm-up run's own similarity
+    with its NCC window and its presmoothing. Without the presmoothing L_warm would reward
+    interpolation blur again and pull a presmoothed model back to the sub-voxel shift it was trained
+    out of (docs/QUALITY.md section 1)."""
+    if config.similarity is not None:
+        return similarity_loss(config.similarity)
+    name = run_config.get("similarity") or "mse"
+    window = run_config.get("window")
+    loss = similarity_loss(name, **({"window": int(window)} if name == "ncc" and window else {}))
+    return presmoothed(loss, float(run_config.get("presmooth") or 0.0))
+
+
 def grpo_finetune(
     model: MorphSeekNet,
     train: Sequence[PairLike],
@@ -115,9 +128,7 @@ def grpo_finetune(
     if not any(labelled):
         raise MorphSeekError("GRPO fine-tuning needs at least one labelled training pair (all are label-free)")
 
-    sim_name = config.similarity or run_config.get("similarity") or "mse"
-    window = run_config.get("window") if config.similarity is None else None  # the warm-up's NCC window
-    similarity = similarity_loss(sim_name, **({"window": int(window)} if sim_name == "ncc" and window else {}))
+    similarity = warm_similarity(config, run_config)
     lambda_reg = config.lambda_reg if config.lambda_reg is not None else float(run_config.get("lambda_reg", defaults.GRPO_LAMBDA_REG_FALLBACK))
     beta0 = config.beta_kl if config.beta_kl is not None else float(run_config.get("beta_kl", defaults.BETA_KL))
     controller = TargetKLController(beta0, config.target_kl, config.kl_tolerance, config.kl_factor,
