@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 
 from . import defaults, options
-from .errors import MorphSeekError
+from .errors import Cancelled, MorphSeekError
 # torch-free: --help stays fast
 from .train.config import LDVN_MODES, GRPOConfig
 from .train.contract import default_log
@@ -34,17 +34,21 @@ _grid = options.grid  # kept for callers of the old name
 _abandoned_worker = False  # set when Ctrl-C left a worker inside a library call (see main)
 
 
-def _interruptible(function, *args, **kwargs):
+def _interruptible(function, *args, also_stop=None, **kwargs):
     """Run ``function(*args, cancel=..., **kwargs)`` in a worker thread while the main thread waits,
     so that Ctrl-C is handled at once even while a library call that ignores signals runs (SimpleITK's
     affine registration, a long resampling): the main thread raises KeyboardInterrupt and the worker's
-    ``cancel()`` turns true, which stops it at its next check. Errors in the worker are re-raised."""
+    ``cancel()`` turns true, which stops it at its next check. Errors in the worker are re-raised.
+    ``also_stop()`` true also stops the worker (its Cancelled is then raised)."""
     stop, done = threading.Event(), threading.Event()
     outcome: dict = {}
 
+    def cancel() -> bool:
+        return stop.is_set() or (also_stop is not None and also_stop())
+
     def work():
         try:
-            outcome["value"] = function(*args, cancel=stop.is_set, **kwargs)
+            outcome["value"] = function(*args, cancel=cancel, **kwargs)
         except BaseException as error:  # re-raised in the main thread
             outcome["error"] = error
         finally:
@@ -174,10 +178,9 @@ def _add_register(sub) -> None:
 def _run_register(args) -> int:
     from tqdm import tqdm
 
-    from . import io
-    from .checkpoint import checkpoint_files, find_checkpoint, load_checkpoint
+    from . import io, prealign  # neither imports torch
+    from .checkpoint_names import checkpoint_files, find_checkpoint
     from .outputs import check_output_folder
-    from .register import register_images
 
     inputs = [args.fixed, args.moving, args.fixed_seg, args.moving_seg, args.model,
               *checkpoint_files(args.model)]
@@ -194,18 +197,36 @@ def _run_register(args) -> int:
                                  reference_name=args.moving) if args.moving_seg else None)
     if find_checkpoint(args.model) is None:
         raise MorphSeekError(f"{args.model}: model checkpoint not found")
-    load_checkpoint(args.model)  # a bad checkpoint is reported now, not after the pre-alignment
     if args.prealign == "none":
         io.check_overlap(fixed, moving, args.fixed, args.moving)
     io.check_memory(fixed, moving, args.steps, args.fixed)
+    # Importing torch and reading the model (about 3 s) overlap with the pre-alignment, which runs
+    # on one thread by design: on two cores the command is that much shorter. A bad checkpoint
+    # stops the pre-alignment at once and is reported.
+    engine = _Background(_load_engine, args.model)
     with tqdm(total=100, desc="register", bar_format="{percentage:3.0f}%|{bar:20}| {desc}") as bar:
         def progress(event):
             bar.n = int(100 * event.fraction)
             bar.set_description_str(event.message)  # refreshes
+        prealigned = None
+        if args.prealign == "affine":
+            bar.n = 5
+            bar.set_description_str("affine pre-alignment")
+            try:
+                prealigned = _interruptible(prealign.affine_prealign, fixed, moving, also_stop=engine.failed)
+            except Cancelled:
+                if engine.failed():
+                    engine.result()  # raises the checkpoint's (or the import's) error
+                raise
+            except KeyboardInterrupt:
+                engine.abandon()
+                raise
+        register_images = engine.result()
         result = _interruptible(register_images, fixed, moving, args.model, fixed_seg=fixed_seg,
                                 moving_seg=moving_seg, steps=args.steps, trajectories=args.trajectories,
-                                tau=args.tau, prealign=args.prealign, device=args.device, seed=args.seed,
-                                adapt=args.adapt, keep_step_images=args.step_images, progress=progress,
+                                tau=args.tau, prealign=args.prealign, prealigned=prealigned, device=args.device,
+                                seed=args.seed, adapt=args.adapt, keep_step_images=args.step_images,
+                                progress=progress,
                                 names={"fixed": args.fixed, "moving": args.moving,
                                        "fixed_seg": args.fixed_seg or "", "moving_seg": args.moving_seg or ""})
     result.save(args.out, overwrite=args.overwrite, inputs=inputs)
@@ -380,6 +401,55 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_demo(sub)
     return parser
+
+
+class _Background:
+    """``function(*args)`` on a daemon thread from now on; ``result()`` waits for it (Ctrl-C still
+    lands: the wait polls) and returns its value or raises its error; ``failed()`` says whether it
+    has already raised."""
+
+    def __init__(self, function, *args):
+        self._done = threading.Event()
+        self._outcome: dict = {}
+
+        def work():
+            try:
+                self._outcome["value"] = function(*args)
+            except BaseException as error:  # re-raised by result()
+                self._outcome["error"] = error
+            finally:
+                self._done.set()
+
+        threading.Thread(target=work, name="morphseek-load", daemon=True).start()
+
+    def failed(self) -> bool:
+        return self._done.is_set() and "error" in self._outcome
+
+    def abandon(self) -> None:
+        """Called when the command stops early: a thread still inside an import must not be unwound."""
+        if not self._done.is_set():
+            global _abandoned_worker
+            _abandoned_worker = True
+
+    def result(self):
+        try:
+            while not self._done.wait(0.1):
+                pass
+        except KeyboardInterrupt:
+            self.abandon()
+            raise
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        return self._outcome["value"]
+
+
+def _load_engine(model):
+    """Import the engine (torch) and check the model's checkpoint -> ``register_images``."""
+    from .checkpoint import load_checkpoint
+    from .register import register_images
+
+    load_checkpoint(model)  # a bad checkpoint is reported before any registration work
+    return register_images
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -15,15 +15,17 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 # THE atomic write (re-exported: io.atomic_target and io.write_text are used across the engine)
 from .atomic import atomic_target, give_default_permissions, write_text  # noqa: F401
 from .errors import MorphSeekError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: reading and checking images need none of it
+    import torch
 
 PathLike = str | os.PathLike
 
@@ -522,12 +524,16 @@ def resample_to(image: sitk.Image, reference: sitk.Image, transform: sitk.Transf
 # --------------------------------------------------------------------------------------------------
 def to_tensor(image: sitk.Image) -> torch.Tensor:
     """A 3D scalar image as a float32 tensor (1, 1, D, H, W) (values as they are: normalise first)."""
+    import torch
+
     _require_3d_scalar(image, "image", "image")
     return torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32, copy=False))[None, None]
 
 
 def labels_to_tensor(labels: sitk.Image) -> torch.Tensor:
     """A 3D integer label map as an int64 tensor (1, 1, D, H, W)."""
+    import torch
+
     _require_3d_scalar(labels, "labels", "segmentation")
     return torch.from_numpy(sitk.GetArrayFromImage(labels).astype(np.int64))[None, None]
 
@@ -535,7 +541,7 @@ def labels_to_tensor(labels: sitk.Image) -> torch.Tensor:
 def from_array(array: np.ndarray | torch.Tensor, reference: sitk.Image) -> sitk.Image:
     """An image with ``reference``'s geometry holding ``array`` ((D, H, W), with any leading singleton
     axes, e.g. (1, 1, D, H, W)). The pixel type follows the array's dtype."""
-    if isinstance(array, torch.Tensor):
+    if hasattr(array, "detach"):  # a torch.Tensor (checked without importing torch)
         array = array.detach().cpu().numpy()
     array = np.asarray(array)
     while array.ndim > 3 and array.shape[0] == 1:

@@ -423,6 +423,7 @@ def register_images(
     trajectories: int = defaults.SEARCH_TRAJECTORIES,
     tau: float = defaults.TAU,
     prealign: str = defaults.PREALIGN,
+    prealigned: sitk.Transform | None = None,
     device: str = "auto",
     seed: int = 0,
     grid: tuple[int, int, int] | None = None,
@@ -443,13 +444,18 @@ def register_images(
     when they cannot fit. ``cancel()`` is polled between stages, inside the pre-alignment's optimiser
     and between steps and candidates.
     ``adapt`` > 0 adds one more step after the network's: that many iterations of test-time
-    optimisation of the total map on this pair (``morphseek.adapt``; ``adapt_settings`` for the rest)."""
+    optimisation of the total map on this pair (``morphseek.adapt``; ``adapt_settings`` for the rest).
+    ``prealigned``: the affine pre-alignment of this pair already computed
+    (:func:`morphseek.prealign.affine_prealign`, e.g. while torch was being imported), used instead
+    of running it again; only with ``prealign="affine"``."""
     names = {"fixed": "fixed image", "moving": "moving image", "fixed_seg": "fixed segmentation",
              "moving_seg": "moving segmentation", **(names or {})}
     if prealign not in ("affine", "none"):
         raise MorphSeekError(f"prealign must be 'affine' or 'none', got {prealign!r}")
     if adapt < 0:
         raise MorphSeekError(f"adapt must be >= 0 iterations, got {adapt}")
+    if prealigned is not None and prealign != "affine":
+        raise MorphSeekError(f"a pre-alignment transform was given with prealign={prealign!r}: use prealign='affine'")
     total_steps = steps + (1 if adapt else 0)  # the network's steps, then test-time optimisation
 
     def report(stage, step, fraction, message, record=None):
@@ -491,7 +497,7 @@ def register_images(
     transform = sitk.Transform(3, sitk.sitkIdentity)
     if prealign == "affine":
         report("prepare", 0, 0.05, "affine pre-alignment")
-        transform = prealign_module.affine_prealign(fixed, moving, cancel=cancel)
+        transform = prealigned if prealigned is not None else prealign_module.affine_prealign(fixed, moving, cancel=cancel)
     _check_cancel(cancel)
 
     report("prepare", 0, 0.1, f"resampling onto the model grid {grid}")
