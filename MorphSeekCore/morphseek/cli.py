@@ -338,8 +338,8 @@ def _run_finetune(args) -> int:
     check_checkpoint_target(out, resume=args.resume, overwrite=args.overwrite,
                             inputs=[extra.get("path"), args.model, args.data, *dataset_files(dataset)],
                             logs=log_files(log))
-    grid = tuple(int(n) for n in (run_config.get("grid") or dataset.grid or ()))
-    if not grid and not run_config.get("spacing"):
+    grid = tuple(int(n) for n in (run_config.grid or dataset.grid or ()))
+    if not grid and not run_config.spacing:
         raise MorphSeekError(f"{args.model}: neither the checkpoint's configuration nor {args.data} names a model grid")
     train = load_samples(dataset, dataset.train_pairs, run_config, device, model.divisor, grid)
     val_pairs = list(dataset.val_pairs)

@@ -20,15 +20,17 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, NamedTuple, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
 from . import io
+from .io import PairImages  # noqa: F401 (read_pair returns it; its home is io)
 from .atomic import write_text
 from .errors import MorphSeekError
+from .runconfig import RunConfig
 
 FORMAT = "morphseek-dataset"
 VERSION = 1
@@ -275,17 +277,16 @@ def shared_labels(a, b) -> list[int]:
     return sorted((present(a) & present(b)) - {0})
 
 
-def load_samples(dataset: Dataset, pairs: Sequence[Sequence[str]], run_config: dict | None, device,
+def load_samples(dataset: Dataset, pairs: Sequence[Sequence[str]], run_config: RunConfig | None, device,
                  divisor: int = 1, grid: Sequence[int] | None = None) -> list[PairSample]:
     """Pairs loaded onto a model's grid as its run configuration says: by voxel size when it has
     ``spacing`` (as ``register_images`` builds it), else onto ``grid`` (default: the configuration's
     ``grid``, else the dataset's); tensors on ``device``."""
-    run_config = run_config or {}
-    spacing = run_config.get("spacing")
-    if spacing:
-        return [dataset.load_pair(pair, spacing=float(spacing), direction=run_config.get("direction"),
+    run_config = run_config if run_config is not None else RunConfig()
+    if run_config.spacing:
+        return [dataset.load_pair(pair, spacing=run_config.spacing, direction=run_config.direction,
                                   divisor=divisor).to(device) for pair in pairs]
-    grid = grid if grid is not None else run_config.get("grid")
+    grid = grid if grid is not None else run_config.grid
     return [dataset.load_pair(pair, grid).to(device) for pair in pairs]
 
 

@@ -14,6 +14,7 @@ from morphseek.data import PairSample
 from morphseek.errors import Cancelled, MorphSeekError
 from morphseek.losses import similarity_loss
 from morphseek.nets.registry import build_model
+from morphseek.runconfig import RunConfig
 from morphseek.synth import make_dataset
 from morphseek.train.grpo import (
     GRPOConfig,
@@ -204,7 +205,7 @@ def test_short_finetune_raises_held_back_dice_without_folding(subjects, tmp_path
     progress = []
     result = grpo_finetune(model, train, val, config, out=tmp_path / "ft.ckpt", log=tmp_path / "ft",
                            progress=lambda done, total, row: (progress.append((done, total)), rows.append(row)),
-                           run_config={"lambda_reg": 0.02, "grid": list(GRID)})
+                           run_config=RunConfig(lambda_reg=0.02, grid=tuple(GRID)))
     after = result.validation
     assert result.done == 4 and result.optimizer_steps == 8 and result.model is model
     assert progress == [(e, 4) for e in (1, 1, 2, 2, 3, 3, 4, 4)]  # episodes done, per row
@@ -240,7 +241,7 @@ def test_cancel_keeps_the_last_checkpoint_and_resume_continues(subjects, tmp_pat
     from morphseek.checkpoint import checkpoint_files, load_checkpoint
 
     saved, run_config, extra = load_checkpoint(out)
-    assert extra["state"]["grpo"]["episode"] == 2 and run_config["stage"] == "finetune"
+    assert extra["state"]["grpo"]["episode"] == 2 and run_config.stage == "finetune"
     for name, tensor in saved.state_dict().items():  # the checkpoint is the model after episode 2
         torch.testing.assert_close(tensor, model.state_dict()[name])
 

@@ -17,12 +17,12 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from morphseek import defaults
 from morphseek.checkpoint import checkpoint_exists, checkpoint_files, load_checkpoint, save_checkpoint
 from morphseek.errors import Cancelled, MorphSeekError
 from morphseek.evaluate import evaluate_pairs
 from morphseek.losses import similarity_loss
 from morphseek.nets.policy import MorphSeekNet
+from morphseek.runconfig import RunConfig
 from morphseek.train import policy_gradient
 from morphseek.train.config import LDVN_MODES, GRPOConfig
 from morphseek.train.contract import Progress, RunLog, TrainResult, default_log, deferred_interrupt, raised_by
@@ -84,7 +84,7 @@ def grpo_finetune(
     resume: bool = False,
     progress: bool | Progress | None = None,
     cancel: Callable[[], bool] | None = None,
-    run_config: dict | None = None,
+    run_config: RunConfig | None = None,
 ) -> TrainResult:
     """Fine-tune a warmed-up MorphSeekNet with GRPO on ``train`` pairs (labelled or label-free),
     ``val``: labelled held-back pairs evaluated every ``validate_every`` episodes and after the last.
@@ -92,7 +92,7 @@ def grpo_finetune(
     ``out``; one row per optimizer step, validation columns on the rows after an evaluation),
     ``resume``, ``progress(episode, episodes, row)``, ``cancel`` and the returned ``TrainResult``.
 
-    ``run_config``: the warm-up run's configuration (default ``model.training_config``, set by
+    ``run_config``: the warm-up run's configuration (default ``model.run_config``, set by
     ``load_checkpoint``): similarity, lambda_reg, beta_kl and grid are taken from it unless ``config``
     overrides them; it is saved with the fine-tuned model (stage "finetune", the GRPO settings added).
     ``out``: checkpoint written atomically every ``checkpoint_every`` episodes and at the end (with
@@ -106,7 +106,7 @@ def grpo_finetune(
     if next(model.parameters()).device.type == "mps":
         raise MorphSeekError("GRPO fine-tuning on Apple MPS is not supported (float64 advantages, 3D grid "
                              "sampling): use --device cpu or a CUDA GPU")
-    run_config = dict(run_config or getattr(model, "training_config", None) or {})
+    run_config = run_config if run_config is not None else model.run_config
     if not train:
         raise MorphSeekError("GRPO fine-tuning needs at least one training pair")
     labelled = [check_pair_labels(s, name=describe_pair(s, f"training pair {i}")) for i, s in enumerate(train)]
@@ -115,11 +115,11 @@ def grpo_finetune(
     if not any(labelled):
         raise MorphSeekError("GRPO fine-tuning needs at least one labelled training pair (all are label-free)")
 
-    sim_name = config.similarity or run_config.get("similarity") or "mse"
-    window = run_config.get("window") if config.similarity is None else None  # the warm-up's NCC window
-    similarity = similarity_loss(sim_name, **({"window": int(window)} if sim_name == "ncc" and window else {}))
-    lambda_reg = config.lambda_reg if config.lambda_reg is not None else float(run_config.get("lambda_reg", defaults.GRPO_LAMBDA_REG_FALLBACK))
-    beta0 = config.beta_kl if config.beta_kl is not None else float(run_config.get("beta_kl", defaults.BETA_KL))
+    sim_name = config.similarity or run_config.similarity
+    window = run_config.window if config.similarity is None else None  # the warm-up's NCC window
+    similarity = similarity_loss(sim_name, **({"window": window} if sim_name == "ncc" and window else {}))
+    lambda_reg = config.lambda_reg if config.lambda_reg is not None else run_config.lambda_reg
+    beta0 = config.beta_kl if config.beta_kl is not None else run_config.beta_kl
     controller = TargetKLController(beta0, config.target_kl, config.kl_tolerance, config.kl_factor,
                                     config.beta_kl_min, config.beta_kl_max)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
@@ -153,7 +153,7 @@ def grpo_finetune(
             return
         state = {"grpo": {"episode": episode, "optimizer_steps": optimizer_steps,
                           "controller": controller.state_dict(), "config": dataclasses.asdict(config)}}
-        saved_config = {**run_config, "stage": "finetune", "grpo": dataclasses.asdict(config)}
+        saved_config = run_config.with_stage("finetune", grpo=dataclasses.asdict(config))
         save_checkpoint(out, model, saved_config, optimizer=optimizer, state=state)
         saved = episode
 
