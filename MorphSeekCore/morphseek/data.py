@@ -239,30 +239,12 @@ def with_extent_of(image: sitk.Image, target: io.Grid) -> sitk.Image:
     return out
 
 
-class PairImages(NamedTuple):
-    """A pair's four images as read from disk (``read_pair``), and the file names for messages."""
-
-    fixed: sitk.Image
-    moving: sitk.Image
-    fixed_seg: sitk.Image | None
-    moving_seg: sitk.Image | None
-    names: dict[str, str]  # fixed, moving, fixed_seg, moving_seg -> the file (or "")
-
-
 def read_pair(dataset: Dataset, pair: Sequence[str]) -> PairImages:
-    """Read ``pair = (moving_id, fixed_id)`` of ``dataset`` at full resolution (``io.read_image``,
-    ``io.read_labels`` checked against their images); a segmentation is None when the subject has none."""
+    """Read ``pair = (moving_id, fixed_id)`` of ``dataset`` at full resolution (``io.read_pair``:
+    segmentations checked against their images); a segmentation is None when the subject has none."""
     moving_id, fixed_id = dataset._check_pair(pair)
     f_entry, m_entry = dataset.subject(fixed_id), dataset.subject(moving_id)
-    fixed = io.read_image(f_entry.image, "fixed image")
-    moving = io.read_image(m_entry.image, "moving image")
-    fixed_seg = (io.read_labels(f_entry.labels, reference=fixed, what="fixed segmentation")
-                 if f_entry.labels is not None else None)
-    moving_seg = (io.read_labels(m_entry.labels, reference=moving, what="moving segmentation")
-                  if m_entry.labels is not None else None)
-    names = {"fixed": str(f_entry.image), "moving": str(m_entry.image),
-             "fixed_seg": str(f_entry.labels or ""), "moving_seg": str(m_entry.labels or "")}
-    return PairImages(fixed, moving, fixed_seg, moving_seg, names)
+    return io.read_pair(f_entry.image, m_entry.image, f_entry.labels, m_entry.labels)
 
 
 def shared_labels(a, b) -> list[int]:

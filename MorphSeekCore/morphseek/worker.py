@@ -173,18 +173,14 @@ def write_step_files(record, folder: Path) -> dict[str, str]:
 def run_register(job: dict, protocol: Protocol) -> dict:
     """A registration; each step's files are written to ``output/step_NN/`` and announced as soon
     as the step is done. Returns the final result (the report, the last step's files)."""
-    import SimpleITK as sitk
-
     from . import io
     from .register import register_images
 
     inputs, settings, out = job["inputs"], job["settings"], Path(job["output"])
     names = {"fixed": f"fixed image {inputs['fixed']}", "moving": f"moving image {inputs['moving']}",
              **(job.get("names") or {})}
-    fixed = io.read_image(inputs["fixed"], names["fixed"])
-    moving = io.read_image(inputs["moving"], names["moving"])
-    fixed_seg = sitk.ReadImage(inputs["fixed_seg"]) if "fixed_seg" in inputs else None
-    moving_seg = sitk.ReadImage(inputs["moving_seg"]) if "moving_seg" in inputs else None
+    fixed, moving, fixed_seg, moving_seg, _ = io.read_pair(inputs["fixed"], inputs["moving"], inputs.get("fixed_seg"),
+                                                           inputs.get("moving_seg"), what=names)
     step_files: dict[int, dict[str, str]] = {}
     adapt = int(settings.get("adapt", 0))
 
