@@ -114,8 +114,8 @@ class MorphSeekParameterNode:
     movingSegmentation: vtkMRMLSegmentationNode
     modelPath: str = ""
     device: str = "auto"
-    steps: Annotated[float, WithinRange(1, 10)] = 3
-    candidates: Annotated[float, WithinRange(1, 16)] = 1
+    steps: Annotated[int, WithinRange(1, 10)] = 3
+    candidates: Annotated[int, WithinRange(1, 16)] = 1
     temperature: Annotated[float, WithinRange(0, 1)] = 0.3
     prealign: bool = True
     #: test-time optimisation after the network's steps (one more step; 0: off). The default is the
@@ -124,8 +124,8 @@ class MorphSeekParameterNode:
     outputTransform: vtkMRMLGridTransformNode
     finetuneFromScene: bool = True
     datasetPath: str = ""
-    warmupIterations: Annotated[float, WithinRange(0, 2000)] = 0
-    episodes: Annotated[float, WithinRange(1, 500)] = 20
+    warmupIterations: Annotated[int, WithinRange(0, 2000)] = 0
+    episodes: Annotated[int, WithinRange(1, 500)] = 20
     checkpointOut: str = ""
 
 
@@ -384,7 +384,7 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             request = self.logic.sceneLogic.prepare(
                 p.fixedVolume, p.movingVolume, p.fixedSegmentation, p.movingSegmentation,
-                model=p.modelPath or None, steps=int(p.steps), trajectories=int(p.candidates),
+                model=p.modelPath or None, steps=p.steps, trajectories=p.candidates,
                 tau=float(p.temperature), device=p.device, prealign="affine" if p.prealign else "none",
                 adapt=p.adaptIterations)
             with slicer.util.WaitCursor():
@@ -525,8 +525,8 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 dataset = p.datasetPath
             run = FinetuneRun(slicer.mrmlScene, dataset, p.modelPath or None, p.checkpointOut,
-                              warmupIterations=int(p.warmupIterations), episodes=int(p.episodes),
-                              steps=int(p.steps), trajectories=max(2, int(p.candidates)),
+                              warmupIterations=p.warmupIterations, episodes=p.episodes,
+                              steps=p.steps, trajectories=max(2, p.candidates),
                               tau=float(p.temperature), device=p.device, launch=self._launch()).start()
         except Exception as error:  # MorphSeekError: too few cases, no shared segment, a 2D volume...
             if exported is not None:

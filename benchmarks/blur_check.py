@@ -30,11 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     model, config, _ = load_checkpoint(args.model)
     model.eval()
-    sim = similarity_loss("ncc", window=int(config.get("window", 5)))
+    sim = similarity_loss("ncc", window=config.window)
     print(f"{'pair':<28} {'NCC loss':>9} {'shift 0.25':>11} {'shift 0.5':>10} {'step 1':>8} {'|u| mean':>9} {'max':>6}")
     for folder in args.data:
         data = BrainSet.open(folder)
-        ref = io.model_grid_at(data.reference, float(config["spacing"]), model.divisor, config.get("direction"))
+        ref = io.model_grid_at(data.reference, config.spacing, model.divisor, config.direction)
         for sample in data.val_samples(ref)[: args.pairs]:
             values = [float(sim(sample.moving, sample.fixed))]
             for shift in (0.25, 0.5):

@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     data = BrainSet.open(args.data)
     model, run_config, _ = load_checkpoint(args.model)
-    model_ref = io.model_grid_at(data.reference, float(run_config["spacing"]), model.divisor, run_config.get("direction"))
-    percentiles = tuple(run_config.get("percentiles", (1.0, 99.0)))
+    model_ref = io.model_grid_at(data.reference, run_config.spacing, model.divisor, run_config.direction)
+    percentiles = run_config.percentiles
     train = [data.sample_pair(np.random.default_rng(10_000 + i), model_ref, percentiles, identical=0.0)
              for i in range(args.pairs)]
     val = data.val_samples(model_ref, percentiles)

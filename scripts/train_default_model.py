@@ -12,6 +12,7 @@ held-back pairs' Dice and NJD% after each stage are written into the model's con
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -85,8 +86,9 @@ def main() -> int:
     print("after GRPO:", result.validation, flush=True)
     shipped, shipped_config, _ = load_checkpoint(out)  # ship the weights and configuration only,
     # not the optimiser state (a third of the size); how it was made goes into its configuration
-    # (config["provenance"]), which the checkpoint's readable .json shows
-    out = save_checkpoint(out, shipped, {**shipped_config, "provenance": provenance})
+    # (config.record["provenance"]), which the checkpoint's readable .json shows
+    out = save_checkpoint(out, shipped, dataclasses.replace(
+        shipped_config, record={**shipped_config.record, "provenance": provenance}))
     write_sample_pair(Path(args.sample_data), grid, seed=args.seed + 1000)
     print(f"wrote {out}, {out.with_suffix('.json')} (with the provenance) and {args.sample_data}")
     return 0

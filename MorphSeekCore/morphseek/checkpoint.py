@@ -34,12 +34,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import pickle
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -53,6 +52,7 @@ from .checkpoint_names import CHECKPOINT_SUFFIXES, CONFIG_SUFFIX, WEIGHTS_SUFFIX
 from .errors import MorphSeekError
 from .nets.policy import MorphSeekNet
 from .nets.registry import build_model
+from .runconfig import RunConfig
 
 FORMAT_VERSION = 2
 LEGACY_FORMAT_VERSION = 1
@@ -165,11 +165,13 @@ def _summary(state: dict | None) -> dict:
 def save_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
-    config: dict[str, Any],
+    config: RunConfig | Mapping[str, Any] | None,
     optimizer: torch.optim.Optimizer | None = None,
     state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` (a MorphSeekNet, possibly ``torch.compile``-d), the run ``config`` and, for
+    """Write ``model`` (a MorphSeekNet, possibly ``torch.compile``-d), the run ``config`` (a RunConfig,
+    or a mapping read as ``RunConfig.from_dict`` reads it, so a configuration that cannot work is
+    refused here; None: ``RunConfig()``) and, for
     resuming, the optimiser and trainer ``state`` as ``NAME.safetensors`` + ``NAME.json`` (see the
     module notes), each atomically (a temporary file in the same folder, flushed to disk, its size
     checked, then ``os.replace``): a crash or a full disk never leaves a half-written checkpoint, and
@@ -178,11 +180,13 @@ def save_checkpoint(
     net = getattr(model, "_orig_mod", model)  # torch.compile wrapper -> the module itself
     if not isinstance(net, MorphSeekNet):
         raise MorphSeekError(f"checkpoint {weights}: can only save a MorphSeekNet, got {type(net).__name__}")
+    if not isinstance(config, RunConfig):
+        config = RunConfig.from_dict(config, f"checkpoint {weights}")
     encoder = _Encoder()
     document = {
         "format_version": FORMAT_VERSION,
         "model_config": encoder.encode(net.config, "model config"),
-        "config": encoder.encode(dict(config or {}), "config"),
+        "config": encoder.encode(config.to_dict(), "config"),
         "optimizer": encoder.encode(optimizer.state_dict(), "optimizer state") if optimizer is not None else None,
         "state": encoder.encode(dict(state), "state") if state is not None else None,
         "morphseek_version": __version__,
@@ -271,51 +275,25 @@ def _load_safetensors(path: Path) -> dict:
     return payload
 
 
-def _check_run_config(path: Path, config: Any, model: MorphSeekNet) -> dict:
-    """The run configuration, checked where the engine relies on it (grid, normalisation, similarity)."""
-    if config is None:
-        return {}
-    if not isinstance(config, dict):
-        raise MorphSeekError(f"checkpoint {path}: its configuration is a {type(config).__name__}, not a mapping")
-    grid = config.get("grid")
-    if grid is not None:
-        try:
-            sizes = tuple(int(n) for n in grid)
-        except (TypeError, ValueError):
-            raise MorphSeekError(f"checkpoint {path}: its configuration's grid {grid!r} is not three sizes") from None
-        if len(sizes) != 3 or any(n < 1 for n in sizes) or any(n % model.divisor for n in sizes):
-            raise MorphSeekError(
-                f"checkpoint {path}: its configuration's grid {list(grid)} is not three sizes that are "
-                f"multiples of {model.divisor} (what its {model.config.get('backbone', 'backbone')} backbone needs)")
-    percentiles = config.get("percentiles")
-    if percentiles is not None:
-        try:
-            low, high = (float(v) for v in percentiles)
-            valid = 0 <= low < high <= 100
-        except (TypeError, ValueError):
-            valid = False
-        if not valid:
-            raise MorphSeekError(f"checkpoint {path}: its configuration's percentiles {percentiles!r} are not "
-                                 "two numbers 0 <= low < high <= 100")
-    similarity = config.get("similarity")
-    if similarity is not None and similarity not in ("mse", "ncc", "mind"):
-        raise MorphSeekError(f"checkpoint {path}: its configuration names an unknown similarity {similarity!r} "
-                             "(mse, ncc or mind)")
-    for key in ("lambda_reg", "beta_kl", "learning_rate"):
-        value = config.get(key)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise MorphSeekError(f"checkpoint {path}: its configuration's {key} is {value}")
-    return config
+def _run_config(path: Path, config: Any, model: MorphSeekNet) -> RunConfig:
+    """The run configuration, read and checked where the engine relies on it (``RunConfig.from_dict``:
+    grid, normalisation, similarity, weights), and its grid against the model's backbone."""
+    run_config = RunConfig.from_dict(config, f"checkpoint {path}")
+    if run_config.grid is not None and any(n % model.divisor for n in run_config.grid):
+        raise MorphSeekError(
+            f"checkpoint {path}: its configuration's grid {list(run_config.grid)} is not three sizes that are "
+            f"multiples of {model.divisor} (what its {model.config.get('backbone', 'backbone')} backbone needs)")
+    return run_config
 
 
 def load_checkpoint(
     path: str | os.PathLike, device: str | torch.device = "cpu"
-) -> tuple[MorphSeekNet, dict[str, Any], dict[str, Any]]:
+) -> tuple[MorphSeekNet, RunConfig, dict[str, Any]]:
     """Rebuild the model from the checkpoint ``path`` (``NAME``, ``NAME.safetensors``, ``NAME.json``
-    or a legacy ``NAME.pt``) on ``device`` -> (model, run config, extra) where extra holds
+    or a legacy ``NAME.pt``) on ``device`` -> (model, run config (a ``RunConfig``), extra) where extra holds
     "optimizer" (None if not saved), "state" ({} if not saved), "morphseek_version", "torch_version",
     "format_version" and "path" (the file read). The model is in training mode, as ``nn.Module``s
-    are built; its run config is also ``model.training_config``. Every problem raises a
+    are built; its run config is also ``model.run_config``. Every problem raises a
     MorphSeekError naming the file."""
     target = resolve_device(device)
     file = find_checkpoint(path)
@@ -355,8 +333,8 @@ def load_checkpoint(
             f"{payload['model_config']}: {error}"
         ) from error
     model.to(target)
-    config = _check_run_config(path, payload.get("config"), model)
-    model.training_config = config
+    config = _run_config(path, payload.get("config"), model)
+    model.run_config = config
     extra = {key: payload.get(key) for key in ("optimizer", "morphseek_version", "torch_version")}
     extra["state"] = payload.get("state") or {}
     extra["format_version"] = payload["format_version"]
@@ -364,13 +342,13 @@ def load_checkpoint(
     return model, config, extra
 
 
-def load_model(model: MorphSeekNet | str | Path, device: torch.device | str = "cpu") -> tuple[MorphSeekNet, dict]:
+def load_model(model: MorphSeekNet | str | Path, device: torch.device | str = "cpu") -> tuple[MorphSeekNet, RunConfig]:
     """A model object, or a checkpoint path -> (the model in eval mode on ``device``, its run
-    configuration): ``load_checkpoint``'s for a path, ``model.training_config`` (or {}) for an object."""
+    configuration): ``load_checkpoint``'s for a path, ``model.run_config`` for an object."""
     if isinstance(model, (str, Path)):
         model, config, _ = load_checkpoint(model, device=device)
     else:
-        config = getattr(model, "training_config", {}) or {}
+        config = getattr(model, "_orig_mod", model).run_config
         model = model.to(device)
     model.eval()
     return model, config
@@ -387,9 +365,9 @@ def describe_checkpoint(path: str | os.PathLike) -> str | None:
     except MorphSeekError:
         return None
     state = extra.get("state") or {}
-    stage = config.get("stage", "model")
+    stage = config.stage
     if "iteration" in state:
-        return f"{file} ({stage}, {state['iteration']} of {config.get('iterations', '?')} iterations)"
+        return f"{file} ({stage}, {state['iteration']} of {config.iterations or '?'} iterations)"
     grpo = state.get("grpo") or {}
     if "episode" in grpo:
         return f"{file} ({stage}, {grpo['episode']} episodes done)"

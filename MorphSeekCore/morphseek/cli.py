@@ -187,14 +187,10 @@ def _run_register(args) -> int:
     check_output_folder(args.out, overwrite=args.overwrite, inputs=inputs)
     args.on_interrupt = lambda: f"nothing was written to {args.out}" + (
         " (the previous result there is unchanged)" if Path(args.out).is_dir() and any(Path(args.out).iterdir()) else "")
-    fixed = io.read_image(args.fixed, "fixed image")
-    moving = io.read_image(args.moving, "moving image")
+    fixed, moving, fixed_seg, moving_seg, _ = io.read_pair(args.fixed, args.moving, args.fixed_seg or None,
+                                                           args.moving_seg or None)
     io.check_size(fixed, args.fixed, "fixed image")
     io.check_size(moving, args.moving, "moving image")
-    fixed_seg = (io.read_labels(args.fixed_seg, reference=fixed, what="fixed segmentation", reference_name=args.fixed)
-                 if args.fixed_seg else None)
-    moving_seg = (io.read_labels(args.moving_seg, reference=moving, what="moving segmentation",
-                                 reference_name=args.moving) if args.moving_seg else None)
     if find_checkpoint(args.model) is None:
         raise MorphSeekError(f"{args.model}: model checkpoint not found")
     if args.prealign == "none":
@@ -359,8 +355,8 @@ def _run_finetune(args) -> int:
     check_checkpoint_target(out, resume=args.resume, overwrite=args.overwrite,
                             inputs=[extra.get("path"), args.model, args.data, *dataset_files(dataset)],
                             logs=log_files(log))
-    grid = tuple(int(n) for n in (run_config.get("grid") or dataset.grid or ()))
-    if not grid and not run_config.get("spacing"):
+    grid = tuple(int(n) for n in (run_config.grid or dataset.grid or ()))
+    if not grid and not run_config.spacing:
         raise MorphSeekError(f"{args.model}: neither the checkpoint's configuration nor {args.data} names a model grid")
     train = load_samples(dataset, dataset.train_pairs, run_config, device, model.divisor, grid)
     val_pairs = list(dataset.val_pairs)

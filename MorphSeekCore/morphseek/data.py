@@ -20,15 +20,17 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, NamedTuple, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
 from . import io
+from .io import PairImages  # noqa: F401 (read_pair returns it; its home is io)
 from .atomic import write_text
 from .errors import MorphSeekError
+from .runconfig import RunConfig
 
 FORMAT = "morphseek-dataset"
 VERSION = 1
@@ -237,30 +239,12 @@ def with_extent_of(image: sitk.Image, target: io.Grid) -> sitk.Image:
     return out
 
 
-class PairImages(NamedTuple):
-    """A pair's four images as read from disk (``read_pair``), and the file names for messages."""
-
-    fixed: sitk.Image
-    moving: sitk.Image
-    fixed_seg: sitk.Image | None
-    moving_seg: sitk.Image | None
-    names: dict[str, str]  # fixed, moving, fixed_seg, moving_seg -> the file (or "")
-
-
 def read_pair(dataset: Dataset, pair: Sequence[str]) -> PairImages:
-    """Read ``pair = (moving_id, fixed_id)`` of ``dataset`` at full resolution (``io.read_image``,
-    ``io.read_labels`` checked against their images); a segmentation is None when the subject has none."""
+    """Read ``pair = (moving_id, fixed_id)`` of ``dataset`` at full resolution (``io.read_pair``:
+    segmentations checked against their images); a segmentation is None when the subject has none."""
     moving_id, fixed_id = dataset._check_pair(pair)
     f_entry, m_entry = dataset.subject(fixed_id), dataset.subject(moving_id)
-    fixed = io.read_image(f_entry.image, "fixed image")
-    moving = io.read_image(m_entry.image, "moving image")
-    fixed_seg = (io.read_labels(f_entry.labels, reference=fixed, what="fixed segmentation")
-                 if f_entry.labels is not None else None)
-    moving_seg = (io.read_labels(m_entry.labels, reference=moving, what="moving segmentation")
-                  if m_entry.labels is not None else None)
-    names = {"fixed": str(f_entry.image), "moving": str(m_entry.image),
-             "fixed_seg": str(f_entry.labels or ""), "moving_seg": str(m_entry.labels or "")}
-    return PairImages(fixed, moving, fixed_seg, moving_seg, names)
+    return io.read_pair(f_entry.image, m_entry.image, f_entry.labels, m_entry.labels)
 
 
 def shared_labels(a, b) -> list[int]:
@@ -275,17 +259,16 @@ def shared_labels(a, b) -> list[int]:
     return sorted((present(a) & present(b)) - {0})
 
 
-def load_samples(dataset: Dataset, pairs: Sequence[Sequence[str]], run_config: dict | None, device,
+def load_samples(dataset: Dataset, pairs: Sequence[Sequence[str]], run_config: RunConfig | None, device,
                  divisor: int = 1, grid: Sequence[int] | None = None) -> list[PairSample]:
     """Pairs loaded onto a model's grid as its run configuration says: by voxel size when it has
     ``spacing`` (as ``register_images`` builds it), else onto ``grid`` (default: the configuration's
     ``grid``, else the dataset's); tensors on ``device``."""
-    run_config = run_config or {}
-    spacing = run_config.get("spacing")
-    if spacing:
-        return [dataset.load_pair(pair, spacing=float(spacing), direction=run_config.get("direction"),
+    run_config = run_config if run_config is not None else RunConfig()
+    if run_config.spacing:
+        return [dataset.load_pair(pair, spacing=run_config.spacing, direction=run_config.direction,
                                   divisor=divisor).to(device) for pair in pairs]
-    grid = grid if grid is not None else run_config.get("grid")
+    grid = grid if grid is not None else run_config.grid
     return [dataset.load_pair(pair, grid).to(device) for pair in pairs]
 
 

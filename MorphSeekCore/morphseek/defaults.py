@@ -3,7 +3,7 @@ builds its parser). The trainers' dataclasses (``train.warmup.WarmupConfig``, ``
 ``register_images``, ``evaluate_dataset``, the worker's fine-tuning job and the command line take
 their defaults from here; a value written out anywhere else is a bug.
 
-What a checkpoint's run configuration holds (``grid`` or ``spacing``, ``similarity``, ``lambda_reg``,
+What a checkpoint's run configuration (``runconfig.RunConfig``) holds (``grid`` or ``spacing``, ``similarity``, ``lambda_reg``,
 ``beta_kl``, ``percentiles``...) always wins over these: they are used only when it says nothing.
 """
 
@@ -25,6 +25,11 @@ W_NJD = -10.0
 #: Model grid (D, H, W) when neither the checkpoint's configuration nor the caller names one
 #: (``register_images``, ``morphseek warmup --grid``, ``WarmupConfig.grid``).
 MODEL_GRID = (64, 64, 64)
+#: Similarity of the warm-up (and of GRPO's L_warm) when neither its configuration nor the
+#: checkpoint's names one: "mse", "ncc" or "mind".
+SIMILARITY = "mse"
+#: Local NCC window (voxels of the model grid) of the "ncc" similarity.
+NCC_WINDOW = 9
 #: Diffusion-regulariser weight per similarity on [0, 1] images (VoxelMorph's choices for MSE, NCC).
 LAMBDA_REG = {"mse": 0.02, "ncc": 1.0, "mind": 0.5}
 #: GRPO's diffusion weight of L_warm when neither its configuration nor the warm-up run's names one.

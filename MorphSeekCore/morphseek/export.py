@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import MorphSeekError
-from .geometry import difference
+from .geometry import jacobian_determinant
 from .io import PathLike, atomic_target, grid_differences, index_to_physical, same_grid, verify_written_image, write_image
 from .outputs import verify_written_transform
 
@@ -362,34 +362,18 @@ def _warp(source: Source | Sequence[Source], field: torch.Tensor, size_xyz: Sequ
 
 @torch.no_grad()
 def _jacobian_det(field: torch.Tensor, a: np.ndarray, slab_points: int) -> torch.Tensor:
-    """det(A + G) / det(A), G = dU/dp by torch.gradient (= numpy.gradient), over slabs with a
-    one-slice halo so that the slab borders get the same central differences as the whole volume."""
+    """det(A + G) / det(A), G = dU/dp (``numpy.gradient``), by :func:`morphseek.geometry.jacobian_determinant`
+    with ``linear`` = A's columns in array order (index axis c = (i, j, k) is array axis 2 - c; the
+    reordering flips the sign of both determinants, not their ratio), over slabs with a one-slice
+    halo so that the slab borders get the same central differences as the whole volume."""
     _, depth, height, width = field.shape
-    scale = 1.0 / float(np.linalg.det(a))
+    linear = a[:, ::-1]
     out = torch.empty((depth, height, width), dtype=field.dtype, device=field.device)
     for k0, k1 in _slabs(depth, height * width, max(slab_points // 4, 1)):
         lo, hi = max(k0 - 1, 0), min(k1 + 1, depth)
-        keep = slice(k0 - lo, k0 - lo + (k1 - k0))
-        m = []  # m[r][c] = A[r, c] + dU_r / dp_c, index axis c = (i, j, k) being array axis 2 - c
-        for r in range(3):
-            part = field[r, lo:hi].contiguous()
-            m.append([_difference(part, axis, keep).add_(float(a[r, c])) for c, axis in enumerate((2, 1, 0))])
-        det = m[1][1] * m[2][2] - m[1][2] * m[2][1]
-        det.mul_(m[0][0])
-        det.sub_(m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0]))
-        det.add_(m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]))
-        out[k0:k1] = det.mul_(scale)
+        part = field[:, lo:hi].contiguous().unsqueeze(0)
+        out[k0:k1] = jacobian_determinant(part, linear, rows=slice(k0 - lo, k1 - lo))[0]
     return out
-
-
-def _difference(values: torch.Tensor, axis: int, keep: slice) -> torch.Tensor:
-    """``numpy.gradient`` of ``values`` (K', H, W) along ``axis`` (:func:`morphseek.geometry.difference`),
-    for the slices ``keep`` of axis 0 only (K, H, W)."""
-    if axis == 0:
-        if values.shape[0] == 1:  # a one-slice volume has no k derivative
-            return torch.zeros_like(values[keep])
-        return difference(values, 0)[keep]
-    return difference(values[keep], axis)
 
 
 def field_image(field: torch.Tensor, reference: sitk.Image) -> sitk.Image:

@@ -122,19 +122,50 @@ def difference(values: Tensor, dim: int) -> Tensor:
     return out
 
 
-def jacobian_determinant(disp: Tensor) -> Tensor:
+def jacobian_determinant(disp: Tensor, linear: Sequence[Sequence[float]] | None = None,
+                         rows: slice | None = None) -> Tensor:
     """det of the Jacobian of x + u(x), (B, D, H, W); central differences with one-sided edges,
-    exactly as ``numpy.gradient`` computes them (METHOD.md)."""
+    exactly as ``numpy.gradient`` computes them (METHOD.md). THE determinant of the engine: the
+    metrics and the exported physical Jacobian (``export.jacobian_image``) call it.
+
+    ``linear``: a 3x3 matrix L (row c: channel c of u; column a: array axis a) for a map whose
+    Jacobian is ``L + du/dx`` in other units than voxels (the physical field of ``export``, in mm
+    over voxel indices: ``L = Direction @ diag(spacing)`` with its columns in array order); the
+    result is then ``det(L + du/dx) / det(L)``, the determinant of the map in its own units (the
+    identity by default: the map in voxels). A volume of one slice has no derivative along D (0).
+    ``rows``: only these slices of D are returned; the others are the halo of their central
+    differences (a large volume taken in slabs gets the differences of the whole)."""
     _check_field(disp)
-    # j[c][a] = d u_c / d x_a + delta_ca
-    j = [[difference(disp[:, c], 1 + a) for a in range(3)] for c in range(3)]
+    keep = slice(None) if rows is None else rows
+
+    def derivative(values: Tensor, axis: int) -> Tensor:  # values (B, D', H, W) -> d/d axis on the kept rows
+        if axis > 0:
+            return difference(values[:, keep], 1 + axis)
+        if values.shape[1] == 1:
+            return torch.zeros_like(values[:, keep])
+        return difference(values, 1)[:, keep]
+
+    # j[c][a] = d u_c / d x_a + L[c][a]
+    j = [[derivative(disp[:, c], a) for a in range(3)] for c in range(3)]
+    matrix = [[float(v) for v in row] for row in linear] if linear is not None else None
     for c in range(3):
-        j[c][c].add_(1.0)
+        for a in range(3):
+            value = (1.0 if a == c else 0.0) if matrix is None else matrix[c][a]
+            if value:
+                j[c][a].add_(value)
     det = j[1][1] * j[2][2] - j[1][2] * j[2][1]
     det.mul_(j[0][0])
     det.sub_(j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0]))
     det.add_(j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
+    if matrix is not None:
+        det.mul_(1.0 / _det3(matrix))
     return det
+
+
+def _det3(m: Sequence[Sequence[float]]) -> float:
+    """det of a 3x3 matrix of numbers, by the cofactors along its first row (as the fields' above)."""
+    return (m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+            + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]))
 
 
 def folding_fraction(disp: Tensor) -> Tensor:

@@ -375,6 +375,38 @@ def read_labels(path: PathLike, reference: sitk.Image | PathLike | None = None,
     return check_labels(image, reference, str(path), reference_name=reference_name, what=what)
 
 
+class PairImages(NamedTuple):
+    """A pair's four images as read from disk (``read_pair``), and their files for messages."""
+
+    fixed: sitk.Image
+    moving: sitk.Image
+    fixed_seg: sitk.Image | None
+    moving_seg: sitk.Image | None
+    names: dict[str, str]  # fixed, moving, fixed_seg, moving_seg -> the file (or "")
+
+
+#: How messages call a pair's four inputs unless the caller names them otherwise.
+PAIR_WHAT = {"fixed": "fixed image", "moving": "moving image", "fixed_seg": "fixed segmentation",
+             "moving_seg": "moving segmentation"}
+
+
+def read_pair(fixed: PathLike, moving: PathLike, fixed_seg: PathLike | None = None,
+              moving_seg: PathLike | None = None, what: dict[str, str] | None = None) -> PairImages:
+    """THE reading of a registration pair (``morphseek register``, a data set's pairs, the Slicer
+    worker's job): ``read_image`` for both images, ``read_labels`` for each segmentation given,
+    checked against its own image's grid (its messages name both files); a segmentation not given
+    is None. ``what``: fixed, moving, fixed_seg, moving_seg -> how messages call each (default
+    ``PAIR_WHAT``). Raises MorphSeekError naming the file that cannot be used."""
+    what = {**PAIR_WHAT, **(what or {})}
+    files = {"fixed": fixed, "moving": moving, "fixed_seg": fixed_seg, "moving_seg": moving_seg}
+    images = {key: read_image(files[key], what[key]) for key in ("fixed", "moving")}
+    for key, image in (("fixed_seg", "fixed"), ("moving_seg", "moving")):
+        images[key] = (read_labels(files[key], reference=images[image], what=what[key],
+                                   reference_name=str(files[image])) if files[key] is not None else None)
+    names = {key: "" if path is None else str(path) for key, path in files.items()}
+    return PairImages(images["fixed"], images["moving"], images["fixed_seg"], images["moving_seg"], names)
+
+
 def verify_written_image(image: sitk.Image, written: PathLike, name: PathLike) -> None:
     """Check that the file ``written`` holds all of ``image``: the header read back gives the same
     size, and for NIfTI the (uncompressed) byte length matches the header (a short write on a full

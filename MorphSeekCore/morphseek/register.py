@@ -485,11 +485,11 @@ def register_images(
     check_memory(fixed, moving, use_labels, torch_device)
     report("prepare", 0, 0.02, f"loading the model on {torch_device}")
     net, config = load_model(model, torch_device)
-    if grid is None and config.get("spacing"):
-        model_ref = io.model_grid_at(fixed, float(config["spacing"]), net.divisor, config.get("direction"))
+    if grid is None and config.spacing:
+        model_ref = io.model_grid_at(fixed, config.spacing, net.divisor, config.direction)
         grid = tuple(int(n) for n in model_ref.GetSize()[::-1])
     else:
-        grid = tuple(grid or config.get("grid") or defaults.MODEL_GRID)
+        grid = tuple(grid or config.grid or defaults.MODEL_GRID)
         model_ref = None
     net.backbone.check_grid(grid, "model grid")
 
@@ -503,7 +503,7 @@ def register_images(
     report("prepare", 0, 0.1, f"resampling onto the model grid {grid}")
     if model_ref is None:
         model_ref = io.model_grid(fixed, grid)
-    percentiles = tuple(config.get("percentiles", defaults.PERCENTILES))
+    percentiles = config.percentiles
 
     def image_tensor(image, name, tfm=None, reference=model_ref):
         return io.image_to_model_grid(image, reference, tfm, percentiles, name=name).to(torch_device)
@@ -579,7 +579,7 @@ def register_images(
     try:
         tensors = refine(net, moving_t, fixed_t, steps=steps, trajectories=trajectories, tau=tau,
                          moving_labels=moving_l, fixed_labels=fixed_l, label_values=label_values,
-                         similarity=config.get("similarity", "mse"), generator=generator, cancel=cancel,
+                         similarity=config.similarity, generator=generator, cancel=cancel,
                          on_step=finish_step, autocast=autocast)
         if adapt:
             finish_step(_adapt_step(tensors[-1], moving_t, fixed_t, moving, fixed, transform, model_ref,

@@ -173,18 +173,14 @@ def write_step_files(record, folder: Path) -> dict[str, str]:
 def run_register(job: dict, protocol: Protocol) -> dict:
     """A registration; each step's files are written to ``output/step_NN/`` and announced as soon
     as the step is done. Returns the final result (the report, the last step's files)."""
-    import SimpleITK as sitk
-
     from . import io
     from .register import register_images
 
     inputs, settings, out = job["inputs"], job["settings"], Path(job["output"])
     names = {"fixed": f"fixed image {inputs['fixed']}", "moving": f"moving image {inputs['moving']}",
              **(job.get("names") or {})}
-    fixed = io.read_image(inputs["fixed"], names["fixed"])
-    moving = io.read_image(inputs["moving"], names["moving"])
-    fixed_seg = sitk.ReadImage(inputs["fixed_seg"]) if "fixed_seg" in inputs else None
-    moving_seg = sitk.ReadImage(inputs["moving_seg"]) if "moving_seg" in inputs else None
+    fixed, moving, fixed_seg, moving_seg, _ = io.read_pair(inputs["fixed"], inputs["moving"], inputs.get("fixed_seg"),
+                                                           inputs.get("moving_seg"), what=names)
     step_files: dict[int, dict[str, str]] = {}
     adapt = int(settings.get("adapt", 0))
 
@@ -242,12 +238,12 @@ def finetune(dataset: str | Path, model: str | Path, checkpoint: str | Path, *, 
     torch_device = resolve_device(device)
     net, run_config, _ = load_checkpoint(model, device=torch_device)
     data = load_dataset(dataset)
-    grid = tuple(int(n) for n in (run_config.get("grid") or data.grid or ()))
-    by_spacing = bool(run_config.get("spacing"))  # the model grid follows each pair (the brain model)
+    grid = tuple(int(n) for n in (run_config.grid or data.grid or ()))
+    by_spacing = bool(run_config.spacing)  # the model grid follows each pair (the brain model)
     if not grid and not by_spacing:
         raise MorphSeekError(f"{dataset}: neither the model's configuration nor the dataset names a model grid")
     if by_spacing and warmup_iterations > 0:
-        raise MorphSeekError(f"{model}: its model grid is set by voxel size ({run_config['spacing']} mm), and the "
+        raise MorphSeekError(f"{model}: its model grid is set by voxel size ({run_config.spacing} mm), and the "
                              "warm-up here trains on one fixed grid: fine-tune it with GRPO only (warm-up "
                              "iterations 0)")
 
@@ -257,7 +253,7 @@ def finetune(dataset: str | Path, model: str | Path, checkpoint: str | Path, *, 
         return lambda done, total, row: progress({"stage": stage, "done": done, "total": total, **row})
 
     if warmup_iterations > 0:
-        config = WarmupConfig(grid=grid, iterations=int(warmup_iterations), similarity=run_config.get("similarity", "mse"))
+        config = WarmupConfig(grid=grid, iterations=int(warmup_iterations), similarity=run_config.similarity)
         # its log apart from GRPO's (which is beside the checkpoint: NAME.log.jsonl / .csv)
         warmup(net, data, config, out, log=out.with_suffix(".warmup.log"), progress=report("warmup"), cancel=cancel,
                device=torch_device)

@@ -15,6 +15,7 @@ import morphseek.checkpoint as checkpoint_module
 from morphseek.checkpoint import FORMAT_VERSION, load_checkpoint, resolve_device, save_checkpoint
 from morphseek.errors import MorphSeekError
 from morphseek.nets import build_model
+from morphseek.runconfig import RunConfig
 
 torch.manual_seed(0)
 
@@ -67,9 +68,9 @@ def test_round_trip_gives_identical_outputs_and_resume_state(tmp_path, config, g
 
     loaded, run_config, extra = load_checkpoint(path)
     assert loaded.config == model.config
-    assert run_config["grid"] == [16, 16, 32] and run_config["data"] == "/some/data"
-    assert run_config["learning_rate"] == pytest.approx(1e-4) and type(run_config["learning_rate"]) is float
-    assert loaded.training_config == run_config
+    assert run_config.grid == (16, 16, 32) and run_config.record["data"] == "/some/data"
+    assert run_config.record["learning_rate"] == pytest.approx(1e-4) and type(run_config.record["learning_rate"]) is float
+    assert loaded.run_config == run_config
     model.eval(), loaded.eval()
     with torch.no_grad():
         assert torch.equal(loaded(moving, fixed), model(moving, fixed))
@@ -104,13 +105,13 @@ def test_checkpoint_is_safetensors_plus_json_and_overwrites_atomically(tmp_path)
         assert handle.metadata()["format"] == "morphseek"
         assert {k for k in handle.keys() if k.startswith("model/")} == {f"model/{k}" for k in model.state_dict()}
     readable = json.loads((tmp_path / "model.json").read_text())
-    assert readable["config"] == {"epoch": 1} and readable["weights"] == "model.safetensors"
+    assert readable["config"] == RunConfig(record={"epoch": 1}).to_dict() and readable["weights"] == "model.safetensors"
     assert readable["model_config"] == model.config and not readable["resumable"]
     _, _, extra = load_checkpoint(path)
     assert extra["optimizer"] is None and extra["state"] == {}
 
     save_checkpoint(path, model, {"epoch": 2})
-    assert load_checkpoint(path)[1] == {"epoch": 2}
+    assert load_checkpoint(path)[1].record == {"epoch": 2}
     assert sorted(os.listdir(tmp_path)) == ["model.json", "model.safetensors"]
 
 
@@ -122,13 +123,13 @@ def test_legacy_pt_checkpoint_still_loads(tmp_path):
                 "state_dict": model.state_dict(), "optimizer": None, "state": {"iteration": 3},
                 "morphseek_version": "0.1.0", "torch_version": str(torch.__version__)}, legacy)
     loaded, config, extra = load_checkpoint(legacy)
-    assert config == {"grid": [16, 16, 32]} and extra["state"] == {"iteration": 3} and extra["format_version"] == 1
+    assert config == RunConfig(grid=(16, 16, 32)) and extra["state"] == {"iteration": 3} and extra["format_version"] == 1
     model.eval(), loaded.eval()
     with torch.no_grad():
         assert torch.equal(loaded(moving, fixed), model(moving, fixed))
     # Saving under the same name writes the new format beside it, and that is what loads from then on.
     save_checkpoint(legacy, loaded, {"grid": [16, 16, 32], "new": True})
-    assert load_checkpoint(legacy)[1]["new"] is True
+    assert load_checkpoint(legacy)[1].record["new"] is True
 
 
 def test_stale_or_mismatched_json_beside_the_weights(tmp_path):
@@ -138,7 +139,7 @@ def test_stale_or_mismatched_json_beside_the_weights(tmp_path):
     old = sidecar.read_text()
     save_checkpoint(path, model, {"epoch": 2})
     sidecar.write_text(old)  # a run killed between the two renames: the .json of the previous save
-    assert load_checkpoint(path)[1] == {"epoch": 2}  # the weights' own header is the record
+    assert load_checkpoint(path)[1].record == {"epoch": 2}  # the weights' own header is the record
     save_checkpoint(path, model, {"epoch": 3})
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF  # one flipped byte in the weights
@@ -160,7 +161,7 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
         save_checkpoint(path, model, {"epoch": 2})
     assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
     monkeypatch.undo()
-    assert load_checkpoint(path)[1] == {"epoch": 1}
+    assert load_checkpoint(path)[1].record == {"epoch": 1}
 
 
 def test_unstorable_values_are_refused_with_their_location(tmp_path):
@@ -285,3 +286,41 @@ def test_loading_onto_absent_gpu_is_a_clear_error(tmp_path):
     path = save_checkpoint(tmp_path / "m.pt", model, {})
     with pytest.raises(MorphSeekError, match="CUDA is not available"):
         load_checkpoint(path, device="cuda")
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"grid": [16, 16]}, r"grid \[16, 16\] is not three sizes"),
+    ({"grid": "abc"}, r"grid 'abc' is not three sizes"),
+    ({"percentiles": [99, 1]}, r"percentiles \[99, 1\] are not two numbers 0 <= low < high <= 100"),
+    ({"similarity": "ssim"}, r"unknown similarity 'ssim' \(mse, ncc or mind\)"),
+    ({"lambda_reg": float("nan")}, r"lambda_reg is nan"),
+    ({"learning_rate": float("inf")}, r"learning_rate is inf"),
+    ({"spacing": "wide"}, r"spacing 'wide' is not a float"),
+    ([16, 16, 16], r"is a list, not a mapping"),
+])
+def test_run_config_refuses_what_cannot_work(config, message):
+    with pytest.raises(MorphSeekError, match=r"^checkpoint m\.safetensors: its configuration" + ".*" + message):
+        RunConfig.from_dict(config, "checkpoint m.safetensors")
+
+
+def test_run_config_reads_older_keys_and_keeps_unknown_ones():
+    old = {"stage": "warmup", "grid": [8, 8, 8], "lr": 1e-3, "val_every": 5, "data": "/d"}
+    config = RunConfig.from_dict(old)
+    assert config.stage == "warmup" and config.grid == (8, 8, 8)
+    assert config.record == {"learning_rate": 1e-3, "validate_every": 5, "data": "/d"}
+    # what it says nothing about takes the defaults (defaults.py), the same for every reader
+    assert (config.similarity, config.percentiles, config.spacing) == ("mse", (1.0, 99.0), None)
+    assert RunConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("name", ["morphseek-default", "morphseek-brain"])
+def test_shipped_models_load_with_their_run_configuration(name):
+    models = Path(__file__).resolve().parents[2] / "Resources" / "Models"
+    saved = json.loads((models / f"{name}.json").read_text())["config"]
+    model, config, _ = load_checkpoint(models / name)
+    assert model.run_config is config and config.stage == "finetune"
+    assert config.grid == tuple(saved["grid"]) and config.similarity == saved["similarity"]
+    assert config.spacing == saved.get("spacing") and config.lambda_reg == saved["lambda_reg"]
+    assert config.grpo["trajectories"] == saved["grpo"]["trajectories"]
+    assert config.to_dict() == {**saved, "spacing": saved.get("spacing"), "direction": saved.get("direction"),
+                                "window": saved.get("window", 9), "iterations": saved["iterations"]}

@@ -59,7 +59,7 @@ def test_warmup_raises_held_back_dice_over_identity(trained):
     model, config, extra = load_checkpoint(ckpt)
     model.eval()
     dice = _held_back_dice(model, dataset, steps=2)
-    assert config["grid"] == list(GRID) and extra["state"]["iteration"] == 300
+    assert config.grid == tuple(GRID) and extra["state"]["iteration"] == 300
     # identity -> one step: a clear gain on pairs never seen in training; the second step adds more
     assert dice[1] > dice[0] + 2.0 and dice[2] > dice[1], dice
     # the log was written row by row
@@ -156,14 +156,14 @@ def test_cli_warmup_then_finetune_on_a_labelled_folder(dataset_path, tmp_path):
     assert cli.main(["warmup", "--data", str(dataset_path), "--out", str(warm), "--backbone", "tiny",
                      "--grid", "32", "--iterations", "3", "--device", "cpu"]) == 0
     _, config, _ = load_checkpoint(warm)
-    assert config["stage"] == "warmup" and config["grid"] == [32, 32, 32]
+    assert config.stage == "warmup" and config.grid == (32, 32, 32)
     rows = [json.loads(line) for line in warm.with_suffix(".log.jsonl").read_text().splitlines()]
     assert "val_dice" in rows[-1]  # the last iteration validates on the held-back pairs
     assert cli.main(["finetune", "--model", str(warm), "--data", str(dataset_path), "--out", str(ft),
                      "--steps", "2", "--trajectories", "2", "--episodes", "1", "--device", "cpu",
                      "--no-progress"]) == 0
     _, config, extra = load_checkpoint(ft)
-    assert config["stage"] == "finetune" and config["grpo"]["trajectories"] == 2
+    assert config.stage == "finetune" and config.grpo["trajectories"] == 2
 
 
 def test_cli_turns_out_of_memory_into_a_clear_message(monkeypatch, capsys, tmp_path):

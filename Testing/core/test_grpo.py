@@ -15,6 +15,7 @@ from morphseek.errors import Cancelled, MorphSeekError
 from morphseek.geometry import gaussian_blur
 from morphseek.losses import local_ncc_loss, similarity_loss
 from morphseek.nets.registry import build_model
+from morphseek.runconfig import RunConfig
 from morphseek.synth import make_dataset
 from morphseek.train.grpo import (
     GRPOConfig,
@@ -67,10 +68,11 @@ def test_warm_objective_keeps_the_warm_up_runs_similarity_window_and_presmoothin
     raw = float(local_ncc_loss(a, b, window=5))
     smoothed = float(local_ncc_loss(gaussian_blur(a, 1.0), gaussian_blur(b, 1.0), window=5))
     assert abs(raw - smoothed) > 0.05  # noise images: blur changes NCC a lot, so the cases below differ
-    run = {"similarity": "ncc", "window": 5, "presmooth": 1.0}
+    saved = {"similarity": "ncc", "window": 5, "presmooth": 1.0}  # as a warm-up checkpoint stores it
+    run = RunConfig.from_dict(saved)
     assert float(warm_similarity(GRPOConfig(), run)(a, b)) == pytest.approx(smoothed, abs=1e-6)
-    assert float(warm_similarity(GRPOConfig(), {**run, "presmooth": 0.0})(a, b)) == pytest.approx(raw, abs=1e-6)
-    assert float(warm_similarity(GRPOConfig(), {"similarity": "ncc", "window": 5})(a, b)) == pytest.approx(raw, abs=1e-6)
+    assert float(warm_similarity(GRPOConfig(), RunConfig.from_dict({**saved, "presmooth": 0.0}))(a, b)) == pytest.approx(raw, abs=1e-6)
+    assert float(warm_similarity(GRPOConfig(), RunConfig.from_dict({"similarity": "ncc", "window": 5}))(a, b)) == pytest.approx(raw, abs=1e-6)
     # an explicit similarity replaces the warm-up's, presmoothing included
     assert float(warm_similarity(GRPOConfig(similarity="mse"), run)(a, b)) == pytest.approx(float(torch.mean((a - b) ** 2)), abs=1e-6)
 
@@ -222,7 +224,7 @@ def test_short_finetune_raises_held_back_dice_without_folding(subjects, tmp_path
     progress = []
     result = grpo_finetune(model, train, val, config, out=tmp_path / "ft.ckpt", log=tmp_path / "ft",
                            progress=lambda done, total, row: (progress.append((done, total)), rows.append(row)),
-                           run_config={"lambda_reg": 0.02, "grid": list(GRID)})
+                           run_config=RunConfig(lambda_reg=0.02, grid=tuple(GRID)))
     after = result.validation
     assert result.done == 4 and result.optimizer_steps == 8 and result.model is model
     assert progress == [(e, 4) for e in (1, 1, 2, 2, 3, 3, 4, 4)]  # episodes done, per row
@@ -258,7 +260,7 @@ def test_cancel_keeps_the_last_checkpoint_and_resume_continues(subjects, tmp_pat
     from morphseek.checkpoint import checkpoint_files, load_checkpoint
 
     saved, run_config, extra = load_checkpoint(out)
-    assert extra["state"]["grpo"]["episode"] == 2 and run_config["stage"] == "finetune"
+    assert extra["state"]["grpo"]["episode"] == 2 and run_config.stage == "finetune"
     for name, tensor in saved.state_dict().items():  # the checkpoint is the model after episode 2
         torch.testing.assert_close(tensor, model.state_dict()[name])
 

@@ -16,6 +16,7 @@ from morphseek.data import Dataset, SubjectEntry
 from morphseek.nets.policy import MorphSeekNet
 from morphseek.nets.registry import build_model
 from morphseek.register import register_images
+from morphseek.runconfig import RunConfig
 
 
 def _image(shape_xyz=(30, 26, 22), spacing=(1.2, 0.9, 1.5), seed=0, oblique=True) -> sitk.Image:
@@ -49,7 +50,7 @@ def test_training_and_registration_prepare_images_identically(tmp_path):
     sample = data.load_pair(("m", "f"), grid)
     base = build_model({"backbone": "tiny"})
     spy = SpyNet(base.backbone, base.head, backbone_name="tiny")
-    spy.training_config = {"grid": list(grid)}
+    spy.run_config = RunConfig(grid=grid)
     register_images(io.read_image(tmp_path / "f.nii.gz"), io.read_image(tmp_path / "m.nii.gz"), spy,
                     steps=1, prealign="none", device="cpu")
     seen_moving, seen_fixed = spy.seen[0]
@@ -128,7 +129,7 @@ def test_register_with_adapt_adds_one_step_that_improves_the_similarity(tmp_path
     fixed = io.from_array(fixed_t, sitk.Image([32, 32, 32], sitk.sitkFloat32))
     moving = io.from_array(moving_t, fixed)
     model = build_model({"backbone": "tiny"})
-    model.training_config = {"grid": [32, 32, 32], "similarity": "ncc"}
+    model.run_config = RunConfig(grid=(32, 32, 32), similarity="ncc")
     result = register_images(fixed, moving, model, steps=2, adapt=40, prealign="none", device="cpu")
     assert [s.kind for s in result.steps] == ["network", "network", "adapt"]
     assert [s.index for s in result.steps] == [1, 2, 3]

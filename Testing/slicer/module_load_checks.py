@@ -48,6 +48,45 @@ parameters = logic.getParameterNode()
 assert isinstance(parameters, module.MorphSeekParameterNode)
 assert parameters.steps == 3 and parameters.device == "auto" and parameters.prealign is True
 assert parameters.adaptIterations == 50 and type(parameters.adaptIterations) is int  # noqa: E721
+counts = ("steps", "candidates", "adaptIterations", "warmupIterations", "episodes")
+assert all(type(getattr(parameters, name)) is int for name in counts), [getattr(parameters, n) for n in counts]  # noqa: E721
+
+# Every widget the .ui binds to a parameter gets a connector from Slicer's own parameterNodeWrapper
+# for that parameter's type (what connectGui does in the application: a RuntimeError when none fits,
+# e.g. a QSpinBox bound to a float or an unbounded ctkSliderWidget); a bound number shows the
+# parameter's default before it is connected.
+import xml.etree.ElementTree as ElementTree  # noqa: E402
+
+import ctk  # noqa: E402
+import qt  # noqa: E402
+from slicer.parameterNodeWrapper.guiConnectors import createGuiConnector  # noqa: E402
+
+ui_root = ElementTree.parse(slicer_app.MODULE_DIR / "Resources" / "UI" / "MorphSeek.ui").getroot()
+bindings = {}
+for element in ui_root.iter("widget"):
+    properties = {p.get("name"): p for p in element.findall("property")}
+    if "SlicerParameterName" in properties:
+        bindings[properties["SlicerParameterName"].find("string").text] = (element.get("class"), properties)
+assert {"steps", "candidates", "adaptIterations", "warmupIterations", "episodes", "fixedVolume"} <= set(bindings)
+for name, (widget_class, properties) in bindings.items():
+    owner = qt if widget_class.startswith("Q") else ctk if widget_class.startswith("ctk") else slicer
+    createGuiConnector(getattr(owner, widget_class)(), module.MorphSeekParameterNode.dataType(name))
+    if name in counts:  # the .ui's value and range are the parameter's default and range
+        number = {key: float(next(iter(properties[key])).text) for key in ("value", "minimum", "maximum")
+                  if key in properties}
+        default = getattr(parameters, name)
+        assert number.get("value", default) == default, (name, number, default)
+        for bound, outside in (("minimum", -1), ("maximum", 1)):
+            if bound in number:
+                setattr(parameters, name, int(number[bound]))  # accepted
+                try:
+                    setattr(parameters, name, int(number[bound]) + outside)
+                    raise AssertionError(f"{name}: the parameter accepts {number[bound] + outside}, the .ui does not")
+                except ValueError:
+                    pass
+        setattr(parameters, name, default)
+assert module.ADAPT_DEFAULT == 50  # as `morphseek demo --adapt`
+print("parameter bindings of the .ui connect:", len(bindings))
 assert logic.sceneLogic.scene is slicer.mrmlScene
 fixed = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fixed CT")
 parameters.fixedVolume = fixed
@@ -85,6 +124,7 @@ restored = module.MorphSeekLogic().getParameterNode()
 assert restored.steps == 5 and restored.candidates == 4 and abs(restored.temperature - 0.25) < 1e-9
 assert restored.device == "cuda:1" and restored.modelPath == "/models/tuned.pt" and restored.prealign is False
 assert restored.adaptIterations == 45 and type(restored.adaptIterations) is int  # noqa: E721
+assert type(restored.steps) is int and type(restored.candidates) is int  # noqa: E721
 assert restored.fixedVolume is not None and restored.fixedVolume.GetName() == "fixed CT"
 assert restored.fixedVolume.GetScene() is reloaded
 print("parameter node round trip through", scene_file.name, "ok")

@@ -148,7 +148,7 @@ def test_finetune_from_scene_writes_a_checkpoint_that_registers(case, scene, sub
     assert grpo["done"] == grpo["total"] == 1 and np.isfinite(grpo["reward_mean"])
     assert "val_dice" in result.validation, "the held-back case was not validated"
     net, config, _ = load_checkpoint(out)
-    assert config.get("stage") == "finetune"
+    assert config.stage == "finetune"
     outputs = logic.register(cases[0].volume, cases[1].volume, cases[0].segmentation, cases[1].segmentation,
                              model=out, steps=1, device="cpu", prealign="none")
     assert outputs.result.steps[-1].dice is not None and outputs.transform.GetScene() is scene

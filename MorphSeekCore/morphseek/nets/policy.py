@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import MorphSeekError
+from ..runconfig import RunConfig
 from .base import Backbone, Tensor
 
 
@@ -75,6 +76,9 @@ class MorphSeekNet(nn.Module):
 
             backbone_name = backbone_key(type(backbone))
         self.backbone_name = backbone_name
+        #: how it was trained and how images are prepared for it (``load_checkpoint`` and the
+        #: trainers set it; a model built from scratch has the defaults)
+        self.run_config = RunConfig()
 
     @property
     def divisor(self) -> int:

@@ -17,12 +17,12 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from morphseek import defaults
 from morphseek.checkpoint import checkpoint_exists, checkpoint_files, load_checkpoint, save_checkpoint
 from morphseek.errors import Cancelled, MorphSeekError
 from morphseek.evaluate import evaluate_pairs
 from morphseek.losses import presmoothed, similarity_loss
 from morphseek.nets.policy import MorphSeekNet
+from morphseek.runconfig import RunConfig
 from morphseek.train import policy_gradient
 from morphseek.train.config import LDVN_MODES, GRPOConfig
 from morphseek.train.contract import Progress, RunLog, TrainResult, default_log, deferred_interrupt, raised_by
@@ -73,17 +73,16 @@ def _episode_pair(episode: int, n_pairs: int, seed: int) -> int:
     return int(order[position])
 
 
-def warm_similarity(config: GRPOConfig, run_config: dict):
+def warm_similarity(config: GRPOConfig, run_config: RunConfig):
     """L_sim of GRPO's L_warm: ``config.similarity`` when set, else the warm-up run's own similarity
     with its NCC window and its presmoothing. Without the presmoothing L_warm would reward
     interpolation blur again and pull a presmoothed model back to the sub-voxel shift it was trained
     out of (docs/QUALITY.md section 1)."""
     if config.similarity is not None:
         return similarity_loss(config.similarity)
-    name = run_config.get("similarity") or "mse"
-    window = run_config.get("window")
-    loss = similarity_loss(name, **({"window": int(window)} if name == "ncc" and window else {}))
-    return presmoothed(loss, float(run_config.get("presmooth") or 0.0))
+    name, window = run_config.similarity, run_config.window
+    loss = similarity_loss(name, **({"window": window} if name == "ncc" and window else {}))
+    return presmoothed(loss, run_config.presmooth)
 
 
 def grpo_finetune(
@@ -97,7 +96,7 @@ def grpo_finetune(
     resume: bool = False,
     progress: bool | Progress | None = None,
     cancel: Callable[[], bool] | None = None,
-    run_config: dict | None = None,
+    run_config: RunConfig | None = None,
 ) -> TrainResult:
     """Fine-tune a warmed-up MorphSeekNet with GRPO on ``train`` pairs (labelled or label-free),
     ``val``: labelled held-back pairs evaluated every ``validate_every`` episodes and after the last.
@@ -105,7 +104,7 @@ def grpo_finetune(
     ``out``; one row per optimizer step, validation columns on the rows after an evaluation),
     ``resume``, ``progress(episode, episodes, row)``, ``cancel`` and the returned ``TrainResult``.
 
-    ``run_config``: the warm-up run's configuration (default ``model.training_config``, set by
+    ``run_config``: the warm-up run's configuration (default ``model.run_config``, set by
     ``load_checkpoint``): similarity, lambda_reg, beta_kl and grid are taken from it unless ``config``
     overrides them; it is saved with the fine-tuned model (stage "finetune", the GRPO settings added).
     ``out``: checkpoint written atomically every ``checkpoint_every`` episodes and at the end (with
@@ -119,7 +118,7 @@ def grpo_finetune(
     if next(model.parameters()).device.type == "mps":
         raise MorphSeekError("GRPO fine-tuning on Apple MPS is not supported (float64 advantages, 3D grid "
                              "sampling): use --device cpu or a CUDA GPU")
-    run_config = dict(run_config or getattr(model, "training_config", None) or {})
+    run_config = run_config if run_config is not None else model.run_config
     if not train:
         raise MorphSeekError("GRPO fine-tuning needs at least one training pair")
     labelled = [check_pair_labels(s, name=describe_pair(s, f"training pair {i}")) for i, s in enumerate(train)]
@@ -129,8 +128,8 @@ def grpo_finetune(
         raise MorphSeekError("GRPO fine-tuning needs at least one labelled training pair (all are label-free)")
 
     similarity = warm_similarity(config, run_config)
-    lambda_reg = config.lambda_reg if config.lambda_reg is not None else float(run_config.get("lambda_reg", defaults.GRPO_LAMBDA_REG_FALLBACK))
-    beta0 = config.beta_kl if config.beta_kl is not None else float(run_config.get("beta_kl", defaults.BETA_KL))
+    lambda_reg = config.lambda_reg if config.lambda_reg is not None else run_config.lambda_reg
+    beta0 = config.beta_kl if config.beta_kl is not None else run_config.beta_kl
     controller = TargetKLController(beta0, config.target_kl, config.kl_tolerance, config.kl_factor,
                                     config.beta_kl_min, config.beta_kl_max)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
@@ -164,7 +163,7 @@ def grpo_finetune(
             return
         state = {"grpo": {"episode": episode, "optimizer_steps": optimizer_steps,
                           "controller": controller.state_dict(), "config": dataclasses.asdict(config)}}
-        saved_config = {**run_config, "stage": "finetune", "grpo": dataclasses.asdict(config)}
+        saved_config = run_config.with_stage("finetune", grpo=dataclasses.asdict(config))
         save_checkpoint(out, model, saved_config, optimizer=optimizer, state=state)
         saved = episode
 

@@ -25,6 +25,7 @@ from ..errors import Cancelled, MorphSeekError
 from ..evaluate import evaluate_heldback
 from ..losses import diffusion_regulariser, presmoothed, similarity_loss
 from ..nets.policy import MorphSeekNet, kl_standard_normal
+from ..runconfig import RunConfig
 from .contract import Progress, RunLog, TrainResult, default_log, deferred_interrupt, raised_by
 
 #: Regulariser weight per similarity (``defaults.LAMBDA_REG``).
@@ -41,14 +42,14 @@ class WarmupConfig:
     #: train each step of a T-step refinement: before the trained step, 0..T-1 steps of the current
     #: model run without gradients, so that later steps learn to refine rather than start over
     refine_steps: int = 1
-    window: int = 9  # local NCC window (voxels of the model grid)
+    window: int = defaults.NCC_WINDOW  # local NCC window (voxels of the model grid)
     #: Gaussian blur (voxels) of both images inside the similarity (``losses.presmoothed``), so that
     #: blurring the moving image by a sub-voxel shift does not pass for alignment; 0: none
     presmooth: float = 0.0
     workers: int = 1  # threads synthesising pairs ahead (data sets with sample_pair; GPUs want many)
     iterations: int = 150
     learning_rate: float = 1e-3
-    similarity: str = "mse"
+    similarity: str = defaults.SIMILARITY
     lambda_reg: float | None = None  # None: DEFAULT_LAMBDA_REG[similarity]
     beta_kl: float = defaults.BETA_KL
     checkpoint_every: int = 50
@@ -103,6 +104,10 @@ class WarmupConfig:
         d["lambda_reg"] = self.resolved_lambda_reg()
         d["stage"] = "warmup"
         return d
+
+    def run_config(self) -> RunConfig:
+        """What the checkpoints of this warm-up save (and ``model.run_config`` holds during it)."""
+        return RunConfig.from_dict(self.to_dict(), "warm-up configuration")
 
 
 #: Settings that must match for ``resume=True`` to continue a checkpoint: another value means another run.
@@ -237,13 +242,13 @@ def warmup(
             torch.manual_seed(config.seed + start)
     # rows after the resumed checkpoint are dropped when the log opens (at the first row)
     run_log = RunLog(log if log is not None else default_log(out), resume, lambda r: r.get("iteration", 0) <= start)
-    model.training_config = config.to_dict()
+    model.run_config = config.run_config()
     saved = start  # iteration of the checkpoint on disk (0: none written by this run)
 
     def checkpoint(iteration: int) -> None:
         nonlocal saved
         state = {"iteration": iteration, "pair_rng": rng.getstate(), "random": random_state()}
-        save_checkpoint(out, model, config.to_dict(), optimizer=optimizer, state=state)
+        save_checkpoint(out, model, config.run_config(), optimizer=optimizer, state=state)
         saved = iteration
 
     synthesised = hasattr(dataset, "sample_pair")
@@ -326,12 +331,12 @@ def warmup(
                        run_log.rows, validation)
 
 
-def _check_same_run(path, saved: dict, model_config: dict, config: WarmupConfig, model) -> None:
+def _check_same_run(path, saved_config: RunConfig, model_config: dict, config: WarmupConfig, model) -> None:
     """MorphSeekError naming ``path`` when the checkpoint to resume comes from another run."""
-    if saved.get("stage") not in (None, "warmup"):
-        raise MorphSeekError(f"cannot resume {path}: it is a {saved.get('stage')} checkpoint, not a warm-up; "
+    if saved_config.stage not in ("model", "warmup"):
+        raise MorphSeekError(f"cannot resume {path}: it is a {saved_config.stage} checkpoint, not a warm-up; "
                              "choose another --out (or --overwrite to start a new warm-up there)")
-    current = config.to_dict()
+    saved, current = saved_config.to_dict(), config.to_dict()
     differences = [f"{key} {saved[key]!r} (now {current[key]!r})" for key in RUN_IDENTITY
                    if key in saved and key in current and _normal(saved[key]) != _normal(current[key])]
     if model_config != model.config:
