@@ -525,7 +525,7 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 dataset = p.datasetPath
             run = FinetuneRun(slicer.mrmlScene, dataset, p.modelPath or None, p.checkpointOut,
-                              warmupIterations=p.warmupIterations, episodes=p.episodes,
+                              warmup_iterations=p.warmupIterations, episodes=p.episodes,
                               steps=p.steps, trajectories=max(2, p.candidates),
                               tau=float(p.temperature), device=p.device, launch=self._launch()).start()
         except Exception as error:  # MorphSeekError: too few cases, no shared segment, a 2D volume...

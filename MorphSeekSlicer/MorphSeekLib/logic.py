@@ -235,23 +235,23 @@ class SceneLogic:
         self.scene = scene
 
     # -- phase 1 ------------------------------------------------------------------------------
-    def prepare(self, fixedVolume, movingVolume, fixedSegmentation=None, movingSegmentation=None,
+    def prepare(self, fixed_volume, moving_volume, fixed_segmentation=None, moving_segmentation=None,
                 model=None, steps: int = 3, trajectories: int = 1, tau: float = 0.3, device: str = "auto",
-                prealign: str = "affine", seed: int = 0, outputName: str | None = None,
+                prealign: str = "affine", seed: int = 0, output_name: str | None = None,
                 adapt: int = 0) -> RegistrationRequest:
         """Read and check the inputs (nothing is created in the scene). ``adapt``: iterations of
         test-time optimisation after the network's steps (one more step; 0: none)."""
-        if fixedVolume is None or movingVolume is None:
+        if fixed_volume is None or moving_volume is None:
             raise MorphSeekError("choose a fixed and a moving volume")
-        if fixedVolume is movingVolume:
-            raise MorphSeekError(f"the fixed and the moving volume are the same node ('{fixedVolume.GetName()}')")
+        if fixed_volume is moving_volume:
+            raise MorphSeekError(f"the fixed and the moving volume are the same node ('{fixed_volume.GetName()}')")
         if steps < 1 or trajectories < 1:
             raise MorphSeekError(f"steps ({steps}) and candidates ({trajectories}) must be at least 1")
         if isinstance(adapt, bool) or not isinstance(adapt, int) or adapt < 0:
             raise MorphSeekError(f"test-time optimisation iterations must be a whole number >= 0, got {adapt!r}")
-        fixed = mrml.volume_to_image(fixedVolume)
-        moving = mrml.volume_to_image(movingVolume)
-        for node, image in ((fixedVolume, fixed), (movingVolume, moving)):
+        fixed = mrml.volume_to_image(fixed_volume)
+        moving = mrml.volume_to_image(moving_volume)
+        for node, image in ((fixed_volume, fixed), (moving_volume, moving)):
             if mrml.is_2d(image):
                 raise MorphSeekError(
                     f"'{node.GetName()}' is a 2D image ({'x'.join(map(str, image.GetSize()))} voxels): "
@@ -259,24 +259,24 @@ class SceneLogic:
                 )
         scheme = None
         fixed_seg = moving_seg = None
-        if fixedSegmentation is not None or movingSegmentation is not None:
-            scheme = mrml.label_scheme(fixedSegmentation, movingSegmentation)
-            if fixedSegmentation is not None:
-                fixed_seg = mrml.segmentation_to_labels(fixedSegmentation, fixedVolume, scheme, self.scene)
-            if movingSegmentation is not None:
-                moving_seg = mrml.segmentation_to_labels(movingSegmentation, movingVolume, scheme, self.scene)
-        names = {"fixed": f"fixed volume '{fixedVolume.GetName()}'",
-                 "moving": f"moving volume '{movingVolume.GetName()}'"}
-        if fixedSegmentation is not None:
-            names["fixed_seg"] = f"fixed segmentation '{fixedSegmentation.GetName()}'"
-        if movingSegmentation is not None:
-            names["moving_seg"] = f"moving segmentation '{movingSegmentation.GetName()}'"
+        if fixed_segmentation is not None or moving_segmentation is not None:
+            scheme = mrml.label_scheme(fixed_segmentation, moving_segmentation)
+            if fixed_segmentation is not None:
+                fixed_seg = mrml.segmentation_to_labels(fixed_segmentation, fixed_volume, scheme, self.scene)
+            if moving_segmentation is not None:
+                moving_seg = mrml.segmentation_to_labels(moving_segmentation, moving_volume, scheme, self.scene)
+        names = {"fixed": f"fixed volume '{fixed_volume.GetName()}'",
+                 "moving": f"moving volume '{moving_volume.GetName()}'"}
+        if fixed_segmentation is not None:
+            names["fixed_seg"] = f"fixed segmentation '{fixed_segmentation.GetName()}'"
+        if moving_segmentation is not None:
+            names["moving_seg"] = f"moving segmentation '{moving_segmentation.GetName()}'"
         return RegistrationRequest(
             fixed=fixed, moving=moving, fixed_seg=fixed_seg, moving_seg=moving_seg, scheme=scheme,
             model=resolve_model(model), steps=int(steps), trajectories=int(trajectories), tau=float(tau),
             device=device or "auto", prealign=prealign, seed=int(seed), names=names,
-            fixed_volume_id=fixedVolume.GetID(),
-            output_name=outputName or f"{movingVolume.GetName()} to {fixedVolume.GetName()}",
+            fixed_volume_id=fixed_volume.GetID(),
+            output_name=output_name or f"{moving_volume.GetName()} to {fixed_volume.GetName()}",
             adapt=int(adapt),
         )
 
@@ -325,13 +325,13 @@ class SceneLogic:
         return outputs
 
     # -- all three ----------------------------------------------------------------------------
-    def register(self, fixedVolume, movingVolume, fixedSegmentation=None, movingSegmentation=None, model=None,
+    def register(self, fixed_volume, moving_volume, fixed_segmentation=None, moving_segmentation=None, model=None,
                  steps: int = 3, trajectories: int = 1, device: str = "auto", progress: ProgressCallback | None = None,
                  cancel: CancelCallback | None = None, tau: float = 0.3, prealign: str = "affine",
                  seed: int = 0, adapt: int = 0) -> RegistrationOutputs:
-        """Register ``movingVolume`` to ``fixedVolume`` and return the created nodes (synchronous).
+        """Register ``moving_volume`` to ``fixed_volume`` and return the created nodes (synchronous).
         ``adapt`` > 0: that many iterations of test-time optimisation after the network's steps."""
-        request = self.prepare(fixedVolume, movingVolume, fixedSegmentation, movingSegmentation, model=model,
+        request = self.prepare(fixed_volume, moving_volume, fixed_segmentation, moving_segmentation, model=model,
                                steps=steps, trajectories=trajectories, tau=tau, device=device,
                                prealign=prealign, seed=seed, adapt=adapt)
         result = self.compute(request, progress=progress, cancel=cancel)
@@ -339,12 +339,12 @@ class SceneLogic:
 
     # -- fine-tuning --------------------------------------------------------------------------
     @staticmethod
-    def finetune(dataset: str | Path, model: Any = None, checkpointOut: str | Path | None = None, *,
-                 warmupIterations: int = 0, episodes: int = 20, steps: int = 3, trajectories: int = 4,
+    def finetune(dataset: str | Path, model: Any = None, checkpoint_out: str | Path | None = None, *,
+                 warmup_iterations: int = 0, episodes: int = 20, steps: int = 3, trajectories: int = 4,
                  tau: float = 0.3, device: str = "auto", progress: ProgressCallback | None = None,
                  cancel: CancelCallback | None = None):
-        """Warm-up (optional, ``warmupIterations`` > 0) then GRPO on a folder or manifest of labelled
-        cases (see docs/DATA.md); the checkpoint is written to ``checkpointOut``. Thread-safe (no
+        """Warm-up (optional, ``warmup_iterations`` > 0) then GRPO on a folder or manifest of labelled
+        cases (see docs/DATA.md); the checkpoint is written to ``checkpoint_out``. Thread-safe (no
         MRML). ``progress`` receives dicts: {"stage": "warmup" | "grpo", "done", "total", and the
         engine's metrics of that iteration or episode (reward, Dice...)}. Returns the engine's
         TrainResult (on ``cancel()`` what is done is checkpointed and Cancelled raised). Runs in this
@@ -352,9 +352,9 @@ class SceneLogic:
         in a worker process."""
         from morphseek.worker import finetune
 
-        if not checkpointOut:
+        if not checkpoint_out:
             raise MorphSeekError("choose where to save the fine-tuned checkpoint")
-        return finetune(dataset, resolve_model(model), checkpointOut, warmup_iterations=int(warmupIterations),
+        return finetune(dataset, resolve_model(model), checkpoint_out, warmup_iterations=int(warmup_iterations),
                         episodes=int(episodes), steps=int(steps), trajectories=int(trajectories), tau=float(tau),
                         device=device, progress=progress, cancel=cancel)
 
@@ -364,17 +364,17 @@ class SceneLogic:
         the scene). Remove it afterwards: ``with logic.export_cases(cases) as dataset: ...``."""
         return training.export_cases(self.scene, cases, folder)
 
-    def finetune_from_scene(self, cases, model: Any = None, checkpointOut: str | Path | None = None,
+    def finetune_from_scene(self, cases, model: Any = None, checkpoint_out: str | Path | None = None,
                             **options) -> Any:
         """``finetune`` on labelled cases of the scene (synchronous): the cases are exported to a
         temporary dataset (at least 2 cases; from 4 on, a quarter is held back for validation),
         fine-tuned on, and the dataset is removed, also on error or cancel. ``options``: those of
         ``finetune``. The panel does the same in two parts: export here, fine-tune in a worker process."""
-        if not checkpointOut:
+        if not checkpoint_out:
             raise MorphSeekError("choose where to save the fine-tuned checkpoint")
         model = resolve_model(model)  # a missing model is reported before anything is exported
         with self.export_cases(cases) as dataset:
-            return self.finetune(dataset.manifest, model, checkpointOut, **options)
+            return self.finetune(dataset.manifest, model, checkpoint_out, **options)
 
     # -- saving -------------------------------------------------------------------------------
     def save_outputs(self, outputs: RegistrationOutputs, folder: str | Path) -> list[Path]:

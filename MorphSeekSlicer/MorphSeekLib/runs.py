@@ -238,7 +238,7 @@ class FinetuneRun(WorkerRun):
     chart (``chart``)."""
 
     def __init__(self, scene: slicer.vtkMRMLScene, dataset: Any, model: Any, checkpoint: str | Path, *,
-                 warmupIterations: int = 0, episodes: int = 20, steps: int = 3, trajectories: int = 4,
+                 warmup_iterations: int = 0, episodes: int = 20, steps: int = 3, trajectories: int = 4,
                  tau: float = 0.3, device: str = "auto", launch: WorkerLaunch | None = None,
                  chartName: str = "MorphSeek fine-tuning"):
         super().__init__(scene, launch)
@@ -247,7 +247,7 @@ class FinetuneRun(WorkerRun):
         self.dataset = Path(dataset.manifest if self.exported is not None else dataset or ".").expanduser()
         self.model = model
         self.checkpoint = Path(checkpoint) if checkpoint else None
-        self.settings = {"warmup_iterations": int(warmupIterations), "episodes": int(episodes), "steps": int(steps),
+        self.settings = {"warmup_iterations": int(warmup_iterations), "episodes": int(episodes), "steps": int(steps),
                          "trajectories": int(trajectories), "tau": float(tau), "device": device}
         self.history: list[dict] = []
         self.chart = None

@@ -538,6 +538,19 @@ def test_writes_are_checked_and_reads_detect_truncation(tmp_path):
         io.read_image(tmp_path / "short.nii.gz")
 
 
+def test_the_written_gzip_check_reads_the_trailer_and_catches_short_files(tmp_path):
+    """Written .nii.gz files are checked by their gzip trailer (no full decompression); a file cut
+    short or holding fewer bytes than its header promises fails that check (then the full check
+    names the problem, as test_disk_full_while_writing_leaves_the_previous_result shows)."""
+    whole = io.write_image(volume(), tmp_path / "whole.nii.gz")
+    assert io._gzip_trailer_matches(whole)
+    data = whole.read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(data[: 2 * len(data) // 3])
+    assert not io._gzip_trailer_matches(tmp_path / "cut.nii.gz")
+    (tmp_path / "short.nii.gz").write_bytes(gzip.compress(gzip.decompress(data)[:-400]))
+    assert not io._gzip_trailer_matches(tmp_path / "short.nii.gz")
+
+
 # ------------------------------------------------------------------------ resume after SIGKILL
 WARMUP_SCRIPT = """
 import sys, torch

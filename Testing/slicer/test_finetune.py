@@ -24,7 +24,7 @@ def test_finetune_writes_a_checkpoint_and_reports_progress(case, dataset, tmp_pa
     _, _, model = case
     events = []
     out = tmp_path / "tuned.safetensors"
-    result = SceneLogic.finetune(dataset, model, out, warmupIterations=1, episodes=1, steps=1,
+    result = SceneLogic.finetune(dataset, model, out, warmup_iterations=1, episodes=1, steps=1,
                                      trajectories=2, device="cpu", progress=events.append)
     assert out.is_file() and result.done == 1 and result.checkpoint == out
     stages = [e["stage"] for e in events]

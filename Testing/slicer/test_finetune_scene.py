@@ -137,7 +137,7 @@ def test_finetune_from_scene_writes_a_checkpoint_that_registers(case, scene, sub
     before = node_ids(scene)
     events = []
     out = tmp_path / "tuned.safetensors"
-    result = logic.finetune_from_scene(cases, model, out, warmupIterations=1, episodes=1, steps=1,
+    result = logic.finetune_from_scene(cases, model, out, warmup_iterations=1, episodes=1, steps=1,
                                        trajectories=2, device="cpu", progress=events.append)
     assert node_ids(scene) == before, "fine-tuning added nodes to the scene"
     assert temp_folders and not any(f.exists() for f in temp_folders), "the exported cases were not removed"

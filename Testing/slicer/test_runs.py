@@ -287,7 +287,7 @@ def dataset(tmp_path_factory):
 def test_finetune_in_the_worker_writes_a_checkpoint_and_a_live_chart(pair, dataset, tmp_path):
     scene, _, model = pair
     out = tmp_path / "tuned.safetensors"
-    run = FinetuneRun(scene, dataset, model, out, warmupIterations=1, episodes=2, steps=1, trajectories=2,
+    run = FinetuneRun(scene, dataset, model, out, warmup_iterations=1, episodes=2, steps=1, trajectories=2,
                       device="cpu", launch=WorkerLaunch(temporary_folder=tmp_path)).start()
     updates = poll_until(run, ended)
     assert updates[-1].kind == "finished", [(u.kind, u.message) for u in updates if u.kind == "failed"]
@@ -308,7 +308,7 @@ def test_finetune_in_the_worker_writes_a_checkpoint_and_a_live_chart(pair, datas
 def test_cancel_during_finetuning_removes_its_chart(pair, dataset, tmp_path):
     scene, _, model = pair
     before = node_ids(scene)
-    run = FinetuneRun(scene, dataset, model, tmp_path / "never.pt", warmupIterations=0, episodes=200, steps=1,
+    run = FinetuneRun(scene, dataset, model, tmp_path / "never.pt", warmup_iterations=0, episodes=200, steps=1,
                       trajectories=2, device="cpu", launch=WorkerLaunch(temporary_folder=tmp_path)).start()
     poll_until(run, lambda u: any(x.kind == "progress" and x.stage == "grpo" for x in u) or ended(u))
     assert run.running and run.chart is not None and node_ids(scene) != before
