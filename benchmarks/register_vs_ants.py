@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -191,7 +192,11 @@ def main() -> int:
                                            str(args.work / "out" / f"ants_{size}_{moving_id}_{fixed_id}.nii.gz")]))
             measured = {}
             for name, command in tools:
-                runs = [run_timed(command, env) for _ in range(args.repeats)]
+                runs = []
+                for _ in range(args.repeats):
+                    if name == "morphseek":
+                        shutil.rmtree(out_dir, ignore_errors=True)  # untimed: each run writes a fresh folder
+                    runs.append(run_timed(command, env))
                 measured[name] = {"seconds": statistics.median(r["seconds"] for r in runs),
                                   "seconds_all": [round(r["seconds"], 2) for r in runs],
                                   "cpu_seconds": statistics.median(r["cpu_seconds"] for r in runs),
