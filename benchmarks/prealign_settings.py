@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Affine pre-alignment settings: seconds and Dice after the pre-alignment alone, and repeatability.
+
+    python benchmarks/prealign_settings.py            # after register_vs_ants.py prepared its pairs
+
+On the 2 mm pairs that ``benchmarks/register_vs_ants.py`` prepares (``--work``), each setting of
+:func:`morphseek.prealign.affine_prealign` is timed and scored by the mean Dice of the moving
+segmentation resampled through the transform (nearest neighbour) against the fixed one. Then the
+default is run three times with ITK allowed two threads instead of one: the spread of its
+parameters says whether a 2-thread pre-alignment would repeat (docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from morphseek import io, prealign
+
+ROOT = Path(__file__).resolve().parents[1]
+PAIRS = [(2, 1), (4, 3), (1, 2), (3, 4), (3, 1), (2, 4)]  # (moving, fixed) subjects
+SETTINGS = {"default": {}, "min_step 1e-3": {"min_step": 1e-3}, "10 % samples": {"sampling": 0.1},
+            "50 iterations": {"iterations": 50}}
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    labels = sorted(set(np.unique(a)) & set(np.unique(b)) - {0})
+    return 100.0 * float(np.mean([2 * np.sum((a == k) & (b == k)) / (np.sum(a == k) + np.sum(b == k)) for k in labels]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "data" / "register_vs_ants")
+    args = p.parse_args(argv)
+    read = {}
+    for moving_id, fixed_id in PAIRS:
+        for s in (moving_id, fixed_id):
+            if s not in read:
+                read[s] = (io.read_image(args.work / f"sub{s:02d}_2mm.nii.gz"),
+                           sitk.ReadImage(str(args.work / f"sub{s:02d}_2mm_seg.nii.gz")))
+    for name, setting in SETTINGS.items():
+        scores, seconds = [], []
+        for moving_id, fixed_id in PAIRS:
+            (fixed, fixed_seg), (moving, moving_seg) = read[fixed_id], read[moving_id]
+            start = time.perf_counter()
+            transform = prealign.affine_prealign(fixed, moving, **setting)
+            seconds.append(time.perf_counter() - start)
+            warped = io.resample_to(moving_seg, fixed_seg, transform, is_label=True)
+            scores.append(dice(sitk.GetArrayFromImage(fixed_seg), sitk.GetArrayFromImage(warped)))
+        print(f"{name:<16} Dice after pre-alignment {np.mean(scores):6.2f} %  {np.mean(seconds):5.2f} s / pair  "
+              f"(per pair {np.round(scores, 2).tolist()})", flush=True)
+    # Repeatability with two ITK threads (the engine uses one): same pair, three runs.
+    one = sitk.ImageRegistrationMethod.SetNumberOfThreads
+    default_threads = sitk.ProcessObject.SetGlobalDefaultNumberOfThreads
+    sitk.ImageRegistrationMethod.SetNumberOfThreads = lambda self, n: one(self, 2)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads = staticmethod(lambda n: default_threads(2))
+    (fixed, _), (moving, _) = read[PAIRS[0][1]], read[PAIRS[0][0]]
+    runs = []
+    for _ in range(3):
+        start = time.perf_counter()
+        runs.append((np.asarray(prealign.affine_prealign(fixed, moving).GetParameters()), time.perf_counter() - start))
+    spread = max(float(np.abs(r - runs[0][0]).max()) for r, _ in runs)
+    print(f"2 ITK threads: {np.mean([t for _, t in runs]):.2f} s / run, largest parameter difference between "
+          f"runs {spread:.3g} (0 means repeatable)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
