@@ -115,7 +115,7 @@ class MorphSeekParameterNode:
     modelPath: str = ""
     device: str = "auto"
     steps: Annotated[int, WithinRange(1, 10)] = 3
-    candidates: Annotated[int, WithinRange(1, 16)] = 1
+    trajectories: Annotated[int, WithinRange(1, 16)] = 1  # J, candidates per step (METHOD.md)
     temperature: Annotated[float, WithinRange(0, 1)] = 0.3
     prealign: bool = True
     #: test-time optimisation after the network's steps (one more step; 0: off). The default is the
@@ -384,7 +384,7 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             request = self.logic.sceneLogic.prepare(
                 p.fixedVolume, p.movingVolume, p.fixedSegmentation, p.movingSegmentation,
-                model=p.modelPath or None, steps=p.steps, trajectories=p.candidates,
+                model=p.modelPath or None, steps=p.steps, trajectories=p.trajectories,
                 tau=float(p.temperature), device=p.device, prealign="affine" if p.prealign else "none",
                 adapt=p.adaptIterations)
             with slicer.util.WaitCursor():
@@ -526,7 +526,7 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 dataset = p.datasetPath
             run = FinetuneRun(slicer.mrmlScene, dataset, p.modelPath or None, p.checkpointOut,
                               warmup_iterations=p.warmupIterations, episodes=p.episodes,
-                              steps=p.steps, trajectories=max(2, p.candidates),
+                              steps=p.steps, trajectories=max(2, p.trajectories),
                               tau=float(p.temperature), device=p.device, launch=self._launch()).start()
         except Exception as error:  # MorphSeekError: too few cases, no shared segment, a 2D volume...
             if exported is not None:

@@ -48,7 +48,7 @@ parameters = logic.getParameterNode()
 assert isinstance(parameters, module.MorphSeekParameterNode)
 assert parameters.steps == 3 and parameters.device == "auto" and parameters.prealign is True
 assert parameters.adaptIterations == 50 and type(parameters.adaptIterations) is int  # noqa: E721
-counts = ("steps", "candidates", "adaptIterations", "warmupIterations", "episodes")
+counts = ("steps", "trajectories", "adaptIterations", "warmupIterations", "episodes")
 assert all(type(getattr(parameters, name)) is int for name in counts), [getattr(parameters, n) for n in counts]  # noqa: E721
 
 # Every widget the .ui binds to a parameter gets a connector from Slicer's own parameterNodeWrapper
@@ -67,7 +67,7 @@ for element in ui_root.iter("widget"):
     properties = {p.get("name"): p for p in element.findall("property")}
     if "SlicerParameterName" in properties:
         bindings[properties["SlicerParameterName"].find("string").text] = (element.get("class"), properties)
-assert {"steps", "candidates", "adaptIterations", "warmupIterations", "episodes", "fixedVolume"} <= set(bindings)
+assert {"steps", "trajectories", "adaptIterations", "warmupIterations", "episodes", "fixedVolume"} <= set(bindings)
 for name, (widget_class, properties) in bindings.items():
     owner = qt if widget_class.startswith("Q") else ctk if widget_class.startswith("ctk") else slicer
     createGuiConnector(getattr(owner, widget_class)(), module.MorphSeekParameterNode.dataType(name))
@@ -91,7 +91,7 @@ assert logic.sceneLogic.scene is slicer.mrmlScene
 fixed = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fixed CT")
 parameters.fixedVolume = fixed
 parameters.steps = 5
-parameters.candidates = 4
+parameters.trajectories = 4
 parameters.temperature = 0.25
 parameters.device = "cuda:1"
 parameters.modelPath = "/models/tuned.pt"
@@ -121,10 +121,10 @@ reloaded.SetURL(str(scene_file))
 assert reloaded.Connect(), "the scene did not load"
 slicer.mrmlScene = reloaded
 restored = module.MorphSeekLogic().getParameterNode()
-assert restored.steps == 5 and restored.candidates == 4 and abs(restored.temperature - 0.25) < 1e-9
+assert restored.steps == 5 and restored.trajectories == 4 and abs(restored.temperature - 0.25) < 1e-9
 assert restored.device == "cuda:1" and restored.modelPath == "/models/tuned.pt" and restored.prealign is False
 assert restored.adaptIterations == 45 and type(restored.adaptIterations) is int  # noqa: E721
-assert type(restored.steps) is int and type(restored.candidates) is int  # noqa: E721
+assert type(restored.steps) is int and type(restored.trajectories) is int  # noqa: E721
 assert restored.fixedVolume is not None and restored.fixedVolume.GetName() == "fixed CT"
 assert restored.fixedVolume.GetScene() is reloaded
 print("parameter node round trip through", scene_file.name, "ok")
