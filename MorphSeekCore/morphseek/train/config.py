@@ -43,7 +43,7 @@ class GRPOConfig:
     memory_flat: bool = True  # False: build the whole graph at once (reference, J-times the memory)
     policy: bool = True  # False: no policy term (the Dice-supervised baselines of the ablation, J = 1, tau = 0)
 
-    def validate(self) -> None:
+    def check(self) -> None:
         """Raise MorphSeekError for settings that cannot work."""
         problems = []
         if self.steps < 1:

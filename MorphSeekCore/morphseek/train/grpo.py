@@ -114,7 +114,7 @@ def grpo_finetune(
     is raised.
     """
     config = config or GRPOConfig()
-    config.validate()
+    config.check()
     if next(model.parameters()).device.type == "mps":
         raise MorphSeekError("GRPO fine-tuning on Apple MPS is not supported (float64 advantages, 3D grid "
                              "sampling): use --device cpu or a CUDA GPU")

@@ -59,7 +59,7 @@ class WarmupConfig:
     channels_last: bool = True  # 13-17 % faster on CPU (CPU-COSTS.md), same results
     extra: dict = field(default_factory=dict)
 
-    def validate(self) -> None:
+    def check(self) -> None:
         """Raise MorphSeekError for settings that cannot work (zero iterations, a NaN rate...)."""
         problems = []
         if int(self.iterations) < 1:
@@ -206,7 +206,7 @@ def warmup(
     it was (absent, or the resumed checkpoint)."""
     out = Path(out)
     device = torch.device(device)
-    config.validate()
+    config.check()
     if not dataset.train_pairs:
         raise MorphSeekError(f"{getattr(dataset, 'source', 'dataset')}: no training pairs")
     sim = presmoothed(similarity_loss(config.similarity, **({"window": config.window} if config.similarity == "ncc" else {})),
