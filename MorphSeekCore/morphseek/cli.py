@@ -40,27 +40,16 @@ def _interruptible(function, *args, also_stop=None, **kwargs):
     affine registration, a long resampling): the main thread raises KeyboardInterrupt and the worker's
     ``cancel()`` turns true, which stops it at its next check. Errors in the worker are re-raised.
     ``also_stop()`` true also stops the worker (its Cancelled is then raised)."""
-    stop, done = threading.Event(), threading.Event()
-    outcome: dict = {}
+    stop = threading.Event()
 
     def cancel() -> bool:
         return stop.is_set() or (also_stop is not None and also_stop())
 
-    def work():
-        try:
-            outcome["value"] = function(*args, cancel=cancel, **kwargs)
-        except BaseException as error:  # re-raised in the main thread
-            outcome["error"] = error
-        finally:
-            done.set()
-
-    worker = threading.Thread(target=work, name="morphseek-work", daemon=True)
     in_main = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGINT) if in_main else None
-    worker.start()
+    job = _Background(function, *args, cancel=cancel, thread_name="morphseek-work", **kwargs)
     try:
-        # (an Event, not Thread.join: a join interrupted by Ctrl-C can leave is_alive() wrongly False)
-        while not done.wait(0.1):
+        while not job.wait(0.1):
             if in_main and handler is not None:
                 # SimpleITK installs its own C-level SIGINT handler for the length of a filter's or a
                 # registration's Execute, which swallows Ctrl-C (an ImageRegistrationMethod does not
@@ -68,13 +57,10 @@ def _interruptible(function, *args, also_stop=None, **kwargs):
                 signal.signal(signal.SIGINT, handler)
     except KeyboardInterrupt:
         stop.set()
-        if not done.wait(2.0):  # inside a library call that cannot be stopped: main() exits hard
-            global _abandoned_worker
-            _abandoned_worker = True
+        if not job.wait(2.0):  # inside a library call that cannot be stopped: main() exits hard
+            job.abandon()
         raise
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+    return job.result()
 
 
 # --------------------------------------------------------------------------------------- warmup
@@ -400,36 +386,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Background:
-    """``function(*args)`` on a daemon thread from now on; ``result()`` waits for it (Ctrl-C still
-    lands: the wait polls) and returns its value or raises its error; ``failed()`` says whether it
-    has already raised."""
+    """``function(*args, **kwargs)`` on a daemon thread (``thread_name``) from now on; ``result()`` waits
+    for it (Ctrl-C still lands: the wait polls) and returns its value or raises its error;
+    ``failed()`` says whether it has already raised."""
 
-    def __init__(self, function, *args):
+    def __init__(self, function, *args, thread_name: str = "morphseek-load", **kwargs):
         self._done = threading.Event()
         self._outcome: dict = {}
 
         def work():
             try:
-                self._outcome["value"] = function(*args)
+                self._outcome["value"] = function(*args, **kwargs)
             except BaseException as error:  # re-raised by result()
                 self._outcome["error"] = error
             finally:
                 self._done.set()
 
-        threading.Thread(target=work, name="morphseek-load", daemon=True).start()
+        threading.Thread(target=work, name=thread_name, daemon=True).start()
+
+    def wait(self, timeout: float) -> bool:
+        """True once the function has returned or raised (within ``timeout`` seconds). An Event, not
+        Thread.join: a join interrupted by Ctrl-C can leave is_alive() wrongly False."""
+        return self._done.wait(timeout)
 
     def failed(self) -> bool:
         return self._done.is_set() and "error" in self._outcome
 
     def abandon(self) -> None:
-        """Called when the command stops early: a thread still inside an import must not be unwound."""
+        """Called when the command stops early: a thread still inside a library call or an import
+        must not be unwound by a normal interpreter exit (main() then exits hard)."""
         if not self._done.is_set():
             global _abandoned_worker
             _abandoned_worker = True
 
     def result(self):
         try:
-            while not self._done.wait(0.1):
+            while not self.wait(0.1):
                 pass
         except KeyboardInterrupt:
             self.abandon()
