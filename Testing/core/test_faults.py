@@ -370,6 +370,20 @@ def test_training_out_never_replaces_a_checkpoint_or_an_input(dataset, tmp_path,
     assert load_checkpoint(out)[2]["state"]["iteration"] == 3
 
 
+def test_resuming_a_warm_up_with_another_presmoothing_is_another_run(tmp_path):
+    """The presmoothing is part of the warm-up's objective: a checkpoint trained with it is not
+    continued without it (or with another sigma), as for the other settings of RUN_IDENTITY."""
+    from morphseek.train.warmup import WarmupConfig, _check_same_run
+
+    model = build_model({"backbone": "tiny"})
+    saved = WarmupConfig(grid=(32, 32, 32), similarity="ncc", presmooth=1.0).run_config()
+    _check_same_run(tmp_path / "warm", saved, model.config, WarmupConfig(grid=(32, 32, 32), similarity="ncc",
+                                                                       presmooth=1.0), model)
+    with pytest.raises(MorphSeekError, match=r"another run: presmooth 1\.0 \(now 0\.0\)"):
+        _check_same_run(tmp_path / "warm", saved, model.config, WarmupConfig(grid=(32, 32, 32), similarity="ncc"),
+                        model)
+
+
 # ------------------------------------------------------------------------ outputs whole or absent
 @pytest.fixture()
 def result(workspace):

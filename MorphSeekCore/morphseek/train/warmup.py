@@ -111,8 +111,8 @@ class WarmupConfig:
 
 
 #: Settings that must match for ``resume=True`` to continue a checkpoint: another value means another run.
-RUN_IDENTITY = ("grid", "spacing", "similarity", "window", "lambda_reg", "beta_kl", "learning_rate", "seed",
-                "percentiles", "refine_steps")
+RUN_IDENTITY = ("grid", "spacing", "similarity", "window", "presmooth", "lambda_reg", "beta_kl", "learning_rate",
+                "seed", "percentiles", "refine_steps")
 
 
 def random_state() -> dict:
@@ -248,7 +248,7 @@ def warmup(
     def checkpoint(iteration: int) -> None:
         nonlocal saved
         state = {"iteration": iteration, "pair_rng": rng.getstate(), "random": random_state()}
-        save_checkpoint(out, model, config.run_config(), optimizer=optimizer, state=state)
+        save_checkpoint(out, model, model.run_config, optimizer=optimizer, state=state)
         saved = iteration
 
     synthesised = hasattr(dataset, "sample_pair")
