@@ -105,14 +105,39 @@ def _mix(planes: list[torch.Tensor], values: torch.Tensor, matrix: np.ndarray) -
     return planes
 
 
-def _corner_aligned(matrix: np.ndarray, offset: np.ndarray, size_xyz: Sequence[int], tol: float = 1e-9) -> bool:
-    """True when index -> normalised coordinates is axis-aligned and maps the first and last voxel
-    centres to -1 and +1 along every axis (F.interpolate's align_corners=True)."""
-    matrix, offset = np.asarray(matrix), np.asarray(offset)
-    if np.abs(matrix - np.diag(np.diag(matrix))).max() > tol:
-        return False
-    last = np.diag(matrix) * (np.asarray(size_xyz, dtype=np.float64) - 1) + offset
-    return bool(np.allclose(offset, -1.0, atol=tol, rtol=0) and np.allclose(last, 1.0, atol=tol, rtol=0))
+def _axis_weights(matrix: np.ndarray, offset: np.ndarray, size_xyz: Sequence[int], model_size_xyz: Sequence[int],
+                  tol: float = 1e-9) -> list[tuple[int, torch.Tensor, torch.Tensor]] | None:
+    """When index -> normalised model coordinates maps each fixed index axis to one model axis (a
+    scaled axis permutation, flips included: a model grid in other axes than the image's), trilinear
+    sampling with border padding is a product of 1-D linear interpolations. Returns, for fixed index
+    axes i, j, k: (model axis, lower model index, weight of the upper one) per fixed voxel; None for
+    an oblique map (then every point is sampled by grid_sample)."""
+    matrix, offset = np.asarray(matrix, dtype=np.float64), np.asarray(offset, dtype=np.float64)
+    nonzero = np.abs(matrix) > tol
+    if not (nonzero.sum(axis=0) == 1).all() or not (nonzero.sum(axis=1) == 1).all():
+        return None
+    if min(model_size_xyz) < 2:
+        return None
+    out = []
+    for c in range(3):
+        r = int(np.flatnonzero(nonzero[:, c])[0])
+        n = int(model_size_xyz[r])
+        index = np.arange(int(size_xyz[c]), dtype=np.float64)
+        # normalised g = m idx + n0 -> model index (g + 1) (n - 1) / 2, clamped (border padding)
+        q = np.clip((matrix[r, c] * index + offset[r] + 1.0) * (n - 1) / 2.0, 0.0, n - 1.0)
+        low = np.clip(np.floor(q), 0, n - 2)
+        out.append((r, torch.from_numpy(low.astype(np.int64)), torch.from_numpy(q - low)))
+    return out
+
+
+def _interpolation_matrix(low: torch.Tensor, weight: torch.Tensor, n: int, dtype: torch.dtype,
+                          device: torch.device) -> torch.Tensor:
+    """(len(low), n) matrix of 1-D linear interpolation: row p holds 1 - w at low[p], w at low[p] + 1."""
+    rows = torch.arange(len(low))
+    m = torch.zeros((len(low), n), dtype=torch.float64)
+    m[rows, low] = 1.0 - weight
+    m[rows, low + 1] += weight
+    return m.to(device=device, dtype=dtype)
 
 
 def _affine(image: sitk.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -262,10 +287,11 @@ class FieldExporter:
         # p = model index of the fixed voxel (i, j, k), an affine function of it; in grid_sample units
         norm, norm0 = _normaliser(model_ref.GetSize())
         self.to_model = (norm @ a_m_inv @ a_f, norm @ a_m_inv @ (o_f - o_m) + norm0)
-        # The model grid of a registration (io.model_grid) shares the fixed grid's axes and corner
-        # voxel centres: sampling it is then a separable trilinear upsampling (much faster than
-        # grid_sample at every fixed voxel, and the same values).
-        self.separable = _corner_aligned(*self.to_model, self.size_xyz)
+        # A model grid along the fixed grid's axes, in any order or sense (io.model_grid, or
+        # io.model_grid_at in a model's own axes): sampling it is a separable trilinear upsampling,
+        # much faster than grid_sample at every fixed voxel, with the same values.
+        self.axis_weights = _axis_weights(*self.to_model, self.size_xyz, model_ref.GetSize())
+        self.separable = self.axis_weights is not None
         # origin_M + A_M p = x, so y = x + A_M u_xyz(p); u is stored (z, y, x): reverse A_M's columns
         u_to_mm = a_m[:, ::-1]
         if self.parts is not None:  # T(y) - x = (M - I) x + t + M A_M u, with x = A_F (i, j, k) + origin_F
@@ -294,17 +320,18 @@ class FieldExporter:
             out = torch.empty((*self.shape, 3), dtype=self.dtype).permute(3, 0, 1, 2)
         else:  # contiguous planes: faster kernels; the host copy reorders once
             out = torch.empty((3, *self.shape), dtype=self.dtype, device=self.device)
-        depth, height, width = self.shape
         plane = None
         if self.separable:  # trilinear upsampling: in-plane first (small), then between two slices
-            plane = F.interpolate(disp, size=(disp.shape[2], height, width), mode="trilinear", align_corners=True)[0]
-            ratio = (disp.shape[2] - 1) / max(depth - 1, 1)
+            (r_i, low_i, w_i), (r_j, low_j, w_j), (r_k, low_k, w_k) = self.axis_weights
+            # model axes in the fixed array's order (k, j, i); model axis r (x, y, z) is dim 3 - r of disp[0]
+            coarse = disp[0].permute(0, 3 - r_k, 3 - r_j, 3 - r_i)
+            along_i = _interpolation_matrix(low_i, w_i, coarse.shape[3], self.dtype, self.device)
+            along_j = _interpolation_matrix(low_j, w_j, coarse.shape[2], self.dtype, self.device)
+            plane = torch.einsum("Jj,cdji,Ii->cdJI", along_j, coarse, along_i).contiguous()
         for k0, k1 in self._slabs():
             if plane is not None:
-                z = torch.arange(k0, k1, dtype=torch.float64) * ratio  # tiny, on the host
-                low = torch.clamp(torch.floor(z), 0, plane.shape[1] - 2).to(torch.long)
-                weight = (z - low).to(self.dtype).view(1, -1, 1, 1).to(self.device)
-                low = low.to(self.device)
+                low = low_k[k0:k1].to(self.device)
+                weight = w_k[k0:k1].to(self.dtype).view(1, -1, 1, 1).to(self.device)
                 u = torch.lerp(plane[:, low], plane[:, low + 1], weight)  # (3, K, H, W)
             else:
                 u = _sample(disp, self._grid(k0, k1, self.to_model), "bilinear", "border")  # (3, K, H, W)
@@ -352,12 +379,28 @@ def _warp(source: Source | Sequence[Source], field: torch.Tensor, size_xyz: Sequ
     to_grid = first.field_to_grid_np.T  # g_c = ... + sum_r (N A_mov^-1)[c, r] U_r
     for k0, k1 in _slabs(shape[0], shape[1] * shape[2], slab_points):
         planes = _index_planes(size_xyz, k0, k1, first.matrix, first.offset, device, dtype)
-        g = torch.stack(_mix(planes, field[:, k0:k1].to(device=device, dtype=dtype), to_grid), dim=-1)
-        inside = ((g >= first.low) & (g < first.high)).all(dim=-1)
+        coords = _mix(planes, field[:, k0:k1].to(device=device, dtype=dtype), to_grid)  # x, y, z
+        inside = (coords[0] >= first.low[0]) & (coords[0] < first.high[0])
+        for c in (1, 2):
+            inside &= (coords[c] >= first.low[c]) & (coords[c] < first.high[c])
+        g = torch.stack(coords, dim=-1) if not all(s.is_label for s in sources) else None
         for s, out in zip(sources, outs):
-            sampled = _sample(s.volume, g, "nearest" if s.is_label else "bilinear", "border")[0]
+            sampled = _nearest(s.volume, coords) if s.is_label else _sample(s.volume, g, "bilinear", "border")[0]
             out[k0:k1] = sampled.masked_fill_(~inside, s.background)
     return outs[0] if isinstance(source, Source) else outs
+
+
+def _nearest(volume: torch.Tensor, coords: list[torch.Tensor]) -> torch.Tensor:
+    """grid_sample(volume, (x, y, z), "nearest", "border", align_corners=True) (K, H, W), by
+    indexing: about twice as fast on a CPU at full resolution. Normalised coordinates become voxel
+    indices as grid_sample makes them: unnormalised, clamped to the volume (border), rounded half
+    to even."""
+    depth, height, width = volume.shape[2:]
+    index = None
+    for c, n in zip((2, 1, 0), (depth, height, width)):  # z, y, x: the flat index, slowest axis first
+        i = torch.round(((coords[c] + 1) / 2 * (n - 1)).clamp_(0, n - 1)).to(torch.int64)
+        index = i if index is None else index.mul_(n).add_(i)
+    return volume.reshape(-1)[index]
 
 
 @torch.no_grad()

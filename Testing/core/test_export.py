@@ -188,6 +188,41 @@ def test_different_grids_field_equals_itk_composite_of_prealign_and_model_field(
     np.testing.assert_allclose(sitk.GetArrayFromImage(field), sitk.GetArrayFromImage(reference), atol=1e-6)
 
 
+@pytest.mark.parametrize("grid", ["fixed axes", "model axes"])
+def test_field_on_a_model_grid_in_other_axes_equals_itk_composite(grid):
+    """A model grid by voxel size in the model's own axes (io.model_grid_at, as the brain model: LIA
+    axes on an LPS image, corners not on fixed voxels) or in the fixed image's axes: the separable
+    upsampling gives ITK's composite, and the same values as grid_sample at every voxel."""
+    fixed = make_grid(size=(30, 26, 22), spacing=(1.0, 1.5, 2.0), origin=(-12.3, 40.1, 7.7),
+                      direction=np.eye(3))
+    direction = None if grid == "fixed axes" else [1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, -1.0, 0.0]  # LIA
+    model_ref = io.model_grid_at(fixed, 4.0, 2, direction)
+    shape = tuple(model_ref.GetSize())[::-1]
+    disp = smooth_voxel_field(shape, amplitude=0.8)
+    prealign = _prealign()
+    exporter = export.FieldExporter(model_ref, fixed, prealign, dtype=torch.float64)
+    assert exporter.separable
+    field = exporter.field(disp).permute(1, 2, 3, 0).numpy()
+
+    a_model = np.asarray(model_ref.GetDirection()).reshape(3, 3) * np.asarray(model_ref.GetSpacing())
+    model_mm = disp[0].numpy()[::-1].transpose(1, 2, 3, 0) @ a_model.T
+    model_field = sitk.GetImageFromArray(model_mm, isVector=True)
+    model_field.CopyInformation(model_ref)
+    composite = sitk.CompositeTransform([prealign, sitk.DisplacementFieldTransform(model_field)])
+    reference = sitk.TransformToDisplacementField(composite, sitk.sitkVectorFloat64, fixed.GetSize(),
+                                                  fixed.GetOrigin(), fixed.GetSpacing(), fixed.GetDirection())
+    # ITK's field transform extrapolates as zero outside its grid; grid_sample and we use edge values
+    points = physical_points(fixed)
+    inverse = np.linalg.inv(a_model)
+    index = (points - np.asarray(model_ref.GetOrigin())) @ inverse.T
+    inside = ((index >= 0) & (index <= np.asarray(model_ref.GetSize()) - 1)).all(axis=-1)
+    assert inside.mean() > 0.5
+    np.testing.assert_allclose(field[inside], sitk.GetArrayFromImage(reference)[inside], atol=1e-9)
+
+    exporter.separable = False  # every point through grid_sample
+    np.testing.assert_allclose(field, exporter.field(disp).permute(1, 2, 3, 0).numpy(), atol=1e-9)
+
+
 def test_non_linear_prealign_goes_through_its_displacement():
     fixed = make_grid(**FIXED)
     model_ref = io.model_grid(fixed, (12, 12, 12))
@@ -284,3 +319,17 @@ def test_jacobian_matches_voxel_jacobian(direction):
     expected = geometry.jacobian_determinant(disp)[0].numpy()
     assert expected.std() > 0.05  # a field that really varies
     np.testing.assert_allclose(det, expected, atol=1e-5)
+
+
+def test_nearest_by_indexing_equals_grid_sample_nearest():
+    """The label warp reads voxels by index instead of grid_sample: the same voxel everywhere,
+    including points outside the volume (border: clamped) and exact half-way points (half to even)."""
+    from morphseek.export import _nearest, _sample
+
+    generator = torch.Generator().manual_seed(3)
+    volume = torch.randint(0, 50, (1, 1, 7, 9, 11), generator=generator).to(torch.float32)
+    coords = [torch.rand((5, 6, 8), generator=generator) * 2.6 - 1.3 for _ in range(3)]  # beyond [-1, 1] too
+    for c, n in zip((0, 1, 2), (11, 9, 7)):  # some points exactly half-way between voxel centres
+        coords[c][0, 0] = (torch.arange(8) + 0.5) * 2 / (n - 1) - 1
+    expected = _sample(volume, torch.stack(coords, dim=-1), "nearest", "border")[0]
+    torch.testing.assert_close(_nearest(volume, coords), expected, rtol=0, atol=0)
