@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -314,6 +315,11 @@ class RegistrationResult:
                     continue
                 folder = out / f"step_{step.index:02d}"
                 folder.mkdir(exist_ok=True)
+                if step.field is self.field:  # the last step: its files are the final ones, written above
+                    for name in ("warped", "warped_seg", "jacobian", "displacement"):
+                        if (out / f"{name}.nii.gz").exists():
+                            _link_or_copy(out / f"{name}.nii.gz", folder / f"{name}.nii.gz")
+                    continue
                 export.write_volume(step.warped, folder / "warped.nii.gz", float_level)
                 if step.warped_seg is not None:
                     export.write_volume(step.warped_seg, folder / "warped_seg.nii.gz", label_level)
@@ -321,6 +327,15 @@ class RegistrationResult:
                 export.write_field(step.field, folder / "displacement.nii.gz")
             io.write_text(json.dumps(self.report(), indent=2), out / "report.json")
         return Path(out_dir)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` with ``source``'s content: a hard link (no second write of a file that can be
+    hundreds of MB), or a copy where the file system has no hard links."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _label_values(fixed_seg: sitk.Image, moving_seg: sitk.Image) -> list[int]:

@@ -255,6 +255,9 @@ def test_only_the_last_step_images_are_exported_unless_kept(tmp_path, tiny_check
     assert result.field.GetPixelID() == sitk.sitkVectorFloat32  # exported in float32
     out = result.save(tmp_path / "out")
     assert not (out / "step_01").exists() and (out / "step_03" / "displacement.nii.gz").exists()
+    # the last step's folder holds the final files (linked, not written twice)
+    for name in ("warped", "jacobian", "displacement"):
+        assert (out / "step_03" / f"{name}.nii.gz").read_bytes() == (out / f"{name}.nii.gz").read_bytes()
     # the float outputs are stored (gzip level 0) but still read back as the same images
     back = sitk.ReadImage(str(out / "displacement.nii.gz"))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(result.field))
