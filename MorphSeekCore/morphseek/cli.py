@@ -173,19 +173,27 @@ def _run_register(args) -> int:
     check_output_folder(args.out, overwrite=args.overwrite, inputs=inputs)
     args.on_interrupt = lambda: f"nothing was written to {args.out}" + (
         " (the previous result there is unchanged)" if Path(args.out).is_dir() and any(Path(args.out).iterdir()) else "")
-    fixed, moving, fixed_seg, moving_seg, _ = io.read_pair(args.fixed, args.moving, args.fixed_seg or None,
-                                                           args.moving_seg or None)
-    io.check_size(fixed, args.fixed, "fixed image")
-    io.check_size(moving, args.moving, "moving image")
     if find_checkpoint(args.model) is None:
         raise MorphSeekError(f"{args.model}: model checkpoint not found")
-    if args.prealign == "none":
-        io.check_overlap(fixed, moving, args.fixed, args.moving)
-    io.check_memory(fixed, moving, args.steps, args.fixed)
-    # Importing torch and reading the model (about 3 s) overlap with the pre-alignment, which runs
-    # on one thread by design: on two cores the command is that much shorter. A bad checkpoint
-    # stops the pre-alignment at once and is reported.
+    # Importing torch and reading the model (about 3 s) overlap with reading the pair and the
+    # pre-alignment, which runs on one thread by design: on two cores the command is that much
+    # shorter. A bad checkpoint stops the pre-alignment at once and is reported; a bad input is
+    # reported first.
     engine = _Background(_load_engine, args.model)
+    try:
+        fixed, moving, fixed_seg, moving_seg, _ = io.read_pair(args.fixed, args.moving, args.fixed_seg or None,
+                                                               args.moving_seg or None)
+        io.check_size(fixed, args.fixed, "fixed image")
+        io.check_size(moving, args.moving, "moving image")
+        if args.prealign == "none":
+            io.check_overlap(fixed, moving, args.fixed, args.moving)
+        io.check_memory(fixed, moving, args.steps, args.fixed)
+    except KeyboardInterrupt:
+        engine.abandon()  # possibly inside torch's import: the process exits without unwinding it
+        raise
+    except BaseException:
+        engine.settle()  # a bad input: report it once the import is through (a clean exit)
+        raise
     with tqdm(total=100, desc="register", bar_format="{percentage:3.0f}%|{bar:20}| {desc}") as bar:
         def progress(event):
             bar.n = int(100 * event.fraction)
@@ -419,13 +427,17 @@ class _Background:
             global _abandoned_worker
             _abandoned_worker = True
 
-    def result(self):
+    def settle(self) -> None:
+        """Wait until the function is through, whatever its outcome (Ctrl-C still lands)."""
         try:
             while not self.wait(0.1):
                 pass
         except KeyboardInterrupt:
             self.abandon()
             raise
+
+    def result(self):
+        self.settle()
         if "error" in self._outcome:
             raise self._outcome["error"]
         return self._outcome["value"]
