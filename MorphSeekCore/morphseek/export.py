@@ -48,7 +48,6 @@ import torch.nn.functional as F
 from .errors import MorphSeekError
 from .geometry import jacobian_determinant
 from .io import PathLike, atomic_target, grid_differences, index_to_physical, same_grid, verify_written_image, write_image
-from .outputs import verify_written_transform
 
 #: Fixed-grid points handled at once on the CPU (about 100 MB of float64 work arrays per slab).
 SLAB_POINTS = 2_000_000
@@ -463,20 +462,80 @@ def displacement_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform
     return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
 
 
-def write_transform(field: sitk.Image | sitk.Transform, path: PathLike) -> Path:
-    """Write the field as an ITK transform file (``.h5``), atomically; Slicer and SimpleITK
-    (``sitk.ReadTransform``) read it back. The file written is read back and checked
-    (:func:`morphseek.outputs.verify_written_transform`) before it takes ``path``'s name: a short or
-    corrupt write (a full disk) is a MorphSeekError and leaves ``path`` as it was. Returns the path."""
+#: ITK's name for the transform transform.h5 holds (ITK's HDF5 transform layout, itkHDF5TransformIO).
+ITK_DISPLACEMENT_TRANSFORM = "DisplacementFieldTransform_double_3_3"
+#: Values written or checked at a time (float64): 128 MB, whatever the size of the field.
+H5_SLAB_VALUES = 1 << 24
+
+
+def write_transform(field: sitk.Image, path: PathLike) -> Path:
+    """Write the displacement field as an ITK transform file (``.h5``), atomically: ITK's own HDF5
+    layout for a DisplacementFieldTransform (float64 parameters, the field's grid as fixed
+    parameters), which SimpleITK, Slicer and ANTs read. Written with h5py slab by slab from the
+    field itself: ITK's writer needs the field as a float64 transform plus its own float64 copy (5 GB
+    beside the 1.2 GB field for a 512x512x400 CT, the peak of such a registration). The file written is
+    read back slab by slab and compared value by value with the field before it takes ``path``'s
+    name: a short or corrupt write (a full disk) is a MorphSeekError and leaves ``path`` as it was.
+    Returns the path."""
     path = Path(path)
-    transform = field if isinstance(field, sitk.Transform) else displacement_transform(field)
+    values = np.asarray(_field_array(field)).reshape(-1)  # x, y, z per voxel, x fastest: ITK's order
+    fixed_parameters = np.array([*field.GetSize(), *field.GetOrigin(), *field.GetSpacing(), *field.GetDirection()],
+                                dtype=np.float64)
     try:
         with atomic_target(path) as tmp:
-            sitk.WriteTransform(transform, tmp)
-            verify_written_transform(transform, tmp, path)
-    except RuntimeError as err:
+            _write_field_h5(values, fixed_parameters, tmp)
+            _verify_field_h5(values, fixed_parameters, tmp, path)
+    except (RuntimeError, OSError) as err:
         raise MorphSeekError(f"cannot write transform '{path}': {str(err).strip().splitlines()[-1]}") from None
     return path
+
+
+def _write_field_h5(values: np.ndarray, fixed_parameters: np.ndarray, target: PathLike) -> None:
+    import platform
+
+    import h5py  # imported here: only writing transform.h5 needs it (not the Slicer worker)
+
+    text = h5py.string_dtype(encoding="ascii")  # ITK reads variable-length ASCII strings only
+
+    def string(group, name: str, value: str) -> None:
+        group.create_dataset(name, data=np.array([value.encode("ascii", "replace")], dtype=object), dtype=text)
+
+    with h5py.File(target, "w") as h5:
+        string(h5, "HDFVersion", f"HDF5 library version: {h5py.version.hdf5_version}")
+        string(h5, "ITKVersion", sitk.Version.ITKVersionString())
+        string(h5, "OSName", platform.system())
+        string(h5, "OSVersion", platform.release())
+        group = h5.create_group("TransformGroup/0")
+        string(group, "TransformType", ITK_DISPLACEMENT_TRANSFORM)
+        group.create_dataset("TransformFixedParameters", data=fixed_parameters)
+        parameters = group.create_dataset("TransformParameters", shape=values.shape, dtype=np.float64)
+        for a in range(0, values.size, H5_SLAB_VALUES):
+            parameters[a:a + H5_SLAB_VALUES] = values[a:a + H5_SLAB_VALUES]
+
+
+def _verify_field_h5(values: np.ndarray, fixed_parameters: np.ndarray, written: PathLike, name: PathLike) -> None:
+    """The file ``written`` holds exactly this field (the float32 values are exact in float64), else
+    MorphSeekError naming ``name``."""
+    import h5py
+
+    try:
+        with h5py.File(written, "r") as h5:
+            group = h5["TransformGroup/0"]
+            kind = group["TransformType"][0]
+            same = ((kind.decode() if isinstance(kind, bytes) else str(kind)) == ITK_DISPLACEMENT_TRANSFORM
+                    and np.array_equal(group["TransformFixedParameters"][()], fixed_parameters))
+            parameters = group["TransformParameters"]
+            same = same and parameters.shape == values.shape
+            for a in range(0, values.size, H5_SLAB_VALUES) if same else ():
+                if not np.array_equal(parameters[a:a + H5_SLAB_VALUES], values[a:a + H5_SLAB_VALUES]):
+                    same = False
+                    break
+    except (OSError, KeyError, ValueError, IndexError):  # h5py's errors for a cut or damaged file
+        raise MorphSeekError(f"cannot write transform '{name}': the file written is incomplete or unreadable "
+                             "(is the disk full?)") from None
+    if not same:
+        raise MorphSeekError(f"cannot write transform '{name}': the file written holds other values than "
+                             "the field (is the disk full?)")
 
 
 def write_field(field: sitk.Image, path: PathLike, level: int | None = None) -> Path:

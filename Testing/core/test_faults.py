@@ -434,25 +434,22 @@ def test_disk_full_while_writing_leaves_the_previous_result(result, workspace, m
 
 @pytest.mark.parametrize("fault", ["cut short", "zeroed", "other field"])
 def test_a_bad_transform_h5_write_is_caught_by_reading_it_back(result, workspace, monkeypatch, fault):
-    """transform.h5 is read back with SimpleITK and compared with the field at probe points before it
-    takes its name: a file cut short (full disk), zeroed blocks, or a readable file holding another
-    field are errors naming the file, and the previous result stays whole."""
+    """transform.h5 is read back and compared with the field value by value before it takes its
+    name: a file cut short (full disk), zeroed blocks, or a readable file holding another field are
+    errors naming the file, and the previous result stays whole."""
     from morphseek import export
 
     root, _ = workspace
     out = root / "reg"
     result.save(out)
     before = snapshot(out)
-    real_write = export.sitk.WriteTransform
+    real_write = export._write_field_h5
 
-    def bad_write(transform, path):
-        if fault == "other field":  # a readable .h5 whose displacement is off by 0.5 mm at one voxel
-            field = sitk.GetArrayFromImage(result.field).astype(np.float64)
-            field[-1, 0, -1] += 0.5  # a corner: always probed
-            image = sitk.GetImageFromArray(field, isVector=True)
-            image.CopyInformation(result.field)
-            transform = export.displacement_transform(image)
-        real_write(transform, path)
+    def bad_write(values, fixed_parameters, path):
+        if fault == "other field":  # a readable .h5 whose displacement is off by 0.5 mm at one value
+            values = values.copy()
+            values[-1] += 0.5
+        real_write(values, fixed_parameters, path)
         data = bytearray(Path(path).read_bytes())
         if fault == "cut short":
             Path(path).write_bytes(bytes(data[: len(data) * 2 // 3]))
@@ -460,12 +457,12 @@ def test_a_bad_transform_h5_write_is_caught_by_reading_it_back(result, workspace
             data[len(data) // 2:] = bytes(len(data) - len(data) // 2)
             Path(path).write_bytes(bytes(data))
 
-    monkeypatch.setattr(export.sitk, "WriteTransform", bad_write)
+    monkeypatch.setattr(export, "_write_field_h5", bad_write)
     with pytest.raises(MorphSeekError, match=r"cannot write transform '.*transform\.h5'"):
         result.save(out, overwrite=True)
     assert snapshot(out) == before  # the previous result, whole
     assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []
-    with pytest.raises(MorphSeekError, match=r"cannot write transform '.*alone\.h5'.*(unreadable|maps)"):
+    with pytest.raises(MorphSeekError, match=r"cannot write transform '.*alone\.h5'.*(unreadable|other values)"):
         export.write_transform(result.field, root / "alone.h5")
     assert not (root / "alone.h5").exists() and not [p for p in root.iterdir() if p.name.startswith(".alone")]
 
@@ -480,6 +477,16 @@ def test_a_written_transform_h5_passes_its_check_and_maps_like_the_field(result,
     points = outputs.probe_points(export.displacement_transform(result.field))
     assert len(points) == 8 + 1 + outputs.VERIFY_RANDOM_POINTS
     field = sitk.GetArrayFromImage(result.field)
+    # ITK reads back exactly the field and its grid (our h5py writer uses ITK's layout)
+    stored = read.Downcast().GetDisplacementField()
+    assert stored.GetSize() == result.field.GetSize() and stored.GetOrigin() == result.field.GetOrigin()
+    assert stored.GetSpacing() == result.field.GetSpacing() and stored.GetDirection() == result.field.GetDirection()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(stored), field.astype(np.float64))
+    # the same file as ITK's own writer makes, value for value
+    itk_written = tmp_path / "itk.h5"
+    sitk.WriteTransform(export.displacement_transform(result.field), str(itk_written))
+    np.testing.assert_array_equal(sitk.ReadTransform(str(itk_written)).GetParameters(), read.GetParameters())
+    np.testing.assert_array_equal(sitk.ReadTransform(str(itk_written)).GetFixedParameters(), read.GetFixedParameters())
     for index in ((0, 0, 0), (3, 5, 7), tuple(n - 1 for n in result.field.GetSize())):
         x = np.asarray(result.field.TransformIndexToPhysicalPoint(index))
         u = field[index[::-1]]
