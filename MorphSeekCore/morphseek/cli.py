@@ -187,7 +187,8 @@ def _run_register(args) -> int:
         io.check_size(moving, args.moving, "moving image")
         if args.prealign == "none":
             io.check_overlap(fixed, moving, args.fixed, args.moving)
-        io.check_memory(fixed, moving, args.steps, args.fixed)
+        io.check_memory(fixed, moving, args.fixed, labels=fixed_seg is not None and moving_seg is not None,
+                        steps=args.steps, keep_step_images=args.step_images)
     except KeyboardInterrupt:
         engine.abandon()  # possibly inside torch's import: the process exits without unwinding it
         raise

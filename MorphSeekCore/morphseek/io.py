@@ -196,35 +196,57 @@ def available_memory() -> int | None:
         return None
 
 
-#: Bytes per fixed-grid voxel at the peak of exporting one step (float64 fields, resampling grids,
-#: Jacobian), and per fixed-grid voxel kept for each step's images (warped, labels, Jacobian, field).
-EXPORT_BYTES_PER_VOXEL = 130
-STEP_BYTES_PER_VOXEL = 34
+#: Bytes per fixed-grid voxel that a registration holds at its peak, besides its inputs: the last
+#: step's physical field (3 x float32) as a tensor and as its SimpleITK image, the Jacobian and the
+#: warped image (float32 each), one more float32 volume while a step is exported; transform.h5 is
+#: written slab by slab (export.write_transform), with no float64 copy of the field.
+FIELD_BYTES_PER_VOXEL = 12 + 12 + 4 + 4 + 4
+#: ... with segmentations: the warped labels (float32 while sampled, then their pixel type) and the
+#: fixed labels as int64 for Dice.
+LABEL_BYTES_PER_VOXEL = 4 + 2 + 8
+#: ... per extra step whose images are kept (``--step-images``): field, Jacobian, warped image.
+STEP_BYTES_PER_VOXEL = 12 + 4 + 4
+#: Work memory besides (slabs, the model grid, the interpreter and torch), bytes.
+BASE_BYTES = 1.0e9
 
 
-def registration_memory(fixed: sitk.Image, moving: sitk.Image, steps: int) -> int:
-    """A rough upper estimate (bytes) of the memory a registration at the images' own resolution
-    needs outside the model grid: exporting a step's physical field and images on the fixed grid,
-    every step's images kept, and the pre-alignment's copies of both images."""
+def registration_memory(fixed: sitk.Image, moving: sitk.Image, labels: bool = False, steps: int = 3,
+                        keep_step_images: bool = False) -> int:
+    """Peak bytes a registration needs beyond its inputs, dominated by the outputs on the fixed grid
+    (the network works on the small model grid). Measured: docs/BENCHMARKS.md (a 512x512x400 CT,
+    ``benchmarks/big_ct.py``)."""
     n_fixed = int(np.prod(fixed.GetSize(), dtype=np.int64))
     n_moving = int(np.prod(moving.GetSize(), dtype=np.int64))
-    return n_fixed * (EXPORT_BYTES_PER_VOXEL + STEP_BYTES_PER_VOXEL * steps) + 16 * n_moving
+    per_voxel = FIELD_BYTES_PER_VOXEL + (LABEL_BYTES_PER_VOXEL if labels else 0)
+    if keep_step_images:
+        per_voxel += (steps - 1) * (STEP_BYTES_PER_VOXEL + (2 if labels else 0))
+    # the moving image (and labels) on the device for resampling: float32 each
+    return int(n_fixed * per_voxel + n_moving * (4 + (4 if labels else 0)) + BASE_BYTES)
 
 
-def check_memory(fixed: sitk.Image, moving: sitk.Image, steps: int, fixed_name: str,
-                 available: int | None = None) -> None:
-    """MorphSeekError naming the fixed image when :func:`registration_memory` exceeds the memory
-    available (``available`` bytes, default :func:`available_memory`), with what to change."""
-    available = available_memory() if available is None else available
-    needed = registration_memory(fixed, moving, steps)
-    if available is not None and needed > available:
+def memory_limit() -> int | None:
+    """Bytes a registration may use: ``MORPHSEEK_MEMORY_LIMIT_GB`` (GiB) when set, else the memory
+    available now."""
+    env = os.environ.get("MORPHSEEK_MEMORY_LIMIT_GB")
+    return int(float(env) * 2**30) if env else available_memory()
+
+
+def check_memory(fixed: sitk.Image, moving: sitk.Image, fixed_name: str, labels: bool = False, steps: int = 3,
+                 keep_step_images: bool = False, limit: int | None = None) -> None:
+    """Stop before any work when a registration cannot fit: MorphSeekError naming the fixed image,
+    the sizes and what to change, when :func:`registration_memory` exceeds ``limit`` bytes (default
+    :func:`memory_limit`)."""
+    limit = memory_limit() if limit is None else limit
+    needed = registration_memory(fixed, moving, labels, steps, keep_step_images)
+    if limit is not None and needed > limit:
         size = fixed.GetSize()
         spacing = ", ".join(f"{s:.3g}" for s in fixed.GetSpacing())
         raise MorphSeekError(
             f"fixed image '{fixed_name}' is too large for the memory available: {size[0]} x {size[1]} x "
-            f"{size[2]} voxels ({spacing} mm) need about {needed / 2**30:.1f} GiB to register in {steps} steps, "
-            f"about {available / 2**30:.1f} GiB is free. Crop the images to the region of interest or "
-            "resample them to coarser voxels (e.g. 1-2 mm), use fewer --steps, or free memory")
+            f"{size[2]} voxels ({spacing} mm) need about {needed / 2**30:.1f} GiB to register"
+            f"{' with every step kept' if keep_step_images else ''}, about {limit / 2**30:.1f} GiB is free. "
+            "Crop the images to the region of interest or resample them to coarser voxels (e.g. 1-2 mm), "
+            f"{'keep fewer step images, ' if keep_step_images else ''}or free memory")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -343,61 +343,6 @@ def _label_values(fixed_seg: sitk.Image, moving_seg: sitk.Image) -> list[int]:
     return shared_labels(sitk.GetArrayViewFromImage(fixed_seg), sitk.GetArrayViewFromImage(moving_seg))
 
 
-#: Bytes per fixed-grid voxel that a registration's outputs hold at once: the field (3 x float32),
-#: its float64 copy for transform.h5 and the HDF5 writer's own float64 copy of it (2 x 3 x 8), the
-#: Jacobian and warped image (float32 each), plus the warped labels (float32 while sampled, then
-#: their pixel type) when segmentations are given. Measured: a 512x512x400 CT without labels peaked
-#: at 8.4e9 bytes resident (estimate 8.5e9).
-_BYTES_PER_FIXED_VOXEL = 12 + 24 + 24 + 4 + 4
-_BYTES_PER_FIXED_VOXEL_LABELS = 4 + 2 + 8  # + the fixed labels as int64 for Dice
-#: Work memory besides (slabs, the model grid, the interpreter and torch), bytes.
-_BASE_BYTES = 1.0e9
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to this process now (Linux MemAvailable, else the free physical
-    pages), or None when the system does not say."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def estimate_memory(fixed: sitk.Image, moving: sitk.Image, labels: bool) -> int:
-    """Peak bytes a registration needs beyond its inputs, dominated by the outputs on the fixed grid
-    (the network itself works on the small model grid)."""
-    n_fixed = int(np.prod(fixed.GetSize()))
-    n_moving = int(np.prod(moving.GetSize()))
-    per_voxel = _BYTES_PER_FIXED_VOXEL + (_BYTES_PER_FIXED_VOXEL_LABELS if labels else 0)
-    return int(n_fixed * per_voxel + n_moving * (4 + (4 if labels else 0)) + _BASE_BYTES)
-
-
-def check_memory(fixed: sitk.Image, moving: sitk.Image, labels: bool, device: torch.device,
-                 limit: int | None = None) -> None:
-    """Stop before any work when the outputs cannot fit: MorphSeekError naming the sizes and what to
-    change. ``limit``: bytes allowed (default: the memory available now, or the environment variable
-    MORPHSEEK_MEMORY_LIMIT_GB)."""
-    if limit is None:
-        env = os.environ.get("MORPHSEEK_MEMORY_LIMIT_GB")
-        limit = int(float(env) * 2**30) if env else available_memory()
-    if limit is None:
-        return
-    need = estimate_memory(fixed, moving, labels)
-    if need > limit:
-        raise MorphSeekError(
-            f"the fixed image {fixed.GetSize()} ({np.prod(fixed.GetSize()) / 1e6:.0f} M voxels) needs about "
-            f"{need / 2**30:.1f} GB for the registration's full-resolution outputs (displacement field, "
-            f"transform, warped image, Jacobian) and {limit / 2**30:.1f} GB are available: crop the fixed "
-            "image to the region of interest or resample it to a coarser grid (e.g. 1 mm), or free memory")
-
-
 def _adapt_step(last: StepTensors, moving_t: torch.Tensor, fixed_t: torch.Tensor, moving: sitk.Image,
                 fixed: sitk.Image, transform: sitk.Transform, model_ref: sitk.Image, percentiles, names: dict,
                 iterations: int, settings: AdaptSettings | None, moving_l, fixed_l, label_values,
@@ -455,7 +400,7 @@ def register_images(
     ``names`` gives the inputs' names (files or Slicer nodes) for error messages.
     ``keep_step_images``: False exports only the last step's images (every step still gets its Dice
     and NJD on the fixed grid). ``autocast``: bf16 where safe, CUDA only (:func:`mixed_precision`).
-    Peak memory is bounded by the fixed grid's outputs: :func:`check_memory` stops before any work
+    Peak memory is bounded by the fixed grid's outputs: ``io.check_memory`` stops before any work
     when they cannot fit. ``cancel()`` is polled between stages, inside the pre-alignment's optimiser
     and between steps and candidates.
     ``adapt`` > 0 adds one more step after the network's: that many iterations of test-time
@@ -497,7 +442,7 @@ def register_images(
                              "(3D grid sampling and float64 are incomplete on MPS); use --device cpu")
     if torch_device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once
-    check_memory(fixed, moving, use_labels, torch_device)
+    io.check_memory(fixed, moving, names["fixed"], use_labels, steps, keep_step_images)
     report("prepare", 0, 0.02, f"loading the model on {torch_device}")
     net, config = load_model(model, torch_device)
     if grid is None and config.spacing:

@@ -266,14 +266,17 @@ def test_only_the_last_step_images_are_exported_unless_kept(tmp_path, tiny_check
 
 
 def test_memory_check_stops_before_any_work_with_a_clear_message(tiny_checkpoint, monkeypatch):
-    from morphseek.register import check_memory, estimate_memory
+    from morphseek import io
 
     big = sitk.Image([512, 512, 400], sitk.sitkFloat32)
-    need = estimate_memory(big, big, labels=False)
-    assert 7e9 < need < 9e9  # a 512x512x400 CT: measured 8.4e9 bytes at its peak (writing transform.h5)
-    with pytest.raises(MorphSeekError, match="GB .* available: crop the fixed image"):
-        check_memory(big, big, False, torch.device("cpu"), limit=2 * 2**30)
+    need = io.registration_memory(big, big)
+    assert 4e9 < need < 6e9  # a 512x512x400 CT: measured 5.2e9 bytes resident at its peak (benchmarks/big_ct.py)
+    assert io.registration_memory(big, big, keep_step_images=True) > need  # every step's images kept
+    with pytest.raises(MorphSeekError, match=r"'ct\.nii\.gz' is too large .* GiB is free\. Crop the images"):
+        io.check_memory(big, big, "ct.nii.gz", limit=2 * 2**30)
     fixed, moving, _, _ = _small_pair()
     monkeypatch.setenv("MORPHSEEK_MEMORY_LIMIT_GB", "0.001")
-    with pytest.raises(MorphSeekError, match="needs about"):
+    with pytest.raises(MorphSeekError, match="too large for the memory available"):
         register_images(fixed, moving, tiny_checkpoint, device="cpu")
+
+
