@@ -42,6 +42,12 @@ VARIANTS = {  # name -> AdaptSettings fields (iterations, learning_rate, lambda_
     "30 it, scale 2, window 7": dict(iterations=30, scale=2, window=7),
     "15 it, scale 2, window 7": dict(iterations=15, scale=2, window=7),
     "30 it, lambda 3, scale 2, window 7": dict(iterations=30, lambda_reg=3.0, scale=2, window=7),
+    "50 it, window 3": dict(iterations=50, window=3),
+    "50 it, window 7": dict(iterations=50, window=7),
+    "50 it, lr 1.0": dict(iterations=50, learning_rate=1.0),
+    "100 it, lr 0.25": dict(iterations=100, learning_rate=0.25),
+    "50 it, lambda 0.7": dict(iterations=50, lambda_reg=0.7),
+    "50 it, smooth 2, lambda 0.5": dict(iterations=50, smooth=2, lambda_reg=0.5),
 }
 
 
