@@ -173,8 +173,6 @@ def _run_register(args) -> int:
     check_output_folder(args.out, overwrite=args.overwrite, inputs=inputs)
     args.on_interrupt = lambda: f"nothing was written to {args.out}" + (
         " (the previous result there is unchanged)" if Path(args.out).is_dir() and any(Path(args.out).iterdir()) else "")
-    if find_checkpoint(args.model) is None:
-        raise MorphSeekError(f"{args.model}: model checkpoint not found")
     # Importing torch and reading the model (about 3 s) overlap with reading the pair and the
     # pre-alignment, which runs on one thread by design: on two cores the command is that much
     # shorter. A bad checkpoint stops the pre-alignment at once and is reported; a bad input is
@@ -185,6 +183,8 @@ def _run_register(args) -> int:
                                                                args.moving_seg or None)
         io.check_size(fixed, args.fixed, "fixed image")
         io.check_size(moving, args.moving, "moving image")
+        if find_checkpoint(args.model) is None:
+            raise MorphSeekError(f"{args.model}: model checkpoint not found")
         if args.prealign == "none":
             io.check_overlap(fixed, moving, args.fixed, args.moving)
         io.check_memory(fixed, moving, args.fixed, labels=fixed_seg is not None and moving_seg is not None,
