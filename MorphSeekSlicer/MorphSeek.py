@@ -274,7 +274,7 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- dependencies -----------------------------------------------------------------------------
     def _ensureDependencies(self) -> bool:
-        """Offer to install PyTorch when it is missing; never silently, never at import."""
+        """Offer to install PyTorch (and safetensors, tqdm) when missing; never silently, never at import."""
         missing = dependencies.missing()
         if not missing:
             return True
@@ -284,8 +284,9 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             PyTorchUtils = None
         how = _("through the PyTorch extension") if PyTorchUtils is not None else _("with pip")
         if not slicer.util.confirmOkCancelDisplay(
-            _("MorphSeek needs {names}, which is not installed. Install it now {how}? "
-              "This can take several minutes.").format(names=", ".join(missing), how=how)):
+            _("MorphSeek needs these Python packages, which are not installed: {names}. Install them now "
+              "(PyTorch {how}, the others with pip)? This can take several minutes.").format(
+                names=", ".join(missing), how=how)):
             return False
         try:
             with slicer.util.WaitCursor():
@@ -586,8 +587,9 @@ class MorphSeekTest(ScriptedLoadableModuleTest):
     def test_registration_scenario(self) -> None:
         if dependencies.missing():
             # A build machine's factory test: the extension loads and its logic works without torch.
-            self.delayDisplay("PyTorch is not installed: the registration part of the self-test is skipped "
-                              "(install PyTorch from the MorphSeek panel to run it)")
+            self.delayDisplay(f"PyTorch is not installed ({', '.join(dependencies.missing())} missing): the "
+                              "registration part of the self-test is skipped (install them from the MorphSeek "
+                              "panel to run it)")
             return
         from MorphSeekLib import selftest
 

@@ -1,7 +1,9 @@
 """What the engine needs inside Slicer's Python, and how to get it: PyTorch through the PyTorch
 extension's ``PyTorchUtils`` (it picks the build that matches the GPU and its driver) when that
-extension is installed, else pip. NumPy and SimpleITK ship with Slicer; nothing else is needed
-(tqdm is only used by the command line's progress bars, never by the worker).
+extension is installed, else pip; safetensors (every model's weights) and tqdm (imported by the
+training code that fine-tuning runs) from pip. NumPy and SimpleITK ship with Slicer. h5py and
+matplotlib are not needed: the module writes its transform with Slicer's own storage node and
+makes no montage.
 
 Nothing here runs at import time: the widget asks the user first (``missing()`` then ``install``).
 """
@@ -20,6 +22,8 @@ from typing import Callable
 # nothing newer (checked API by API: docs/SLICER-MODULE.md).
 TORCH_MINIMUM = "2.2"
 TORCH_REQUIREMENT = f"torch>={TORCH_MINIMUM}"
+#: The engine's other packages that Slicer does not ship -> what pip installs (MorphSeekCore/pyproject.toml).
+PIP_REQUIREMENTS = {"safetensors": "safetensors>=0.4", "tqdm": "tqdm>=4.60"}
 
 
 def add_source_engine_to_path() -> Path | None:
@@ -57,12 +61,15 @@ def _older_than(version: str, minimum: str) -> bool:
 
 
 def missing() -> list[str]:
-    """What must be installed before a job can run: ``["torch"]`` when torch is absent or older than
-    ``TORCH_MINIMUM`` (checked without importing it), else nothing."""
+    """What must be installed before a job can run: ``"torch"`` when torch is absent or older than
+    ``TORCH_MINIMUM`` (checked without importing it), and each of ``PIP_REQUIREMENTS`` that is
+    absent; empty when nothing is."""
+    names = []
     version = torch_version()
     if version is None or (version != "unknown" and _older_than(version, TORCH_MINIMUM)):
-        return ["torch"]
-    return []
+        names.append("torch")
+    names += [name for name in PIP_REQUIREMENTS if importlib.util.find_spec(name) is None]
+    return names
 
 
 def install(names: list[str], pip_install: Callable[[str], None], pytorch_utils=None) -> None:
@@ -77,6 +84,8 @@ def install(names: list[str], pip_install: Callable[[str], None], pytorch_utils=
                     raise RuntimeError("PyTorch could not be installed by the PyTorch extension")
             else:
                 pip_install(TORCH_REQUIREMENT)
+        elif name in PIP_REQUIREMENTS:
+            pip_install(PIP_REQUIREMENTS[name])
         else:
             raise ValueError(f"MorphSeek does not install {name!r}")
     importlib.invalidate_caches()
