@@ -1,4 +1,4 @@
-"""`morphseek register` against ANTs SyN on the same pairs, in one run: seconds, peak memory, ratio.
+"""`morphseek register` against ANTs SyN on the same pairs, in one run: seconds, peak memory, ratio, Dice.
 
 Pairs are real anatomy: brain label maps of different subjects (``../shared/data/
 brain-labelmaps-synthseg``, 256^3 at 1 mm, FreeSurfer labels, not aligned), T1-like images synthesised
@@ -13,11 +13,14 @@ shared machine) read from ``getrusage(RUSAGE_CHILDREN)`` of a one-run wrapper. M
 ``morphseek register`` command itself (``python -m morphseek.cli register``: import, reading, affine
 pre-alignment, the network steps, export and writing all outputs); ANTs runs
 ``ants.registration(type_of_transform="SyN")`` (its default affine + SyN pipeline, reading the
-images, writing the warped image), both with the same number of threads.
+images, writing the warped image), both with the same number of threads. With the segmentations
+(the default), both are also scored, untimed: MorphSeek's final Dice from its report, SyN's from the
+moving labels sent through its transforms (nearest neighbour), over the labels present in both.
 
     python benchmarks/register_vs_ants.py --threads 2 --repeats 3            # both sizes, 2 pairs
     python benchmarks/register_vs_ants.py --ants-python /path/to/ants-env/bin/python
     python benchmarks/register_vs_ants.py --sizes 2mm --pairs 1 --no-ants    # quick, MorphSeek only
+    python benchmarks/register_vs_ants.py --model Resources/Models/morphseek-brain --adapt 50
 
 antspyx is a benchmark-only dependency (``pip install -e 'MorphSeekCore[benchmark]'``); without it
 the ANTs rows are skipped with a note. Writes a Markdown table to stdout and JSON lines to --out.
@@ -116,11 +119,23 @@ print("@@RESULT@@" + json.dumps({"rc": rc, "seconds": seconds, "peak_mb": usage.
 """
 
 _ANTS = """
-import sys, ants
+import os, shutil, sys, ants
 fixed, moving, out = sys.argv[1:4]
 f, m = ants.image_read(fixed), ants.image_read(moving)
 reg = ants.registration(fixed=f, moving=m, type_of_transform="SyN", random_seed=1)
 ants.image_write(reg["warpedmovout"], out)
+for k, path in enumerate(reg["fwdtransforms"]):  # kept for scoring the labels afterwards (untimed)
+    shutil.copy(path, out + f".fwd{k}" + (".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1]))
+"""
+
+# Untimed: the moving labels through SyN's transforms (nearest neighbour), for SyN's Dice.
+_ANTS_LABELS = """
+import glob, sys, ants
+fixed_seg, moving_seg, out, warped = sys.argv[1:5]
+transforms = sorted(glob.glob(out + ".fwd*"))
+w = ants.apply_transforms(ants.image_read(fixed_seg), ants.image_read(moving_seg), transforms,
+                          interpolator="nearestNeighbor")
+ants.image_write(w, warped)
 """
 
 
@@ -142,6 +157,26 @@ def dice_of(out_dir: Path, fixed_seg: Path) -> float | None:
     return report["final"]["dice_percent"]
 
 
+def ants_dice(ants_python: str, fixed_seg: Path, moving_seg: Path, ants_out: Path, env: dict) -> float:
+    """Mean Dice (%) of the moving labels warped by SyN's transforms against the fixed labels, over
+    the labels present in both (as MorphSeek's report counts them)."""
+    import SimpleITK as sitk
+
+    from morphseek.data import shared_labels
+    from morphseek.metrics import mean_dice
+
+    warped = ants_out.with_name(ants_out.name + ".seg.nii.gz")
+    subprocess.run([ants_python, "-c", _ANTS_LABELS, str(fixed_seg), str(moving_seg), str(ants_out), str(warped)],
+                   env=env, check=True, capture_output=True)
+    f, m = (sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in (fixed_seg, moving_seg))
+    w = sitk.GetArrayFromImage(sitk.ReadImage(str(warped)))
+    return 100.0 * mean_dice(f, w.astype(f.dtype), shared_labels(f, m))
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
@@ -150,6 +185,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="threads for both tools (torch, ITK, ANTs)")
     parser.add_argument("--model", default=str(MODEL))
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--adapt", type=int, default=0, help="morphseek register --adapt N (default 0: none)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-ants", action="store_true", help="MorphSeek only")
     parser.add_argument("--ants-python", default=sys.executable,
@@ -183,13 +219,13 @@ def main() -> int:
             out_dir = args.work / "out" / f"{size}_{moving_id:02d}_to_{fixed_id:02d}"
             ms_cmd = [sys.executable, "-m", "morphseek.cli", "register", "--fixed", str(fixed), "--moving",
                       str(moving), "--model", args.model, "--steps", str(args.steps), "--device", args.device,
-                      "--out", str(out_dir)]
+                      "--adapt", str(args.adapt), "--out", str(out_dir)]
             if not args.no_labels:
                 ms_cmd += ["--fixed-seg", str(fixed_seg), "--moving-seg", str(moving_seg)]
             tools = [("morphseek", ms_cmd)]
+            ants_out = args.work / "out" / f"ants_{size}_{moving_id}_{fixed_id}.nii.gz"
             if have_ants:
-                tools.append(("ants-syn", [args.ants_python, "-c", _ANTS, str(fixed), str(moving),
-                                           str(args.work / "out" / f"ants_{size}_{moving_id}_{fixed_id}.nii.gz")]))
+                tools.append(("ants-syn", [args.ants_python, "-c", _ANTS, str(fixed), str(moving), str(ants_out)]))
             measured = {}
             for name, command in tools:
                 runs = []
@@ -203,9 +239,12 @@ def main() -> int:
                                   "peak_mb": max(r["peak_mb"] for r in runs)}
             row = {"size": size, "shape_xyz": SIZES[size][0], "pair": f"{moving_id:02d}->{fixed_id:02d}",
                    "threads": args.threads, "repeats": args.repeats, "load_at_start": load,
-                   "steps": args.steps, "labels": not args.no_labels, **{f"{k}": v for k, v in measured.items()}}
+                   "steps": args.steps, "adapt": args.adapt, "model": Path(args.model).name,
+                   "labels": not args.no_labels, **{f"{k}": v for k, v in measured.items()}}
             if not args.no_labels:
                 row["morphseek_dice_percent"] = dice_of(out_dir, fixed_seg)
+            if "ants-syn" in measured and not args.no_labels:
+                row["ants_dice_percent"] = ants_dice(args.ants_python, fixed_seg, moving_seg, ants_out, env)
             if "ants-syn" in measured:
                 row["ratio_ants_over_morphseek"] = measured["ants-syn"]["seconds"] / measured["morphseek"]["seconds"]
                 row["cpu_ratio_ants_over_morphseek"] = (measured["ants-syn"]["cpu_seconds"]
@@ -218,8 +257,9 @@ def main() -> int:
         for row in rows:
             handle.write(json.dumps({**row, "machine": platform.machine(), "cpus": os.cpu_count(),
                                      "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
-    print(f"| size | pair | morphseek s (runs) | CPU s | peak MB | ANTs SyN s (runs) | CPU s | peak MB | SyN / morphseek (wall, CPU) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| size | pair | morphseek s (runs) | CPU s | peak MB | ANTs SyN s (runs) | CPU s | peak MB | SyN / morphseek (wall, CPU) "
+          "| Dice %: morphseek, SyN |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         m = r["morphseek"]
         a = r.get("ants-syn")
@@ -228,7 +268,7 @@ def main() -> int:
                       f"{r['cpu_ratio_ants_over_morphseek']:.1f}x") if a else "- | - | - | -"
         print(f"| {r['size']} {'x'.join(map(str, r['shape_xyz']))} | {r['pair']} | {m['seconds']:.1f} "
               f"({', '.join(f'{s:.1f}' for s in m['seconds_all'])}) | {m['cpu_seconds']:.1f} | {m['peak_mb']:.0f} | "
-              f"{ants_cells} |")
+              f"{ants_cells} | {_percent(r.get('morphseek_dice_percent'))}, {_percent(r.get('ants_dice_percent'))} |")
     return 0
 
 
