@@ -585,11 +585,12 @@ class MorphSeekTest(ScriptedLoadableModuleTest):
         self.assertIs(logic.sceneLogic.scene, slicer.mrmlScene)
 
     def test_registration_scenario(self) -> None:
-        if dependencies.missing():
+        missing = dependencies.missing()
+        if missing:
             # A build machine's factory test: the extension loads and its logic works without torch.
-            self.delayDisplay(f"PyTorch is not installed ({', '.join(dependencies.missing())} missing): the "
-                              "registration part of the self-test is skipped (install them from the MorphSeek "
-                              "panel to run it)")
+            what = "PyTorch is not installed" if "torch" in missing else f"{', '.join(missing)} not installed"
+            self.delayDisplay(f"{what} (missing: {', '.join(missing)}): the registration part of the self-test "
+                              "is skipped (install them from the MorphSeek panel to run it)")
             return
         from MorphSeekLib import selftest
 

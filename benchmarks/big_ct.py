@@ -39,7 +39,7 @@ def phantom(shift_mm=(0.0, 0.0, 0.0), angle_deg=0.0, wobble_mm=0.0) -> sitk.Imag
     a = np.deg2rad(angle_deg)
     xr = np.cos(a) * x - np.sin(a) * y - shift_mm[0] + wobble_mm * np.sin(y / 40.0)
     yr = np.sin(a) * x + np.cos(a) * y - shift_mm[1] + wobble_mm * np.sin(z / 50.0)
-    zr = z - shift_mm[2] + 0 * x
+    zr = z - shift_mm[2]
     image = np.full(np.broadcast_shapes(xr.shape, yr.shape, zr.shape), -1000, dtype=np.int16)
 
     def inside(cx, cy, cz, rx, ry, rz):

@@ -188,7 +188,7 @@ def _run_register(args) -> int:
         if args.prealign == "none":
             io.check_overlap(fixed, moving, args.fixed, args.moving)
         io.check_memory(fixed, moving, args.fixed, labels=fixed_seg is not None and moving_seg is not None,
-                        steps=args.steps, keep_step_images=args.step_images)
+                        steps=args.steps + (1 if args.adapt else 0), keep_step_images=args.step_images)
     except KeyboardInterrupt:
         engine.abandon()  # possibly inside torch's import: the process exits without unwinding it
         raise

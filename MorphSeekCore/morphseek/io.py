@@ -212,8 +212,9 @@ BASE_BYTES = 1.0e9
 
 def registration_memory(fixed: sitk.Image, moving: sitk.Image, labels: bool = False, steps: int = 3,
                         keep_step_images: bool = False) -> int:
-    """Peak bytes a registration needs beyond its inputs, dominated by the outputs on the fixed grid
-    (the network works on the small model grid). Measured: docs/BENCHMARKS.md (a 512x512x400 CT,
+    """Peak bytes a registration of ``steps`` steps (test-time optimisation counts as one) needs
+    beyond its inputs, dominated by the outputs on the fixed grid (the network works on the small
+    model grid). Measured: docs/BENCHMARKS.md (a 512x512x400 CT,
     ``benchmarks/big_ct.py``)."""
     n_fixed = int(np.prod(fixed.GetSize(), dtype=np.int64))
     n_moving = int(np.prod(moving.GetSize(), dtype=np.int64))

@@ -442,7 +442,7 @@ def register_images(
                              "(3D grid sampling and float64 are incomplete on MPS); use --device cpu")
     if torch_device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once
-    io.check_memory(fixed, moving, names["fixed"], use_labels, steps, keep_step_images)
+    io.check_memory(fixed, moving, names["fixed"], use_labels, steps + (1 if adapt else 0), keep_step_images)
     report("prepare", 0, 0.02, f"loading the model on {torch_device}")
     net, config = load_model(model, torch_device)
     if grid is None and config.spacing:
