@@ -173,11 +173,13 @@ def _run_register(args) -> int:
     check_output_folder(args.out, overwrite=args.overwrite, inputs=inputs)
     args.on_interrupt = lambda: f"nothing was written to {args.out}" + (
         " (the previous result there is unchanged)" if Path(args.out).is_dir() and any(Path(args.out).iterdir()) else "")
-    # Importing torch and reading the model (about 3 s) overlap with reading the pair and the
-    # pre-alignment, which runs on one thread by design: on two cores the command is that much
-    # shorter. A bad checkpoint stops the pre-alignment at once and is reported; a bad input is
-    # reported first.
-    engine = _Background(_load_engine, args.model)
+    # Importing torch and reading the model (about 3 s) overlap with the pre-alignment, which runs
+    # on one thread by design: on two cores the command is that much shorter. Without one, they
+    # overlap with reading the pair instead; with one, they start after it (reading makes many
+    # short calls that each wait for the import's hold on the GIL: 2 s instead of 1 s for a 1 mm
+    # pair, while the pre-alignment's long C++ calls do not). A bad checkpoint stops the
+    # pre-alignment at once and is reported; a bad input is reported first.
+    engine = _Background(_load_engine, args.model) if args.prealign == "none" else None
     try:
         fixed, moving, fixed_seg, moving_seg, _ = io.read_pair(args.fixed, args.moving, args.fixed_seg or None,
                                                                args.moving_seg or None)
@@ -190,11 +192,14 @@ def _run_register(args) -> int:
         io.check_memory(fixed, moving, args.fixed, labels=fixed_seg is not None and moving_seg is not None,
                         steps=args.steps + (1 if args.adapt else 0), keep_step_images=args.step_images)
     except KeyboardInterrupt:
-        engine.abandon()  # possibly inside torch's import: the process exits without unwinding it
+        if engine is not None:
+            engine.abandon()  # possibly inside torch's import: the process exits without unwinding it
         raise
     except BaseException:
-        engine.settle()  # a bad input: report it once the import is through (a clean exit)
+        if engine is not None:
+            engine.settle()  # a bad input: report it once the import is through (a clean exit)
         raise
+    engine = engine or _Background(_load_engine, args.model)
     with tqdm(total=100, desc="register", bar_format="{percentage:3.0f}%|{bar:20}| {desc}") as bar:
         def progress(event):
             bar.n = int(100 * event.fraction)

@@ -70,13 +70,17 @@ class StepRecord:
     kept: int
     dice: float | None  # mean Dice over labels present in both, percent
     dice_per_label: dict[int, float] | None  # percent
-    njd_percent: float  # fixed-grid Jacobian of the total physical map
+    njd_percent: float  # folding of the total map, on the grid ``njd_grid`` names
     seconds: float
     warped: sitk.Image | None = field(default=None, repr=False)
     warped_seg: sitk.Image | None = field(default=None, repr=False)
     jacobian: sitk.Image | None = field(default=None, repr=False)
     field: sitk.Image | None = field(default=None, repr=False)
     kind: str = "network"  # "network": a policy step; "adapt": test-time optimisation (morphseek.adapt)
+    #: "fixed": NJD of the exported physical map on the fixed grid (the last step, and every step whose
+    #: images are kept); "model": of the total map on the model grid (an intermediate step whose images
+    #: are not kept: the fixed-grid Jacobian would cost more than the network's step, 1.3 s at 1 mm)
+    njd_grid: str = "fixed"
 
     def summary(self) -> dict:
         return {
@@ -87,6 +91,7 @@ class StepRecord:
             "dice_percent": self.dice,
             "dice_per_label_percent": {str(k): v for k, v in (self.dice_per_label or {}).items()} or None,
             "njd_percent": self.njd_percent,
+            "njd_grid": self.njd_grid,
             "seconds": self.seconds,
         }
 
@@ -288,7 +293,10 @@ class RegistrationResult:
         for s in self.steps:
             dice = f"{s.dice:.2f}" if s.dice is not None else "-"
             kept = "adapt" if s.kind == "adapt" else f"{s.kept + 1}/{len(s.candidates)}"
-            lines.append(f"{s.index:>4} {kept:>6} {dice:>8} {s.njd_percent:>8.3f} {s.seconds:>8.2f}")
+            njd = f"{s.njd_percent:.3f}" + ("*" if s.njd_grid == "model" else "")
+            lines.append(f"{s.index:>4} {kept:>6} {dice:>8} {njd:>8} {s.seconds:>8.2f}")
+        if any(s.njd_grid == "model" for s in self.steps):
+            lines.append("* on the model grid (that step's images were not kept)")
         return "\n".join(lines)
 
     def save(self, out_dir: str | Path, overwrite: bool = False, inputs=()) -> Path:
@@ -398,8 +406,8 @@ def register_images(
     """Register ``moving`` to ``fixed`` with a MorphSeek model (object or checkpoint path).
 
     ``names`` gives the inputs' names (files or Slicer nodes) for error messages.
-    ``keep_step_images``: False exports only the last step's images (every step still gets its Dice
-    and NJD on the fixed grid). ``autocast``: bf16 where safe, CUDA only (:func:`mixed_precision`).
+    ``keep_step_images``: False exports only the last step's images; every step still gets its Dice
+    on the fixed grid (with labels), and the other steps their NJD on the model grid (``njd_grid``). ``autocast``: bf16 where safe, CUDA only (:func:`mixed_precision`).
     Peak memory is bounded by the fixed grid's outputs: ``io.check_memory`` stops before any work
     when they cannot fit. ``cancel()`` is polled between stages, inside the pre-alignment's optimiser
     and between steps and candidates.
@@ -498,43 +506,52 @@ def register_images(
     records: list[StepRecord] = []
 
     def finish_step(step: StepTensors) -> None:
-        """The step's total map on the fixed grid: its Jacobian (NJD) and, with labels, its Dice,
-        always; the images (field, warped image and labels, Jacobian) only for the last step or
-        when ``keep_step_images``."""
+        """The step's total map on the fixed grid: with labels its Dice, always; its Jacobian (NJD)
+        and images (field, warped image and labels, Jacobian) for the last step or when
+        ``keep_step_images`` (other steps: NJD on the model grid)."""
         _check_cancel(cancel)
         keep = keep_step_images or step.index == total_steps
+        if not keep:
+            njd = 100.0 * float(geometry.folding_fraction(step.total)[0])
+            per_label = (dice_percent(exporter.warp(seg_source, exporter.field(step.total)))
+                         if use_labels else None)
+            dice = float(np.mean(list(per_label.values()))) if per_label else None
+            record = StepRecord(step.index, step.candidates, step.kept, dice, per_label, njd, step.seconds,
+                                kind=step.kind, njd_grid="model")
+            return finish_record(record)
         field_t = exporter.field(step.total)
         det = exporter.jacobian(field_t)
         njd = 100.0 * float((det <= 0).sum()) / det.numel()
         warped_t = warped_seg_t = None
-        if keep and seg_source is not None and moving_source.same_grid(seg_source):
+        if seg_source is not None and moving_source.same_grid(seg_source):
             warped_t, warped_seg_t = exporter.warp([moving_source, seg_source], field_t)  # one set of points
         elif seg_source is not None:
             warped_seg_t = exporter.warp(seg_source, field_t)
         per_label = dice_percent(warped_seg_t) if use_labels else None
         dice = float(np.mean(list(per_label.values()))) if per_label else None
-        images = (None, None, None, None)
-        if keep:  # each tensor is freed as soon as its image exists (peak memory of large volumes)
-            _check_cancel(cancel)
-            jacobian = export.scalar_image(det, fixed, np.float32)
-            del det
-            if warped_t is None:
-                warped_t = exporter.warp(moving_source, field_t)
-            warped = export.scalar_image(warped_t, fixed, np.float32)
-            del warped_t
-            warped_seg = (export.scalar_image(torch.round(warped_seg_t), fixed, seg_source.pixel_dtype)
-                          if warped_seg_t is not None else None)
-            del warped_seg_t
-            images = (warped, warped_seg, jacobian, export.field_image(field_t, fixed))
+        # each tensor is freed as soon as its image exists (peak memory of large volumes)
+        _check_cancel(cancel)
+        jacobian = export.scalar_image(det, fixed, np.float32)
+        del det
+        if warped_t is None:
+            warped_t = exporter.warp(moving_source, field_t)
+        warped = export.scalar_image(warped_t, fixed, np.float32)
+        del warped_t
+        warped_seg = (export.scalar_image(torch.round(warped_seg_t), fixed, seg_source.pixel_dtype)
+                      if warped_seg_t is not None else None)
+        del warped_seg_t
+        images = (warped, warped_seg, jacobian, export.field_image(field_t, fixed))
         del field_t
-        record = StepRecord(step.index, step.candidates, step.kept, dice, per_label, njd, step.seconds,
-                            *images, step.kind)
+        finish_record(StepRecord(step.index, step.candidates, step.kept, dice, per_label, njd, step.seconds,
+                                 *images, step.kind))
+
+    def finish_record(record: StepRecord) -> None:
         records.append(record)
-        dice_text = f", Dice {dice:.1f} %" if dice is not None else ""
-        what = ("test-time optimisation" if step.kind == "adapt"
-                else f"kept candidate {step.kept + 1} of {len(step.candidates)}")
-        report("step", step.index, 0.15 + 0.85 * step.index / total_steps,
-               f"step {step.index}/{total_steps}: {what}{dice_text}, folding {njd:.3f} %", record)
+        dice_text = f", Dice {record.dice:.1f} %" if record.dice is not None else ""
+        what = ("test-time optimisation" if record.kind == "adapt"
+                else f"kept candidate {record.kept + 1} of {len(record.candidates)}")
+        report("step", record.index, 0.15 + 0.85 * record.index / total_steps,
+               f"step {record.index}/{total_steps}: {what}{dice_text}, folding {record.njd_percent:.3f} %", record)
 
     try:
         tensors = refine(net, moving_t, fixed_t, steps=steps, trajectories=trajectories, tau=tau,

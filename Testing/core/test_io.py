@@ -220,6 +220,32 @@ def test_round_trip_keeps_geometry_exactly(tmp_path, suffix):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
 
 
+def test_gzip_check_reads_every_member_in_large_calls(tmp_path):
+    """The integrity check's own gunzip (large zlib calls) agrees with the gzip module: header and
+    length of one member or several, in chunks of any size, padding after the last member ignored;
+    and it fails on a file cut short or a flipped byte."""
+    import gzip
+    import zlib
+
+    raw = np.random.default_rng(0).integers(0, 9, 300_000, dtype=np.uint8).tobytes()
+    one = tmp_path / "one.gz"
+    one.write_bytes(gzip.compress(raw))
+    several = tmp_path / "several.gz"
+    several.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:200_000]) + gzip.compress(raw[200_000:])
+                        + b"\0" * 16)
+    for path in (one, several):
+        for chunk in (97, 4096, 1 << 24):
+            assert io._gunzip_length(path, chunk) == (raw[:540], len(raw))
+    short = tmp_path / "short.gz"
+    short.write_bytes(one.read_bytes()[:-20])
+    flipped = bytearray(one.read_bytes())
+    flipped[-6] ^= 1  # in the CRC of the trailer
+    (tmp_path / "flipped.gz").write_bytes(bytes(flipped))
+    for bad in (short, tmp_path / "flipped.gz"):
+        with pytest.raises((EOFError, zlib.error)):
+            io._gunzip_length(bad, 4096)
+
+
 def test_failed_write_leaves_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "result.nrrd"
     io.write_image(oblique_image(), path)

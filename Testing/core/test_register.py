@@ -252,6 +252,15 @@ def test_only_the_last_step_images_are_exported_unless_kept(tmp_path, tiny_check
                              prealign="none", device="cpu", keep_step_images=False)
     assert [s.field is None for s in result.steps] == [True, True, False]
     assert all(s.dice is not None and s.njd_percent >= 0 for s in result.steps)  # metrics for every step
+    # the steps not kept measure folding on the model grid (no fixed-grid Jacobian), and say so
+    assert [s.njd_grid for s in result.steps] == ["model", "model", "fixed"]
+    assert [s.summary()["njd_grid"] for s in result.steps] == ["model", "model", "fixed"]
+    assert "* on the model grid" in result.step_table()
+    kept = register_images(fixed, moving, tiny_checkpoint, fixed_seg=seg, moving_seg=moving_seg, steps=3,
+                           prealign="none", device="cpu", keep_step_images=True)
+    assert [s.njd_grid for s in kept.steps] == ["fixed"] * 3 and "*" not in kept.step_table()
+    assert [s.dice for s in kept.steps] == [s.dice for s in result.steps]  # Dice is always on the fixed grid
+    assert kept.steps[-1].njd_percent == result.steps[-1].njd_percent
     assert result.field.GetPixelID() == sitk.sitkVectorFloat32  # exported in float32
     out = result.save(tmp_path / "out")
     assert not (out / "step_01").exists() and (out / "step_03" / "displacement.nii.gz").exists()
