@@ -407,7 +407,8 @@ def register_images(
 
     ``names`` gives the inputs' names (files or Slicer nodes) for error messages.
     ``keep_step_images``: False exports only the last step's images; every step still gets its Dice
-    on the fixed grid (with labels), and the other steps their NJD on the model grid (``njd_grid``). ``autocast``: bf16 where safe, CUDA only (:func:`mixed_precision`).
+    on the fixed grid (with labels), and the other steps their NJD on the model grid (``njd_grid``).
+    ``autocast``: bf16 where safe, CUDA only (:func:`mixed_precision`).
     Peak memory is bounded by the fixed grid's outputs: ``io.check_memory`` stops before any work
     when they cannot fit. ``cancel()`` is polled between stages, inside the pre-alignment's optimiser
     and between steps and candidates.
