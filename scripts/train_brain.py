@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=5)
     p.add_argument("--presmooth", type=float, default=0.0,
                    help="Gaussian blur (voxels) of both images inside the similarity (docs/QUALITY.md section 1)")
+    p.add_argument("--clean-similarity", action="store_true",
+                   help="the similarity compares the pair's noise-free images (docs/QUALITY.md section 8)")
     p.add_argument("--lambda-reg", type=float, default=1.0)
     p.add_argument("--refine-steps", type=int, default=3)
     p.add_argument("--validate-every", type=int, default=100)
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     last, best = args.out / "last.pt", args.out / "best.pt"
     config = WarmupConfig(grid=(0, 0, 0), spacing=args.spacing, iterations=args.iterations,
                           learning_rate=args.lr, similarity=args.similarity, window=args.window, presmooth=args.presmooth,
+                          clean_similarity=args.clean_similarity,
                           lambda_reg=args.lambda_reg, refine_steps=args.refine_steps,
                           checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
                           seed=args.seed, channels_last=True, workers=args.workers)

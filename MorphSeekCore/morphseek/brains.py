@@ -136,18 +136,23 @@ class BrainSet:
             return [tuple(p) for p in self.pairs]
         return [(m, f) for m in self.heldback_ids for f in self.heldback_ids if m != f]
 
-    def _image(self, labels: np.ndarray, contrast: np.ndarray, rng: np.random.Generator) -> sitk.Image:
-        array = synth.synthesise_image(labels, seed=rng, label_means=contrast, blur_sigma=(0.3, 1.0),
-                                       bias_strength=0.3, noise_std=0.03)
-        return io.from_array(array, self.reference)
+    def _images(self, labels: np.ndarray, contrast: np.ndarray, rng: np.random.Generator,
+                clean: bool) -> tuple[sitk.Image, sitk.Image | None]:
+        """(noisy image, the same without noise or None); the same random draws either way."""
+        arrays = synth.synthesise_image(labels, seed=rng, label_means=contrast, blur_sigma=(0.3, 1.0),
+                                        bias_strength=0.3, noise_std=0.03, clean=clean)
+        noisy, noise_free = arrays if clean else (arrays, None)
+        return io.from_array(noisy, self.reference), None if noise_free is None else io.from_array(noise_free, self.reference)
 
     def sample_pair(self, rng: np.random.Generator, model_ref: sitk.Image,
                     percentiles: Sequence[float] = (1.0, 99.0), same_subject: float = 0.1,
-                    identical: float = 0.1) -> PairSample:
+                    identical: float = 0.1, clean: bool = False) -> PairSample:
         """A random training pair on ``model_ref`` (images and labels). With probability
         ``identical`` the fixed image IS the moving one: the loss is then lowest for u = 0, which
         teaches the network to stop moving once a pair is aligned (without such pairs it learns a
-        small bias that every refinement step adds again: a self-registration drift)."""
+        small bias that every refinement step adds again: a self-registration drift).
+        ``clean``: also the two images without noise (``moving_clean``, ``fixed_clean``; the noisy
+        ones are the same either way)."""
         moving_id = self.train_ids[rng.integers(len(self.train_ids))]
         others = [i for i in self.train_ids if i != moving_id]
         fixed_id = moving_id if rng.random() < same_subject or not others else others[rng.integers(len(others))]
@@ -159,15 +164,19 @@ class BrainSet:
             lab = geometry.warp_labels(self.labels[subject], disp)[0, 0].numpy()
             warped.append(np.where(lab >= 500, 0, lab) if strip else lab)
         contrast = random_contrast(int(max(w.max() for w in warped)), rng)
-        tensors, label_tensors = [], []
+        tensors, clean_tensors, label_tensors = [], [], []
         for lab in warped:
-            tensors.append(io.image_to_model_grid(self._image(lab, contrast, rng), model_ref, percentiles=percentiles))
+            noisy, noise_free = self._images(lab, contrast, rng, clean)
+            tensors.append(io.image_to_model_grid(noisy, model_ref, percentiles=percentiles))
+            clean_tensors.append(None if noise_free is None else
+                                 io.image_to_model_grid(noise_free, model_ref, percentiles=percentiles))
             brain = np.where(np.isin(lab, EVAL_LABELS), lab, 0).astype(np.int16)
             label_tensors.append(io.labels_to_model_grid(io.from_array(brain, self.reference), model_ref))
         if rng.random() < identical:
-            tensors[1], label_tensors[1], fixed_id = tensors[0], label_tensors[0], moving_id
+            tensors[1], clean_tensors[1], label_tensors[1], fixed_id = tensors[0], clean_tensors[0], label_tensors[0], moving_id
         values = shared_labels(label_tensors[0], label_tensors[1])
-        return PairSample(tensors[0], tensors[1], label_tensors[0], label_tensors[1], values, (moving_id, fixed_id))
+        return PairSample(tensors[0], tensors[1], label_tensors[0], label_tensors[1], values, (moving_id, fixed_id),
+                          moving_clean=clean_tensors[0], fixed_clean=clean_tensors[1])
 
     def heldback_files(self, subject: str) -> tuple[Path, Path]:
         """(T1-like image, evaluation labels) written for a held-back subject."""

@@ -69,6 +69,10 @@ class PairSample:
     label_values: list[int]
     pair: Pair = ("", "")
     grid: io.Grid | None = None
+    #: the same images without noise (synthesised pairs, ``BrainSet.sample_pair(clean=True)``): what
+    #: the warm-up's similarity compares with ``WarmupConfig.clean_similarity``
+    moving_clean: torch.Tensor | None = None
+    fixed_clean: torch.Tensor | None = None
 
     @property
     def has_labels(self) -> bool:
@@ -78,7 +82,8 @@ class PairSample:
         """The same pair with its tensors on ``device``."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return PairSample(move(self.moving), move(self.fixed), move(self.moving_labels),
-                          move(self.fixed_labels), list(self.label_values), self.pair, self.grid)
+                          move(self.fixed_labels), list(self.label_values), self.pair, self.grid,
+                          move(self.moving_clean), move(self.fixed_clean))
 
 
 @dataclass

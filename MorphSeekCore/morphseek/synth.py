@@ -167,13 +167,17 @@ def synthesise_image(
     blur_sigma: tuple[float, float] = (0.5, 1.2),
     bias_strength: float = 0.3,
     noise_std: float = 0.02,
-) -> np.ndarray:
+    clean: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Image (D, H, W) float32 in [0, 1] from a label map, SynthSeg/SynthMorph style.
 
     Mean intensity per label (``label_means[label]``; random when None), Gaussian within-label noise
     (std up to ``label_noise``), Gaussian blur (sigma drawn in ``blur_sigma`` voxels), a smooth
     multiplicative bias field exp(b * smooth noise) with |b| up to ``bias_strength``, additive noise
-    (std up to ``noise_std``), then min-max normalisation to [0, 1]."""
+    (std up to ``noise_std``), then min-max normalisation to [0, 1].
+
+    ``clean``: also return the same image without either noise (same means, blur, bias and
+    normalisation; the same random draws, so the noisy image is unchanged), as (noisy, clean)."""
     labels = np.asarray(labels)
     if labels.ndim != 3:
         raise MorphSeekError(f"synthesise_image needs a 3D label map, got shape {labels.shape}")
@@ -190,16 +194,25 @@ def synthesise_image(
     stds = rng.uniform(0.0, label_noise, means.shape[0]).astype(np.float32)
     index = torch.from_numpy(labels.astype(np.int64))
     noise = torch.from_numpy(rng.standard_normal(labels.shape, dtype=np.float32))
-    image = torch.from_numpy(means)[index] + torch.from_numpy(stds)[index] * noise
-    image = gaussian_blur(image[None, None], float(rng.uniform(*blur_sigma)))
+    mean_image = torch.from_numpy(means)[index]
+    image = mean_image + torch.from_numpy(stds)[index] * noise
+    sigma = float(rng.uniform(*blur_sigma))
+    image = gaussian_blur(image[None, None], sigma)
     bias = smooth_noise(labels.shape, 1, max(4.0, min(labels.shape) / 4.0), rng)
-    image = image * torch.exp(float(rng.uniform(0.0, bias_strength)) * bias)
+    bias = torch.exp(float(rng.uniform(0.0, bias_strength)) * bias)
+    image = image * bias
     image = image + float(rng.uniform(0.0, noise_std)) * torch.from_numpy(
         rng.standard_normal(labels.shape, dtype=np.float32)
     )
     image = image[0, 0]
     low, high = image.min(), image.max()
-    return ((image - low) / (high - low).clamp_min(1e-12)).clamp(0.0, 1.0).numpy().astype(np.float32)
+
+    def normalised(volume: torch.Tensor) -> np.ndarray:
+        return ((volume - low) / (high - low).clamp_min(1e-12)).clamp(0.0, 1.0).numpy().astype(np.float32)
+
+    if not clean:
+        return normalised(image)
+    return normalised(image), normalised((gaussian_blur(mean_image[None, None], sigma) * bias)[0, 0])
 
 
 # ----------------------------------------------------------------------------- deformations

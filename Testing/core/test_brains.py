@@ -71,6 +71,58 @@ def test_a_synthesised_pair_has_images_in_range_and_only_evaluation_labels(tmp_p
     assert torch.equal(identical.moving, identical.fixed)
 
 
+def test_clean_images_are_the_same_pair_without_noise(tmp_path):
+    """``clean=True`` adds the noise-free images and changes nothing else (the same random draws);
+    they follow the same anatomy (strongly correlated with the noisy ones); test_synth checks that
+    what they leave out is the noise."""
+    data = _prepared(tmp_path, {"train": ["a", "b"], "heldback": ["x"]})
+    ref = io.model_grid_at(data.reference, 4.0, 4)
+    plain = data.sample_pair(np.random.default_rng(3), ref, identical=0.0)
+    both = data.sample_pair(np.random.default_rng(3), ref, identical=0.0, clean=True)
+    assert plain.moving_clean is None and plain.fixed_clean is None
+    assert torch.equal(plain.moving, both.moving) and torch.equal(plain.fixed, both.fixed)
+    assert torch.equal(plain.moving_labels, both.moving_labels)
+    for noisy, clean in ((both.moving, both.moving_clean), (both.fixed, both.fixed_clean)):
+        assert clean.shape == noisy.shape and float(clean.min()) >= 0.0 and float(clean.max()) <= 1.0
+        assert np.corrcoef(noisy.flatten().numpy(), clean.flatten().numpy())[0, 1] > 0.9
+        assert not torch.equal(clean, noisy)
+    identical = data.sample_pair(np.random.default_rng(1), ref, identical=1.0, clean=True)
+    assert torch.equal(identical.moving_clean, identical.fixed_clean)
+    moved = both.to("cpu")
+    assert torch.equal(moved.moving_clean, both.moving_clean)  # PairSample.to carries them
+
+
+def test_warm_up_with_clean_similarity_compares_the_noise_free_images(tmp_path):
+    """``WarmupConfig.clean_similarity``: the similarity term is that of the noise-free images (the
+    network sees the noisy ones), it is part of the run's identity, and a data set without them is
+    refused with its name."""
+    from morphseek.losses import similarity_loss
+    from morphseek.nets.policy import build_model
+    from morphseek.train.warmup import WarmupConfig, _check_same_run, warmup, warmup_loss
+
+    (tmp_path / "brains").mkdir()
+    data = _prepared(tmp_path / "brains", {"train": ["a", "b"], "heldback": ["x"]})
+    model = build_model({"backbone": "tiny"})
+    ref = io.model_grid_at(data.reference, 4.0, model.divisor)
+    sample = data.sample_pair(np.random.default_rng(3), ref, identical=0.0, clean=True)
+    sim = similarity_loss("ncc", window=3)
+    with torch.no_grad():
+        _, noisy = warmup_loss(model, sample.moving, sample.fixed, sim, 1.0, 0.0)
+        _, clean = warmup_loss(model, sample.moving, sample.fixed, sim, 1.0, 0.0,
+                               targets=(sample.moving_clean, sample.fixed_clean))
+        _, same = warmup_loss(model, sample.moving, sample.fixed, sim, 1.0, 0.0,
+                              targets=(sample.fixed_clean, sample.fixed_clean))
+    assert clean["sim"] != noisy["sim"] and same["sim"] < 1e-3  # the targets, not the inputs, are compared
+    config = WarmupConfig(grid=(0, 0, 0), spacing=4.0, iterations=2, similarity="ncc", window=3,
+                          clean_similarity=True, validate_every=0)
+    result = warmup(build_model({"backbone": "tiny"}), data, config, tmp_path / "warm")
+    assert result.done == 2 and result.model.run_config.record["clean_similarity"] is True
+    with pytest.raises(MorphSeekError, match=r"another run: clean_similarity True \(now False\)"):
+        _check_same_run(tmp_path / "warm", config.run_config(), result.model.config,
+                        WarmupConfig(grid=config.grid, spacing=4.0, iterations=2, similarity="ncc", window=3,
+                                     direction=config.direction), result.model)
+
+
 def test_a_folder_that_was_not_prepared_is_named(tmp_path):
     with pytest.raises(MorphSeekError, match="not a prepared brain folder"):
         BrainSet.open(tmp_path)

@@ -154,3 +154,15 @@ def test_bad_requests_raise_clear_errors(tmp_path):
         synth.random_label_map(SHAPE, 60, 0)
     with pytest.raises(MorphSeekError, match="hold out"):
         synth.write_dataset(tmp_path, n_subjects=3, shape=(8, 8, 8), val_subjects=2)
+
+
+def test_clean_image_is_the_noisy_one_without_its_noise():
+    """``clean=True``: the noisy image is unchanged (same draws), and with no noise to remove the two
+    are equal; with noise the clean one is what the noisy one scatters around."""
+    labels = synth.random_label_map((24, 24, 24), 6, seed=3)
+    plain = synth.synthesise_image(labels, seed=5)
+    noisy, clean = synth.synthesise_image(labels, seed=5, clean=True)
+    np.testing.assert_array_equal(plain, noisy)
+    same, same_clean = synth.synthesise_image(labels, seed=5, clean=True, label_noise=0.0, noise_std=0.0)
+    np.testing.assert_allclose(same, same_clean, atol=1e-6)
+    assert 0.0 < float(np.abs(noisy - clean).mean()) < 0.05

@@ -46,6 +46,11 @@ class WarmupConfig:
     #: Gaussian blur (voxels) of both images inside the similarity (``losses.presmoothed``), so that
     #: blurring the moving image by a sub-voxel shift does not pass for alignment; 0: none
     presmooth: float = 0.0
+    #: compare the NOISE-FREE versions of the pair in the similarity (data sets that synthesise
+    #: their pairs: ``sample_pair(clean=True)``) while the network still sees the noisy images: a
+    #: sub-voxel shift that smooths the moving image's noise then gains nothing, without the blur
+    #: of ``presmooth``, which also blurs the optimum (docs/QUALITY.md section 8)
+    clean_similarity: bool = False
     workers: int = 1  # threads synthesising pairs ahead (data sets with sample_pair; GPUs want many)
     iterations: int = 150
     learning_rate: float = 1e-3
@@ -111,8 +116,8 @@ class WarmupConfig:
 
 
 #: Settings that must match for ``resume=True`` to continue a checkpoint: another value means another run.
-RUN_IDENTITY = ("grid", "spacing", "similarity", "window", "presmooth", "lambda_reg", "beta_kl", "learning_rate",
-                "seed", "percentiles", "refine_steps")
+RUN_IDENTITY = ("grid", "spacing", "similarity", "window", "presmooth", "clean_similarity", "lambda_reg", "beta_kl",
+                "learning_rate", "seed", "percentiles", "refine_steps")
 
 
 def random_state() -> dict:
@@ -136,11 +141,13 @@ def set_random_state(state: dict) -> None:
 
 
 def warmup_loss(model, moving, fixed, sim, lambda_reg: float, beta_kl: float,
-                prior_steps: int = 0) -> tuple[torch.Tensor, dict]:
+                prior_steps: int = 0, targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
     """One evaluation of L_warm at tau = 0 on a batch; returns the loss and its terms (floats).
 
     ``prior_steps``: that many refinement steps of the current model first (no gradients), so the
-    loss is that of step ``prior_steps + 1`` composed onto them (``register.refine``'s state)."""
+    loss is that of step ``prior_steps + 1`` composed onto them (``register.refine``'s state).
+    ``targets``: (moving, fixed) images the similarity compares instead of the network's inputs
+    (their noise-free versions, ``WarmupConfig.clean_similarity``)."""
     total, state = None, moving
     if prior_steps:
         with torch.no_grad():
@@ -152,7 +159,8 @@ def warmup_loss(model, moving, fixed, sim, lambda_reg: float, beta_kl: float,
     enc = model.encode(state, fixed)
     disp = model.decode(enc.skips, enc.mu)
     full = disp if total is None else geometry.compose(total, disp)
-    l_sim = sim(geometry.warp(moving, full), fixed)
+    sim_moving, sim_fixed = targets if targets is not None else (moving, fixed)
+    l_sim = sim(geometry.warp(sim_moving, full), sim_fixed)
     l_reg = diffusion_regulariser(disp)
     l_kl = kl_standard_normal(enc.mu, enc.log_sigma)
     loss = l_sim + lambda_reg * l_reg + beta_kl * l_kl
@@ -161,9 +169,13 @@ def warmup_loss(model, moving, fixed, sim, lambda_reg: float, beta_kl: float,
 
 
 def _to_device(sample, device, channels_last):
+    """(moving, fixed, similarity targets or None) on ``device``."""
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    return (sample.moving.to(device).contiguous(memory_format=fmt),
-            sample.fixed.to(device).contiguous(memory_format=fmt))
+    move = lambda t: t.to(device).contiguous(memory_format=fmt)  # noqa: E731
+    targets = None
+    if getattr(sample, "moving_clean", None) is not None and getattr(sample, "fixed_clean", None) is not None:
+        targets = (move(sample.moving_clean), move(sample.fixed_clean))
+    return move(sample.moving), move(sample.fixed), targets
 
 
 def training_grid(dataset, config: WarmupConfig, divisor: int):
@@ -209,6 +221,9 @@ def warmup(
     config.check()
     if not dataset.train_pairs:
         raise MorphSeekError(f"{getattr(dataset, 'source', 'dataset')}: no training pairs")
+    if config.clean_similarity and not hasattr(dataset, "sample_pair"):
+        raise MorphSeekError(f"{getattr(dataset, 'source', 'dataset')}: clean_similarity needs a data set that "
+                             "synthesises its pairs (their noise-free images), e.g. a prepared brain folder")
     sim = presmoothed(similarity_loss(config.similarity, **({"window": config.window} if config.similarity == "ncc" else {})),
                       config.presmooth)
     model_ref = training_grid(dataset, config, model.divisor)
@@ -257,7 +272,8 @@ def warmup(
 
     def draw(iteration: int):
         return dataset.sample_pair(np.random.default_rng([config.seed, iteration]), model_ref,
-                                   percentiles=config.percentiles)
+                                   percentiles=config.percentiles,
+                                   **({"clean": True} if config.clean_similarity else {}))
 
     completed = start  # last iteration whose optimizer step finished
     validation: dict = {}
@@ -285,9 +301,9 @@ def warmup(
                     if rng.random() < 0.5:  # both directions of every pair
                         pair = tuple(reversed(pair))
                     sample = dataset.load_pair(pair, config.grid)
-                moving, fixed = _to_device(sample, device, config.channels_last)
+                moving, fixed, targets = _to_device(sample, device, config.channels_last)
                 prior = rng.randrange(config.refine_steps) if config.refine_steps > 1 else 0
-                loss, terms = warmup_loss(model, moving, fixed, sim, lambda_reg, config.beta_kl, prior)
+                loss, terms = warmup_loss(model, moving, fixed, sim, lambda_reg, config.beta_kl, prior, targets)
                 if not math.isfinite(terms["loss"]):
                     raise MorphSeekError(
                         f"warm-up diverged at iteration {iteration} (loss {terms['loss']}) on pair {pair} of "
