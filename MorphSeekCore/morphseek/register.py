@@ -494,14 +494,16 @@ def register_images(
     seg_source = exporter.source(moving_seg, is_label=True) if moving_seg is not None else None
     fixed_seg_array = sitk.GetArrayViewFromImage(fixed_seg) if use_labels else None
 
-    def dice_percent(warped_seg: torch.Tensor) -> dict[int, float]:
+    def dice_percent(warped_seg: torch.Tensor) -> tuple[dict[int, float], float | None]:
+        """Dice per label of a warped segmentation against the fixed one, and their mean (percent)."""
         labels = torch.round(warped_seg).to(torch.int64).cpu().numpy()
-        return {k: 100.0 * v for k, v in metrics.dice_per_label(fixed_seg_array, labels, label_values).items()}
+        per_label = {k: 100.0 * v for k, v in metrics.dice_per_label(fixed_seg_array, labels, label_values).items()}
+        return per_label, (float(np.mean(list(per_label.values()))) if per_label else None)
 
     initial_dice = None
     if use_labels:
         zero = exporter.field(torch.zeros(1, 3, *grid, device=torch_device))
-        initial_dice = float(np.mean(list(dice_percent(exporter.warp(seg_source, zero)).values())))
+        initial_dice = dice_percent(exporter.warp(seg_source, zero))[1]
         del zero
 
     records: list[StepRecord] = []
@@ -514,9 +516,8 @@ def register_images(
         keep = keep_step_images or step.index == total_steps
         if not keep:
             njd = 100.0 * float(geometry.folding_fraction(step.total)[0])
-            per_label = (dice_percent(exporter.warp(seg_source, exporter.field(step.total)))
-                         if use_labels else None)
-            dice = float(np.mean(list(per_label.values()))) if per_label else None
+            per_label, dice = (dice_percent(exporter.warp(seg_source, exporter.field(step.total)))
+                               if use_labels else (None, None))
             record = StepRecord(step.index, step.candidates, step.kept, dice, per_label, njd, step.seconds,
                                 kind=step.kind, njd_grid="model")
             return finish_record(record)
@@ -528,8 +529,7 @@ def register_images(
             warped_t, warped_seg_t = exporter.warp([moving_source, seg_source], field_t)  # one set of points
         elif seg_source is not None:
             warped_seg_t = exporter.warp(seg_source, field_t)
-        per_label = dice_percent(warped_seg_t) if use_labels else None
-        dice = float(np.mean(list(per_label.values()))) if per_label else None
+        per_label, dice = dice_percent(warped_seg_t) if use_labels else (None, None)
         # each tensor is freed as soon as its image exists (peak memory of large volumes)
         _check_cancel(cancel)
         jacobian = export.scalar_image(det, fixed, np.float32)

@@ -173,7 +173,7 @@ def _to_device(sample, device, channels_last):
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     move = lambda t: t.to(device).contiguous(memory_format=fmt)  # noqa: E731
     targets = None
-    if getattr(sample, "moving_clean", None) is not None and getattr(sample, "fixed_clean", None) is not None:
+    if sample.moving_clean is not None and sample.fixed_clean is not None:
         targets = (move(sample.moving_clean), move(sample.fixed_clean))
     return move(sample.moving), move(sample.fixed), targets
 
@@ -272,8 +272,7 @@ def warmup(
 
     def draw(iteration: int):
         return dataset.sample_pair(np.random.default_rng([config.seed, iteration]), model_ref,
-                                   percentiles=config.percentiles,
-                                   **({"clean": True} if config.clean_similarity else {}))
+                                   percentiles=config.percentiles, clean=config.clean_similarity)
 
     completed = start  # last iteration whose optimizer step finished
     validation: dict = {}
