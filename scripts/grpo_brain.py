@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     model, run_config, _ = load_checkpoint(args.model)
     model_ref = io.model_grid_at(data.reference, run_config.spacing, model.divisor, run_config.direction)
     percentiles = run_config.percentiles
-    train = [data.sample_pair(np.random.default_rng(10_000 + i), model_ref, percentiles, identical=0.0)
-             for i in range(args.pairs)]
+    # With the noise-free images when the warm-up compared those: GRPO's L_warm does the same.
+    train = [data.sample_pair(np.random.default_rng(10_000 + i), model_ref, percentiles, identical=0.0,
+                              clean=run_config.clean_similarity) for i in range(args.pairs)]
     val = data.val_samples(model_ref, percentiles)
     before = evaluate_pairs(model, val, args.steps)
     print(f"start: held-back Dice {before['val_dice']:.2f} ± {before['val_dice_std']:.2f} %, "

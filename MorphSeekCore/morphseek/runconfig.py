@@ -45,6 +45,8 @@ class RunConfig:
         window: the local NCC window of that similarity (voxels of the model grid).
         presmooth: the Gaussian blur (voxels) of both images inside that similarity
             (``losses.presmoothed``; 0: none), GRPO's too unless its configuration names a similarity.
+        clean_similarity: the warm-up's similarity compared the pairs' noise-free images
+            (``WarmupConfig.clean_similarity``); GRPO's L_warm does too on pairs that carry them.
         lambda_reg: the warm-up's diffusion weight, GRPO's unless its configuration names one
             (default ``defaults.GRPO_LAMBDA_REG_FALLBACK``: a checkpoint that names none).
         beta_kl: the warm-up's KL weight, GRPO's first one.
@@ -61,6 +63,7 @@ class RunConfig:
     similarity: str = defaults.SIMILARITY
     window: int = defaults.NCC_WINDOW
     presmooth: float = 0.0
+    clean_similarity: bool = False
     lambda_reg: float = defaults.GRPO_LAMBDA_REG_FALLBACK
     beta_kl: float = defaults.BETA_KL
     iterations: int | None = None
@@ -100,6 +103,9 @@ class RunConfig:
                 except (TypeError, ValueError):
                     raise MorphSeekError(f"{where}: its configuration's {key} {values[key]!r} is not "
                                          f"a {kind.__name__}") from None
+        if "clean_similarity" in values and not isinstance(values["clean_similarity"], bool):
+            raise MorphSeekError(f"{where}: its configuration's clean_similarity "
+                                 f"{values['clean_similarity']!r} is not true or false")
         if "grpo" in values and not isinstance(values["grpo"], Mapping):
             raise MorphSeekError(f"{where}: its configuration's grpo settings are not a mapping")
         defaults_ = {f.name: f.default for f in fields(cls) if f.name != "record"}

@@ -322,9 +322,11 @@ def test_shipped_models_load_with_their_run_configuration(name):
     assert config.grid == tuple(saved["grid"]) and config.similarity == saved["similarity"]
     assert config.spacing == saved.get("spacing") and config.lambda_reg == saved["lambda_reg"]
     assert config.presmooth == saved.get("presmooth", 0.0) and config.window == saved.get("window", 9)
+    assert config.clean_similarity == saved.get("clean_similarity", False)
     if saved.get("grpo") is not None:
         assert config.grpo["trajectories"] == saved["grpo"]["trajectories"]
     # every saved key is written back unchanged; keys the file lacks take their defaults
     written = config.to_dict()
     assert {key: written[key] for key in saved} == saved
-    assert set(written) - set(saved) <= {"spacing", "direction", "window", "presmooth", "iterations", "grpo"}
+    assert set(written) - set(saved) <= {"spacing", "direction", "window", "presmooth", "clean_similarity",
+                                         "iterations", "grpo"}

@@ -12,7 +12,7 @@ import torch
 
 from morphseek.data import PairSample
 from morphseek.errors import Cancelled, MorphSeekError
-from morphseek.geometry import gaussian_blur
+from morphseek.geometry import gaussian_blur, warp
 from morphseek.losses import local_ncc_loss, similarity_loss
 from morphseek.nets.registry import build_model
 from morphseek.runconfig import RunConfig
@@ -75,6 +75,41 @@ def test_warm_objective_keeps_the_warm_up_runs_similarity_window_and_presmoothin
     assert float(warm_similarity(GRPOConfig(), RunConfig.from_dict({"similarity": "ncc", "window": 5}))(a, b)) == pytest.approx(raw, abs=1e-6)
     # an explicit similarity replaces the warm-up's, presmoothing included
     assert float(warm_similarity(GRPOConfig(similarity="mse"), run)(a, b)) == pytest.approx(float(torch.mean((a - b) ** 2)), abs=1e-6)
+
+
+def test_warm_objective_compares_the_noise_free_images_when_the_warm_up_did(subjects, lively_model):
+    """A warm-up trained with clean_similarity compared the synthesised pairs' noise-free images
+    (docs/QUALITY.md section 8); GRPO's L_warm must do the same on pairs that carry them, and use
+    the images the network sees on pairs that do not (a user's) or when the run did not."""
+    sample = _sample(subjects[0], subjects[1])
+    g = torch.Generator().manual_seed(4)
+    noisy = PairSample(sample.moving + 0.2 * torch.rand(sample.moving.shape, generator=g),
+                       sample.fixed + 0.2 * torch.rand(sample.fixed.shape, generator=g),
+                       sample.moving_labels, sample.fixed_labels, sample.label_values, sample.pair,
+                       moving_clean=sample.moving, fixed_clean=sample.fixed)
+    no_clean = PairSample(noisy.moving, noisy.fixed, noisy.moving_labels, noisy.fixed_labels, noisy.label_values)
+    config = GRPOConfig(trajectories=2, steps=1)
+    similarity = similarity_loss("ncc", window=5)
+
+    def warm_sim(pair, clean):
+        lively_model.zero_grad(set_to_none=True)
+        out = compute_grpo_gradients(lively_model, pair, torch.zeros((1, 3, *GRID)), None, config, 1e-3,
+                                     similarity, 1.0, torch.Generator().manual_seed(0), clean=clean)
+        return float(out.stats["warm_sim"])
+
+    on_noisy, on_clean = warm_sim(noisy, False), warm_sim(noisy, True)
+    assert abs(on_noisy - on_clean) > 0.05  # the noise changes NCC a lot: the cases below differ
+    # the step is the network's on the NOISY images either way; only what L_sim compares changes
+    with torch.no_grad():
+        enc = lively_model.encode(noisy.moving, noisy.fixed)
+        step = lively_model.decode(enc.skips, enc.mu)
+    assert on_clean == pytest.approx(float(similarity(warp(sample.moving, step), sample.fixed)), abs=1e-5)
+    assert on_noisy == pytest.approx(float(similarity(warp(noisy.moving, step), noisy.fixed)), abs=1e-5)
+    assert warm_sim(no_clean, True) == pytest.approx(on_noisy, abs=1e-6)  # a user's pair: its own images
+    assert RunConfig.from_dict({"clean_similarity": True}).clean_similarity is True
+    assert RunConfig().clean_similarity is False
+    with pytest.raises(MorphSeekError, match="clean_similarity"):
+        RunConfig.from_dict({"clean_similarity": "yes"}, "checkpoint X")
 
 
 def test_ldvn_keeps_order_and_only_rescales_relative_values():

@@ -128,6 +128,9 @@ def grpo_finetune(
         raise MorphSeekError("GRPO fine-tuning needs at least one labelled training pair (all are label-free)")
 
     similarity = warm_similarity(config, run_config)
+    # The warm-up's own similarity on noise-free images: pairs that carry them (synthesised) are
+    # compared on them, as in the warm-up; a user's pairs have none and use their images.
+    clean = config.similarity is None and run_config.clean_similarity
     lambda_reg = config.lambda_reg if config.lambda_reg is not None else run_config.lambda_reg
     beta0 = config.beta_kl if config.beta_kl is not None else run_config.beta_kl
     controller = TargetKLController(beta0, config.target_kl, config.kl_tolerance, config.kl_factor,
@@ -191,7 +194,8 @@ def grpo_finetune(
                         scorers[index] = label_scorer(sample)
                     steps_in_episode = t
                     outcome = grpo_update(model, optimizer, sample, total, previous_dice, config,
-                                          controller.beta, similarity, lambda_reg, generator, scorers[index])
+                                          controller.beta, similarity, lambda_reg, generator, scorers[index],
+                                          clean=clean)
                     optimizer_steps += 1
                     controller.update(outcome.stats["kl"])
                     total = outcome.total

@@ -66,6 +66,16 @@ class PairLike(Protocol):
     moving_labels: Tensor | None  # (1, 1, D, H, W) int64, or None for a label-free pair
     fixed_labels: Tensor | None
     label_values: Any  # labels present in both maps (sequence / tensor of ints)
+    # optional: ``moving_clean`` / ``fixed_clean``, the images without noise (synthesised pairs)
+
+
+def clean_targets(sample: PairLike, clean: bool) -> tuple[Tensor, Tensor] | None:
+    """The pair's noise-free (moving, fixed) images for L_warm when ``clean`` and the pair has them
+    (a synthesised pair); None: L_warm compares the images the network sees (a user's pair)."""
+    if not clean:
+        return None
+    moving, fixed = getattr(sample, "moving_clean", None), getattr(sample, "fixed_clean", None)
+    return None if moving is None or fixed is None else (moving, fixed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,11 +218,14 @@ def warm_objective(
     similarity: Callable[[Tensor, Tensor], Tensor],
     lambda_reg: float,
     beta_kl: float,
+    targets: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
     """L_warm at tau = 0 on the current state: similarity of the ORIGINAL moving image resampled
     once through Phi_{t-1} o (x + u0) to the fixed image, diffusion of the step u0, beta * KL.
-    Returns (loss, parts, u0)."""
+    ``targets``: the (moving, fixed) images the similarity compares instead (the pair's noise-free
+    images, as the warm-up compared them with ``clean_similarity``). Returns (loss, parts, u0)."""
     step = model.decode(skips, mu)
+    moving, fixed = targets if targets is not None else (moving, fixed)
     warped = warp(moving, compose(total_prev, step))
     sim = similarity(warped, fixed)
     reg = diffusion_regulariser(step)
@@ -257,6 +270,7 @@ def compute_grpo_gradients(
     memory_flat: bool | None = None,
     scorer=None,
     sync: bool = True,
+    clean: bool = False,
 ) -> UpdateOutcome:
     """Accumulate the gradients of one GRPO step into ``model``'s parameters (no optimiser step).
 
@@ -272,6 +286,7 @@ def compute_grpo_gradients(
     For a label-free pair only L_warm contributes and the state advances by the deterministic step.
     ``memory_flat=False`` builds one graph over all J trajectories (the reference the memory-flat path
     is tested against); both consume the generator identically and give the same gradients.
+    ``clean``: L_warm compares the pair's noise-free images when it has them (``clean_targets``).
     """
     memory_flat = config.memory_flat if memory_flat is None else memory_flat
     moving, fixed = sample.moving, sample.fixed
@@ -289,7 +304,7 @@ def compute_grpo_gradients(
 
     lam_w = config.lambda_warm
     warm, warm_parts, step0 = warm_objective(model, skips, mu, log_sigma, moving, fixed, total_prev,
-                                             similarity, lambda_reg, beta_kl)
+                                             similarity, lambda_reg, beta_kl, clean_targets(sample, clean))
     stats: dict[str, Tensor] = {f"warm_{k}": v for k, v in warm_parts.items()}
     stats["loss_warm"] = warm.detach()
     stats["kl"] = stats.pop("warm_kl")
@@ -441,13 +456,15 @@ def grpo_update(
     lambda_reg: float,
     generator: torch.Generator | None = None,
     scorer=None,
+    clean: bool = False,
 ) -> UpdateOutcome:
     """One refinement step of fine-tuning: gradients (memory-flat), one optimiser step, greedy state.
-    ``scorer``: the pair's :func:`label_scorer`, built once per pair by the caller (else per step)."""
+    ``scorer``: the pair's :func:`label_scorer`, built once per pair by the caller (else per step).
+    ``clean``: see :func:`compute_grpo_gradients`."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     outcome = compute_grpo_gradients(model, sample, total_prev, previous_dice, config, beta_kl,
-                                     similarity, lambda_reg, generator, scorer=scorer)
+                                     similarity, lambda_reg, generator, scorer=scorer, clean=clean)
     optimizer.step()
     return outcome
 
