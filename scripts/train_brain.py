@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
                log=args.out / "log.jsonl", cancel=lambda: deadline is not None and time.monotonic() > deadline)
     except Cancelled:
         print(f"stopped after {args.max_minutes} minutes; rerun the command to resume", flush=True)
+    except KeyboardInterrupt:  # the warm-up saved what was done at a clean boundary
+        print(f"interrupted; {last} holds the last whole iteration: rerun the command to resume", flush=True)
+        return 130
     return 0
 
 
