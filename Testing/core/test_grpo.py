@@ -28,6 +28,7 @@ from morphseek.train.grpo import (
     relative_log_likelihoods,
     warm_similarity,
 )
+from morphseek.train.policy_gradient import CLEAN_STAND_IN_SIGMA
 from morphseek.train.trainlog import RunLogger
 
 torch.manual_seed(0)
@@ -79,8 +80,9 @@ def test_warm_objective_keeps_the_warm_up_runs_similarity_window_and_presmoothin
 
 def test_warm_objective_compares_the_noise_free_images_when_the_warm_up_did(subjects, lively_model):
     """A warm-up trained with clean_similarity compared the synthesised pairs' noise-free images
-    (docs/QUALITY.md section 8); GRPO's L_warm must do the same on pairs that carry them, and use
-    the images the network sees on pairs that do not (a user's) or when the run did not."""
+    (docs/QUALITY.md section 8); GRPO's L_warm must do the same on pairs that carry them, compare
+    blurred images on pairs that do not (a user's: raw NCC would reward interpolation blur), and
+    the images the network sees when the warm-up did neither."""
     sample = _sample(subjects[0], subjects[1])
     g = torch.Generator().manual_seed(4)
     noisy = PairSample(sample.moving + 0.2 * torch.rand(sample.moving.shape, generator=g),
@@ -105,7 +107,12 @@ def test_warm_objective_compares_the_noise_free_images_when_the_warm_up_did(subj
         step = lively_model.decode(enc.skips, enc.mu)
     assert on_clean == pytest.approx(float(similarity(warp(sample.moving, step), sample.fixed)), abs=1e-5)
     assert on_noisy == pytest.approx(float(similarity(warp(noisy.moving, step), noisy.fixed)), abs=1e-5)
-    assert warm_sim(no_clean, True) == pytest.approx(on_noisy, abs=1e-6)  # a user's pair: its own images
+    # a user's pair has no noise-free images: its images blurred by 1 voxel stand in for them
+    blurred = [gaussian_blur(t, CLEAN_STAND_IN_SIGMA) for t in (noisy.moving, noisy.fixed)]
+    stand_in = float(similarity(warp(blurred[0], step), blurred[1]))
+    assert abs(stand_in - on_noisy) > 0.05
+    assert warm_sim(no_clean, True) == pytest.approx(stand_in, abs=1e-5)
+    assert warm_sim(no_clean, False) == pytest.approx(on_noisy, abs=1e-6)
     assert RunConfig.from_dict({"clean_similarity": True}).clean_similarity is True
     assert RunConfig().clean_similarity is False
     with pytest.raises(MorphSeekError, match="clean_similarity"):

@@ -33,7 +33,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from morphseek.errors import MorphSeekError
-from morphseek.geometry import compose, folding_fraction, one_hot, warp, warp_labels, warp_onehot
+from morphseek.geometry import compose, folding_fraction, gaussian_blur, one_hot, warp, warp_labels, warp_onehot
 from morphseek.losses import diffusion_regulariser, soft_dice_loss
 from morphseek.metrics import LabelDice, dice_torch, foreground_labels
 from morphseek.nets.policy import kl_standard_normal, ldvn_log_prob
@@ -69,13 +69,23 @@ class PairLike(Protocol):
     # optional: ``moving_clean`` / ``fixed_clean``, the images without noise (synthesised pairs)
 
 
+#: Blur (voxels) that stands in for the noise-free images of a pair that has none (a user's pair)
+#: when the warm-up compared noise-free images (docs/QUALITY.md sections 5 and 8).
+CLEAN_STAND_IN_SIGMA = 1.0
+
+
 def clean_targets(sample: PairLike, clean: bool) -> tuple[Tensor, Tensor] | None:
-    """The pair's noise-free (moving, fixed) images for L_warm when ``clean`` and the pair has them
-    (a synthesised pair); None: L_warm compares the images the network sees (a user's pair)."""
+    """The (moving, fixed) images L_warm compares when ``clean`` (the warm-up compared noise-free
+    images): the pair's own noise-free images when it has them (a synthesised pair), else its images
+    blurred by ``CLEAN_STAND_IN_SIGMA`` (raw NCC on noisy images pays for interpolation blur, and
+    would pull the model back to the sub-voxel shift it was trained out of). None when not ``clean``:
+    L_warm compares the images the network sees."""
     if not clean:
         return None
     moving, fixed = getattr(sample, "moving_clean", None), getattr(sample, "fixed_clean", None)
-    return None if moving is None or fixed is None else (moving, fixed)
+    if moving is None or fixed is None:
+        return gaussian_blur(sample.moving, CLEAN_STAND_IN_SIGMA), gaussian_blur(sample.fixed, CLEAN_STAND_IN_SIGMA)
+    return moving, fixed
 
 
 # ----------------------------------------------------------------------------------------------
