@@ -116,7 +116,7 @@ def test_warm_up_with_clean_similarity_compares_the_noise_free_images(tmp_path):
     config = WarmupConfig(grid=(0, 0, 0), spacing=4.0, iterations=2, similarity="ncc", window=3,
                           clean_similarity=True, validate_every=0)
     result = warmup(build_model({"backbone": "tiny"}), data, config, tmp_path / "warm")
-    assert result.done == 2 and result.model.run_config.record["clean_similarity"] is True
+    assert result.done == 2 and result.model.run_config.clean_similarity is True
     with pytest.raises(MorphSeekError, match=r"another run: clean_similarity True \(now False\)"):
         _check_same_run(tmp_path / "warm", config.run_config(), result.model.config,
                         WarmupConfig(grid=config.grid, spacing=4.0, iterations=2, similarity="ncc", window=3,
