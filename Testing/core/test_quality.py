@@ -4,6 +4,7 @@ model grid by voxel size, test-time optimisation (``--adapt``) and self-registra
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,10 +13,11 @@ import torch
 
 from morphseek import geometry, io, metrics, synth
 from morphseek.adapt import AdaptSettings, adapt, fine_grid_shape
+from morphseek.checkpoint import load_model
 from morphseek.data import Dataset, SubjectEntry
 from morphseek.nets.policy import MorphSeekNet
 from morphseek.nets.registry import build_model
-from morphseek.register import register_images
+from morphseek.register import refine, register_images
 from morphseek.runconfig import RunConfig
 
 
@@ -127,11 +129,6 @@ def test_adapt_on_a_finer_grid_and_self_registration_stays_put():
 def test_the_shipped_brain_model_registers_an_image_to_itself_without_moving_it():
     """Issue 7: an image registered to itself moves < 0.2 voxel on average after every step (the
     old models drifted by a learned bias each step: 0.98, 1.90, 2.78 voxels)."""
-    from pathlib import Path
-
-    from morphseek.checkpoint import load_model
-    from morphseek.register import refine
-
     root = Path(__file__).resolve().parents[2]
     net, config = load_model(root / "Resources" / "Models" / "morphseek-brain", "cpu")
     image = io.read_image(root / "Resources" / "SampleData" / "brain" / "10_t1.nii.gz")

@@ -128,8 +128,8 @@ def grpo_finetune(
         raise MorphSeekError("GRPO fine-tuning needs at least one labelled training pair (all are label-free)")
 
     similarity = warm_similarity(config, run_config)
-    # The warm-up's own similarity on noise-free images: pairs that carry them (synthesised) are
-    # compared on them, as in the warm-up; a user's pairs have none and use their images.
+    # The warm-up compared noise-free images: so does L_warm, on a synthesised pair's own, and on a
+    # user's pair (which has none) on its images blurred instead (policy_gradient.clean_targets).
     clean = config.similarity is None and run_config.clean_similarity
     lambda_reg = config.lambda_reg if config.lambda_reg is not None else run_config.lambda_reg
     beta0 = config.beta_kl if config.beta_kl is not None else run_config.beta_kl

@@ -232,8 +232,8 @@ def warm_objective(
 ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
     """L_warm at tau = 0 on the current state: similarity of the ORIGINAL moving image resampled
     once through Phi_{t-1} o (x + u0) to the fixed image, diffusion of the step u0, beta * KL.
-    ``targets``: the (moving, fixed) images the similarity compares instead (the pair's noise-free
-    images, as the warm-up compared them with ``clean_similarity``). Returns (loss, parts, u0)."""
+    ``targets``: the (moving, fixed) images the similarity compares instead (``clean_targets``: as
+    the warm-up compared noise-free images with ``clean_similarity``). Returns (loss, parts, u0)."""
     step = model.decode(skips, mu)
     moving, fixed = targets if targets is not None else (moving, fixed)
     warped = warp(moving, compose(total_prev, step))
@@ -296,7 +296,7 @@ def compute_grpo_gradients(
     For a label-free pair only L_warm contributes and the state advances by the deterministic step.
     ``memory_flat=False`` builds one graph over all J trajectories (the reference the memory-flat path
     is tested against); both consume the generator identically and give the same gradients.
-    ``clean``: L_warm compares the pair's noise-free images when it has them (``clean_targets``).
+    ``clean``: L_warm compares noise-free images, the pair's own or a blurred stand-in (``clean_targets``).
     """
     memory_flat = config.memory_flat if memory_flat is None else memory_flat
     moving, fixed = sample.moving, sample.fixed
