@@ -64,17 +64,22 @@ def downsample(image: sitk.Image, spacing: float = PREALIGN_SPACING, max_size: i
 def affine_prealign(fixed: sitk.Image, moving: sitk.Image, iterations: int = 100, init: str = "moments",
                     seed: int = 1234, spacing: float = PREALIGN_SPACING, max_size: int = PREALIGN_MAX_SIZE,
                     cancel: Callable[[], bool] | None = None, sampling: float = 0.25,
-                    min_step: float = 1e-4) -> sitk.AffineTransform:
+                    min_step: float = 1e-4, affine_sampling: float | None = None,
+                    affine_min_step: float | None = None) -> sitk.AffineTransform:
     """Affine registration of ``moving`` to ``fixed`` with SimpleITK (works across modalities).
 
     Both images are shrunk (:func:`downsample`, about ``spacing`` mm, at most ``max_size`` voxels per
     axis) and percentile-normalised. The transform starts from the centres of mass
     (``init="moments"``) or the geometric centres (``"geometry"``); a rigid stage then an affine stage
     started from it (a 12-parameter affine alone stalls in poor local optima) each minimise Mattes
-    mutual information (32 bins, 25 % random samples drawn with a fixed ``seed``, one thread, so runs
-    repeat to 1e-12) by regular-step gradient descent over a 4-2-1 pyramid (coarse levels dropped for
-    small images), at most ``iterations`` steps per level. ``cancel()`` is polled at every iteration
-    (Cancelled is raised when it returns True; Ctrl-C stops it too). Returns a transform that maps
+    mutual information (32 bins, ``sampling`` of the voxels drawn at random with a fixed ``seed``,
+    1 = every voxel; one thread, so runs repeat to 1e-12) by regular-step gradient descent over a
+    4-2-1 pyramid (coarse levels dropped for small images), at most ``iterations`` steps per level,
+    down to ``min_step``. ``affine_sampling`` and ``affine_min_step`` set the affine stage apart
+    (default: as the rigid one); every voxel there aligns better after the pre-alignment alone but
+    not after the network, for up to twice the time (docs/BENCHMARKS.md), so it is not the default.
+    ``cancel()`` is polled at every iteration (Cancelled is raised when it returns True; Ctrl-C stops
+    it too). Returns a transform that maps
     FIXED physical points to MOVING physical points (SimpleITK's convention):
     ``resample_to(moving, fixed, T)`` aligns them."""
     mode = {"moments": sitk.CenteredTransformInitializerFilter.MOMENTS,
@@ -92,8 +97,9 @@ def affine_prealign(fixed: sitk.Image, moving: sitk.Image, iterations: int = 100
     affine.SetMatrix(rigid.GetMatrix())
     affine.SetTranslation(rigid.GetTranslation())
     rigid_as_affine = sitk.AffineTransform(affine)
-    affine = sitk.AffineTransform(_unwrap(_register(fixed, moving, affine, iterations, seed, cancel, sampling,
-                                                    min_step)))
+    affine = sitk.AffineTransform(_unwrap(_register(
+        fixed, moving, affine, iterations, seed, cancel, sampling if affine_sampling is None else affine_sampling,
+        min_step if affine_min_step is None else affine_min_step)))
     # On small or nearly symmetric fields of view the 12-parameter stage can drift into a reflection
     # or an implausible scaling; then the rigid result is the safer pre-alignment.
     found = affine if plausible_affine(affine) else rigid_as_affine
@@ -138,8 +144,11 @@ def _register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, it
     shrink = [f for f in (4, 2) if smallest / f >= 16] + [1]
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(sampling, seed)
+    if sampling >= 1.0:
+        reg.SetMetricSamplingStrategy(reg.NONE)  # every voxel
+    else:
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        reg.SetMetricSamplingPercentage(sampling, seed)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=min_step,
                                                  numberOfIterations=int(iterations), relaxationFactor=0.5,

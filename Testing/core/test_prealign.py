@@ -51,15 +51,17 @@ def _errors(transform):
 
 @pytest.mark.parametrize("size, spacing", [((36, 36, 36), (2.0, 2.0, 2.0)),  # small: not shrunk
                                            ((100, 90, 80), (0.8, 0.8, 1.0))])  # shrunk 4x per axis
-def test_affine_prealign_recovers_known_affine_and_repeats(size, spacing):
+@pytest.mark.parametrize("setting", [{}, {"affine_sampling": 1.0, "affine_min_step": 1e-3}],
+                         ids=["default", "affine stage on every voxel"])
+def test_affine_prealign_recovers_known_affine_and_repeats(size, spacing, setting):
     fixed, moving = _pair(size, spacing)
     threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    transform = prealign.affine_prealign(fixed, moving)
+    transform = prealign.affine_prealign(fixed, moving, **setting)
     assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == threads  # restored after the run
     errors, start = _errors(transform)
     assert start.mean() > 5.0  # the problem is not trivial
     assert errors.mean() < 1.0 and errors.max() < 1.5, (errors.mean(), errors.max())
-    again = prealign.affine_prealign(fixed, moving)  # fixed sampling seed, one thread: the same answer
+    again = prealign.affine_prealign(fixed, moving, **setting)  # fixed sampling seed, one thread: the same answer
     np.testing.assert_allclose(again.GetParameters(), transform.GetParameters(), rtol=0, atol=1e-12)
 
 
