@@ -19,7 +19,13 @@ is restored in every case.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import select
+import signal
+import sys
+import threading
 from typing import Callable
 
 import numpy as np
@@ -201,3 +207,98 @@ def _unwrap(transform: sitk.Transform) -> sitk.Transform:
     if isinstance(transform, sitk.CompositeTransform):
         transform = transform.GetNthTransform(transform.GetNumberOfTransforms() - 1).Downcast()
     return transform
+
+
+class PrealignInChild:
+    """:func:`affine_prealign` of a pair in a forked child process, started at once.
+
+    The command line imports torch on a thread while the pre-alignment runs. In one process the two
+    share the interpreter lock, and the pre-alignment's many short Python calls wait for the
+    import's. In a child they run on the two cores apart: a 2 mm brain pair's transform is back
+    about 1 s sooner (docs/BENCHMARKS.md, run 6). Forking is only safe, and only offered
+    (:meth:`start`), on Linux while no other Python thread runs. The child ignores Ctrl-C: the
+    parent kills it on Cancel, Ctrl-C or any error (:meth:`stop`), so none outlives the command.
+    The child computes exactly what :func:`affine_prealign` computes in-process (a test)."""
+
+    def __init__(self, fixed: sitk.Image, moving: sitk.Image, **settings) -> None:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns, never runs the parent's exit handlers
+            status = 1
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                _die_with_parent()
+                os.close(read)
+                try:
+                    found = affine_prealign(fixed, moving, **settings)
+                    message = {"parameters": list(found.GetParameters()),
+                               "fixed_parameters": list(found.GetFixedParameters())}
+                except MorphSeekError as error:
+                    message = {"error": str(error)}
+                with os.fdopen(write, "w") as pipe:
+                    json.dump(message, pipe)  # floats round-trip exactly
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(write)
+        self._pid, self._read = pid, read
+        self._lock = threading.Lock()  # stop() may come from the waiting thread and the main one
+
+    @classmethod
+    def start(cls, fixed: sitk.Image, moving: sitk.Image, **settings) -> "PrealignInChild | None":
+        """A child pre-aligning the pair, or None where forking is not safe (then run
+        :func:`affine_prealign` in-process)."""
+        if not sys.platform.startswith("linux") or threading.active_count() > 1:
+            return None
+        return cls(fixed, moving, **settings)
+
+    def result(self, cancel: Callable[[], bool] | None = None) -> sitk.AffineTransform:
+        """Wait for the child's transform, polling ``cancel()`` (then Cancelled; the child is killed)."""
+        try:
+            data = b""
+            while True:
+                _poll(cancel)
+                try:
+                    if select.select([self._read], [], [], 0.05)[0]:
+                        chunk = os.read(self._read, 1 << 16)
+                        if not chunk:
+                            break
+                        data += chunk
+                except (OSError, ValueError):
+                    if self._pid is None:  # stopped by another thread (Ctrl-C) while waiting
+                        raise Cancelled("affine pre-alignment cancelled by the user") from None
+                    raise
+        finally:
+            self.stop()
+        if not data:
+            raise MorphSeekError("affine pre-alignment failed: its process ended without a result")
+        message = json.loads(data)
+        if "error" in message:
+            raise MorphSeekError(message["error"])
+        found = sitk.AffineTransform(3)
+        found.SetFixedParameters(message["fixed_parameters"])
+        found.SetParameters(message["parameters"])
+        return found
+
+    def stop(self) -> None:
+        """Kill the child if it still runs and reap it (idempotent)."""
+        with self._lock:
+            if self._pid is None:
+                return
+            pid, self._pid = self._pid, None
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+            os.close(self._read)
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this (child) process when its parent dies, however it dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

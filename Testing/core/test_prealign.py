@@ -3,12 +3,15 @@ downsampling that keeps it fast on large images, cancel and Ctrl-C, the plausibi
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from morphseek import io, prealign
-from morphseek.errors import Cancelled
+from morphseek.errors import Cancelled, MorphSeekError
 from test_io import image_from_function, rotation  # the same geometry helpers as the io tests
 
 
@@ -139,3 +142,24 @@ def test_prealign_keeps_the_headers_placement_when_it_cannot_improve_on_it():
     transform = affine_prealign(image, image)
     np.testing.assert_allclose(np.asarray(transform.GetMatrix()).reshape(3, 3), np.eye(3), atol=1e-3)
     np.testing.assert_allclose(transform.GetTranslation(), 0.0, atol=1e-2)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pre-alignment forks only on Linux")
+def test_the_pre_alignment_in_a_child_process_gives_the_same_transform_and_stops_on_cancel():
+    fixed, moving = _pair((36, 36, 36), (2.0, 2.0, 2.0))
+    child = prealign.PrealignInChild(fixed, moving)
+    found = child.result()
+    np.testing.assert_array_equal(found.GetParameters(), prealign.affine_prealign(fixed, moving).GetParameters())
+    np.testing.assert_array_equal(found.GetFixedParameters(), prealign.affine_prealign(fixed, moving).GetFixedParameters())
+    child.stop()  # idempotent
+
+    child = prealign.PrealignInChild(fixed, moving)
+    pid = child._pid
+    with pytest.raises(Cancelled):
+        child.result(cancel=lambda: True)
+    with pytest.raises(ChildProcessError):  # killed and reaped: nothing left behind
+        os.waitpid(pid, os.WNOHANG)
+
+    # an error in the child reaches the parent as the same one-line error
+    with pytest.raises(MorphSeekError, match="init must be"):
+        prealign.PrealignInChild(fixed, moving, init="nonsense").result()
