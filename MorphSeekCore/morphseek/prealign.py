@@ -26,6 +26,7 @@ import select
 import signal
 import sys
 import threading
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -215,26 +216,48 @@ class PrealignInChild:
     The command line imports torch on a thread while the pre-alignment runs. In one process the two
     share the interpreter lock, and the pre-alignment's many short Python calls wait for the
     import's. In a child they run on the two cores apart: a 2 mm brain pair's transform is back
-    about 1 s sooner (docs/BENCHMARKS.md, run 6). Forking is only safe, and only offered
-    (:meth:`start`), on Linux while no other Python thread runs. The child ignores Ctrl-C: the
-    parent kills it on Cancel, Ctrl-C or any error (:meth:`stop`), so none outlives the command.
-    The child computes exactly what :func:`affine_prealign` computes in-process (a test)."""
+    about 1 s sooner (docs/BENCHMARKS.md, run 6). The child computes exactly what
+    :func:`affine_prealign` computes in-process (a test).
+
+    Forking is offered (:meth:`start`) only on Linux, while no other Python thread runs (numpy's
+    and ITK's native threads pause across a fork through their own fork handlers), and when the
+    child can be waited for; anywhere else :meth:`start` returns None and the caller runs
+    :func:`affine_prealign` itself. The child ignores Ctrl-C and dies with its parent; the parent
+    kills it on Cancel, Ctrl-C or any error (:meth:`stop`), so none outlives the command."""
 
     def __init__(self, fixed: sitk.Image, moving: sitk.Image, **settings) -> None:
+        import ctypes  # before the fork: the child should not spend time importing
+
+        sys.stdout.flush()
+        sys.stderr.flush()  # nothing buffered may be written twice
+        parent = os.getpid()
         read, write = os.pipe()
-        pid = os.fork()
+        try:
+            with warnings.catch_warnings():  # Python >= 3.12 warns of any native thread (see above)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+        except BaseException:
+            os.close(read)
+            os.close(write)
+            raise
         if pid == 0:  # the child: never returns, never runs the parent's exit handlers
             status = 1
             try:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
-                _die_with_parent()
+                try:
+                    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
+                except (OSError, AttributeError):
+                    pass
+                if os.getppid() != parent:  # the parent died before that took effect
+                    os._exit(1)
                 os.close(read)
                 try:
                     found = affine_prealign(fixed, moving, **settings)
                     message = {"parameters": list(found.GetParameters()),
                                "fixed_parameters": list(found.GetFixedParameters())}
-                except MorphSeekError as error:
-                    message = {"error": str(error)}
+                except BaseException as error:  # reported by the parent, whatever it is
+                    message = {"error": str(error) or type(error).__name__, "type": type(error).__name__,
+                               "morphseek": isinstance(error, MorphSeekError)}
                 with os.fdopen(write, "w") as pipe:
                     json.dump(message, pipe)  # floats round-trip exactly
                 status = 0
@@ -242,63 +265,89 @@ class PrealignInChild:
                 os._exit(status)
         os.close(write)
         self._pid, self._read = pid, read
-        self._lock = threading.Lock()  # stop() may come from the waiting thread and the main one
+        self._lock = threading.Lock()  # stop() may come from another thread while result() waits
+        self._reading = False
 
     @classmethod
     def start(cls, fixed: sitk.Image, moving: sitk.Image, **settings) -> "PrealignInChild | None":
-        """A child pre-aligning the pair, or None where forking is not safe (then run
-        :func:`affine_prealign` in-process)."""
-        if not sys.platform.startswith("linux") or threading.active_count() > 1:
+        """A child pre-aligning the pair, or None where forking is not safe or not possible (then
+        run :func:`affine_prealign` in-process)."""
+        if (not sys.platform.startswith("linux") or threading.active_count() > 1
+                or signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN):  # children reaped unseen
             return None
-        return cls(fixed, moving, **settings)
+        try:
+            return cls(fixed, moving, **settings)
+        except OSError:  # no process or pipe to spare (a container's limits, memory)
+            return None
 
     def result(self, cancel: Callable[[], bool] | None = None) -> sitk.AffineTransform:
-        """Wait for the child's transform, polling ``cancel()`` (then Cancelled; the child is killed)."""
+        """Wait for the child's transform, polling ``cancel()`` (then Cancelled; the child is killed).
+        Only this method reads and closes the pipe; :meth:`stop` may interrupt it from any thread."""
+        with self._lock:
+            if self._pid is None or self._reading:
+                raise MorphSeekError("affine pre-alignment: its process was already stopped or waited for")
+            self._reading = True
+        data, status = b"", None
         try:
-            data = b""
             while True:
                 _poll(cancel)
-                try:
-                    if select.select([self._read], [], [], 0.05)[0]:
-                        chunk = os.read(self._read, 1 << 16)
-                        if not chunk:
-                            break
-                        data += chunk
-                except (OSError, ValueError):
-                    if self._pid is None:  # stopped by another thread (Ctrl-C) while waiting
-                        raise Cancelled("affine pre-alignment cancelled by the user") from None
-                    raise
+                if self._pid is None:
+                    raise Cancelled("affine pre-alignment cancelled by the user")
+                if select.select([self._read], [], [], 0.05)[0]:
+                    chunk = os.read(self._read, 1 << 16)
+                    if not chunk:
+                        break
+                    data += chunk
+            with self._lock:
+                if self._pid is None:  # stopped by another thread: the EOF was its kill
+                    raise Cancelled("affine pre-alignment cancelled by the user")
+                pid, self._pid = self._pid, None
+                status = _reap(pid)
         finally:
+            with self._lock:
+                self._reading = False
+                os.close(self._read)
+                self._read = None
             self.stop()
-        if not data:
-            raise MorphSeekError("affine pre-alignment failed: its process ended without a result")
-        message = json.loads(data)
+        try:
+            message = json.loads(data)
+        except ValueError:
+            message = None
+        if not isinstance(message, dict):
+            how = (f"was killed by signal {-status}" + (" (out of memory?)" if -status == signal.SIGKILL else "")
+                   if status is not None and status < 0 else f"ended with status {status}")
+            raise MorphSeekError(f"affine pre-alignment failed: its process {how} before sending a result")
         if "error" in message:
-            raise MorphSeekError(message["error"])
+            if message.get("type") == "MemoryError":
+                raise MemoryError(message["error"])
+            if message.get("morphseek"):
+                raise MorphSeekError(message["error"])
+            raise MorphSeekError(f"affine pre-alignment failed: {message['type']}: {message['error']}")
         found = sitk.AffineTransform(3)
         found.SetFixedParameters(message["fixed_parameters"])
         found.SetParameters(message["parameters"])
         return found
 
     def stop(self) -> None:
-        """Kill the child if it still runs and reap it (idempotent)."""
+        """Kill the child if it still runs and reap it; close the pipe unless :meth:`result` is
+        reading it (it closes it itself). Idempotent, from any thread."""
         with self._lock:
-            if self._pid is None:
-                return
             pid, self._pid = self._pid, None
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            os.waitpid(pid, 0)
-            os.close(self._read)
+            if pid is not None:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                _reap(pid)
+            if not self._reading and self._read is not None:
+                os.close(self._read)
+                self._read = None
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this (child) process when its parent dies, however it dies."""
+def _reap(pid: int) -> int | None:
+    """Wait for child ``pid``: its exit status, minus the signal that killed it, or None when it
+    was reaped elsewhere."""
     try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    except ChildProcessError:
+        return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
@@ -55,3 +56,28 @@ def test_a_bad_model_is_reported_during_the_prealignment_and_nothing_is_written(
     err = capsys.readouterr().err
     assert status == 2 and str(garbage) in err and "cannot be read" in err, err
     assert not out.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pre-alignment forks only on Linux")
+def test_the_command_pre_aligns_in_a_child_process_and_gets_its_transform(tmp_path):
+    """A fresh `morphseek register` takes the child path (a silent fall-back would lose its speed)
+    and registers with the child's transform."""
+    fixed = sitk.GaussianSource(sitk.sitkFloat32, [40, 40, 40], sigma=[9, 8, 7], mean=[19, 20, 21])
+    moving = sitk.GaussianSource(sitk.sitkFloat32, [40, 40, 40], sigma=[9, 8, 7], mean=[21, 19, 20])
+    sitk.WriteImage(fixed, str(tmp_path / "fixed.nii.gz"))
+    sitk.WriteImage(moving, str(tmp_path / "moving.nii.gz"))
+    code = ("import sys; from morphseek import cli, prealign\n"
+            "result = prealign.PrealignInChild.result\n"
+            "def traced(self, *a, **k):\n"
+            "    found = result(self, *a, **k); print('CHILD', list(found.GetParameters()), flush=True); return found\n"
+            "prealign.PrealignInChild.result = traced\n"
+            "sys.exit(cli.main(sys.argv[1:]))")
+    model = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "morphseek-default"
+    done = subprocess.run([sys.executable, "-c", code, "register", "--fixed", str(tmp_path / "fixed.nii.gz"),
+                           "--moving", str(tmp_path / "moving.nii.gz"), "--model", str(model), "--steps", "1",
+                           "--out", str(tmp_path / "out"), "--device", "cpu"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = [l for l in done.stdout.splitlines() if l.startswith("CHILD")]
+    assert len(line) == 1, done.stdout
+    expected = prealign.affine_prealign(fixed, moving)
+    assert eval(line[0][len("CHILD"):]) == list(expected.GetParameters())

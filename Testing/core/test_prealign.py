@@ -4,7 +4,10 @@ downsampling that keeps it fast on large images, cancel and Ctrl-C, the plausibi
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -144,22 +147,72 @@ def test_prealign_keeps_the_headers_placement_when_it_cannot_improve_on_it():
     np.testing.assert_allclose(transform.GetTranslation(), 0.0, atol=1e-2)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pre-alignment forks only on Linux")
-def test_the_pre_alignment_in_a_child_process_gives_the_same_transform_and_stops_on_cancel():
+LINUX_ONLY = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pre-alignment forks only on Linux")
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@LINUX_ONLY
+def test_the_pre_alignment_in_a_child_process_gives_the_same_transform():
     fixed, moving = _pair((36, 36, 36), (2.0, 2.0, 2.0))
+    fds = _open_fds()
     child = prealign.PrealignInChild(fixed, moving)
     found = child.result()
-    np.testing.assert_array_equal(found.GetParameters(), prealign.affine_prealign(fixed, moving).GetParameters())
-    np.testing.assert_array_equal(found.GetFixedParameters(), prealign.affine_prealign(fixed, moving).GetFixedParameters())
+    here = prealign.affine_prealign(fixed, moving)
+    np.testing.assert_array_equal(found.GetParameters(), here.GetParameters())
+    np.testing.assert_array_equal(found.GetFixedParameters(), here.GetFixedParameters())
     child.stop()  # idempotent
+    assert _open_fds() == fds
 
+
+@LINUX_ONLY
+@pytest.mark.parametrize("how", ["cancel", "stop from another thread", "killed"])
+def test_a_child_stopped_mid_run_is_reaped_and_reported(how):
+    fixed, moving = _pair((100, 90, 80), (0.8, 0.8, 1.0))
+    fds = _open_fds()
     child = prealign.PrealignInChild(fixed, moving)
-    pid = child._pid
-    with pytest.raises(Cancelled):
-        child.result(cancel=lambda: True)
+    pid, start = child._pid, time.perf_counter()
+    if how == "cancel":
+        with pytest.raises(Cancelled):
+            child.result(cancel=lambda: time.perf_counter() - start > 0.3)
+    elif how == "stop from another thread":  # the command line's Ctrl-C: main thread stops, worker waits
+        threading.Timer(0.3, child.stop).start()
+        with pytest.raises(Cancelled):
+            child.result()
+    else:  # e.g. the kernel's out-of-memory killer
+        threading.Timer(0.3, lambda: os.kill(pid, signal.SIGKILL)).start()
+        with pytest.raises(MorphSeekError, match="was killed by signal 9"):
+            child.result()
+    assert time.perf_counter() - start < 5.0
     with pytest.raises(ChildProcessError):  # killed and reaped: nothing left behind
         os.waitpid(pid, os.WNOHANG)
+    assert _open_fds() == fds
 
-    # an error in the child reaches the parent as the same one-line error
-    with pytest.raises(MorphSeekError, match="init must be"):
+
+@LINUX_ONLY
+def test_errors_in_the_child_reach_the_parent_as_one_line():
+    fixed, moving = _pair((36, 36, 36), (2.0, 2.0, 2.0))
+    with pytest.raises(MorphSeekError, match="init must be"):  # ours, as it is
         prealign.PrealignInChild(fixed, moving, init="nonsense").result()
+    with pytest.raises(MorphSeekError, match="failed: ValueError"):  # anything else, named
+        prealign.PrealignInChild(fixed, moving, iterations="many").result()
+
+
+@LINUX_ONLY
+def test_no_child_is_forked_beside_other_threads_or_when_children_are_reaped_unseen():
+    fixed, moving = _pair((36, 36, 36), (2.0, 2.0, 2.0))
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        assert prealign.PrealignInChild.start(fixed, moving) is None
+    finally:
+        release.set()
+        other.join()
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        assert prealign.PrealignInChild.start(fixed, moving) is None
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
