@@ -18,6 +18,7 @@ those are affinely aligned already, so a good pre-alignment keeps their Dice ("n
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.ants:
         ants_affine(args.work)
+    @functools.cache  # a subject is in several pairs: read it once
     def read(image, labels):
         return io.read_image(image), sitk.ReadImage(str(labels))
 

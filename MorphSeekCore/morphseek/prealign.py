@@ -86,9 +86,8 @@ def affine_prealign(fixed: sitk.Image, moving: sitk.Image, iterations: int = 100
     (default: as the rigid one); every voxel there aligns better after the pre-alignment alone but
     not after the network, for up to twice the time (docs/BENCHMARKS.md), so it is not the default.
     ``cancel()`` is polled at every iteration (Cancelled is raised when it returns True; Ctrl-C stops
-    it too). Returns a transform that maps
-    FIXED physical points to MOVING physical points (SimpleITK's convention):
-    ``resample_to(moving, fixed, T)`` aligns them."""
+    it too). Returns a transform that maps FIXED physical points to MOVING physical points
+    (SimpleITK's convention): ``resample_to(moving, fixed, T)`` aligns them."""
     mode = {"moments": sitk.CenteredTransformInitializerFilter.MOMENTS,
             "geometry": sitk.CenteredTransformInitializerFilter.GEOMETRY}.get(init)
     if mode is None:

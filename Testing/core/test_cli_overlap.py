@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -66,10 +67,10 @@ def test_the_command_pre_aligns_in_a_child_process_and_gets_its_transform(tmp_pa
     moving = sitk.GaussianSource(sitk.sitkFloat32, [40, 40, 40], sigma=[9, 8, 7], mean=[21, 19, 20])
     sitk.WriteImage(fixed, str(tmp_path / "fixed.nii.gz"))
     sitk.WriteImage(moving, str(tmp_path / "moving.nii.gz"))
-    code = ("import sys; from morphseek import cli, prealign\n"
+    code = ("import json, sys; from morphseek import cli, prealign\n"
             "result = prealign.PrealignInChild.result\n"
             "def traced(self, *a, **k):\n"
-            "    found = result(self, *a, **k); print('CHILD', list(found.GetParameters()), flush=True); return found\n"
+            "    found = result(self, *a, **k); print('CHILD', json.dumps(found.GetParameters()), flush=True); return found\n"
             "prealign.PrealignInChild.result = traced\n"
             "sys.exit(cli.main(sys.argv[1:]))")
     model = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "morphseek-default"
@@ -80,4 +81,4 @@ def test_the_command_pre_aligns_in_a_child_process_and_gets_its_transform(tmp_pa
     line = [l for l in done.stdout.splitlines() if l.startswith("CHILD")]
     assert len(line) == 1, done.stdout
     expected = prealign.affine_prealign(fixed, moving)
-    assert eval(line[0][len("CHILD"):]) == list(expected.GetParameters())
+    assert json.loads(line[0][len("CHILD"):]) == list(expected.GetParameters())
