@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [(2, 1), (4, 3), (1, 2), (3, 4), (3, 1), (2, 4)]  # (moving, fixed) subjects
 SETTINGS = {"default": {}, "min_step 1e-3": {"min_step": 1e-3}, "min_step 1e-2": {"min_step": 1e-2},
             "10 % samples": {"sampling": 0.1}, "50 iterations": {"iterations": 50},
-            "affine: every voxel": {"affine_sampling": 1.0, "affine_min_step": 1e-3}}
+            "affine: every voxel": {"sampling": 1.0, "affine_min_step": 1e-3}}
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

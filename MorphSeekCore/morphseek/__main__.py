@@ -1,7 +1,5 @@
 """``python -m morphseek``: the ``morphseek`` command."""
 
-import sys
+from .cli import run
 
-from .cli import main
-
-sys.exit(main())
+run()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -82,3 +83,29 @@ def test_the_command_pre_aligns_in_a_child_process_and_gets_its_transform(tmp_pa
     assert len(line) == 1, done.stdout
     expected = prealign.affine_prealign(fixed, moving)
     assert json.loads(line[0][len("CHILD"):]) == list(expected.GetParameters())
+
+
+def test_the_command_leaves_quickly_with_its_output_and_exit_status_whole(tmp_path):
+    """`python -m morphseek` skips the interpreter's teardown once a command is through (cli.run):
+    what it printed still arrives whole through a pipe (fully buffered there), the outputs are
+    complete, and the exit status is the command's, on success and on a bad input."""
+    fixed = sitk.GaussianSource(sitk.sitkFloat32, [40, 40, 40], sigma=[9, 8, 7], mean=[19, 20, 21])
+    moving = sitk.GaussianSource(sitk.sitkFloat32, [40, 40, 40], sigma=[9, 8, 7], mean=[21, 19, 20])
+    sitk.WriteImage(fixed, str(tmp_path / "fixed.nii.gz"))
+    sitk.WriteImage(moving, str(tmp_path / "moving.nii.gz"))
+    model = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "morphseek-default"
+    argv = [sys.executable, "-m", "morphseek", "register", "--fixed", str(tmp_path / "fixed.nii.gz"),
+            "--moving", str(tmp_path / "moving.nii.gz"), "--model", str(model), "--steps", "2",
+            "--prealign", "none", "--device", "cpu"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as for most users
+    done = subprocess.run(argv + ["--out", str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.rstrip().endswith(f"wrote {tmp_path / 'out'}"), done.stdout
+    assert [l.split()[0] for l in done.stdout.splitlines() if l.split()[:1] in (["1"], ["2"])] == ["1", "2"], done.stdout
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert len(report["steps"]) == 2
+    assert sitk.ReadImage(str(tmp_path / "out" / "warped.nii.gz")).GetSize() == (40, 40, 40)
+
+    bad = subprocess.run(argv[:5] + [str(tmp_path / "missing.nii.gz")] + argv[6:] + ["--out", str(tmp_path / "o2")],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "missing.nii.gz" in bad.stderr, bad.stderr

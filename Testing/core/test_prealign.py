@@ -57,7 +57,7 @@ def _errors(transform):
 
 @pytest.mark.parametrize("size, spacing", [((36, 36, 36), (2.0, 2.0, 2.0)),  # small: not shrunk
                                            ((100, 90, 80), (0.8, 0.8, 1.0))])  # shrunk 4x per axis
-@pytest.mark.parametrize("setting", [{}, {"affine_sampling": 1.0, "affine_min_step": 1e-3}],
+@pytest.mark.parametrize("setting", [{}, {"sampling": 1.0, "affine_min_step": 1e-3}],
                          ids=["default", "affine stage on every voxel"])
 def test_affine_prealign_recovers_known_affine_and_repeats(size, spacing, setting):
     fixed, moving = _pair(size, spacing)
