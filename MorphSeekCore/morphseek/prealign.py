@@ -100,8 +100,8 @@ def affine_prealign(fixed: sitk.Image, moving: sitk.Image, iterations: int = 100
     rigid = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(), mode)
     # The rigid stage only starts the affine one, which refines it on every level: it runs on the
     # coarse levels alone, on every voxel there (no sampling noise) and with twice the iterations,
-    # which together cost less than one fine level. A third less time for the same alignment
-    # (docs/BENCHMARKS.md).
+    # which together cost less than one fine level. A fifth to a third less time for the same
+    # alignment (docs/BENCHMARKS.md, run 7).
     rigid = _unwrap(_register(fixed, moving, rigid, 2 * iterations, seed, cancel, 1.0, min_step,
                               coarse_only=True))
     affine = sitk.AffineTransform(3)
