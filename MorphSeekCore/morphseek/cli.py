@@ -463,7 +463,7 @@ class _Background:
 
 def _load_engine(model):
     """Import the engine (torch) and check the model's checkpoint -> ``register_images``."""
-    with _quiet_collector():
+    with _quiet_collector() if "morphseek.register" not in sys.modules else contextlib.nullcontext():
         from .register import register_images
     from .checkpoint import load_checkpoint
 
@@ -476,7 +476,8 @@ def _quiet_collector():
     """Python's cyclic garbage collector off while torch is imported, then every object the import
     made moved out of its reach (``gc.freeze``): torch's import creates hundreds of thousands of
     long-lived objects, which the collector would otherwise walk again and again, during the import
-    (about 0.3 s on two cores) and in every later full collection."""
+    (about 0.3 s on two cores) and in every later full collection. Only for the first import: a
+    later freeze would also keep whatever garbage is waiting (a script registering many pairs)."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -556,6 +557,10 @@ def run() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can be said
             stream.flush()
+    with contextlib.suppress(Exception):  # native libraries' buffered output (C stdio), where there is one
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
     os._exit(code)
 
 

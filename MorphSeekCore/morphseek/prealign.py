@@ -80,10 +80,11 @@ def affine_prealign(fixed: sitk.Image, moving: sitk.Image, iterations: int = 100
     started from it (a 12-parameter affine alone stalls in poor local optima) each minimise Mattes
     mutual information (32 bins; one thread, so runs repeat to 1e-12) by regular-step gradient
     descent over a 4-2-1 pyramid (coarse levels dropped for small images), down to ``min_step``
-    (``affine_min_step`` for the affine stage; default the same). The rigid stage runs on the coarse
-    levels only, on every voxel, at most 2 x ``iterations`` steps per level; the affine stage on every
+    (``affine_min_step`` for the affine stage; default the same). The affine stage runs on every
     level, on ``sampling`` of the voxels drawn at random with a fixed ``seed`` (1 = every voxel), at
-    most ``iterations`` steps per level. Every voxel in the affine stage aligns better after the
+    most ``iterations`` steps per level; the rigid stage on the coarse levels only, on every voxel,
+    at most 2 x ``iterations`` steps per level (an image too thin for a coarse level: as the affine
+    stage). Every voxel in the affine stage aligns better after the
     pre-alignment alone but not after the network, for up to twice the time (docs/BENCHMARKS.md),
     so it is not the default.
     ``cancel()`` is polled at every iteration (Cancelled is raised when it returns True; Ctrl-C stops
@@ -98,19 +99,23 @@ def affine_prealign(fixed: sitk.Image, moving: sitk.Image, iterations: int = 100
     moving = downsample(check_volume(moving, "moving", "image"), spacing, max_size)
     _poll(cancel)
     rigid = sitk.CenteredTransformInitializer(fixed, moving, sitk.Euler3DTransform(), mode)
-    # The rigid stage only starts the affine one, which refines it on every level: it runs on the
-    # coarse levels alone, on every voxel there (no sampling noise) and with twice the iterations,
-    # which together cost less than one fine level. A fifth to a third less time for the same
-    # alignment (docs/BENCHMARKS.md, run 7).
-    rigid = _unwrap(_register(fixed, moving, rigid, 2 * iterations, seed, cancel, 1.0, min_step,
-                              coarse_only=True))
+    levels = pyramid(fixed)
+    if len(levels) > 1:
+        # The rigid stage only starts the affine one, which refines it on every level: it runs on
+        # the coarse levels alone, on every voxel there (no sampling noise) and with twice the
+        # iterations, which together cost less than one fine level. A fifth to a third less time
+        # for the same alignment (docs/BENCHMARKS.md, run 7).
+        rigid = _register(fixed, moving, rigid, levels[:-1], 2 * iterations, seed, cancel, 1.0, min_step)
+    else:  # too thin for a coarse level (e.g. fewer than 32 slices): every voxel would cost 4x here
+        rigid = _register(fixed, moving, rigid, levels, iterations, seed, cancel, sampling, min_step)
+    rigid = _unwrap(rigid)
     affine = sitk.AffineTransform(3)
     affine.SetCenter(rigid.GetCenter())
     affine.SetMatrix(rigid.GetMatrix())
     affine.SetTranslation(rigid.GetTranslation())
     rigid_as_affine = sitk.AffineTransform(affine)
     affine = sitk.AffineTransform(_unwrap(_register(
-        fixed, moving, affine, iterations, seed, cancel, sampling,
+        fixed, moving, affine, levels, iterations, seed, cancel, sampling,
         min_step if affine_min_step is None else affine_min_step)))
     # On small or nearly symmetric fields of view the 12-parameter stage can drift into a reflection
     # or an implausible scaling; then the rigid result is the safer pre-alignment.
@@ -149,13 +154,16 @@ def _poll(cancel: Callable[[], bool] | None) -> None:
         raise Cancelled("affine pre-alignment cancelled by the user")
 
 
-def _register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, iterations: int,
-              seed: int, cancel: Callable[[], bool] | None = None, sampling: float = 0.25,
-              min_step: float = 1e-4, coarse_only: bool = False) -> sitk.Transform:
-    smallest = min(fixed.GetSize())
-    shrink = [f for f in (4, 2) if smallest / f >= 16] + [1]
-    if coarse_only and len(shrink) > 1:
-        shrink = shrink[:-1]  # an image too small for a coarse level keeps its own
+def pyramid(image: sitk.Image) -> list[int]:
+    """Shrink factors of the registration's levels, coarse to fine: 4 and 2 where the smallest side
+    keeps at least 16 voxels there, then 1."""
+    smallest = min(image.GetSize())
+    return [f for f in (4, 2) if smallest / f >= 16] + [1]
+
+
+def _register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, shrink: list[int],
+              iterations: int, seed: int, cancel: Callable[[], bool] | None = None, sampling: float = 0.25,
+              min_step: float = 1e-4) -> sitk.Transform:
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     if sampling >= 1.0:

@@ -216,3 +216,29 @@ def test_no_child_is_forked_beside_other_threads_or_when_children_are_reaped_uns
         assert prealign.PrealignInChild.start(fixed, moving) is None
     finally:
         signal.signal(signal.SIGCHLD, previous)
+
+
+@pytest.mark.parametrize("size, spacing, rigid, affine", [
+    ((100, 90, 80), (0.8, 0.8, 1.0), ([2], 200, 1.0), ([2, 1], 100, 0.25)),  # shrunk to 33x45x40
+    ((256, 256, 24), (0.9, 0.9, 5.0), ([1], 100, 0.25), ([1], 100, 0.25)),  # 64x64x24: too thin
+])
+def test_the_rigid_stage_runs_on_the_coarse_levels_unless_the_image_is_too_thin(monkeypatch, size, spacing,
+                                                                                rigid, affine):
+    """The rigid stage only starts the affine one: on every voxel of the coarse levels, with twice the
+    iterations; an image without a coarse level (a thin stack of slices) keeps the affine stage's
+    settings there, since every voxel of its full level would cost four times as much."""
+    calls = []
+    register = prealign._register
+
+    def recording(fixed, moving, initial, shrink, iterations, seed, cancel, sampling, min_step):
+        calls.append((list(shrink), iterations, sampling))
+        return register(fixed, moving, initial, shrink, iterations, seed, cancel, sampling, min_step)
+
+    monkeypatch.setattr(prealign, "_register", recording)
+    sigma = [n * s / 5 for n, s in zip(size, spacing)]
+    fixed = sitk.GaussianSource(sitk.sitkFloat32, list(size), sigma=sigma, mean=[n / 2 for n in size])
+    moving = sitk.GaussianSource(sitk.sitkFloat32, list(size), sigma=sigma, mean=[n / 2 + 1 for n in size])
+    for image in (fixed, moving):
+        image.SetSpacing(spacing)
+    prealign.affine_prealign(fixed, moving, iterations=100)
+    assert calls == [rigid, affine]
