@@ -391,7 +391,7 @@ def register_images(
     trajectories: int = defaults.SEARCH_TRAJECTORIES,
     tau: float = defaults.TAU,
     prealign: str = defaults.PREALIGN,
-    prealigned: sitk.Transform | None = None,
+    prealigned: sitk.Transform | Callable[[CancelCallback | None], sitk.Transform] | None = None,
     device: str = "auto",
     seed: int = 0,
     grid: tuple[int, int, int] | None = None,
@@ -416,7 +416,8 @@ def register_images(
     optimisation of the total map on this pair (``morphseek.adapt``; ``adapt_settings`` for the rest).
     ``prealigned``: the affine pre-alignment of this pair already computed
     (:func:`morphseek.prealign.affine_prealign`, e.g. while torch was being imported), used instead
-    of running it again; only with ``prealign="affine"``."""
+    of running it again, or a function of ``cancel`` that waits for it at that stage
+    (``PrealignInChild.result``); only with ``prealign="affine"``."""
     names = {"fixed": "fixed image", "moving": "moving image", "fixed_seg": "fixed segmentation",
              "moving_seg": "moving segmentation", **(names or {})}
     if prealign not in ("affine", "none"):
@@ -466,7 +467,10 @@ def register_images(
     transform = sitk.Transform(3, sitk.sitkIdentity)
     if prealign == "affine":
         report("prepare", 0, 0.05, "affine pre-alignment")
-        transform = prealigned if prealigned is not None else prealign_module.affine_prealign(fixed, moving, cancel=cancel)
+        if prealigned is None:
+            transform = prealign_module.affine_prealign(fixed, moving, cancel=cancel)
+        else:
+            transform = prealigned(cancel) if callable(prealigned) else prealigned
     _check_cancel(cancel)
 
     report("prepare", 0, 0.1, f"resampling onto the model grid {grid}")

@@ -170,17 +170,36 @@ def write_step_files(record, folder: Path) -> dict[str, str]:
     return files
 
 
-def run_register(job: dict, protocol: Protocol) -> dict:
+class RegisterInputs:
+    """A registration job's pair, read before torch is imported, and its affine pre-alignment
+    started in a child process (``prealign.PrealignInChild``, where it can fork) so that it runs
+    beside torch's import, as on the command line: a 2 mm brain pair's result is 2-3 s sooner."""
+
+    def __init__(self, job: dict) -> None:
+        from . import io, prealign
+
+        inputs, settings = job["inputs"], job["settings"]
+        self.names = {"fixed": f"fixed image {inputs['fixed']}", "moving": f"moving image {inputs['moving']}",
+                      **(job.get("names") or {})}
+        self.fixed, self.moving, self.fixed_seg, self.moving_seg, _ = io.read_pair(
+            inputs["fixed"], inputs["moving"], inputs.get("fixed_seg"), inputs.get("moving_seg"), what=self.names)
+        self.child = (prealign.PrealignInChild.start(self.fixed, self.moving)
+                      if str(settings.get("prealign", "affine")) == "affine" else None)
+
+    def stop(self) -> None:
+        if self.child is not None:
+            self.child.stop()  # at once, on every way out (a no-op once its result is in)
+
+
+def run_register(job: dict, protocol: Protocol, inputs: RegisterInputs | None = None) -> dict:
     """A registration; each step's files are written to ``output/step_NN/`` and announced as soon
     as the step is done. Returns the final result (the report, the last step's files)."""
-    from . import io
     from .register import register_images
 
-    inputs, settings, out = job["inputs"], job["settings"], Path(job["output"])
-    names = {"fixed": f"fixed image {inputs['fixed']}", "moving": f"moving image {inputs['moving']}",
-             **(job.get("names") or {})}
-    fixed, moving, fixed_seg, moving_seg, _ = io.read_pair(inputs["fixed"], inputs["moving"], inputs.get("fixed_seg"),
-                                                           inputs.get("moving_seg"), what=names)
+    inputs = inputs or RegisterInputs(job)
+    settings, out = job["settings"], Path(job["output"])
+    names, fixed, moving, fixed_seg, moving_seg = (inputs.names, inputs.fixed, inputs.moving, inputs.fixed_seg,
+                                                   inputs.moving_seg)
     step_files: dict[int, dict[str, str]] = {}
     adapt = int(settings.get("adapt", 0))
 
@@ -214,6 +233,7 @@ def run_register(job: dict, protocol: Protocol) -> dict:
         steps=int(settings.get("steps", 3)), trajectories=int(settings.get("trajectories", 1)),
         tau=float(settings.get("tau", 0.3)), prealign=str(settings.get("prealign", "affine")),
         device=str(settings.get("device", "auto")), seed=int(settings.get("seed", 0)), adapt=adapt,
+        prealigned=inputs.child.result if inputs.child is not None else None,
         keep_step_images=True, progress=progress, names=names)
     report = result.report()
     (out / "report.json").write_text(json.dumps(report, indent=1, default=_plain))
@@ -337,16 +357,23 @@ def is_out_of_memory(error: BaseException) -> bool:
 def run(job_path: str | Path, protocol: Protocol) -> int:
     """Run the job in ``job_path``, reporting on ``protocol``. Returns the exit status (0: done)."""
     kind = "job"
+    early = deferred = None
     try:
         job = read_job(job_path)
         kind = job["kind"]
+        try:
+            early = RegisterInputs(job) if kind == "register" else None  # before torch (see there)
+        except MorphSeekError as error:  # reported after "started", which stays the first line
+            deferred = error
         if kind != "devices":
             import torch
             torch_version = torch.__version__
         else:
             torch_version = None
         protocol.emit("started", kind=kind, pid=os.getpid(), torch=torch_version, protocol=PROTOCOL)
-        result = RUNNERS[kind](job, protocol)
+        if deferred is not None:
+            raise deferred
+        result = run_register(job, protocol, early) if early is not None else RUNNERS[kind](job, protocol)
     except JobError as error:
         protocol.emit("error", error="job", message=str(error), traceback="")
         return 2
@@ -370,6 +397,9 @@ def run(job_path: str | Path, protocol: Protocol) -> int:
             protocol.emit("error", error="internal", message=f"{type(error).__name__}: {error}",
                           traceback=traceback.format_exc())
         return 1
+    finally:
+        if early is not None:
+            early.stop()
     protocol.emit("done", kind=kind, result=result)
     return 0
 

@@ -221,3 +221,48 @@ def test_fine_tuning_a_model_whose_grid_follows_the_voxel_size(tmp_path):
     assert seen and set(seen) == {((64, 64, 48), (4.0, 4.0, 4.0))}, seen
     with pytest.raises(MorphSeekError, match="GRPO only"):
         finetune(BRAIN_SAMPLE, BRAIN_MODEL, tmp_path / "other", warmup_iterations=5, episodes=1, device="cpu")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pre-alignment forks only on Linux")
+def test_registration_job_pre_aligns_in_a_child_started_before_torch(pair, tmp_path):
+    """The worker reads the pair and starts the affine pre-alignment in a child process before it
+    imports torch (``RegisterInputs``), so that the two overlap; the registration then waits for the
+    child's transform at its pre-alignment stage, which is the transform computed in-process."""
+    job = write_job({"kind": "register", "model": str(pair / "tiny.pt"), "output": str(tmp_path / "out"),
+                     "inputs": {k: str(pair / f"{k}.nrrd") for k in ("fixed", "moving")},
+                     "settings": {"steps": 1, "device": "cpu", "prealign": "affine"}}, tmp_path / "job.json")
+    code = ("import json, sys; from morphseek import prealign, worker\n"
+            "start, result = prealign.PrealignInChild.start, prealign.PrealignInChild.result\n"
+            "def traced_start(*a, **k):\n"
+            "    print('CHILD STARTED, torch imported:', 'torch' in sys.modules, file=sys.stderr, flush=True)\n"
+            "    return start(*a, **k)\n"
+            "def traced(self, *a, **k):\n"
+            "    found = result(self, *a, **k)\n"
+            "    print('CHILD', json.dumps(found.GetParameters()), file=sys.stderr, flush=True)\n"
+            "    return found\n"
+            "prealign.PrealignInChild.start, prealign.PrealignInChild.result = traced_start, traced\n"
+            "sys.exit(worker.main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", code, str(job)], cwd=ENGINE, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    events = [json.loads(line) for line in done.stdout.splitlines() if line]
+    assert events[0]["event"] == "started" and events[-1]["event"] == "done"
+    stages = [e["stage"] for e in events if e["event"] == "progress"]
+    assert stages.index("prealign") < stages.index("resampling")
+    assert "CHILD STARTED, torch imported: False" in done.stderr
+    line = [l for l in done.stderr.splitlines() if l.startswith("CHILD [")]
+    assert len(line) == 1, done.stderr[-2000:]
+    from morphseek import io, prealign
+    expected = prealign.affine_prealign(io.read_image(pair / "fixed.nrrd"), io.read_image(pair / "moving.nrrd"))
+    assert json.loads(line[0][len("CHILD"):]) == list(expected.GetParameters())
+
+
+def test_a_bad_input_is_reported_after_the_started_line(pair, tmp_path):
+    """The pair is read before torch's import, but an unreadable input is reported after ``started``,
+    which stays the protocol's first line."""
+    job = write_job({"kind": "register", "model": str(pair / "tiny.pt"), "output": str(tmp_path / "out"),
+                     "inputs": {"fixed": str(pair / "fixed.nrrd"), "moving": str(tmp_path / "missing.nrrd")},
+                     "settings": {"steps": 1, "device": "cpu", "prealign": "affine"}}, tmp_path / "job.json")
+    events, stderr, status = run_worker(job)
+    assert [e["event"] for e in events] == ["started", "error"] and status == 1, stderr
+    assert events[1]["error"] == "input" and "missing.nrrd" in events[1]["message"]

@@ -193,8 +193,16 @@ def test_cancel_at_each_stage_stops_within_a_second_and_leaves_the_scene(pair, s
     assert update.kind == "cancelled" and run.state is RunState.CANCELLED
     worker.process.wait(EXIT_SECONDS)
     assert worker.returncode == -signal.SIGKILL
-    with pytest.raises(ProcessLookupError):
-        os.killpg(worker.process.pid, 0)  # the whole process group is gone
+    # The whole process group is gone: the worker and its pre-alignment child (a child killed with
+    # the group is reaped by init, not by the test: allow the system that moment).
+    deadline = time.monotonic() + EXIT_SECONDS
+    while True:
+        try:
+            os.killpg(worker.process.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "a process of the worker's group outlived the cancel"
+        time.sleep(0.05)
     assert node_ids(scene) == before
     assert not run.folder.exists()
     assert run.poll() == []
