@@ -417,7 +417,8 @@ def register_images(
     ``prealigned``: the affine pre-alignment of this pair already computed
     (:func:`morphseek.prealign.affine_prealign`, e.g. while torch was being imported), used instead
     of running it again, or a function of ``cancel`` that waits for it at that stage
-    (``PrealignInChild.result``); only with ``prealign="affine"``."""
+    (``PrealignInChild.result``: its caller stops the child if this function raises before);
+    only with ``prealign="affine"``."""
     names = {"fixed": "fixed image", "moving": "moving image", "fixed_seg": "fixed segmentation",
              "moving_seg": "moving segmentation", **(names or {})}
     if prealign not in ("affine", "none"):

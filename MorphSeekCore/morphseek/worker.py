@@ -173,7 +173,8 @@ def write_step_files(record, folder: Path) -> dict[str, str]:
 class RegisterInputs:
     """A registration job's pair, read before torch is imported, and its affine pre-alignment
     started in a child process (``prealign.PrealignInChild``, where it can fork) so that it runs
-    beside torch's import, as on the command line: a 2 mm brain pair's result is 2-3 s sooner."""
+    beside torch's import, as on the command line: a 2 mm brain pair's result is 1.5-3 s sooner
+    (docs/BENCHMARKS.md, run 7). Whoever makes one stops it (:meth:`stop`) on every way out."""
 
     def __init__(self, job: dict) -> None:
         from . import io, prealign
@@ -183,8 +184,13 @@ class RegisterInputs:
                       **(job.get("names") or {})}
         self.fixed, self.moving, self.fixed_seg, self.moving_seg, _ = io.read_pair(
             inputs["fixed"], inputs["moving"], inputs.get("fixed_seg"), inputs.get("moving_seg"), what=self.names)
-        self.child = (prealign.PrealignInChild.start(self.fixed, self.moving)
-                      if str(settings.get("prealign", "affine")) == "affine" else None)
+        self.child = None
+        if str(settings.get("prealign", "affine")) == "affine":
+            # What the registration will check first, checked before the child takes its memory.
+            steps = int(settings.get("steps", defaults.STEPS)) + (1 if int(settings.get("adapt", 0)) else 0)
+            io.check_memory(self.fixed, self.moving, self.names["fixed"],
+                            self.fixed_seg is not None and self.moving_seg is not None, steps, True)
+            self.child = prealign.PrealignInChild.start(self.fixed, self.moving)
 
     def stop(self) -> None:
         if self.child is not None:
@@ -194,9 +200,14 @@ class RegisterInputs:
 def run_register(job: dict, protocol: Protocol, inputs: RegisterInputs | None = None) -> dict:
     """A registration; each step's files are written to ``output/step_NN/`` and announced as soon
     as the step is done. Returns the final result (the report, the last step's files)."""
+    if inputs is None:  # called on its own: these inputs are this call's to stop
+        inputs = RegisterInputs(job)
+        try:
+            return run_register(job, protocol, inputs)
+        finally:
+            inputs.stop()
     from .register import register_images
 
-    inputs = inputs or RegisterInputs(job)
     settings, out = job["settings"], Path(job["output"])
     names, fixed, moving, fixed_seg, moving_seg = (inputs.names, inputs.fixed, inputs.moving, inputs.fixed_seg,
                                                    inputs.moving_seg)
@@ -363,7 +374,7 @@ def run(job_path: str | Path, protocol: Protocol) -> int:
         kind = job["kind"]
         try:
             early = RegisterInputs(job) if kind == "register" else None  # before torch (see there)
-        except MorphSeekError as error:  # reported after "started", which stays the first line
+        except Exception as error:  # reported after "started", which stays the first line
             deferred = error
         if kind != "devices":
             import torch
