@@ -185,7 +185,7 @@ class RegisterInputs:
         self.fixed, self.moving, self.fixed_seg, self.moving_seg, _ = io.read_pair(
             inputs["fixed"], inputs["moving"], inputs.get("fixed_seg"), inputs.get("moving_seg"), what=self.names)
         self.child = None
-        if str(settings.get("prealign", "affine")) == "affine":
+        if str(settings.get("prealign", defaults.PREALIGN)) == "affine":
             # What the registration will check first, checked before the child takes its memory.
             steps = int(settings.get("steps", defaults.STEPS)) + (1 if int(settings.get("adapt", 0)) else 0)
             io.check_memory(self.fixed, self.moving, self.names["fixed"],
@@ -241,8 +241,9 @@ def run_register(job: dict, protocol: Protocol, inputs: RegisterInputs | None = 
 
     result = register_images(
         fixed, moving, job["model"], fixed_seg=fixed_seg, moving_seg=moving_seg,
-        steps=int(settings.get("steps", 3)), trajectories=int(settings.get("trajectories", 1)),
-        tau=float(settings.get("tau", 0.3)), prealign=str(settings.get("prealign", "affine")),
+        steps=int(settings.get("steps", defaults.STEPS)),
+        trajectories=int(settings.get("trajectories", defaults.SEARCH_TRAJECTORIES)),
+        tau=float(settings.get("tau", defaults.TAU)), prealign=str(settings.get("prealign", defaults.PREALIGN)),
         device=str(settings.get("device", "auto")), seed=int(settings.get("seed", 0)), adapt=adapt,
         prealigned=inputs.child.result if inputs.child is not None else None,
         keep_step_images=True, progress=progress, names=names)
