@@ -84,9 +84,8 @@ def affine_prealign(fixed: sitk.Image, moving: sitk.Image, iterations: int = 100
     level, on ``sampling`` of the voxels drawn at random with a fixed ``seed`` (1 = every voxel), at
     most ``iterations`` steps per level; the rigid stage on the coarse levels only, on every voxel,
     at most 2 x ``iterations`` steps per level (an image too thin for a coarse level: as the affine
-    stage). Every voxel in the affine stage aligns better after the
-    pre-alignment alone but not after the network, for up to twice the time (docs/BENCHMARKS.md),
-    so it is not the default.
+    stage). Every voxel in the affine stage aligns better after the pre-alignment alone but not after
+    the network, for up to twice the time (docs/BENCHMARKS.md), so it is not the default.
     ``cancel()`` is polled at every iteration (Cancelled is raised when it returns True; Ctrl-C stops
     it too). Returns a transform that maps FIXED physical points to MOVING physical points
     (SimpleITK's convention): ``resample_to(moving, fixed, T)`` aligns them."""
