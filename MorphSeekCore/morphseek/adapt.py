@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from . import geometry
 from .errors import Cancelled, MorphSeekError
-from .losses import diffusion_regulariser, similarity_loss
+from .losses import box_mean, diffusion_regulariser, similarity_loss
 
 
 @dataclass
@@ -71,7 +70,7 @@ def adapt(total: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, settin
     def smoothed() -> torch.Tensor:
         field = variable
         for _ in range(settings.smooth):
-            field = F.avg_pool3d(field, 3, stride=1, padding=1, count_include_pad=False)
+            field = box_mean(field, 3)
         return field
 
     def objective() -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,6 +60,14 @@ def _box_sum(x: Tensor, window: int) -> Tensor:
     return _valid_box_sum(F.pad(x, (window // 2,) * 6), window)
 
 
+def box_mean(x: Tensor, window: int) -> Tensor:
+    """Mean over the in-grid voxels of a window^3 box around each voxel of ``x`` (B, C, D, H, W):
+    ``avg_pool3d(x, window, 1, window // 2, count_include_pad=False)``, two to three times faster
+    on CPUs with its gradient."""
+    count = _box_sum(torch.ones((1, 1) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device), window)
+    return _box_sum(x, window) / count
+
+
 def local_ncc_loss(a: Tensor, b: Tensor, window: int = 9, eps: float = 1e-5) -> Tensor:
     """1 - mean over voxels of the squared local normalised cross-correlation of ``a`` and ``b``.
 

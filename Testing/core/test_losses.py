@@ -25,6 +25,23 @@ def _label_map(shape=(20, 22, 24), seed=1):
 
 
 # ------------------------------------------------------------------------------------------- MSE
+@pytest.mark.parametrize("window", [3, 5])
+def test_box_mean_equals_avg_pool_with_its_gradient(window):
+    # adapt's filter of its variable: the in-grid mean of each box, border boxes included
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 3, 7, 9, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(1, 3, 7, 9, 6, generator=generator, dtype=torch.float64)
+    ours = losses.box_mean(x, window)
+    (grad_ours,) = torch.autograd.grad((ours * weights).sum(), x)
+    reference = F.avg_pool3d(x, window, stride=1, padding=window // 2, count_include_pad=False)
+    (grad_reference,) = torch.autograd.grad((reference * weights).sum(), x)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad_ours, grad_reference, rtol=0, atol=1e-12)
+    # a corner voxel's box holds (window // 2 + 1)^3 in-grid voxels: its mean by hand
+    r = window // 2
+    assert float(ours[0, 1, 0, 0, 0]) == pytest.approx(float(x[0, 1, : r + 1, : r + 1, : r + 1].mean()), abs=1e-12)
+
+
 def test_mse_hand_value():
     a = torch.zeros(2, 1, 4, 4, 4)
     assert losses.mse(a, a + 0.5).item() == pytest.approx(0.25)

