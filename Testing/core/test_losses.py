@@ -42,6 +42,12 @@ def test_box_mean_equals_avg_pool_with_its_gradient(window):
     assert float(ours[0, 1, 0, 0, 0]) == pytest.approx(float(x[0, 1, : r + 1, : r + 1, : r + 1].mean()), abs=1e-12)
 
 
+@pytest.mark.parametrize("window", [0, 2, -3])
+def test_box_mean_rejects_a_window_that_has_no_centre(window):
+    with pytest.raises(MorphSeekError, match="odd"):
+        losses.box_mean(torch.zeros(1, 1, 4, 4, 4), window)
+
+
 def test_mse_hand_value():
     a = torch.zeros(2, 1, 4, 4, 4)
     assert losses.mse(a, a + 0.5).item() == pytest.approx(0.25)

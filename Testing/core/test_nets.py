@@ -141,6 +141,8 @@ def test_voxelmorph_inference_path_equals_the_training_path():
     # registration (CPU, no gradients) runs the full-resolution convolutions channels-last;
     # training keeps the default layout: the two must give the same displacement
     model = build_model(SMALL["tiny"]).eval()
+    with torch.no_grad():  # an untrained flow layer outputs ~1e-5 voxels: make the comparison count
+        torch.nn.init.normal_(model.backbone.flow.weight, std=1e-2, generator=torch.Generator().manual_seed(0))
     moving, fixed = pair((16, 16, 32))
     layouts = []
     model.backbone.full_res_convs[0].register_forward_pre_hook(
@@ -151,6 +153,7 @@ def test_voxelmorph_inference_path_equals_the_training_path():
         inferred = model.decode(enc.skips, enc.mu)
     assert layouts == [False, True]
     assert inferred.is_contiguous() and inferred.shape == trained.shape
+    assert float(trained.abs().max()) > 1e-3  # displacements worth comparing
     torch.testing.assert_close(inferred, trained.detach(), rtol=1e-4, atol=1e-6)
 
 

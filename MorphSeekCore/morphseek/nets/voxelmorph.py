@@ -100,10 +100,13 @@ class VoxelMorph(Backbone):
         for conv, skip in zip(self.up_convs, reversed(skips)):
             x = F.interpolate(conv(x), size=skip.shape[2:], mode="nearest")
             x = torch.cat([x, skip], dim=1)
-        if x.device.type == "cpu" and not torch.is_grad_enabled():
-            # oneDNN's channels-last kernels run the full-resolution convolutions (most of the
-            # network's time) 15-30 % faster on CPU; the values agree to float rounding
+        # Inference on CPU: oneDNN's channels-last kernels run the full-resolution convolutions (most
+        # of the network's time) 15-30 % faster; the values agree to float rounding. Training paths
+        # keep whatever layout their inputs have.
+        channels_last = x.device.type == "cpu" and not torch.is_grad_enabled()
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         for conv in self.full_res_convs:
             x = conv(x)
-        return self.flow(x).contiguous()
+        flow = self.flow(x)
+        return flow.contiguous() if channels_last else flow
