@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""The held-back subjects of a prepared brain folder in another contrast, for a generalisation check.
+
+    python benchmarks/contrast_heldback.py --contrast t2 --out runs/brains-t2
+    python benchmarks/brain_vs_ants.py --model Resources/Models/morphseek-brain --prealign none \
+        --data runs/brains-t2 --out benchmarks/results/brain_vs_ants_t2.json
+
+``scripts/prepare_brains.py`` writes T1-like held-back images (``brains.t1_image``); the shipped model
+was trained on random contrasts, and a user's scans may be anything. This writes a new folder with
+the same label maps, split and evaluation labels, and held-back images (still named ``*_t1.nii.gz``,
+which ``BrainSet.heldback_files`` reads) synthesised in another contrast with the same noise, blur
+and bias settings:
+
+- ``t2``: T2-like, skull-stripped (CSF bright, white matter dark, grey matter between);
+- ``whole-head``: T1-like with the extra-cerebral tissue kept (no skull stripping).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from morphseek import brains, io, synth
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def t2_means(max_label: int) -> np.ndarray:
+    """A T2-like mean intensity per label id: CSF bright, grey matter mid, white matter dark."""
+    t1 = brains.t1_means(max_label)
+    means = np.full_like(t1, 0.5)  # cortex and the rest
+    means[t1 == 0.9] = 0.25  # white matter
+    means[t1 == 0.15] = 0.95  # CSF
+    means[t1 == 0.68] = 0.4  # deep grey
+    means[0] = 0.0
+    return means
+
+
+def image(labels: np.ndarray, contrast: str, rng: np.random.Generator) -> np.ndarray:
+    if contrast == "whole-head":
+        return brains.t1_image(labels, rng, skull_strip=False)
+    stripped = np.where(labels >= 500, 0, labels)
+    return synth.synthesise_image(stripped, seed=rng, label_means=t2_means(int(stripped.max())),
+                                  blur_sigma=(0.3, 0.8), bias_strength=0.2, noise_std=0.02)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=REPO / "runs" / "brains", help="prepared brain folder")
+    p.add_argument("--contrast", choices=["t2", "whole-head"], required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    split = json.loads((args.data / "split.json").read_text())
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    shutil.copytree(args.data / "labels", args.out / "labels")
+    (args.out / "heldback").mkdir(parents=True)
+    for n, i in enumerate(split["heldback"]):
+        labels = io.read_labels(args.data / "labels" / f"{i}.nii.gz")
+        array = sitk.GetArrayFromImage(labels).astype(np.int64)
+        io.write_image(io.from_array(image(array, args.contrast, np.random.default_rng(args.seed + 7000 + n)), labels),
+                       args.out / "heldback" / f"{i}_t1.nii.gz")
+        shutil.copy(args.data / "heldback" / f"{i}_seg.nii.gz", args.out / "heldback" / f"{i}_seg.nii.gz")
+    split["contrast"] = args.contrast
+    (args.out / "split.json").write_text(json.dumps(split, indent=1) + "\n")
+    print(f"wrote {args.out}: held back {split['heldback']} in contrast {args.contrast}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
