@@ -48,13 +48,14 @@ VARIANTS = {  # name -> AdaptSettings fields (iterations, learning_rate, lambda_
     "100 it, lr 0.25": dict(iterations=100, learning_rate=0.25),
     "50 it, lambda 0.7": dict(iterations=50, lambda_reg=0.7),
     "50 it, smooth 2, lambda 0.5": dict(iterations=50, smooth=2, lambda_reg=0.5),
+    "50 it, update everywhere": dict(iterations=50, foreground=0.0),
 }
 
 
-def pair_images(data: BrainSet, subject: str, seed: int) -> tuple[sitk.Image, sitk.Image]:
+def pair_images(data: BrainSet, subject: str, seed: int, skull_strip: bool = True) -> tuple[sitk.Image, sitk.Image]:
     labels = io.read_labels(data.folder / "labels" / f"{subject}.nii.gz")
     array = sitk.GetArrayFromImage(labels).astype(np.int64)
-    image = io.from_array(t1_image(array, np.random.default_rng(seed)), labels)
+    image = io.from_array(t1_image(array, np.random.default_rng(seed), skull_strip=skull_strip), labels)
     seg = io.from_array(np.where(np.isin(array, EVAL_LABELS), array, 0).astype(np.uint16), labels)
     return image, seg
 
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=REPO / "runs" / "brains")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="run only these variants")
+    p.add_argument("--whole-head", action="store_true", help="T1-like images with the extra-cerebral tissue kept")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "tune_adapt.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -78,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     base_cost = base.iterations * base.scale**3
     rows: dict[str, list[tuple[float, float]]] = {}
     for n, (moving_id, fixed_id) in enumerate(PAIRS):
-        (fixed, fixed_seg), (moving, moving_seg) = pair_images(data, fixed_id, 2000 + n), pair_images(data, moving_id, 3000 + n)
+        strip = not args.whole_head
+        (fixed, fixed_seg), (moving, moving_seg) = (pair_images(data, fixed_id, 2000 + n, strip),
+                                                    pair_images(data, moving_id, 3000 + n, strip))
         network = register_images(fixed, moving, args.model, steps=3, prealign="none", device="cpu")
         rows.setdefault("network 3 steps", []).append(score(fixed_seg, moving_seg, network.steps[-1].field))
         for name, fields in VARIANTS.items():

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from morphseek import geometry, io, metrics, synth
+from morphseek import geometry, io, losses, metrics, synth
 from morphseek.adapt import AdaptSettings, adapt, fine_grid_shape
 from morphseek.checkpoint import load_model
 from morphseek.data import Dataset, SubjectEntry
@@ -124,6 +124,29 @@ def test_adapt_on_a_finer_grid_and_self_registration_stays_put():
     fine = torch.nn.functional.interpolate(fixed, size=(33, 33, 33), mode="trilinear", align_corners=True)
     total, _ = adapt(coarse, fine, fine, AdaptSettings(iterations=30))
     assert float(total.norm(dim=1).mean()) < 0.2  # an image registered to itself stays put (issue 7: < 0.2 voxel)
+
+
+@pytest.mark.parametrize("scale", [1, 2])
+def test_adapt_leaves_the_map_alone_where_neither_image_has_content(scale):
+    # a textured pair in the first half of the grid, empty (noise-free zero) background in the rest
+    moving, fixed, _ = _smooth_pair(shape=(32, 32, 32))
+    empty = (slice(None), slice(None), slice(20, None))
+    moving, fixed = moving.clone(), fixed.clone()
+    moving[empty] = 0.0
+    fixed[empty] = 0.0
+    if scale == 2:  # the images on a twice finer grid with the same corners, the map on the coarse one
+        shape = fine_grid_shape((32, 32, 32), 2)
+        moving, fixed = (torch.nn.functional.interpolate(v, size=shape, mode="trilinear", align_corners=True)
+                         for v in (moving, fixed))
+    start = 0.3 * torch.randn(1, 3, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+    moved = {}
+    for foreground in (0.1, 0.0):
+        total, _ = adapt(start, moving, fixed, AdaptSettings(iterations=10, scale=scale, foreground=foreground))
+        change = (total - losses.box_mean(start, 3)).abs().amax(dim=1)[0]  # against the filtered start
+        moved[foreground] = (float(change[:18].max()), float(change[24:].max()))
+    assert moved[0.1][0] > 0.1  # the textured half is registered
+    assert moved[0.1][1] == 0.0  # the empty half (beyond the mask's one-voxel margin and the filter) is not
+    assert moved[0.0][1] > 0.1  # without the mask Adam moves the empty background too
 
 
 def test_the_shipped_brain_model_registers_an_image_to_itself_without_moving_it():
