@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from morphseek import brains, io, synth
+from morphseek import brains, io
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,9 +45,7 @@ def t2_means(max_label: int) -> np.ndarray:
 def image(labels: np.ndarray, contrast: str, rng: np.random.Generator) -> np.ndarray:
     if contrast == "whole-head":
         return brains.t1_image(labels, rng, skull_strip=False)
-    stripped = np.where(labels >= 500, 0, labels)
-    return synth.synthesise_image(stripped, seed=rng, label_means=t2_means(int(stripped.max())),
-                                  blur_sigma=(0.3, 0.8), bias_strength=0.2, noise_std=0.02)
+    return brains.scan_image(labels, rng, t2_means)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -51,11 +51,18 @@ def t1_means(max_label: int) -> np.ndarray:
     return means
 
 
+def scan_image(labels: np.ndarray, rng: np.random.Generator, means: Callable[[int], np.ndarray] = t1_means,
+               skull_strip: bool = True) -> np.ndarray:
+    """An image (float32 [0, 1]) of a label map in the contrast ``means(max_label)`` (one mean per
+    label id, T1-like by default), with the held-back scans' own noise, blur and bias."""
+    labels = np.where(labels >= 500, 0, labels) if skull_strip else labels
+    return synth.synthesise_image(labels, seed=rng, label_means=means(int(labels.max())),
+                                  blur_sigma=(0.3, 0.8), bias_strength=0.2, noise_std=0.02)
+
+
 def t1_image(labels: np.ndarray, rng: np.random.Generator, skull_strip: bool = True) -> np.ndarray:
     """A T1-like image (float32 [0, 1]) from a label map, with its own noise, blur and bias."""
-    labels = np.where(labels >= 500, 0, labels) if skull_strip else labels
-    return synth.synthesise_image(labels, seed=rng, label_means=t1_means(int(labels.max())),
-                                  blur_sigma=(0.3, 0.8), bias_strength=0.2, noise_std=0.02)
+    return scan_image(labels, rng, t1_means, skull_strip)
 
 
 def random_contrast(max_label: int, rng: np.random.Generator) -> np.ndarray:
