@@ -55,9 +55,26 @@ def _valid_box_sum(x: Tensor, window: int) -> Tensor:
     return x
 
 
+class _BoxSum(torch.autograd.Function):
+    """Sum over a window^3 box around each voxel, outside the grid counted as zero (same grid size).
+
+    The map is symmetric (voxel i sums voxel j exactly when j sums i), so its gradient is the same
+    box sum of the incoming gradient: one pass, where autograd through the shifted slices would
+    allocate and fill a zero volume per slice (most of adapt's time on a fine grid)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, window: int) -> Tensor:
+        ctx.window = window
+        return _valid_box_sum(F.pad(x, (window // 2,) * 6), window)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return _BoxSum.apply(grad, ctx.window), None
+
+
 def _box_sum(x: Tensor, window: int) -> Tensor:
     """Sum over a window^3 box around each voxel, outside the grid counted as zero (same grid size)."""
-    return _valid_box_sum(F.pad(x, (window // 2,) * 6), window)
+    return _BoxSum.apply(x, window)
 
 
 def box_mean(x: Tensor, window: int) -> Tensor:
@@ -91,6 +108,34 @@ def local_ncc_loss(a: Tensor, b: Tensor, window: int = 9, eps: float = 1e-5) -> 
     if window < 1 or window % 2 == 0:
         raise MorphSeekError(f"local_ncc_loss: window must be a positive odd integer, got {window}")
     return 1.0 - torch.mean(_local_ncc_map(a, b, window, eps))
+
+
+def local_ncc_to(fixed: Tensor, window: int = 9, eps: float = 1e-5, voxels: int | None = None) -> Callable[[Tensor], Tensor]:
+    """``lambda a: local_ncc_loss(a, fixed, window, eps)`` with the fixed image's window sums
+    computed once: three box-filtered statistics per call instead of five (test-time optimisation
+    compares many warped images with one fixed image). ``voxels``: ``fixed`` is a box of a grid with
+    this many voxels, the rest of which does not change; the loss is then that grid's up to a
+    constant (the box's sum of 1 - cc divided by ``voxels``), with the same gradient."""
+    if fixed.dim() != 5:
+        raise MorphSeekError(f"local_ncc_to: fixed must have shape (B, C, D, H, W), got {tuple(fixed.shape)}")
+    if window < 1 or window % 2 == 0:
+        raise MorphSeekError(f"local_ncc_to: window must be a positive odd integer, got {window}")
+    with torch.no_grad():
+        b = fixed - fixed.mean(dim=(2, 3, 4), keepdim=True)
+        count = _box_sum(torch.ones_like(b[:1, :1]), window)
+        s_b, s_bb = torch.chunk(_box_sum(torch.cat([b, b * b], dim=1), window), 2, dim=1)
+        var_b = (s_bb - s_b * s_b / count).clamp(min=0.0)
+
+    def loss(a: Tensor) -> Tensor:
+        _check_pair(a, fixed, "local_ncc_to")
+        a = a - a.detach().mean(dim=(2, 3, 4), keepdim=True)
+        s_a, s_aa, s_ab = torch.chunk(_box_sum(torch.cat([a, a * a, a * b], dim=1), window), 3, dim=1)
+        cross = s_ab - s_a * s_b / count
+        var_a = (s_aa - s_a * s_a / count).clamp(min=0.0)
+        cc = (cross * cross + eps) / (var_a * var_b + eps)
+        return 1.0 - torch.mean(cc) if voxels is None else (cc.numel() - torch.sum(cc)) / voxels
+
+    return loss
 
 
 def _local_ncc_map(a: Tensor, b: Tensor, window: int, eps: float) -> Tensor:
@@ -177,21 +222,51 @@ def mind_loss(a: Tensor, b: Tensor, radius: int = 2, dilation: int = 2) -> Tenso
     return torch.mean((mind_ssc(a, radius, dilation) - mind_ssc(b, radius, dilation)) ** 2)
 
 
-def diffusion_regulariser(disp: Tensor) -> Tensor:
+def diffusion_regulariser(disp: Tensor, grid: tuple[int, int, int] | None = None) -> Tensor:
     """Mean squared spatial gradient of a displacement (B, 3, D, H, W), forward differences.
 
     Exactly VoxelMorph's ``Grad('l2')``: the mean over voxels and channels of the squared forward
     difference along each axis, averaged over the three axes. A field u_c = g * x_a (one channel
-    c, one axis a) gives g^2 / 9.
+    c, one axis a) gives g^2 / 9. ``grid``: ``disp`` is a box of a field on this larger grid, the
+    rest of which is held fixed; each axis's sum is then divided by the larger grid's count, so the
+    value differs from the whole field's by a constant and the gradient is the same.
     """
     if disp.dim() != 5 or disp.shape[1] != 3:
         raise MorphSeekError(
             f"diffusion_regulariser: displacement must have shape (B, 3, D, H, W), got {tuple(disp.shape)}"
         )
-    d_depth = disp[:, :, 1:, :, :] - disp[:, :, :-1, :, :]
-    d_height = disp[:, :, :, 1:, :] - disp[:, :, :, :-1, :]
-    d_width = disp[:, :, :, :, 1:] - disp[:, :, :, :, :-1]
-    return (torch.mean(d_depth**2) + torch.mean(d_height**2) + torch.mean(d_width**2)) / 3.0
+    shape = tuple(disp.shape[2:]) if grid is None else tuple(grid)
+    counts = []
+    for axis, n in enumerate(shape):
+        others = [m for k, m in enumerate(shape) if k != axis]
+        counts.append(disp.shape[0] * 3 * (n - 1) * others[0] * others[1])
+    return _Diffusion.apply(disp, tuple(counts))
+
+
+class _Diffusion(torch.autograd.Function):
+    """``diffusion_regulariser`` with its gradient written out: for each axis, 2 / (3 n) times the
+    forward difference taken back (d[i - 1] - d[i]), instead of autograd through slices, which
+    allocates and fills a zero volume per slice."""
+
+    @staticmethod
+    def forward(ctx, disp: Tensor, counts: tuple[int, int, int]) -> Tensor:
+        differences = [disp.diff(dim=dim) for dim in (2, 3, 4)]
+        ctx.save_for_backward(*differences)
+        ctx.counts = counts
+        return sum(torch.sum(d * d) / n for d, n in zip(differences, counts)) / 3.0
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        differences = ctx.saved_tensors
+        shape = list(differences[0].shape)
+        shape[2] += 1
+        out = torch.zeros(shape, dtype=differences[0].dtype, device=differences[0].device)
+        for dim, d, count in zip((2, 3, 4), differences, ctx.counts):
+            weighted = d * (grad * (2.0 / (3.0 * count)))
+            n = d.shape[dim]
+            out.narrow(dim, 1, n).add_(weighted)
+            out.narrow(dim, 0, n).sub_(weighted)
+        return out, None
 
 
 def soft_dice_loss(fixed_onehot: Tensor, warped_soft: Tensor, eps: float = 1e-5) -> Tensor:

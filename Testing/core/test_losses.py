@@ -185,6 +185,35 @@ def test_diffusion_regulariser_of_linear_ramps_is_hand_computed():
         losses.diffusion_regulariser(torch.zeros(1, 2, *shape))
 
 
+def test_diffusion_regulariser_gradient_is_that_of_its_formula():
+    # the gradient is written out by hand (faster); autograd through the slice formula must agree
+    disp = torch.randn(2, 3, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    losses.diffusion_regulariser(disp).backward()
+    reference = disp.detach().clone().requires_grad_(True)
+    d = [reference.diff(dim=k) for k in (2, 3, 4)]
+    (sum(torch.mean(x**2) for x in d) / 3.0).backward()
+    torch.testing.assert_close(disp.grad, reference.grad, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(losses.diffusion_regulariser, (disp.detach().requires_grad_(True),))
+
+
+def test_ncc_against_a_fixed_image_equals_ncc_with_its_gradient():
+    # adapt computes the fixed image's window sums once; the loss and its gradient must not change
+    g = torch.Generator().manual_seed(3)
+    fixed = torch.rand(1, 1, 9, 10, 11, generator=g, dtype=torch.float64)
+    warped = torch.rand(1, 1, 9, 10, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    reference = warped.detach().clone().requires_grad_(True)
+    loss = losses.local_ncc_to(fixed, 5)(warped)
+    expected = losses.local_ncc_loss(reference, fixed, 5)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(warped.grad, reference.grad, rtol=1e-10, atol=1e-14)
+    with pytest.raises(MorphSeekError, match="window"):
+        losses.local_ncc_to(fixed, 4)
+    with pytest.raises(MorphSeekError, match="differ"):
+        losses.local_ncc_to(fixed, 5)(warped[:, :, 1:])
+
+
 # ---------------------------------------------------------------------------------- soft Dice
 def test_soft_dice_loss_hand_cases():
     f = torch.zeros(1, 2, 2, 2, 2)
