@@ -45,7 +45,7 @@ from MorphSeekLib.runs import DeviceProbe, FinetuneRun, RegistrationRun, WorkerL
 
 POLL_MS = 100
 SAMPLE_CATEGORY = "MorphSeek"
-ADAPT_DEFAULT = 50  # test-time optimisation iterations, as `morphseek demo` (docs/QUALITY.md)
+ADAPT_DEFAULT = 30  # test-time optimisation iterations, as `morphseek demo` (docs/QUALITY.md)
 
 
 class MorphSeek(ScriptedLoadableModule):

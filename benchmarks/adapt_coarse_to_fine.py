@@ -37,7 +37,7 @@ def _half(image: torch.Tensor) -> torch.Tensor:
 
 def coarse_to_fine(coarse: AdaptSettings):
     """An ``adapt`` with ``coarse`` run first on the halved pair (model-grid similarity only)."""
-    def run(total, moving, fixed, settings, cancel=None):
+    def run(total, moving, fixed, settings, cancel=None, fine_images=None):
         start = time.perf_counter()
         small_moving, small_fixed = _half(moving), _half(fixed)
         small, _ = adapt(geometry.resize_displacement(total, small_moving.shape[2:]), small_moving, small_fixed,
@@ -48,11 +48,13 @@ def coarse_to_fine(coarse: AdaptSettings):
     return run
 
 
+#: the experiment's setting then: 50 iterations on the model grid, window 5, no finer stage
+MODEL_GRID_ONLY = AdaptSettings(iterations=50, window=5, fine_iterations=0)
 VARIANTS = {
     "default 50": None,
-    "coarse 30 + 50": coarse_to_fine(AdaptSettings(iterations=30)),
-    "coarse 60 + 50": coarse_to_fine(AdaptSettings(iterations=60)),
-    "coarse 30 (window 3) + 50": coarse_to_fine(AdaptSettings(iterations=30, window=3)),
+    "coarse 30 + 50": coarse_to_fine(AdaptSettings(iterations=30, window=5, fine_iterations=0)),
+    "coarse 60 + 50": coarse_to_fine(AdaptSettings(iterations=60, window=5, fine_iterations=0)),
+    "coarse 30 (window 3) + 50": coarse_to_fine(AdaptSettings(iterations=30, window=3, fine_iterations=0)),
 }
 
 
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, variant in VARIANTS.items():
             register.adapt_total = variant or adapt  # what register_images' adapt step calls
             result = register_images(fixed, moving, args.model, steps=3, prealign="none", device="cpu", adapt=50,
-                                     keep_step_images=False)
+                                     adapt_settings=MODEL_GRID_ONLY, keep_step_images=False)
             dice, njd = score(fixed_seg, moving_seg, result.steps[-1].field)
             rows.setdefault(name, []).append((dice, njd, result.steps[-1].seconds))
             print(f"{moving_id}->{fixed_id} {name:<26} Dice {dice:6.2f}  NJD {njd:.3f} %  adapt {result.steps[-1].seconds:.1f} s",

@@ -3,7 +3,7 @@
 
     python scripts/prepare_brains.py                        # once: runs/brains (held-back subjects)
     python benchmarks/brain_vs_ants.py --model Resources/Models/morphseek-brain.safetensors \\
-        [--data runs/brains] [--adapt 50] [--threads 2] [--out benchmarks/results/brain_vs_ants.json]
+        [--data runs/brains] [--adapt 30] [--threads 2] [--out benchmarks/results/brain_vs_ants.json]
 
 Every method is scored the same way, from the displacement it produced on the fixed image's grid:
 the moving segmentation is resampled through it (SimpleITK, nearest neighbour) and compared with the
@@ -31,7 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from morphseek import export, io, metrics
+from morphseek import defaults, export, io, metrics
 from morphseek.brains import EVAL_LABELS, BrainSet
 from morphseek.register import register_images
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="MorphSeek brain model (checkpoint)")
     p.add_argument("--data", type=Path, default=REPO / "runs" / "brains", help="prepared brain folder")
-    p.add_argument("--adapt", type=int, default=50, help="test-time optimisation iterations (0: none)")
+    p.add_argument("--adapt", type=int, default=defaults.ADAPT, help="test-time optimisation iterations (0: none)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--prealign", default="affine", choices=("affine", "none"))
     p.add_argument("--threads", type=int, default=2)

@@ -6,8 +6,8 @@
 Pairs of the prepared training subjects (``runs/brains``, ``scripts/prepare_brains.py``) get the same
 kind of 2 mm T1-like images as the held-back subjects (``brains.t1_image``, own seeds); every variant
 of ``AdaptSettings`` starts from the same network result (3 steps) and is scored by Dice over the 31
-evaluation structures and NJD %. Cost is reported as iterations x (scale^3), relative to the
-default, because seconds on a shared machine are not comparable between variants run minutes apart.
+evaluation structures and NJD %. Cost is reported as model-grid iterations + 8 x fine-grid ones
+(8 times the voxels), relative to the default, because seconds on a shared machine are not comparable between variants run minutes apart.
 The chosen defaults live in ``morphseek.adapt.AdaptSettings``; ``benchmarks/brain_vs_ants.py`` then
 measures them on the held-back pairs.
 """
@@ -33,22 +33,28 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from brain_vs_ants import score as benchmark_score  # noqa: E402  (the benchmark's own scorer)
 PAIRS = (("02", "01"), ("04", "03"), ("06", "05"), ("01", "07"))
-VARIANTS = {  # name -> AdaptSettings fields (iterations, learning_rate, lambda_reg, smooth, scale, window)
-    "30 it": dict(iterations=30),
-    "50 it": dict(iterations=50),
-    "80 it": dict(iterations=80),
-    "50 it, lambda 0.5": dict(iterations=50, lambda_reg=0.5),
-    "50 it, smooth 1": dict(iterations=50, smooth=1),
-    "30 it, scale 2, window 7": dict(iterations=30, scale=2, window=7),
-    "15 it, scale 2, window 7": dict(iterations=15, scale=2, window=7),
-    "30 it, lambda 3, scale 2, window 7": dict(iterations=30, lambda_reg=3.0, scale=2, window=7),
-    "50 it, window 3": dict(iterations=50, window=3),
-    "50 it, window 7": dict(iterations=50, window=7),
-    "50 it, lr 1.0": dict(iterations=50, learning_rate=1.0),
-    "100 it, lr 0.25": dict(iterations=100, learning_rate=0.25),
-    "50 it, lambda 0.7": dict(iterations=50, lambda_reg=0.7),
-    "50 it, smooth 2, lambda 0.5": dict(iterations=50, smooth=2, lambda_reg=0.5),
-    "50 it, update everywhere": dict(iterations=50, foreground=0.0),
+VARIANTS = {  # name -> AdaptSettings fields (iterations on the model grid, fine_iterations on the finer one, ...)
+    "30 it": dict(iterations=30, fine_iterations=0),
+    "50 it": dict(iterations=50, fine_iterations=0),
+    "80 it": dict(iterations=80, fine_iterations=0),
+    "50 it, lambda 0.5": dict(iterations=50, lambda_reg=0.5, fine_iterations=0),
+    "50 it, window 3": dict(iterations=50, window=3, fine_iterations=0),
+    "50 it, window 7": dict(iterations=50, window=7, fine_iterations=0),
+    "50 it, lr 1.0": dict(iterations=50, learning_rate=1.0, fine_iterations=0),
+    "100 it, lr 0.25": dict(iterations=100, learning_rate=0.25, fine_iterations=0),
+    "50 it, lambda 0.7": dict(iterations=50, lambda_reg=0.7, fine_iterations=0),
+    "50 it, smooth 2, lambda 0.5": dict(iterations=50, smooth=2, lambda_reg=0.5, fine_iterations=0),
+    "50 it, update everywhere": dict(iterations=50, foreground=0.0, fine_iterations=0),
+    "50 it + 10 fine": dict(iterations=50, fine_iterations=10),
+    "30 it + 10 fine": dict(iterations=30, fine_iterations=10),
+    "10 it + 15 fine": dict(iterations=10, fine_iterations=15),
+    "50 it + 5 fine": dict(iterations=50, fine_iterations=5),
+    "50 it + 20 fine": dict(iterations=50, fine_iterations=20),
+    "50 it + 10 fine, window 3": dict(iterations=50, fine_iterations=10, window=3),
+    "30 it + 10 fine, window 3": dict(iterations=30, fine_iterations=10, window=3),
+    "30 it + 5 fine": dict(iterations=30, fine_iterations=5),
+    "50 it + 10 fine, lambda 2": dict(iterations=50, fine_iterations=10, lambda_reg=2.0),
+    "50 it + 10 fine, update everywhere": dict(iterations=50, fine_iterations=10, foreground=0.0),
 }
 
 
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     data = BrainSet.open(args.data)
     base = AdaptSettings()
-    base_cost = base.iterations * base.scale**3
+    base_cost = base.iterations + 8 * base.fine_iterations
     rows: dict[str, list[tuple[float, float]]] = {}
     for n, (moving_id, fixed_id) in enumerate(PAIRS):
         strip = not args.whole_head
@@ -96,14 +102,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{time.perf_counter() - tic:5.1f} s", flush=True)
     summary = {}
     for name, values in rows.items():
-        fields = VARIANTS.get(name, {"iterations": 0})
-        cost = fields["iterations"] * fields.get("scale", 1) ** 3 / base_cost
+        fields = VARIANTS.get(name, {"iterations": 0, "fine_iterations": 0})
+        cost = (fields["iterations"] + 8 * fields.get("fine_iterations", base.fine_iterations)) / base_cost
         dice, njd = np.asarray(values).T
         summary[name] = {"dice": float(dice.mean()), "dice_std": float(dice.std()), "njd": float(njd.mean()),
                          "relative_cost": cost}
-    print(f"\n{'variant':<28} {'Dice %':>14} {'NJD %':>7} {'cost':>5}")
+    print(f"\n{'variant':<36} {'Dice %':>14} {'NJD %':>7} {'cost':>5}")
     for name, s in summary.items():
-        print(f"{name:<28} {s['dice']:6.2f} ± {s['dice_std']:5.2f} {s['njd']:7.3f} {s['relative_cost']:5.2f}")
+        print(f"{name:<36} {s['dice']:6.2f} ± {s['dice_std']:5.2f} {s['njd']:7.3f} {s['relative_cost']:5.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "pairs": PAIRS, "summary": summary}, indent=1) + "\n")
     return 0

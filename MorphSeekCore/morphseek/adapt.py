@@ -5,10 +5,10 @@ minimise the warm-up objective of this pair alone,
 
     L(U) = L_sim(I_f, I_m o (x + U)) + lambda_reg * L_reg(U),
 
-with U itself as the variable (instance optimisation, as in Learn2Reg's best entries). The images
-may be given on a finer grid with the same corner voxels (``fine_grid``): U stays on the model grid
-and is upsampled (``geometry.resize_displacement``), so the similarity sees the finer detail while
-the map keeps the model grid's smoothness. No network weights change.
+with U itself as the variable (instance optimisation, as in Learn2Reg's best entries): first on the
+model grid, then (``fine_iterations``) with U resampled onto a twice finer grid with the same corner
+voxels and the images prepared again on it, where the model grid cannot follow structures a few
+millimetres wide. No network weights change.
 """
 
 from __future__ import annotations
@@ -17,29 +17,30 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import geometry
 from .errors import Cancelled, MorphSeekError
-from .losses import box_mean, diffusion_regulariser, similarity_loss
+from .losses import box_mean, diffusion_regulariser, local_ncc_to, similarity_loss
 
 
 @dataclass
 class AdaptSettings:
     """What ``adapt`` optimises. The defaults were chosen on pairs of TRAINING subjects
-    (``benchmarks/tune_adapt.py``, docs/QUALITY.md section 5), then measured on held-back ones: a
-    twice finer similarity grid (``scale`` 2) gained 1-2 Dice points there but folded 4 % of one
-    pair's voxels unless lambda_reg was tripled, at about 5x the cost, so the model grid it is."""
+    (``benchmarks/tune_adapt.py``, docs/QUALITY.md section 2), then measured on held-back ones."""
 
-    iterations: int = 50
-    learning_rate: float = 0.5  # voxels of the model grid per Adam step, roughly
+    iterations: int = 30
+    learning_rate: float = 0.5  # voxels of the map's grid per Adam step, roughly
     similarity: str = "ncc"
-    window: int = 5  # local NCC window on the grid the images are given on
+    window: int = 3  # local NCC window on the grid the images are given on
     lambda_reg: float = 1.0
-    #: the grid the similarity is computed on: 1 = the model grid (fast), 2 = twice as fine with the
-    #: same corner voxels (finer detail, about 8x the cost per iteration)
-    scale: int = 1
+    #: then this many iterations of the map on a twice finer grid with the same corner voxels (the
+    #: images prepared again on it): the model grid cannot follow structures a few millimetres wide
+    #: (+5 Dice points on the training pairs). About 8x the voxels of the model grid, of which only
+    #: the box around the images' content is optimised; 0 stops at the model grid
+    fine_iterations: int = 10
     #: passes of a 3x3x3 box filter applied to the variable before it is used (as ConvexAdam does):
     #: Adam moves every voxel by about the learning rate, even where the images are flat and the
     #: gradient is noise; the filter keeps those moves from roughening the map
@@ -51,74 +52,143 @@ class AdaptSettings:
     foreground: float = 0.1
 
 
-def fine_grid_shape(shape: tuple[int, ...], factor: int) -> tuple[int, int, int]:
+def fine_grid_shape(shape: tuple[int, ...], factor: int = 2) -> tuple[int, int, int]:
     """The grid with ``factor`` times finer spacing and the same corner voxel centres."""
     return tuple(factor * (int(n) - 1) + 1 for n in shape)
 
 
+#: Peak bytes of ``adapt``'s work per voxel of the grid it optimises on (the map, Adam's two
+#: moments and the gradient, the filtered map, the warped image, the similarity's window sums and
+#: their gradients), measured with ``benchmarks/adapt_memory.py``.
+WORK_BYTES_PER_VOXEL = 420  # measured 400-403 on 96^3 and 128^3 grids, every voxel optimised
+
+
+def adapt_memory(grid: tuple[int, int, int], settings: AdaptSettings) -> int:
+    """Peak bytes of test-time optimisation's work for a map on ``grid`` (the model grid): its finer
+    stage's when it has one (8 times the voxels), its model-grid stage's otherwise."""
+    voxels = int(np.prod(fine_grid_shape(grid) if settings.fine_iterations else grid, dtype=np.int64))
+    return WORK_BYTES_PER_VOXEL * voxels
+
+
 def _foreground(total: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor,
                 threshold: float) -> torch.Tensor | None:
-    """Where ``adapt`` may move the map (1, 1, D, H, W) on the model grid, or None for everywhere
-    (``threshold`` 0, or no voxel above it: the map is never frozen whole)."""
+    """Where ``adapt`` may move the map (1, 1, D, H, W), on the images' grid, or None for
+    everywhere (``threshold`` 0, or no voxel above it: the map is never frozen whole)."""
     if threshold <= 0:
         return None
     with torch.no_grad():
-        fine = tuple(moving.shape[2:])
-        warped = geometry.warp(moving, geometry.resize_displacement(total, fine))
-        content = (box_mean(fixed, 3) > threshold) | (box_mean(warped, 3) > threshold)
-        step = (fine[0] - 1) // max(total.shape[2] - 1, 1)  # the finer grid shares the corner voxels
-        content = content[:, :, ::step, ::step, ::step].to(total.dtype)
-        if content.shape[2:] != total.shape[2:]:
-            raise MorphSeekError(f"image grid {fine} does not refine the model grid {tuple(total.shape[2:])}")
+        warped = geometry.warp(moving, total)
+        content = ((box_mean(fixed, 3) > threshold) | (box_mean(warped, 3) > threshold)).to(total.dtype)
         if not bool(content.any()):
             return None
         return F.max_pool3d(content, 3, stride=1, padding=1)
 
 
 def adapt(total: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, settings: AdaptSettings,
-          cancel: Callable[[], bool] | None = None) -> tuple[torch.Tensor, dict]:
-    """Refine ``total`` (1, 3, D, H, W) on the model grid for the pair ``moving``/``fixed``
-    (1, 1, D', H', W'), on the model grid or a finer one with the same corners (``fine_grid_shape``).
+          cancel: Callable[[], bool] | None = None,
+          fine_images: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+    """Refine ``total`` (1, 3, D, H, W, model grid) for the pair ``moving``/``fixed`` (1, 1, D, H, W,
+    model grid): ``settings.iterations`` on the model grid, then ``settings.fine_iterations`` with
+    the map on the grid of ``fine_images`` (moving, fixed), twice as fine with the same corners
+    (``fine_grid_shape``); without them, or with ``fine_iterations`` 0, the model grid only.
 
-    Returns the refined total (detached) and a summary: the similarity and regulariser before and
-    after, iterations and seconds. ``cancel()`` is polled every iteration (``Cancelled``)."""
+    Returns the refined total (detached) on the grid of the last stage, and a summary: iterations,
+    the last stage's grid, similarity and regulariser before and after it, seconds. ``cancel()`` is
+    polled every iteration (``Cancelled``)."""
     if settings.iterations < 1:
         raise MorphSeekError(f"test-time optimisation needs >= 1 iteration, got {settings.iterations}")
+    if settings.fine_iterations < 0:
+        raise MorphSeekError(f"fine_iterations must be >= 0, got {settings.fine_iterations}")
+    start = time.perf_counter()
+    network = total
+    total, summary = adapt_on_grid(total, moving, fixed, settings, settings.iterations, cancel)
+    if fine_images is not None and settings.fine_iterations:
+        moving, fixed = fine_images
+        if tuple(moving.shape[2:]) != fine_grid_shape(total.shape[2:]):
+            raise MorphSeekError(f"fine images {tuple(moving.shape[2:])} are not on the twice finer grid "
+                                 f"{fine_grid_shape(total.shape[2:])} of the map {tuple(total.shape[2:])}")
+        total, fine = adapt_on_grid(total, moving, fixed, settings, settings.fine_iterations, cancel)
+        # before and after on the same (fine) grid: the map it started from there
+        before = adapt_on_grid(network, moving, fixed, settings, 0)[1]
+        summary = {**fine, "iterations": settings.iterations + settings.fine_iterations,
+                   "similarity_before": before["similarity_before"], "regulariser_before": before["regulariser_before"]}
+    summary["seconds"] = time.perf_counter() - start
+    return total, summary
+
+
+def adapt_on_grid(total: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, settings: AdaptSettings,
+                  iterations: int, cancel: Callable[[], bool] | None = None) -> tuple[torch.Tensor, dict]:
+    """``iterations`` Adam steps on the map resampled onto the images' grid (1, 1, D', H', W'), the
+    model grid or a finer one with the same corners; returns the map on that grid and a summary
+    (with 0 iterations: the objective of the map as it is)."""
     if moving.shape != fixed.shape:
         raise MorphSeekError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} grids differ")
-    sim = similarity_loss(settings.similarity, **({"window": settings.window} if settings.similarity == "ncc" else {}))
-    fine = tuple(moving.shape[2:])
-    start = time.perf_counter()
-    variable = total.detach().clone().requires_grad_(True)  # smoothed again below: close to ``total``
-    optimizer = torch.optim.Adam([variable], lr=settings.learning_rate)
-    update_mask = _foreground(total, moving, fixed, settings.foreground)
+    shape = tuple(moving.shape[2:])
+    full_map = geometry.resize_displacement(total.detach(), shape).clone()
+    update_mask = _foreground(full_map, moving, fixed, settings.foreground)
+    # Only the box around the voxels that may move is optimised, with a margin wide enough that their
+    # gradients are those of the whole grid (the filter's and the window's reach, there and back).
+    region = _region(update_mask, shape, 2 * (settings.smooth + settings.window // 2) + 1)
+    # The region's losses are normalised by the whole grid's counts, so that Adam gets the gradient
+    # of the whole grid's objective (its epsilon makes it sensitive to the gradient's scale).
+    voxels = fixed[0, 0].numel()
+    if settings.similarity == "ncc":  # the fixed image's window sums once, not every iteration
+        sim_region = local_ncc_to(fixed[region], settings.window, voxels=voxels)
+        sim_full = local_ncc_to(fixed, settings.window)
+    else:
+        sim = similarity_loss(settings.similarity)
+        sim_region = lambda warped: sim(warped, fixed[region]) * (warped[0, 0].numel() / voxels)  # noqa: E731
+        sim_full = lambda warped: sim(warped, fixed)  # noqa: E731
+    # the points of the region on the images' grid, for grid_sample (geometry.warp on the region)
+    points = geometry.identity_grid(shape, moving.device, moving.dtype)[region[2:]].unsqueeze(0)
+    to_normalised = [2.0 / max(n - 1, 1) for n in shape]
 
-    def smoothed() -> torch.Tensor:
-        field = variable
+    def smoothed(field: torch.Tensor) -> torch.Tensor:
         for _ in range(settings.smooth):
             field = box_mean(field, 3)
         return field
 
-    def objective() -> tuple[torch.Tensor, torch.Tensor]:
-        field = smoothed()
-        return sim(geometry.warp(moving, geometry.resize_displacement(field, fine)), fixed), diffusion_regulariser(field)
+    def warp_region(field: torch.Tensor) -> torch.Tensor:
+        offset = torch.stack([field[:, axis] * to_normalised[axis] for axis in (2, 1, 0)], dim=-1)
+        return F.grid_sample(moving, points + offset, mode="bilinear", padding_mode="zeros", align_corners=True)
 
-    with torch.enable_grad():
+    def values() -> tuple[float, float]:  # the objective on the whole grid, for the summary
         with torch.no_grad():
-            sim0, reg0 = (float(v) for v in objective())
-        for _ in range(settings.iterations):
+            field = smoothed(full_map)
+            return float(sim_full(geometry.warp(moving, field))), float(diffusion_regulariser(field))
+
+    sim0, reg0 = values()
+    variable = full_map[region].clone().requires_grad_(True)
+    mask = update_mask[region] if update_mask is not None else None
+    optimizer = torch.optim.Adam([variable], lr=settings.learning_rate)
+    with torch.enable_grad():
+        for _ in range(iterations):
             if cancel is not None and cancel():
                 raise Cancelled("test-time optimisation cancelled by the user")
-            l_sim, l_reg = objective()
-            loss = l_sim + settings.lambda_reg * l_reg
+            field = smoothed(variable)
+            loss = sim_region(warp_region(field)) + settings.lambda_reg * diffusion_regulariser(field, shape)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if update_mask is not None:
-                variable.grad.mul_(update_mask)  # Adam then leaves those voxels exactly where they are
+            if mask is not None:
+                variable.grad.mul_(mask)  # Adam then leaves those voxels exactly where they are
             optimizer.step()
-        with torch.no_grad():
-            sim1, reg1 = (float(v) for v in objective())
-    summary = {"iterations": settings.iterations, "similarity_before": sim0, "similarity_after": sim1,
-               "regulariser_before": reg0, "regulariser_after": reg1, "seconds": time.perf_counter() - start}
+    full_map[region] = variable.detach()
+    sim1, reg1 = values()
+    summary = {"iterations": iterations, "grid": list(shape), "similarity_before": sim0,
+               "similarity_after": sim1, "regulariser_before": reg0, "regulariser_after": reg1}
     with torch.no_grad():
-        return smoothed().detach(), summary
+        return smoothed(full_map), summary
+
+
+def _region(mask: torch.Tensor | None, shape: tuple[int, ...], margin: int) -> tuple[slice, ...]:
+    """Index of the (1, C, D, H, W) box around ``mask``'s non-zero voxels grown by ``margin``, within
+    the grid; the whole grid without a mask."""
+    boxes = [slice(None), slice(None)]
+    for axis, n in enumerate(shape):
+        if mask is None:
+            boxes.append(slice(0, n))
+            continue
+        others = tuple(d for d in range(2, 5) if d != axis + 2)
+        hit = torch.nonzero(mask.amax(dim=others).flatten()).flatten()
+        boxes.append(slice(max(int(hit.min()) - margin, 0), min(int(hit.max()) + 1 + margin, n)))
+    return tuple(boxes)

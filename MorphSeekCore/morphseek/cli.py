@@ -155,7 +155,8 @@ def _add_register(sub) -> None:
     _add_registration_options(p, prealign=defaults.PREALIGN)
     p.add_argument("--adapt", type=options.non_negative_int, default=0, metavar="N",
                    help="after the network's steps, N iterations of test-time optimisation of the map on "
-                   "this pair (one more step in the report; default 0: none; 50 for the shipped brain model)")
+                   "this pair on the model grid, then 10 on a twice finer grid (one more step in the report; "
+                   "default 0: none; 30 for the shipped brain model)")
     p.add_argument("--step-images", action="store_true",
                    help="also write every step's images into step_NN/ folders (default: the last step only)")
     p.add_argument("--seed", type=options.non_negative_int, default=0)
@@ -295,7 +296,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--sample", default=None, help="labelled sample dataset (default: Resources/SampleData/brain)")
     p.add_argument("--steps", type=options.positive_int, default=defaults.STEPS)
     p.add_argument("--adapt", type=options.non_negative_int, default=defaults.ADAPT,
-                   help="test-time optimisation iterations (0: none)")
+                   help="test-time optimisation iterations on the model grid, then 10 on a finer one (0: none)")
     p.add_argument("--episodes", type=options.non_negative_int, default=6,
                    help="GRPO episodes (each --steps optimiser steps); 0 skips GRPO")
     p.add_argument("--trajectories", type=options.integer(2), default=defaults.PANEL_TRAJECTORIES,

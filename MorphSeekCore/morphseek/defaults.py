@@ -40,9 +40,10 @@ GRPO_LAMBDA_REG_FALLBACK = 1.0
 BETA_KL = 1e-3
 #: Intensity normalisation: these percentiles of an image's voxels map to 0 and 1.
 PERCENTILES = (1.0, 99.0)
-#: Test-time optimisation iterations of the demo and the Slicer panel (``morphseek register --adapt``
-#: stays 0 unless asked); chosen on training subjects' pairs (docs/QUALITY.md section 2).
-ADAPT = 50
+#: Test-time optimisation iterations on the model grid of the demo and the Slicer panel (``morphseek
+#: register --adapt`` stays 0 unless asked), each followed by ``AdaptSettings.fine_iterations`` on a
+#: twice finer grid; chosen on training subjects' pairs (docs/QUALITY.md section 2).
+ADAPT = 30
 #: Pre-alignment of ``morphseek register`` ("affine" or "none").
 PREALIGN = "affine"
 #: GRPO episodes of the fine-tuning job the Slicer panel runs.

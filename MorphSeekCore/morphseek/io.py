@@ -211,18 +211,18 @@ BASE_BYTES = 1.0e9
 
 
 def registration_memory(fixed: sitk.Image, moving: sitk.Image, labels: bool = False, steps: int = 3,
-                        keep_step_images: bool = False) -> int:
+                        keep_step_images: bool = False, extra_bytes: int = 0) -> int:
     """Peak bytes a registration of ``steps`` steps (test-time optimisation counts as one) needs
     beyond its inputs, dominated by the outputs on the fixed grid (the network works on the small
-    model grid). Measured: docs/BENCHMARKS.md (a 512x512x400 CT,
-    ``benchmarks/big_ct.py``)."""
+    model grid), plus ``extra_bytes`` (test-time optimisation's work: ``adapt.adapt_memory``).
+    Measured: docs/BENCHMARKS.md (a 512x512x400 CT, ``benchmarks/big_ct.py``)."""
     n_fixed = int(np.prod(fixed.GetSize(), dtype=np.int64))
     n_moving = int(np.prod(moving.GetSize(), dtype=np.int64))
     per_voxel = FIELD_BYTES_PER_VOXEL + (LABEL_BYTES_PER_VOXEL if labels else 0)
     if keep_step_images:
         per_voxel += (steps - 1) * (STEP_BYTES_PER_VOXEL + (2 if labels else 0))
     # the moving image (and labels) on the device for resampling: float32 each
-    return int(n_fixed * per_voxel + n_moving * (4 + (4 if labels else 0)) + BASE_BYTES)
+    return int(n_fixed * per_voxel + n_moving * (4 + (4 if labels else 0)) + BASE_BYTES + extra_bytes)
 
 
 def memory_limit() -> int | None:
@@ -233,21 +233,24 @@ def memory_limit() -> int | None:
 
 
 def check_memory(fixed: sitk.Image, moving: sitk.Image, fixed_name: str, labels: bool = False, steps: int = 3,
-                 keep_step_images: bool = False, limit: int | None = None) -> None:
+                 keep_step_images: bool = False, limit: int | None = None, extra_bytes: int = 0) -> None:
     """Stop before any work when a registration cannot fit: MorphSeekError naming the fixed image,
     the sizes and what to change, when :func:`registration_memory` exceeds ``limit`` bytes (default
     :func:`memory_limit`)."""
     limit = memory_limit() if limit is None else limit
-    needed = registration_memory(fixed, moving, labels, steps, keep_step_images)
+    needed = registration_memory(fixed, moving, labels, steps, keep_step_images, extra_bytes)
     if limit is not None and needed > limit:
         size = fixed.GetSize()
         spacing = ", ".join(f"{s:.3g}" for s in fixed.GetSpacing())
         raise MorphSeekError(
             f"fixed image '{fixed_name}' is too large for the memory available: {size[0]} x {size[1]} x "
             f"{size[2]} voxels ({spacing} mm) need about {needed / 2**30:.1f} GiB to register"
-            f"{' with every step kept' if keep_step_images else ''}, about {limit / 2**30:.1f} GiB is free. "
+            f"{' with every step kept' if keep_step_images else ''}"
+            f"{f' (test-time optimisation: {extra_bytes / 2**30:.1f} GiB of it)' if extra_bytes else ''}, "
+            f"about {limit / 2**30:.1f} GiB is free. "
             "Crop the images to the region of interest or resample them to coarser voxels (e.g. 1-2 mm), "
-            f"{'keep fewer step images, ' if keep_step_images else ''}or free memory")
+            f"{'keep fewer step images, ' if keep_step_images else ''}"
+            f"{'register without test-time optimisation, ' if extra_bytes else ''}or free memory")
 
 
 # --------------------------------------------------------------------------------------------------

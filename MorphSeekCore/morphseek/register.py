@@ -26,7 +26,7 @@ import SimpleITK as sitk
 import torch
 
 from . import defaults, export, geometry, io, metrics, prealign as prealign_module
-from .adapt import AdaptSettings, fine_grid_shape
+from .adapt import AdaptSettings, adapt_memory, fine_grid_shape
 from .adapt import adapt as adapt_total
 from .checkpoint import load_model, resolve_device
 from .data import shared_labels
@@ -51,14 +51,15 @@ class Candidate:
 
 @dataclass
 class StepTensors:
-    """A step's result on the model grid."""
+    """A step's result on the model grid (or, for test-time optimisation's finer stage, on ``grid``)."""
 
     index: int
-    total: torch.Tensor  # (1, 3, D, H, W) total displacement in model-grid voxels
+    total: torch.Tensor  # (1, 3, D, H, W) total displacement in voxels of its grid
     candidates: list[Candidate]
     kept: int
     seconds: float
     kind: str = "network"
+    grid: sitk.Image | None = None  # the grid of ``total`` when it is not the model grid
 
 
 @dataclass
@@ -355,29 +356,32 @@ def _adapt_step(last: StepTensors, moving_t: torch.Tensor, fixed_t: torch.Tensor
                 fixed: sitk.Image, transform: sitk.Transform, model_ref: sitk.Image, percentiles, names: dict,
                 iterations: int, settings: AdaptSettings | None, moving_l, fixed_l, label_values,
                 cancel) -> StepTensors:
-    """Test-time optimisation after the network's last step, as one more step record. With
-    ``settings.scale`` > 1 the images are prepared again (``io.image_to_model_grid``) on a grid that
-    many times finer with the same corners, so the similarity sees detail the model grid loses."""
+    """Test-time optimisation after the network's last step, as one more step record. For its finer
+    stage (``settings.fine_iterations``) the images are prepared again (``io.image_to_model_grid``)
+    on a twice finer grid with the same corners; the step's map then lives on that grid."""
     settings = AdaptSettings(**{**vars(settings or AdaptSettings()), "iterations": iterations})
-    if settings.scale > 1:
-        shape = fine_grid_shape(last.total.shape[2:], settings.scale)
+    fine_images, fine_ref = None, None
+    start = time.perf_counter()
+    if settings.fine_iterations:
+        shape = fine_grid_shape(last.total.shape[2:])
         fine_ref = sitk.Image([int(n) for n in shape[::-1]], sitk.sitkFloat32)
         fine_ref.SetDirection(model_ref.GetDirection())
         fine_ref.SetOrigin(model_ref.GetOrigin())
-        fine_ref.SetSpacing([s / settings.scale for s in model_ref.GetSpacing()])
-        fixed_t = io.image_to_model_grid(fixed, fine_ref, None, percentiles, names["fixed"]).to(fixed_t.device)
-        moving_t = io.image_to_model_grid(moving, fine_ref, transform, percentiles, names["moving"]).to(fixed_t.device)
-    start = time.perf_counter()
-    total, summary = adapt_total(last.total, moving_t, fixed_t, settings, cancel)
+        fine_ref.SetSpacing([s / 2.0 for s in model_ref.GetSpacing()])
+        fine_images = (io.image_to_model_grid(moving, fine_ref, transform, percentiles, names["moving"]).to(fixed_t.device),
+                       io.image_to_model_grid(fixed, fine_ref, None, percentiles, names["fixed"]).to(fixed_t.device))
+    total, summary = adapt_total(last.total, moving_t, fixed_t, settings, cancel, fine_images)
+    on_model_grid = geometry.resize_displacement(total, tuple(last.total.shape[2:]))
     folded = float(geometry.folding_fraction(total)[0])
     sim_gain = (summary["similarity_before"] - summary["similarity_after"]) / max(abs(summary["similarity_before"]), 1e-12)
     dice_gain = None
-    if moving_l is not None and fixed_l is not None:
+    if moving_l is not None and fixed_l is not None:  # on the model grid, as the network's steps
         before = metrics.dice_torch(fixed_l, geometry.warp_labels(moving_l, last.total), label_values)[0]
-        after = metrics.dice_torch(fixed_l, geometry.warp_labels(moving_l, total), label_values)[0]
+        after = metrics.dice_torch(fixed_l, geometry.warp_labels(moving_l, on_model_grid), label_values)[0]
         dice_gain = float(after - before)
     candidate = Candidate(sim_gain, dice_gain, sim_gain, 100.0 * folded)
-    return StepTensors(last.index + 1, total, [candidate], 0, time.perf_counter() - start, kind="adapt")
+    grid = fine_ref if tuple(total.shape) != tuple(last.total.shape) else None
+    return StepTensors(last.index + 1, total, [candidate], 0, time.perf_counter() - start, kind="adapt", grid=grid)
 
 
 def register_images(
@@ -409,7 +413,8 @@ def register_images(
     ``keep_step_images``: False exports only the last step's images; every step still gets its Dice
     on the fixed grid (with labels), and the other steps their NJD on the model grid (``njd_grid``).
     ``autocast``: bf16 where safe, CUDA only (:func:`mixed_precision`).
-    Peak memory is bounded by the fixed grid's outputs: ``io.check_memory`` stops before any work
+    Peak memory is bounded by the fixed grid's outputs and test-time optimisation's grids:
+    ``io.check_memory`` stops before any work
     when they cannot fit. ``cancel()`` is polled between stages, inside the pre-alignment's optimiser
     and between steps and candidates.
     ``adapt`` > 0 adds one more step after the network's: that many iterations of test-time
@@ -453,7 +458,6 @@ def register_images(
                              "(3D grid sampling and float64 are incomplete on MPS); use --device cpu")
     if torch_device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once
-    io.check_memory(fixed, moving, names["fixed"], use_labels, steps + (1 if adapt else 0), keep_step_images)
     report("prepare", 0, 0.02, f"loading the model on {torch_device}")
     net, config = load_model(model, torch_device)
     if grid is None and config.spacing:
@@ -463,6 +467,8 @@ def register_images(
         grid = tuple(grid or config.grid or defaults.MODEL_GRID)
         model_ref = None
     net.backbone.check_grid(grid, "model grid")
+    io.check_memory(fixed, moving, names["fixed"], use_labels, steps + (1 if adapt else 0), keep_step_images,
+                    extra_bytes=adapt_memory(grid, adapt_settings or AdaptSettings()) if adapt else 0)
 
     _check_cancel(cancel)
     transform = sitk.Transform(3, sitk.sitkIdentity)
@@ -512,6 +518,18 @@ def register_images(
         del zero
 
     records: list[StepRecord] = []
+    grid_exporters: dict[tuple, export.FieldExporter] = {}
+
+    def field_of(step: StepTensors) -> torch.Tensor:
+        """The step's physical field on the fixed grid (test-time optimisation's finer stage has its
+        own grid: the same export with that grid's geometry)."""
+        if step.grid is None:
+            return exporter.field(step.total)
+        key = tuple(step.grid.GetSize())
+        if key not in grid_exporters:
+            grid_exporters[key] = export.FieldExporter(step.grid, fixed, transform, device=torch_device,
+                                                       dtype=torch.float32)
+        return grid_exporters[key].field(step.total)
 
     def finish_step(step: StepTensors) -> None:
         """The step's total map on the fixed grid: with labels its Dice, always; its Jacobian (NJD)
@@ -521,12 +539,12 @@ def register_images(
         keep = keep_step_images or step.index == total_steps
         if not keep:
             njd = 100.0 * float(geometry.folding_fraction(step.total)[0])
-            per_label, dice = (dice_percent(exporter.warp(seg_source, exporter.field(step.total)))
+            per_label, dice = (dice_percent(exporter.warp(seg_source, field_of(step)))
                                if use_labels else (None, None))
             record = StepRecord(step.index, step.candidates, step.kept, dice, per_label, njd, step.seconds,
                                 kind=step.kind, njd_grid="model")
             return finish_record(record)
-        field_t = exporter.field(step.total)
+        field_t = field_of(step)
         det = exporter.jacobian(field_t)
         njd = 100.0 * float((det <= 0).sum()) / det.numel()
         warped_t = warped_seg_t = None

@@ -289,3 +289,19 @@ def test_memory_check_stops_before_any_work_with_a_clear_message(tiny_checkpoint
         register_images(fixed, moving, tiny_checkpoint, device="cpu")
 
 
+def test_memory_check_counts_test_time_optimisation_on_its_finer_grid(tiny_checkpoint, monkeypatch):
+    from morphseek import io
+    from morphseek.adapt import WORK_BYTES_PER_VOXEL, AdaptSettings, adapt_memory
+
+    # the brain model on a whole-body field of view: a 112x112x128 model grid, 223x223x255 finer
+    assert adapt_memory((112, 112, 128), AdaptSettings()) == WORK_BYTES_PER_VOXEL * 223 * 223 * 255
+    assert adapt_memory((112, 112, 128), AdaptSettings(fine_iterations=0)) == WORK_BYTES_PER_VOXEL * 112 * 112 * 128
+    fixed, moving, _, _ = _small_pair()
+    without = io.registration_memory(fixed, moving)
+    limit = without + 2**20  # room for the registration, not for adapt's finer grid
+    monkeypatch.setenv("MORPHSEEK_MEMORY_LIMIT_GB", str(limit / 2**30))
+    register_images(fixed, moving, tiny_checkpoint, device="cpu", steps=1)  # fits
+    with pytest.raises(MorphSeekError, match=r"test-time optimisation: .* GiB of it.*without test-time optimisation"):
+        register_images(fixed, moving, tiny_checkpoint, device="cpu", steps=1, adapt=5)
+
+

@@ -47,7 +47,7 @@ assert logic.moduleName == "MorphSeek"
 parameters = logic.getParameterNode()
 assert isinstance(parameters, module.MorphSeekParameterNode)
 assert parameters.steps == 3 and parameters.device == "auto" and parameters.prealign is True
-assert parameters.adaptIterations == 50 and type(parameters.adaptIterations) is int  # noqa: E721
+assert parameters.adaptIterations == 30 and type(parameters.adaptIterations) is int  # noqa: E721
 counts = ("steps", "trajectories", "adaptIterations", "warmupIterations", "episodes")
 assert all(type(getattr(parameters, name)) is int for name in counts), [getattr(parameters, n) for n in counts]  # noqa: E721
 
@@ -85,7 +85,7 @@ for name, (widget_class, properties) in bindings.items():
                 except ValueError:
                     pass
         setattr(parameters, name, default)
-assert module.ADAPT_DEFAULT == 50  # as `morphseek demo --adapt`
+assert module.ADAPT_DEFAULT == 30  # as `morphseek demo --adapt`
 print("parameter bindings of the .ui connect:", len(bindings))
 assert logic.sceneLogic.scene is slicer.mrmlScene
 fixed = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fixed CT")
