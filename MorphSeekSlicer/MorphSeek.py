@@ -58,7 +58,7 @@ class MorphSeek(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Deformable registration of 3D volumes (and their segmentations) with a MorphSeek model: "
             "T refinement steps by the network, optional candidate search per step, then optional "
-            "test-time optimisation of the result on this pair (one more step; 50 iterations by default, "
+            "test-time optimisation of the result on this pair (one more step; 30 iterations by default, "
             "0 = off), a step-by-step preview with the Jacobian determinant and folded voxels, and GRPO "
             "fine-tuning on a few labelled cases. See docs/SLICER-MODULE.md in the project repository."
         )
@@ -119,7 +119,7 @@ class MorphSeekParameterNode:
     temperature: Annotated[float, WithinRange(0, 1)] = 0.3
     prealign: bool = True
     #: test-time optimisation after the network's steps (one more step; 0: off). The default is the
-    #: demo's (``morphseek demo --adapt 50``): the shipped brain model improves Dice only with it.
+    #: demo's (``morphseek demo --adapt 30``): the shipped brain model gains most of its Dice with it.
     adaptIterations: Annotated[int, WithinRange(0, 500)] = ADAPT_DEFAULT
     outputTransform: vtkMRMLGridTransformNode
     finetuneFromScene: bool = True
