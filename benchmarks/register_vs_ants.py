@@ -20,7 +20,7 @@ moving labels sent through its transforms (nearest neighbour), over the labels p
     python benchmarks/register_vs_ants.py --threads 2 --repeats 3            # both sizes, 2 pairs
     python benchmarks/register_vs_ants.py --ants-python /path/to/ants-env/bin/python
     python benchmarks/register_vs_ants.py --sizes 2mm --pairs 1 --no-ants    # quick, MorphSeek only
-    python benchmarks/register_vs_ants.py --model Resources/Models/morphseek-brain --adapt 50
+    python benchmarks/register_vs_ants.py --model Resources/Models/morphseek-brain --adapt 30
 
 antspyx is a benchmark-only dependency (``pip install -e 'MorphSeekCore[benchmark]'``); without it
 the ANTs rows are skipped with a note. Writes a Markdown table to stdout and JSON lines to --out.

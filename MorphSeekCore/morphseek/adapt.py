@@ -93,8 +93,9 @@ def adapt(total: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, settin
     (``fine_grid_shape``); without them, or with ``fine_iterations`` 0, the model grid only.
 
     Returns the refined total (detached) on the grid of the last stage, and a summary: iterations,
-    the last stage's grid, similarity and regulariser before and after it, seconds. ``cancel()`` is
-    polled every iteration (``Cancelled``)."""
+    the last stage's grid, the similarity and regulariser on that grid of the network's map
+    (``*_before``) and of the result (``*_after``), seconds. ``cancel()`` is polled every
+    iteration (``Cancelled``)."""
     if settings.iterations < 1:
         raise MorphSeekError(f"test-time optimisation needs >= 1 iteration, got {settings.iterations}")
     if settings.fine_iterations < 0:
@@ -108,10 +109,10 @@ def adapt(total: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, settin
             raise MorphSeekError(f"fine images {tuple(moving.shape[2:])} are not on the twice finer grid "
                                  f"{fine_grid_shape(total.shape[2:])} of the map {tuple(total.shape[2:])}")
         total, fine = adapt_on_grid(total, moving, fixed, settings, settings.fine_iterations, cancel)
-        # before and after on the same (fine) grid: the map it started from there
-        before = adapt_on_grid(network, moving, fixed, settings, 0)[1]
+        # before and after on the same (fine) grid: the network's map there
+        similarity, regulariser = _objective(network, moving, fixed, settings)
         summary = {**fine, "iterations": settings.iterations + settings.fine_iterations,
-                   "similarity_before": before["similarity_before"], "regulariser_before": before["regulariser_before"]}
+                   "similarity_before": similarity, "regulariser_before": regulariser}
     summary["seconds"] = time.perf_counter() - start
     return total, summary
 
@@ -128,17 +129,16 @@ def adapt_on_grid(total: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor
     update_mask = _foreground(full_map, moving, fixed, settings.foreground)
     # Only the box around the voxels that may move is optimised, with a margin wide enough that their
     # gradients are those of the whole grid (the filter's and the window's reach, there and back).
-    region = _region(update_mask, shape, 2 * (settings.smooth + settings.window // 2) + 1)
+    region = _region(update_mask if settings.similarity in ("ncc", "mse") else None, shape,
+                     2 * (settings.smooth + settings.window // 2) + 1)  # MIND normalises over the whole grid
     # The region's losses are normalised by the whole grid's counts, so that Adam gets the gradient
     # of the whole grid's objective (its epsilon makes it sensitive to the gradient's scale).
-    voxels = fixed[0, 0].numel()
+    voxels = fixed.numel()
     if settings.similarity == "ncc":  # the fixed image's window sums once, not every iteration
         sim_region = local_ncc_to(fixed[region], settings.window, voxels=voxels)
-        sim_full = local_ncc_to(fixed, settings.window)
     else:
         sim = similarity_loss(settings.similarity)
-        sim_region = lambda warped: sim(warped, fixed[region]) * (warped[0, 0].numel() / voxels)  # noqa: E731
-        sim_full = lambda warped: sim(warped, fixed)  # noqa: E731
+        sim_region = lambda warped: sim(warped, fixed[region]) * (warped.numel() / voxels)  # noqa: E731
     # the points of the region on the images' grid, for grid_sample (geometry.warp on the region)
     points = geometry.identity_grid(shape, moving.device, moving.dtype)[region[2:]].unsqueeze(0)
     to_normalised = [2.0 / max(n - 1, 1) for n in shape]
@@ -152,12 +152,7 @@ def adapt_on_grid(total: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor
         offset = torch.stack([field[:, axis] * to_normalised[axis] for axis in (2, 1, 0)], dim=-1)
         return F.grid_sample(moving, points + offset, mode="bilinear", padding_mode="zeros", align_corners=True)
 
-    def values() -> tuple[float, float]:  # the objective on the whole grid, for the summary
-        with torch.no_grad():
-            field = smoothed(full_map)
-            return float(sim_full(geometry.warp(moving, field))), float(diffusion_regulariser(field))
-
-    sim0, reg0 = values()
+    sim0, reg0 = _objective(full_map, moving, fixed, settings)
     variable = full_map[region].clone().requires_grad_(True)
     mask = update_mask[region] if update_mask is not None else None
     optimizer = torch.optim.Adam([variable], lr=settings.learning_rate)
@@ -173,11 +168,22 @@ def adapt_on_grid(total: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor
                 variable.grad.mul_(mask)  # Adam then leaves those voxels exactly where they are
             optimizer.step()
     full_map[region] = variable.detach()
-    sim1, reg1 = values()
+    sim1, reg1 = _objective(full_map, moving, fixed, settings)
     summary = {"iterations": iterations, "grid": list(shape), "similarity_before": sim0,
                "similarity_after": sim1, "regulariser_before": reg0, "regulariser_after": reg1}
     with torch.no_grad():
         return smoothed(full_map), summary
+
+
+def _objective(total: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, settings: AdaptSettings) -> tuple[float, float]:
+    """The similarity and regulariser of ``total`` resampled onto the images' grid and filtered as
+    ``adapt_on_grid`` uses its variable."""
+    with torch.no_grad():
+        field = geometry.resize_displacement(total, tuple(moving.shape[2:]))
+        for _ in range(settings.smooth):
+            field = box_mean(field, 3)
+        similarity = similarity_loss(settings.similarity, **({"window": settings.window} if settings.similarity == "ncc" else {}))
+        return float(similarity(geometry.warp(moving, field), fixed)), float(diffusion_regulariser(field))
 
 
 def _region(mask: torch.Tensor | None, shape: tuple[int, ...], margin: int) -> tuple[slice, ...]:

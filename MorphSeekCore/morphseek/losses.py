@@ -113,9 +113,10 @@ def local_ncc_loss(a: Tensor, b: Tensor, window: int = 9, eps: float = 1e-5) -> 
 def local_ncc_to(fixed: Tensor, window: int = 9, eps: float = 1e-5, voxels: int | None = None) -> Callable[[Tensor], Tensor]:
     """``lambda a: local_ncc_loss(a, fixed, window, eps)`` with the fixed image's window sums
     computed once: three box-filtered statistics per call instead of five (test-time optimisation
-    compares many warped images with one fixed image). ``voxels``: ``fixed`` is a box of a grid with
-    this many voxels, the rest of which does not change; the loss is then that grid's up to a
-    constant (the box's sum of 1 - cc divided by ``voxels``), with the same gradient."""
+    compares many warped images with one fixed image). ``voxels``: ``fixed`` is a box of a larger
+    image with this many elements (B x C x D x H x W), the rest of which does not change; the loss
+    is then that image's up to a constant (the box's sum of 1 - cc divided by ``voxels``), with the
+    same gradient."""
     if fixed.dim() != 5:
         raise MorphSeekError(f"local_ncc_to: fixed must have shape (B, C, D, H, W), got {tuple(fixed.shape)}")
     if window < 1 or window % 2 == 0:
@@ -256,6 +257,7 @@ class _Diffusion(torch.autograd.Function):
         return sum(torch.sum(d * d) / n for d, n in zip(differences, counts)) / 3.0
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the saved differences do not lead back to disp
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         differences = ctx.saved_tensors
         shape = list(differences[0].shape)

@@ -375,7 +375,9 @@ def _adapt_step(last: StepTensors, moving_t: torch.Tensor, fixed_t: torch.Tensor
     folded = float(geometry.folding_fraction(total)[0])
     sim_gain = (summary["similarity_before"] - summary["similarity_after"]) / max(abs(summary["similarity_before"]), 1e-12)
     dice_gain = None
-    if moving_l is not None and fixed_l is not None:  # on the model grid, as the network's steps
+    # on the model grid, as the network's steps: it misses what the finer stage adds (the step's
+    # record has its Dice on the fixed grid)
+    if moving_l is not None and fixed_l is not None:
         before = metrics.dice_torch(fixed_l, geometry.warp_labels(moving_l, last.total), label_values)[0]
         after = metrics.dice_torch(fixed_l, geometry.warp_labels(moving_l, on_model_grid), label_values)[0]
         dice_gain = float(after - before)
