@@ -139,19 +139,6 @@ def adapt_on_grid(total: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor
     else:
         sim = similarity_loss(settings.similarity)
         sim_region = lambda warped: sim(warped, fixed[region]) * (warped.numel() / voxels)  # noqa: E731
-    # the points of the region on the images' grid, for grid_sample (geometry.warp on the region)
-    points = geometry.identity_grid(shape, moving.device, moving.dtype)[region[2:]].unsqueeze(0)
-    to_normalised = [2.0 / max(n - 1, 1) for n in shape]
-
-    def smoothed(field: torch.Tensor) -> torch.Tensor:
-        for _ in range(settings.smooth):
-            field = box_mean(field, 3)
-        return field
-
-    def warp_region(field: torch.Tensor) -> torch.Tensor:
-        offset = torch.stack([field[:, axis] * to_normalised[axis] for axis in (2, 1, 0)], dim=-1)
-        return F.grid_sample(moving, points + offset, mode="bilinear", padding_mode="zeros", align_corners=True)
-
     sim0, reg0 = _objective(full_map, moving, fixed, settings)
     variable = full_map[region].clone().requires_grad_(True)
     mask = update_mask[region] if update_mask is not None else None
@@ -160,8 +147,9 @@ def adapt_on_grid(total: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor
         for _ in range(iterations):
             if cancel is not None and cancel():
                 raise Cancelled("test-time optimisation cancelled by the user")
-            field = smoothed(variable)
-            loss = sim_region(warp_region(field)) + settings.lambda_reg * diffusion_regulariser(field, shape)
+            field = _smoothed(variable, settings.smooth)
+            loss = (sim_region(geometry.warp(moving, field, region=region[2:]))
+                    + settings.lambda_reg * diffusion_regulariser(field, shape))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if mask is not None:
@@ -172,16 +160,21 @@ def adapt_on_grid(total: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor
     summary = {"iterations": iterations, "grid": list(shape), "similarity_before": sim0,
                "similarity_after": sim1, "regulariser_before": reg0, "regulariser_after": reg1}
     with torch.no_grad():
-        return smoothed(full_map), summary
+        return _smoothed(full_map, settings.smooth), summary
+
+
+def _smoothed(field: torch.Tensor, passes: int) -> torch.Tensor:
+    """``field`` after ``passes`` 3x3x3 box filters: the map ``adapt`` uses of its variable."""
+    for _ in range(passes):
+        field = box_mean(field, 3)
+    return field
 
 
 def _objective(total: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, settings: AdaptSettings) -> tuple[float, float]:
     """The similarity and regulariser of ``total`` resampled onto the images' grid and filtered as
     ``adapt_on_grid`` uses its variable."""
     with torch.no_grad():
-        field = geometry.resize_displacement(total, tuple(moving.shape[2:]))
-        for _ in range(settings.smooth):
-            field = box_mean(field, 3)
+        field = _smoothed(geometry.resize_displacement(total, tuple(moving.shape[2:])), settings.smooth)
         similarity = similarity_loss(settings.similarity, **({"window": settings.window} if settings.similarity == "ncc" else {}))
         return float(similarity(geometry.warp(moving, field), fixed)), float(diffusion_regulariser(field))
 

@@ -51,24 +51,31 @@ def identity_grid(shape: tuple[int, int, int], device: torch.device | str, dtype
     return grid
 
 
-def sampling_grid(disp: Tensor) -> Tensor:
+def sampling_grid(disp: Tensor, shape: tuple[int, int, int] | None = None,
+                  region: tuple[slice, slice, slice] | None = None) -> Tensor:
     """Normalised grid_sample grid (B, D, H, W, 3) for the points x + u(x): the cached identity plus
-    the displacement scaled to normalised units (no host-device traffic, no per-call index grids)."""
+    the displacement scaled to normalised units (no host-device traffic, no per-call index grids).
+    ``disp`` covers the grid ``shape`` (default: its own), or only the box ``region`` of it."""
     _check_field(disp)
-    shape = tuple(disp.shape[2:])
+    shape = tuple(disp.shape[2:]) if shape is None else tuple(shape)
     scale = [2.0 / max(n - 1, 1) for n in shape]
     # grid_sample wants the last dimension ordered (W, H, D), i.e. reversed array axes.
     offset = torch.stack((disp[:, 2] * scale[2], disp[:, 1] * scale[1], disp[:, 0] * scale[0]), dim=-1)
-    return offset.add_(identity_grid(shape, disp.device, disp.dtype))
+    identity = identity_grid(shape, disp.device, disp.dtype)
+    return offset.add_(identity if region is None else identity[region])
 
 
-def warp(image: Tensor, disp: Tensor, mode: str = "bilinear", padding_mode: str = "zeros") -> Tensor:
-    """Resample ``image`` (B, C, D, H, W) at x + u(x). ``mode``: 'bilinear' (trilinear) or 'nearest'."""
+def warp(image: Tensor, disp: Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
+         region: tuple[slice, slice, slice] | None = None) -> Tensor:
+    """Resample ``image`` (B, C, D, H, W) at x + u(x). ``mode``: 'bilinear' (trilinear) or 'nearest'.
+    ``region``: ``disp`` covers only this box (slices along D, H, W) of the image's grid; the
+    result is that box's."""
     if image.dim() != 5:
         raise MorphSeekError(f"an image batch must have shape (B, C, D, H, W), got {tuple(image.shape)}")
-    if image.shape[2:] != disp.shape[2:]:
-        raise MorphSeekError(f"image grid {tuple(image.shape[2:])} differs from field grid {tuple(disp.shape[2:])}")
-    grid = sampling_grid(disp.to(image.dtype) if image.is_floating_point() else disp)
+    covered = image.shape[2:] if region is None else tuple(len(range(*r.indices(n))) for r, n in zip(region, image.shape[2:]))
+    if tuple(covered) != tuple(disp.shape[2:]):
+        raise MorphSeekError(f"image grid {tuple(covered)} differs from field grid {tuple(disp.shape[2:])}")
+    grid = sampling_grid(disp.to(image.dtype) if image.is_floating_point() else disp, tuple(image.shape[2:]), region)
     source = image if image.is_floating_point() else image.to(disp.dtype)
     out = F.grid_sample(source, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     return out if image.is_floating_point() else out.round().to(image.dtype)

@@ -131,9 +131,7 @@ def local_ncc_to(fixed: Tensor, window: int = 9, eps: float = 1e-5, voxels: int 
         _check_pair(a, fixed, "local_ncc_to")
         a = a - a.detach().mean(dim=(2, 3, 4), keepdim=True)
         s_a, s_aa, s_ab = torch.chunk(_box_sum(torch.cat([a, a * a, a * b], dim=1), window), 3, dim=1)
-        cross = s_ab - s_a * s_b / count
-        var_a = (s_aa - s_a * s_a / count).clamp(min=0.0)
-        cc = (cross * cross + eps) / (var_a * var_b + eps)
+        cc = _squared_ncc(s_a, s_aa, s_b, s_ab, var_b, count, eps)
         return 1.0 - torch.mean(cc) if voxels is None else (cc.numel() - torch.sum(cc)) / voxels
 
     return loss
@@ -150,9 +148,15 @@ def _local_ncc_map(a: Tensor, b: Tensor, window: int, eps: float) -> Tensor:
     stacked = torch.cat([a, b, a * a, b * b, a * b], dim=1)
     sums = _box_sum(stacked, window)
     s_a, s_b, s_aa, s_bb, s_ab = torch.chunk(sums, 5, dim=1)
+    var_b = (s_bb - s_b * s_b / count).clamp(min=0.0)  # rounding can make it slightly negative
+    return _squared_ncc(s_a, s_aa, s_b, s_ab, var_b, count, eps)
+
+
+def _squared_ncc(s_a: Tensor, s_aa: Tensor, s_b: Tensor, s_ab: Tensor, var_b: Tensor, count: Tensor,
+                 eps: float) -> Tensor:
+    """The squared local NCC from the window sums of a, a^2, b, ab and b's window variance."""
     cross = s_ab - s_a * s_b / count
-    var_a = (s_aa - s_a * s_a / count).clamp(min=0.0)  # rounding can make these slightly negative
-    var_b = (s_bb - s_b * s_b / count).clamp(min=0.0)
+    var_a = (s_aa - s_a * s_a / count).clamp(min=0.0)  # rounding can make it slightly negative
     return (cross * cross + eps) / (var_a * var_b + eps)
 
 

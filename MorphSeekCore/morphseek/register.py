@@ -371,19 +371,18 @@ def _adapt_step(last: StepTensors, moving_t: torch.Tensor, fixed_t: torch.Tensor
         fine_images = (io.image_to_model_grid(moving, fine_ref, transform, percentiles, names["moving"]).to(fixed_t.device),
                        io.image_to_model_grid(fixed, fine_ref, None, percentiles, names["fixed"]).to(fixed_t.device))
     total, summary = adapt_total(last.total, moving_t, fixed_t, settings, cancel, fine_images)
-    on_model_grid = geometry.resize_displacement(total, tuple(last.total.shape[2:]))
     folded = float(geometry.folding_fraction(total)[0])
     sim_gain = (summary["similarity_before"] - summary["similarity_after"]) / max(abs(summary["similarity_before"]), 1e-12)
     dice_gain = None
     # on the model grid, as the network's steps: it misses what the finer stage adds (the step's
     # record has its Dice on the fixed grid)
     if moving_l is not None and fixed_l is not None:
+        on_model_grid = geometry.resize_displacement(total, tuple(last.total.shape[2:]))
         before = metrics.dice_torch(fixed_l, geometry.warp_labels(moving_l, last.total), label_values)[0]
         after = metrics.dice_torch(fixed_l, geometry.warp_labels(moving_l, on_model_grid), label_values)[0]
         dice_gain = float(after - before)
     candidate = Candidate(sim_gain, dice_gain, sim_gain, 100.0 * folded)
-    grid = fine_ref if tuple(total.shape) != tuple(last.total.shape) else None
-    return StepTensors(last.index + 1, total, [candidate], 0, time.perf_counter() - start, kind="adapt", grid=grid)
+    return StepTensors(last.index + 1, total, [candidate], 0, time.perf_counter() - start, kind="adapt", grid=fine_ref)
 
 
 def register_images(
@@ -520,18 +519,13 @@ def register_images(
         del zero
 
     records: list[StepRecord] = []
-    grid_exporters: dict[tuple, export.FieldExporter] = {}
 
     def field_of(step: StepTensors) -> torch.Tensor:
         """The step's physical field on the fixed grid (test-time optimisation's finer stage has its
-        own grid: the same export with that grid's geometry)."""
+        own grid: the same export with that grid's geometry, made for its one step)."""
         if step.grid is None:
             return exporter.field(step.total)
-        key = tuple(step.grid.GetSize())
-        if key not in grid_exporters:
-            grid_exporters[key] = export.FieldExporter(step.grid, fixed, transform, device=torch_device,
-                                                       dtype=torch.float32)
-        return grid_exporters[key].field(step.total)
+        return export.FieldExporter(step.grid, fixed, transform, device=torch_device, dtype=torch.float32).field(step.total)
 
     def finish_step(step: StepTensors) -> None:
         """The step's total map on the fixed grid: with labels its Dice, always; its Jacobian (NJD)

@@ -39,6 +39,18 @@ def test_fractional_displacement_is_trilinear():
     assert torch.allclose(warped[:, :, 1:-1, 1:-1, 1:-2], expected[:, :, 1:-1, 1:-1, 1:-2], atol=1e-3)
 
 
+def test_warp_of_a_box_is_that_box_of_the_whole_warp():
+    # test-time optimisation warps only the box around the content: the same points, the same values
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 2, 9, 10, 11, generator=g)
+    disp = 1.5 * torch.randn(1, 3, 9, 10, 11, generator=g)
+    box = (slice(2, 7), slice(0, 10), slice(3, 9))
+    part = geometry.warp(image, disp[(slice(None), slice(None), *box)], region=box)
+    torch.testing.assert_close(part, geometry.warp(image, disp)[(slice(None), slice(None), *box)], rtol=0, atol=1e-6)
+    with pytest.raises(MorphSeekError, match="differs from field grid"):
+        geometry.warp(image, disp, region=box)
+
+
 def test_labels_warp_nearest_and_keep_values():
     labels = torch.zeros(1, 1, 10, 10, 10, dtype=torch.int64)
     labels[:, :, 2:5, 2:5, 2:5] = 7
