@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clean-similarity", action="store_true",
                    help="the similarity compares the pair's noise-free images (docs/QUALITY.md section 8)")
     p.add_argument("--lambda-reg", type=float, default=1.0)
+    p.add_argument("--distill", type=int, default=0, metavar="N",
+                   help="self-distillation: pull each step towards the model's map refined by N iterations of "
+                        "test-time optimisation (docs/QUALITY.md section 10); 0: none")
+    p.add_argument("--distill-weight", type=float, default=1.0)
+    p.add_argument("--teacher", type=Path, help="the (fixed) network whose maps --distill refines; default: --init")
     p.add_argument("--refine-steps", type=int, default=3)
     p.add_argument("--validate-every", type=int, default=100)
     p.add_argument("--checkpoint-every", type=int, default=50)
@@ -67,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     last, best = args.out / "last.pt", args.out / "best.pt"
     config = WarmupConfig(grid=(0, 0, 0), spacing=args.spacing, iterations=args.iterations,
                           learning_rate=args.lr, similarity=args.similarity, window=args.window, presmooth=args.presmooth,
-                          clean_similarity=args.clean_similarity,
+                          clean_similarity=args.clean_similarity, distill=args.distill,
+                          distill_weight=args.distill_weight,
+                          teacher=str(args.teacher or args.init) if args.distill else None,
                           lambda_reg=args.lambda_reg, refine_steps=args.refine_steps,
                           checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
                           seed=args.seed, channels_last=True, workers=args.workers)
@@ -89,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 best_file.write_text(json.dumps({"iteration": iteration, **row}, indent=1))
         elif iteration % 25 == 0:
             print(f"it {iteration}: loss {row['loss']:.4f} sim {row['sim']:.4f} reg {row['reg']:.4f} "
+                  + (f"distill {row['distill']:.4f} " if "distill" in row else "") +
                   f"{row['seconds']:.2f} s", flush=True)
 
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None

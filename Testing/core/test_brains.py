@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from morphseek import io
+from morphseek import geometry, io
 from morphseek.brains import EVAL_LABELS, BrainSet, t1_image
 from morphseek.errors import MorphSeekError
 
@@ -126,3 +126,51 @@ def test_warm_up_with_clean_similarity_compares_the_noise_free_images(tmp_path):
 def test_a_folder_that_was_not_prepared_is_named(tmp_path):
     with pytest.raises(MorphSeekError, match="not a prepared brain folder"):
         BrainSet.open(tmp_path)
+
+
+def test_distillation_pulls_the_network_towards_the_teachers_refined_map(tmp_path):
+    """``WarmupConfig.distill``: the target is a FIXED teacher network's map refined by test-time
+    optimisation (a better objective than the teacher's own map), the loss pulls the trained
+    network's map towards it, and the teacher is part of the run's identity."""
+    from morphseek.checkpoint import save_checkpoint
+    from morphseek.losses import similarity_loss
+    from morphseek.nets.policy import build_model
+    from morphseek.train.warmup import WarmupConfig, _check_same_run, teacher_map, warmup, warmup_loss
+
+    (tmp_path / "brains").mkdir()
+    data = _prepared(tmp_path / "brains", {"train": ["a", "b"], "heldback": ["x"]})
+    torch.manual_seed(0)
+    teacher = build_model({"backbone": "tiny"}).eval()
+    save_checkpoint(tmp_path / "teacher", teacher, None)
+    ref = io.model_grid_at(data.reference, 4.0, teacher.divisor)
+    sample = data.sample_pair(np.random.default_rng(3), ref, identical=0.0, clean=True)
+    clean = (sample.moving_clean, sample.fixed_clean)
+    target = teacher_map(teacher, sample.moving, sample.fixed, 1, 20, clean)
+    sim = similarity_loss("ncc", window=3)
+    with torch.no_grad():
+        encoded = teacher.encode(sample.moving, sample.fixed)
+        own = teacher.decode(encoded.skips, encoded.mu)
+        assert float(sim(geometry.warp(clean[0], target), clean[1])) < float(sim(geometry.warp(clean[0], own), clean[1]))
+
+    student = build_model({"backbone": "tiny"})
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
+    distances = []
+    for _ in range(30):
+        loss, terms = warmup_loss(student, sample.moving, sample.fixed, sim, 1.0, 0.0, targets=clean,
+                                  teacher=target, distill_weight=100.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        distances.append(terms["distill"])
+    assert distances[-1] < 0.5 * distances[0]
+
+    with pytest.raises(MorphSeekError, match="distill needs a teacher"):
+        WarmupConfig(spacing=4.0, distill=5).check()
+    config = WarmupConfig(grid=(0, 0, 0), spacing=4.0, iterations=2, similarity="ncc", window=3, clean_similarity=True,
+                          validate_every=0, distill=5, teacher=str(tmp_path / "teacher"))
+    result = warmup(build_model({"backbone": "tiny"}), data, config, tmp_path / "warm")
+    assert result.done == 2 and result.last["distill"] > 0
+    other = WarmupConfig(**{**config.__dict__, "teacher": str(tmp_path / "another")})
+    with pytest.raises(MorphSeekError, match="another run: teacher"):
+        _check_same_run(tmp_path / "warm", config.run_config(), result.model.config, other, result.model)
+

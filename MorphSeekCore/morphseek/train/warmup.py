@@ -51,6 +51,17 @@ class WarmupConfig:
     #: sub-voxel shift that smooths the moving image's noise then gains nothing, without the blur
     #: of ``presmooth``, which also blurs the optimum (docs/QUALITY.md section 8)
     clean_similarity: bool = False
+    #: distillation from test-time optimisation: the ``teacher`` checkpoint's ``refine_steps``-step
+    #: map of the pair, refined by this many ``adapt`` iterations on the model grid, is a target map;
+    #: the loss adds ``distill_weight`` x the mean squared distance (model-grid voxels) of the
+    #: trained step's composed map to it. No labels: the teacher optimises the same kind of
+    #: objective per pair, which one pass of a network does not reach (docs/QUALITY.md section 10).
+    #: The teacher is a FIXED network: started from the model being trained, adapt's Adam steps
+    #: (about the learning rate per iteration, however small the gradient) always add motion, and
+    #: the student chasing them grew its maps without bound (8 to 14 voxels in 12 iterations). 0: none
+    distill: int = 0
+    distill_weight: float = 1.0
+    teacher: str | None = None
     workers: int = 1  # threads synthesising pairs ahead (data sets with sample_pair; GPUs want many)
     iterations: int = 150
     learning_rate: float = 1e-3
@@ -75,7 +86,11 @@ class WarmupConfig:
             problems.append(f"validate_every must be >= 0 (got {self.validate_every})")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             problems.append(f"learning_rate must be a finite number > 0 (got {self.learning_rate})")
-        for name in ("lambda_reg", "beta_kl"):
+        if int(self.distill) < 0:
+            problems.append(f"distill must be >= 0 iterations (got {self.distill})")
+        if int(self.distill) and not self.teacher:
+            problems.append("distill needs a teacher checkpoint")
+        for name in ("lambda_reg", "beta_kl", "distill_weight"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 problems.append(f"{name} must be a finite number >= 0 (got {value})")
@@ -117,7 +132,7 @@ class WarmupConfig:
 
 #: Settings that must match for ``resume=True`` to continue a checkpoint: another value means another run.
 RUN_IDENTITY = ("grid", "spacing", "similarity", "window", "presmooth", "clean_similarity", "lambda_reg", "beta_kl",
-                "learning_rate", "seed", "percentiles", "refine_steps")
+                "learning_rate", "seed", "percentiles", "refine_steps", "distill", "distill_weight", "teacher")
 
 
 def random_state() -> dict:
@@ -141,21 +156,16 @@ def set_random_state(state: dict) -> None:
 
 
 def warmup_loss(model, moving, fixed, sim, lambda_reg: float, beta_kl: float,
-                prior_steps: int = 0, targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+                prior_steps: int = 0, targets: tuple[torch.Tensor, torch.Tensor] | None = None,
+                teacher: torch.Tensor | None = None, distill_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
     """One evaluation of L_warm at tau = 0 on a batch; returns the loss and its terms (floats).
 
     ``prior_steps``: that many refinement steps of the current model first (no gradients), so the
     loss is that of step ``prior_steps + 1`` composed onto them (``register.refine``'s state).
     ``targets``: (moving, fixed) images the similarity compares instead of the network's inputs
-    (their noise-free versions, ``WarmupConfig.clean_similarity``)."""
-    total, state = None, moving
-    if prior_steps:
-        with torch.no_grad():
-            total = torch.zeros(moving.shape[0], 3, *moving.shape[2:], device=moving.device, dtype=moving.dtype)
-            for _ in range(prior_steps):
-                enc = model.encode(state, fixed)
-                total = geometry.compose(total, model.decode(enc.skips, enc.mu))
-                state = geometry.warp(moving, total)
+    (their noise-free versions, ``WarmupConfig.clean_similarity``). ``teacher``: a target map (the
+    same shape as the composed map, ``teacher_map``) the composed map is pulled towards."""
+    total, state = (_refined(model, moving, fixed, prior_steps) if prior_steps else (None, moving))
     enc = model.encode(state, fixed)
     disp = model.decode(enc.skips, enc.mu)
     full = disp if total is None else geometry.compose(total, disp)
@@ -164,8 +174,38 @@ def warmup_loss(model, moving, fixed, sim, lambda_reg: float, beta_kl: float,
     l_reg = diffusion_regulariser(disp)
     l_kl = kl_standard_normal(enc.mu, enc.log_sigma)
     loss = l_sim + lambda_reg * l_reg + beta_kl * l_kl
-    terms = {"loss": loss.item(), "sim": l_sim.item(), "reg": l_reg.item(), "kl": l_kl.item()}
-    return loss, terms
+    terms = {"sim": l_sim.item(), "reg": l_reg.item(), "kl": l_kl.item()}
+    if teacher is not None:
+        l_distill = (full - teacher).square().sum(dim=1).mean()
+        loss = loss + distill_weight * l_distill
+        terms["distill"] = l_distill.item()
+    return loss, {"loss": loss.item(), **terms}
+
+
+@torch.no_grad()
+def _refined(model, moving, fixed, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The map of ``steps`` refinement steps at tau = 0 (``register.refine``'s) and the moving image
+    warped by it, without gradients."""
+    total = torch.zeros(moving.shape[0], 3, *moving.shape[2:], device=moving.device, dtype=moving.dtype)
+    state = moving
+    for _ in range(steps):
+        enc = model.encode(state, fixed)
+        total = geometry.compose(total, model.decode(enc.skips, enc.mu))
+        state = geometry.warp(moving, total)
+    return total, state
+
+
+def teacher_map(model, moving, fixed, steps: int, iterations: int, targets=None) -> torch.Tensor:
+    """The target of ``WarmupConfig.distill``: the (teacher) model's ``steps``-step map of the pair,
+    refined by ``iterations`` of test-time optimisation on the model grid (``adapt``'s default
+    settings) on the images the similarity compares (``targets`` when given)."""
+    from ..adapt import AdaptSettings, adapt_on_grid  # the warm-up without distillation does not need it
+
+    total, _ = _refined(model, moving, fixed, steps)
+    sim_moving, sim_fixed = targets if targets is not None else (moving, fixed)
+    target, _ = adapt_on_grid(total.contiguous(), sim_moving.contiguous(), sim_fixed.contiguous(), AdaptSettings(),
+                              iterations)
+    return target
 
 
 def _to_device(sample, device, channels_last):
@@ -236,6 +276,9 @@ def warmup(
     if config.channels_last:
         model.to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    teacher_model = None
+    if config.distill:
+        teacher_model = load_checkpoint(config.teacher, device=device)[0].eval().requires_grad_(False)
     start = 0
     rng = random.Random(config.seed)  # the pair order
     torch.manual_seed(config.seed)  # and every global generator, so that runs (and resumes) repeat
@@ -302,7 +345,10 @@ def warmup(
                     sample = dataset.load_pair(pair, config.grid)
                 moving, fixed, targets = _to_device(sample, device, config.channels_last)
                 prior = rng.randrange(config.refine_steps) if config.refine_steps > 1 else 0
-                loss, terms = warmup_loss(model, moving, fixed, sim, lambda_reg, config.beta_kl, prior, targets)
+                teacher = (teacher_map(teacher_model, moving, fixed, config.refine_steps, config.distill, targets)
+                           if config.distill else None)
+                loss, terms = warmup_loss(model, moving, fixed, sim, lambda_reg, config.beta_kl, prior, targets,
+                                          teacher, config.distill_weight)
                 if not math.isfinite(terms["loss"]):
                     raise MorphSeekError(
                         f"warm-up diverged at iteration {iteration} (loss {terms['loss']}) on pair {pair} of "
