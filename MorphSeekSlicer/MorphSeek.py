@@ -46,6 +46,7 @@ from MorphSeekLib.runs import DeviceProbe, FinetuneRun, RegistrationRun, WorkerL
 POLL_MS = 100
 SAMPLE_CATEGORY = "MorphSeek"
 ADAPT_DEFAULT = 30  # test-time optimisation iterations, as `morphseek demo` (docs/QUALITY.md)
+ADAPT_LAMBDA_DEFAULT = 1.0  # its regulariser weight, as `morphseek register --adapt-lambda` (defaults.ADAPT_LAMBDA)
 
 
 class MorphSeek(ScriptedLoadableModule):
@@ -121,6 +122,8 @@ class MorphSeekParameterNode:
     #: test-time optimisation after the network's steps (one more step; 0: off). The default is the
     #: demo's (``morphseek demo --adapt 30``): the shipped brain model gains most of its Dice with it.
     adaptIterations: Annotated[int, WithinRange(0, 500)] = ADAPT_DEFAULT
+    #: its smoothness (regulariser weight): higher gives a smoother map for some Dice
+    adaptLambda: Annotated[float, WithinRange(0, 10)] = ADAPT_LAMBDA_DEFAULT
     outputTransform: vtkMRMLGridTransformNode
     finetuneFromScene: bool = True
     datasetPath: str = ""
@@ -387,7 +390,7 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 p.fixedVolume, p.movingVolume, p.fixedSegmentation, p.movingSegmentation,
                 model=p.modelPath or None, steps=p.steps, trajectories=p.trajectories,
                 tau=float(p.temperature), device=p.device, prealign="affine" if p.prealign else "none",
-                adapt=p.adaptIterations)
+                adapt=p.adaptIterations, adapt_lambda=float(p.adaptLambda))
             with slicer.util.WaitCursor():
                 run = RegistrationRun(self.logic.sceneLogic, request, self._launch()).start()
         except Exception as error:  # MorphSeekError: bad input, missing model; nothing was created

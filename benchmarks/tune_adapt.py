@@ -58,6 +58,13 @@ VARIANTS = {
     "30 it + 5 fine": dict(iterations=30, fine_iterations=5, window=5),
     "50 it + 10 fine, lambda 2": dict(iterations=50, fine_iterations=10, lambda_reg=2.0, window=5),
     "50 it + 10 fine, update everywhere": dict(iterations=50, fine_iterations=10, foreground=0.0, window=5),
+    # smoother maps (SDlogJ) at what cost in Dice (2026-12-01, later)
+    "30 it + 10 fine, window 3, smooth 2": dict(iterations=30, fine_iterations=10, window=3, smooth=2),
+    "30 it + 10 fine, window 3, lambda 2": dict(iterations=30, fine_iterations=10, window=3, lambda_reg=2.0),
+    "30 it + 10 fine, window 3, lambda 4": dict(iterations=30, fine_iterations=10, window=3, lambda_reg=4.0),
+    "30 it + 10 fine, window 3, lr 0.25": dict(iterations=30, fine_iterations=10, window=3, learning_rate=0.25),
+    "30 it + 10 fine, window 3, smooth 2, lambda 2": dict(iterations=30, fine_iterations=10, window=3, smooth=2,
+                                                          lambda_reg=2.0),
 }
 
 
@@ -69,9 +76,9 @@ def pair_images(data: BrainSet, subject: str, seed: int, skull_strip: bool = Tru
     return image, seg
 
 
-def score(fixed_seg, moving_seg, field) -> tuple[float, float]:
+def score(fixed_seg, moving_seg, field) -> tuple[float, float, float]:
     values = benchmark_score(fixed_seg, moving_seg, field)
-    return values["dice"], values["njd"]
+    return values["dice"], values["njd"], values["sdlogj"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     data = BrainSet.open(args.data)
     base_cost = 50 + 8 * 10  # 50 model-grid + 10 finer iterations, the reference of the recorded costs
-    rows: dict[str, list[tuple[float, float]]] = {}
+    rows: dict[str, list[tuple[float, float, float]]] = {}
     for n, (moving_id, fixed_id) in enumerate(PAIRS):
         strip = not args.whole_head
         (fixed, fixed_seg), (moving, moving_seg) = (pair_images(data, fixed_id, 2000 + n, strip),
@@ -100,18 +107,20 @@ def main(argv: list[str] | None = None) -> int:
             result = register_images(fixed, moving, args.model, steps=3, prealign="none", device="cpu",
                                      adapt=fields["iterations"], adapt_settings=AdaptSettings(**fields))
             rows.setdefault(name, []).append(score(fixed_seg, moving_seg, result.steps[-1].field))
-            print(f"{moving_id}->{fixed_id} {name:<26} Dice {rows[name][-1][0]:6.2f}  NJD {rows[name][-1][1]:.3f} %  "
+            dice, njd, sdlogj = rows[name][-1]
+            print(f"{moving_id}->{fixed_id} {name:<26} Dice {dice:6.2f}  NJD {njd:.3f} %  SDlogJ {sdlogj:.3f}  "
                   f"{time.perf_counter() - tic:5.1f} s", flush=True)
     summary = {}
     for name, values in rows.items():
         fields = VARIANTS.get(name, {"iterations": 0, "fine_iterations": 0})
         cost = (fields["iterations"] + 8 * fields["fine_iterations"]) / base_cost
-        dice, njd = np.asarray(values).T
+        dice, njd, sdlogj = np.asarray(values).T
         summary[name] = {"dice": float(dice.mean()), "dice_std": float(dice.std()), "njd": float(njd.mean()),
-                         "relative_cost": cost}
-    print(f"\n{'variant':<36} {'Dice %':>14} {'NJD %':>7} {'cost':>5}")
+                         "sdlogj": float(sdlogj.mean()), "relative_cost": cost}
+    print(f"\n{'variant':<46} {'Dice %':>14} {'NJD %':>7} {'SDlogJ':>6} {'cost':>5}")
     for name, s in summary.items():
-        print(f"{name:<36} {s['dice']:6.2f} ± {s['dice_std']:5.2f} {s['njd']:7.3f} {s['relative_cost']:5.2f}")
+        print(f"{name:<46} {s['dice']:6.2f} ± {s['dice_std']:5.2f} {s['njd']:7.3f} {s['sdlogj']:6.3f} "
+              f"{s['relative_cost']:5.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "pairs": PAIRS, "summary": summary}, indent=1) + "\n")
     return 0

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import geometry
+from . import defaults, geometry
 from .errors import Cancelled, MorphSeekError
 from .losses import box_mean, diffusion_regulariser, local_ncc_to, similarity_loss
 
@@ -35,7 +35,7 @@ class AdaptSettings:
     learning_rate: float = 0.5  # voxels of the map's grid per Adam step, roughly
     similarity: str = "ncc"
     window: int = 3  # local NCC window on the grid the images are given on
-    lambda_reg: float = 1.0
+    lambda_reg: float = defaults.ADAPT_LAMBDA  # higher: smoother maps, lower Dice (``defaults``)
     #: then this many iterations of the map on a twice finer grid with the same corner voxels (the
     #: images prepared again on it): the model grid cannot follow structures a few millimetres wide
     #: (+5 Dice points on the training pairs). About 8x the voxels of the model grid, of which only

@@ -589,6 +589,7 @@ def register_images(
 
     last = records[-1]
     settings = {"steps": steps, "trajectories": trajectories, "tau": tau, "prealign": prealign, "adapt": adapt,
+                "adapt_settings": dict(vars(adapt_settings or AdaptSettings()), iterations=adapt) if adapt else None,
                 "autocast": autocast,
                 "device": str(torch_device), "seed": seed, "grid": list(grid),
                 "model": str(model) if isinstance(model, (str, Path)) else net.config.get("backbone", "model"),

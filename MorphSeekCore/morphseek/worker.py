@@ -20,7 +20,8 @@ lines on its standard output, one object per line, each with an ``"event"`` key:
     the candidates' rewards, the kept one, Dice, NJD %, seconds). With ``settings.adapt`` = N > 0
     the network's ``steps`` are followed by one more step of kind ``adapt``: N iterations of
     test-time optimisation of the total map on this pair (``morphseek.adapt``); ``total_steps`` then
-    counts it (``steps`` + 1) and its record has one candidate (reward = the similarity gain).
+    counts it (``steps`` + 1) and its record has one candidate (reward = the similarity gain);
+    ``settings.adapt_lambda`` is its regulariser weight (``AdaptSettings.lambda_reg``).
 ``{"event": "done", "result": {...}}`` or ``{"event": "error", "error": kind, "message": ...,
 "traceback": ...}``
     the last line. ``error`` kinds: ``input`` (a MorphSeekError: the message names the file and the
@@ -38,7 +39,7 @@ Job files (JSON, paths absolute or relative to the job file's folder)::
      "inputs": {"fixed": "f.nrrd", "moving": "m.nrrd", "fixed_seg": "fs.nrrd", "moving_seg": "ms.nrrd"},
      "names": {"fixed": "fixed volume 'CT'", ...},
      "settings": {"steps": 3, "trajectories": 1, "tau": 0.3, "prealign": "affine", "adapt": 0,
-                  "device": "auto", "seed": 0}}
+                  "adapt_lambda": 1.0, "device": "auto", "seed": 0}}
     {"kind": "finetune", "model": "model.pt", "dataset": "cases/manifest.json", "checkpoint": "tuned.pt",
      "settings": {"warmup_iterations": 0, "episodes": 20, "steps": 3, "trajectories": 4, "tau": 0.3,
                   "device": "auto"}}
@@ -206,6 +207,7 @@ def run_register(job: dict, protocol: Protocol, inputs: RegisterInputs | None = 
             return run_register(job, protocol, inputs)
         finally:
             inputs.stop()
+    from .adapt import AdaptSettings
     from .register import register_images
 
     settings, out = job["settings"], Path(job["output"])
@@ -245,6 +247,7 @@ def run_register(job: dict, protocol: Protocol, inputs: RegisterInputs | None = 
         trajectories=int(settings.get("trajectories", defaults.SEARCH_TRAJECTORIES)),
         tau=float(settings.get("tau", defaults.TAU)), prealign=str(settings.get("prealign", defaults.PREALIGN)),
         device=str(settings.get("device", "auto")), seed=int(settings.get("seed", 0)), adapt=adapt,
+        adapt_settings=AdaptSettings(lambda_reg=float(settings.get("adapt_lambda", defaults.ADAPT_LAMBDA))),
         prealigned=inputs.child.result if inputs.child is not None else None,
         keep_step_images=True, progress=progress, names=names)
     report = result.report()

@@ -123,6 +123,7 @@ class RegistrationRequest:
     fixed_volume_id: str
     output_name: str
     adapt: int = 0  # test-time optimisation iterations after the network's steps (0: none)
+    adapt_lambda: float = 1.0  # its regulariser weight: higher, smoother (``AdaptSettings.lambda_reg``)
 
     @property
     def total_steps(self) -> int:
@@ -238,9 +239,10 @@ class SceneLogic:
     def prepare(self, fixed_volume, moving_volume, fixed_segmentation=None, moving_segmentation=None,
                 model=None, steps: int = 3, trajectories: int = 1, tau: float = 0.3, device: str = "auto",
                 prealign: str = "affine", seed: int = 0, output_name: str | None = None,
-                adapt: int = 0) -> RegistrationRequest:
+                adapt: int = 0, adapt_lambda: float = 1.0) -> RegistrationRequest:
         """Read and check the inputs (nothing is created in the scene). ``adapt``: iterations of
-        test-time optimisation after the network's steps (one more step; 0: none)."""
+        test-time optimisation after the network's steps (one more step; 0: none); ``adapt_lambda``
+        its regulariser weight (higher: a smoother map, for some Dice)."""
         if fixed_volume is None or moving_volume is None:
             raise MorphSeekError("choose a fixed and a moving volume")
         if fixed_volume is moving_volume:
@@ -249,6 +251,8 @@ class SceneLogic:
             raise MorphSeekError(f"steps ({steps}) and candidates ({trajectories}) must be at least 1")
         if isinstance(adapt, bool) or not isinstance(adapt, int) or adapt < 0:
             raise MorphSeekError(f"test-time optimisation iterations must be a whole number >= 0, got {adapt!r}")
+        if isinstance(adapt_lambda, bool) or not isinstance(adapt_lambda, (int, float)) or not 0 <= adapt_lambda < math.inf:
+            raise MorphSeekError(f"test-time optimisation smoothness must be a number >= 0, got {adapt_lambda!r}")
         fixed = mrml.volume_to_image(fixed_volume)
         moving = mrml.volume_to_image(moving_volume)
         for node, image in ((fixed_volume, fixed), (moving_volume, moving)):
@@ -277,7 +281,7 @@ class SceneLogic:
             device=device or "auto", prealign=prealign, seed=int(seed), names=names,
             fixed_volume_id=fixed_volume.GetID(),
             output_name=output_name or f"{moving_volume.GetName()} to {fixed_volume.GetName()}",
-            adapt=int(adapt),
+            adapt=int(adapt), adapt_lambda=float(adapt_lambda),
         )
 
     # -- phase 2 ------------------------------------------------------------------------------
@@ -285,6 +289,7 @@ class SceneLogic:
     def compute(request: RegistrationRequest, progress: ProgressCallback | None = None,
                 cancel: CancelCallback | None = None):
         """Run the engine in this process (no MRML access). Raises Cancelled when ``cancel()`` is true."""
+        from morphseek.adapt import AdaptSettings
         from morphseek.register import register_images
 
         return register_images(
@@ -292,7 +297,7 @@ class SceneLogic:
             fixed_seg=request.fixed_seg, moving_seg=request.moving_seg,
             steps=request.steps, trajectories=request.trajectories, tau=request.tau,
             prealign=request.prealign, device=request.device, seed=request.seed, adapt=request.adapt,
-            progress=progress, cancel=cancel, names=request.names,
+            adapt_settings=AdaptSettings(lambda_reg=request.adapt_lambda), progress=progress, cancel=cancel, names=request.names,
         )
 
     # -- phase 3 ------------------------------------------------------------------------------
@@ -328,12 +333,13 @@ class SceneLogic:
     def register(self, fixed_volume, moving_volume, fixed_segmentation=None, moving_segmentation=None, model=None,
                  steps: int = 3, trajectories: int = 1, device: str = "auto", progress: ProgressCallback | None = None,
                  cancel: CancelCallback | None = None, tau: float = 0.3, prealign: str = "affine",
-                 seed: int = 0, adapt: int = 0) -> RegistrationOutputs:
+                 seed: int = 0, adapt: int = 0, adapt_lambda: float = 1.0) -> RegistrationOutputs:
         """Register ``moving_volume`` to ``fixed_volume`` and return the created nodes (synchronous).
-        ``adapt`` > 0: that many iterations of test-time optimisation after the network's steps."""
+        ``adapt`` > 0: that many iterations of test-time optimisation after the network's steps,
+        with regulariser weight ``adapt_lambda``."""
         request = self.prepare(fixed_volume, moving_volume, fixed_segmentation, moving_segmentation, model=model,
                                steps=steps, trajectories=trajectories, tau=tau, device=device,
-                               prealign=prealign, seed=seed, adapt=adapt)
+                               prealign=prealign, seed=seed, adapt=adapt, adapt_lambda=adapt_lambda)
         result = self.compute(request, progress=progress, cancel=cancel)
         return self.create_nodes(request, result)
 

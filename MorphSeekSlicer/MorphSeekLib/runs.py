@@ -207,7 +207,8 @@ class RegistrationRun(WorkerRun):
         job = {"kind": "register", "model": str(request.model), "output": str(folder / "output"), "inputs": inputs,
                "names": request.names,
                "settings": {"steps": request.steps, "trajectories": request.trajectories, "tau": request.tau,
-                            "prealign": request.prealign, "adapt": request.adapt, "device": request.device,
+                            "prealign": request.prealign, "adapt": request.adapt,
+                            "adapt_lambda": request.adapt_lambda, "device": request.device,
                             "seed": request.seed}}
         self._start_worker(job)
         return self

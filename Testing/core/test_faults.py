@@ -311,6 +311,7 @@ NUMERIC_CASES = [
     ("demo", ["--adapt", "-3"], "--adapt"),
     ("demo", ["--trajectories", "1"], "--trajectories"),
     ("register", ["--adapt", "-1"], "--adapt"),
+    ("register", ["--adapt-lambda", "-1"], "--adapt-lambda"),
 ]
 REQUIRED = {"warmup": ["--data", "d", "--out", "o"], "register": ["--fixed", "f", "--moving", "m", "--model", "x",
             "--out", "o"], "evaluate": ["--data", "d", "--model", "x", "--out", "o"],

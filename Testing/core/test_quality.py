@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 
 from morphseek import adapt as adapt_module
-from morphseek import geometry, io, losses, metrics, synth
+from morphseek import defaults, geometry, io, losses, metrics, synth
 from morphseek.adapt import AdaptSettings, adapt, adapt_on_grid, fine_grid_shape
 from morphseek.errors import MorphSeekError
 from morphseek.checkpoint import load_model
@@ -238,3 +238,21 @@ def test_register_with_adapt_adds_one_step_that_improves_the_similarity(tmp_path
     after = np.abs(sitk.GetArrayFromImage(result.warped) - sitk.GetArrayFromImage(fixed)).mean()
     assert after < 0.8 * before
     json.dumps(report)  # JSON-ready
+    assert report["settings"]["adapt_settings"]["lambda_reg"] == AdaptSettings().lambda_reg == defaults.ADAPT_LAMBDA
+
+
+def test_a_higher_adapt_lambda_gives_a_smoother_map():
+    """``AdaptSettings.lambda_reg`` (``--adapt-lambda``, the panel's Smoothness): a higher weight, a
+    more even Jacobian (SDlogJ); the report records the setting."""
+    moving_t, fixed_t, _ = _smooth_pair()
+    fixed = io.from_array(fixed_t, sitk.Image([32, 32, 32], sitk.sitkFloat32))
+    moving = io.from_array(moving_t, fixed)
+    model = build_model({"backbone": "tiny"})
+    model.run_config = RunConfig(grid=(32, 32, 32), similarity="ncc")
+    sd_log_j = {}
+    for weight in (0.25, 4.0):
+        result = register_images(fixed, moving, model, steps=1, adapt=40, prealign="none", device="cpu",
+                                 adapt_settings=AdaptSettings(lambda_reg=weight, fine_iterations=0))
+        assert result.report()["settings"]["adapt_settings"]["lambda_reg"] == weight
+        sd_log_j[weight] = metrics.sd_log_j_from_det(sitk.GetArrayFromImage(result.jacobian))
+    assert sd_log_j[4.0] < 0.7 * sd_log_j[0.25], sd_log_j

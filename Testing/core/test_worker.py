@@ -151,7 +151,8 @@ def test_registration_job_with_test_time_optimisation_reports_it_as_one_more_ste
     reported like the others, with its files), counted in ``total_steps`` everywhere."""
     job = write_job({"kind": "register", "model": str(pair / "tiny.pt"), "output": str(tmp_path / "out"),
                      "inputs": {k: str(pair / f"{k}.nrrd") for k in ("fixed", "moving", "fixed_seg", "moving_seg")},
-                     "settings": {"steps": 2, "trajectories": 1, "adapt": 5, "device": "cpu", "prealign": "none"}},
+                     "settings": {"steps": 2, "trajectories": 1, "adapt": 5, "adapt_lambda": 2.5, "device": "cpu",
+                                  "prealign": "none"}},
                     tmp_path / "job.json")
     events, stderr, status = run_worker(job)
     assert status == 0, stderr[-3000:]
@@ -166,6 +167,7 @@ def test_registration_job_with_test_time_optimisation_reports_it_as_one_more_ste
     assert running == ["step 1/3: refining", "step 2/3: refining", "step 3/3: test-time optimisation (5 iterations)"]
     report = events[-1]["result"]["report"]
     assert report["settings"]["adapt"] == 5 and report["final"]["kind"] == "adapt" and len(report["steps"]) == 3
+    assert report["settings"]["adapt_settings"]["lambda_reg"] == 2.5  # the job's smoothness reached adapt
     assert events[-1]["result"]["files"]["warped"].endswith("step_03/warped.nrrd")
 
 

@@ -211,6 +211,9 @@ def test_bad_inputs_give_clear_errors_and_change_nothing(case, tmp_path, monkeyp
     for bad in (-1, 2.5, "30", True):
         with pytest.raises(MorphSeekError, match="test-time optimisation iterations must be a whole number >= 0"):
             logic.register(nodes["fixed"], nodes["moving"], model=model, adapt=bad)
+    for bad in (-1.0, float("nan"), float("inf"), "2", True):
+        with pytest.raises(MorphSeekError, match="test-time optimisation smoothness must be a number >= 0"):
+            logic.register(nodes["fixed"], nodes["moving"], model=model, adapt=30, adapt_lambda=bad)
     assert node_ids(scene) == before
 
 

@@ -139,11 +139,11 @@ def test_test_time_optimisation_arrives_as_one_more_step_of_the_live_preview(pai
     worker's job, the network's steps arrive, then one more step of kind "adapt", which joins the
     preview and the tables labelled as test-time optimisation, not as a network step."""
     scene, nodes, model = pair
-    request = request_for(scene, nodes, model, steps=2, trajectories=1, prealign="none", adapt=4)
-    assert request.adapt == 4 and request.total_steps == 3
+    request = request_for(scene, nodes, model, steps=2, trajectories=1, prealign="none", adapt=4, adapt_lambda=2.0)
+    assert request.adapt == 4 and request.adapt_lambda == 2.0 and request.total_steps == 3
     run = RegistrationRun(SceneLogic(scene), request, WorkerLaunch(temporary_folder=tmp_path)).start()
     job = json.loads((run.folder / "job.json").read_text())
-    assert job["settings"]["adapt"] == 4
+    assert job["settings"]["adapt"] == 4 and job["settings"]["adapt_lambda"] == 2.0
     live = []  # (step, kind, steps in the preview) as each step arrives
 
     def record(updates):
