@@ -504,6 +504,8 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for name, value in defaults.OPENMP_ENVIRONMENT.items():  # before torch is imported
+        os.environ.setdefault(name, value)
     args = build_parser().parse_args(argv)
     if args.command == "finetune":
         args.on_interrupt = lambda: _finetune_kept(args.out)

@@ -48,6 +48,11 @@ ADAPT = 30
 #: maps (lower SDlogJ) at some Dice; 2 and 4 cost 1.0 and 2.6 points on the training pairs and cut
 #: SDlogJ from 0.67 to 0.45 and 0.21 (docs/QUALITY.md section 2)
 ADAPT_LAMBDA = 1.0
+#: Set (unless already set) by ``morphseek`` and the Slicer worker before torch loads OpenMP: idle
+#: threads sleep instead of spinning. With another process busy on one of 2 cores, spinning made the
+#: brain sample's test-time optimisation 1.6x (a busy loop) to 6x (a training process) slower; with
+#: the cores free it costs nothing measurable (``benchmarks/openmp_wait.py``, docs/BENCHMARKS.md).
+OPENMP_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 #: Pre-alignment of ``morphseek register`` ("affine" or "none").
 PREALIGN = "affine"
 #: GRPO episodes of the fine-tuning job the Slicer panel runs.

@@ -268,3 +268,25 @@ def test_a_bad_input_is_reported_after_the_started_line(pair, tmp_path):
     events, stderr, status = run_worker(job)
     assert [e["event"] for e in events] == ["started", "error"] and status == 1, stderr
     assert events[1]["error"] == "input" and "missing.nrrd" in events[1]["message"]
+
+
+def test_entry_points_let_idle_openmp_threads_sleep_unless_told_otherwise(monkeypatch, capsys):
+    """``morphseek`` and the worker set ``defaults.OPENMP_ENVIRONMENT`` before torch loads OpenMP
+    (spinning threads slow a registration 1.6-6x when another process is busy on a core), and keep
+    what the user set."""
+    import os
+
+    from morphseek import cli, defaults, worker
+
+    assert defaults.OPENMP_ENVIRONMENT == {"OMP_WAIT_POLICY": "PASSIVE"}
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert worker.main(["--help"]) == 2 and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert worker.main(["--help"]) == 2 and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
