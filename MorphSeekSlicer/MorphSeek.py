@@ -38,6 +38,7 @@ from MorphSeekLib import dependencies
 
 dependencies.add_source_engine_to_path()  # a source checkout: MorphSeekCore/ next to this folder
 
+from morphseek import defaults  # noqa: E402
 from morphseek.errors import MorphSeekError  # noqa: E402
 from MorphSeekLib import preview, training  # noqa: E402
 from MorphSeekLib.logic import SceneLogic, device_choices  # noqa: E402
@@ -45,8 +46,8 @@ from MorphSeekLib.runs import DeviceProbe, FinetuneRun, RegistrationRun, WorkerL
 
 POLL_MS = 100
 SAMPLE_CATEGORY = "MorphSeek"
-ADAPT_DEFAULT = 30  # test-time optimisation iterations, as `morphseek demo` (docs/QUALITY.md)
-ADAPT_LAMBDA_DEFAULT = 1.0  # its regulariser weight, as `morphseek register --adapt-lambda` (defaults.ADAPT_LAMBDA)
+ADAPT_DEFAULT = defaults.ADAPT  # test-time optimisation iterations, as `morphseek demo` (docs/QUALITY.md)
+ADAPT_LAMBDA_DEFAULT = defaults.ADAPT_LAMBDA  # its regulariser weight, as `morphseek register --adapt-lambda`
 
 
 class MorphSeek(ScriptedLoadableModule):

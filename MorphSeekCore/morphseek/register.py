@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -354,12 +354,10 @@ def _label_values(fixed_seg: sitk.Image, moving_seg: sitk.Image) -> list[int]:
 
 def _adapt_step(last: StepTensors, moving_t: torch.Tensor, fixed_t: torch.Tensor, moving: sitk.Image,
                 fixed: sitk.Image, transform: sitk.Transform, model_ref: sitk.Image, percentiles, names: dict,
-                iterations: int, settings: AdaptSettings | None, moving_l, fixed_l, label_values,
-                cancel) -> StepTensors:
+                settings: AdaptSettings, moving_l, fixed_l, label_values, cancel) -> StepTensors:
     """Test-time optimisation after the network's last step, as one more step record. For its finer
     stage (``settings.fine_iterations``) the images are prepared again (``io.image_to_model_grid``)
     on a twice finer grid with the same corners; the step's map then lives on that grid."""
-    settings = AdaptSettings(**{**vars(settings or AdaptSettings()), "iterations": iterations})
     fine_images, fine_ref = None, None
     start = time.perf_counter()
     if settings.fine_iterations:
@@ -434,6 +432,7 @@ def register_images(
     if prealigned is not None and prealign != "affine":
         raise MorphSeekError(f"a pre-alignment transform was given with prealign={prealign!r}: use prealign='affine'")
     total_steps = steps + (1 if adapt else 0)  # the network's steps, then test-time optimisation
+    adapt_settings = replace(adapt_settings or AdaptSettings(), iterations=adapt) if adapt else None
 
     def report(stage, step, fraction, message, record=None):
         if progress is not None:
@@ -469,7 +468,7 @@ def register_images(
         model_ref = None
     net.backbone.check_grid(grid, "model grid")
     io.check_memory(fixed, moving, names["fixed"], use_labels, steps + (1 if adapt else 0), keep_step_images,
-                    extra_bytes=adapt_memory(grid, adapt_settings or AdaptSettings()) if adapt else 0)
+                    extra_bytes=adapt_memory(grid, adapt_settings) if adapt else 0)
 
     _check_cancel(cancel)
     transform = sitk.Transform(3, sitk.sitkIdentity)
@@ -580,8 +579,7 @@ def register_images(
                          on_step=finish_step, autocast=autocast)
         if adapt:
             finish_step(_adapt_step(tensors[-1], moving_t, fixed_t, moving, fixed, transform, model_ref,
-                                    percentiles, names, adapt, adapt_settings, moving_l, fixed_l, label_values,
-                                    cancel))
+                                    percentiles, names, adapt_settings, moving_l, fixed_l, label_values, cancel))
     except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU
         raise MorphSeekError(
             f"out of GPU memory registering at grid {grid} with {trajectories} candidates: "
@@ -589,7 +587,7 @@ def register_images(
 
     last = records[-1]
     settings = {"steps": steps, "trajectories": trajectories, "tau": tau, "prealign": prealign, "adapt": adapt,
-                "adapt_settings": dict(vars(adapt_settings or AdaptSettings()), iterations=adapt) if adapt else None,
+                "adapt_settings": asdict(adapt_settings) if adapt else None,
                 "autocast": autocast,
                 "device": str(torch_device), "seed": seed, "grid": list(grid),
                 "model": str(model) if isinstance(model, (str, Path)) else net.config.get("backbone", "model"),

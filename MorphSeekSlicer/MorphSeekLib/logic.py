@@ -28,6 +28,7 @@ from typing import Any, Callable
 import SimpleITK as sitk
 import slicer
 
+from morphseek import defaults
 from morphseek.checkpoint_names import checkpoint_files, find_checkpoint
 from morphseek.errors import MorphSeekError
 
@@ -123,7 +124,7 @@ class RegistrationRequest:
     fixed_volume_id: str
     output_name: str
     adapt: int = 0  # test-time optimisation iterations after the network's steps (0: none)
-    adapt_lambda: float = 1.0  # its regulariser weight: higher, smoother (``AdaptSettings.lambda_reg``)
+    adapt_lambda: float = defaults.ADAPT_LAMBDA  # its regulariser weight: higher, smoother (``AdaptSettings.lambda_reg``)
 
     @property
     def total_steps(self) -> int:
@@ -239,7 +240,7 @@ class SceneLogic:
     def prepare(self, fixed_volume, moving_volume, fixed_segmentation=None, moving_segmentation=None,
                 model=None, steps: int = 3, trajectories: int = 1, tau: float = 0.3, device: str = "auto",
                 prealign: str = "affine", seed: int = 0, output_name: str | None = None,
-                adapt: int = 0, adapt_lambda: float = 1.0) -> RegistrationRequest:
+                adapt: int = 0, adapt_lambda: float = defaults.ADAPT_LAMBDA) -> RegistrationRequest:
         """Read and check the inputs (nothing is created in the scene). ``adapt``: iterations of
         test-time optimisation after the network's steps (one more step; 0: none); ``adapt_lambda``
         its regulariser weight (higher: a smoother map, for some Dice)."""
@@ -333,7 +334,7 @@ class SceneLogic:
     def register(self, fixed_volume, moving_volume, fixed_segmentation=None, moving_segmentation=None, model=None,
                  steps: int = 3, trajectories: int = 1, device: str = "auto", progress: ProgressCallback | None = None,
                  cancel: CancelCallback | None = None, tau: float = 0.3, prealign: str = "affine",
-                 seed: int = 0, adapt: int = 0, adapt_lambda: float = 1.0) -> RegistrationOutputs:
+                 seed: int = 0, adapt: int = 0, adapt_lambda: float = defaults.ADAPT_LAMBDA) -> RegistrationOutputs:
         """Register ``moving_volume`` to ``fixed_volume`` and return the created nodes (synchronous).
         ``adapt`` > 0: that many iterations of test-time optimisation after the network's steps,
         with regulariser weight ``adapt_lambda``."""

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import defaults, geometry, io
+from ..adapt import AdaptSettings, adapt_on_grid
 from ..checkpoint import checkpoint_exists, checkpoint_files, load_checkpoint, save_checkpoint
 from ..errors import Cancelled, MorphSeekError
 from ..evaluate import evaluate_heldback
@@ -199,8 +200,6 @@ def teacher_map(model, moving, fixed, steps: int, iterations: int, targets=None)
     """The target of ``WarmupConfig.distill``: the (teacher) model's ``steps``-step map of the pair,
     refined by ``iterations`` of test-time optimisation on the model grid (``adapt``'s default
     settings) on the images the similarity compares (``targets`` when given)."""
-    from ..adapt import AdaptSettings, adapt_on_grid  # the warm-up without distillation does not need it
-
     total, _ = _refined(model, moving, fixed, steps)
     sim_moving, sim_fixed = targets if targets is not None else (moving, fixed)
     target, _ = adapt_on_grid(total.contiguous(), sim_moving.contiguous(), sim_fixed.contiguous(), AdaptSettings(),
