@@ -6,9 +6,9 @@ minimise the warm-up objective of this pair alone,
     L(U) = L_sim(I_f, I_m o (x + U)) + lambda_reg * L_reg(U),
 
 with U itself as the variable (instance optimisation, as in Learn2Reg's best entries): first on the
-model grid, then (``fine_iterations``) with U resampled onto a twice finer grid with the same corner
-voxels and the images prepared again on it, where the model grid cannot follow structures a few
-millimetres wide. No network weights change.
+model grid, then (``fine_iterations``) with U resampled onto the fine grid (``io.fine_grid``: half
+the model's spacing, on the fixed image's voxel centres) and the images prepared again on it, where
+the model grid cannot follow structures a few millimetres wide. No network weights change.
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ class AdaptSettings:
     similarity: str = "ncc"
     window: int = 3  # local NCC window on the grid the images are given on
     lambda_reg: float = defaults.ADAPT_LAMBDA  # higher: smoother maps, lower Dice (``defaults``)
-    #: then this many iterations of the map on a twice finer grid with the same corner voxels (the
-    #: images prepared again on it): the model grid cannot follow structures a few millimetres wide
-    #: (+5 Dice points on the training pairs). About 8x the voxels of the model grid, of which only
-    #: the box around the images' content is optimised; 0 stops at the model grid
+    #: then this many iterations of the map on the fine grid (the images prepared again on it): the
+    #: model grid cannot follow structures a few millimetres wide (+5 Dice points on the training
+    #: pairs; +7 more once that grid sat on the fixed image's voxels, docs/QUALITY.md section 11).
+    #: About 8x the voxels of the model grid, of which only the box around the images' content is
+    #: optimised; 0 stops at the model grid
     fine_iterations: int = 10
     #: passes of a 3x3x3 box filter applied to the variable before it is used (as ConvexAdam does):
     #: Adam moves every voxel by about the learning rate, even where the images are flat and the
@@ -63,10 +64,13 @@ def fine_grid_shape(shape: tuple[int, ...], factor: int = 2) -> tuple[int, int, 
 WORK_BYTES_PER_VOXEL = 420  # measured 400-403 on 96^3 and 128^3 grids, every voxel optimised
 
 
-def adapt_memory(grid: tuple[int, int, int], settings: AdaptSettings) -> int:
+def adapt_memory(grid: tuple[int, int, int], settings: AdaptSettings,
+                 fine: tuple[int, int, int] | None = None) -> int:
     """Peak bytes of test-time optimisation's work for a map on ``grid`` (the model grid): its finer
-    stage's when it has one (8 times the voxels), its model-grid stage's otherwise."""
-    voxels = int(np.prod(fine_grid_shape(grid) if settings.fine_iterations else grid, dtype=np.int64))
+    stage's on ``fine`` (default ``fine_grid_shape(grid)``, 8 times the voxels) when it has one, its
+    model-grid stage's otherwise."""
+    finer = fine if fine is not None else fine_grid_shape(grid)
+    voxels = int(np.prod(finer if settings.fine_iterations else grid, dtype=np.int64))
     return WORK_BYTES_PER_VOXEL * voxels
 
 
@@ -86,11 +90,16 @@ def _foreground(total: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor,
 
 def adapt(total: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, settings: AdaptSettings,
           cancel: Callable[[], bool] | None = None,
-          fine_images: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+          fine_images: tuple[torch.Tensor, torch.Tensor] | None = None,
+          to_fine: Callable[[torch.Tensor], torch.Tensor] | None = None,
+          network_fine: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Refine ``total`` (1, 3, D, H, W, model grid) for the pair ``moving``/``fixed`` (1, 1, D, H, W,
     model grid): ``settings.iterations`` on the model grid, then ``settings.fine_iterations`` with
-    the map on the grid of ``fine_images`` (moving, fixed), twice as fine with the same corners
-    (``fine_grid_shape``); without them, or with ``fine_iterations`` 0, the model grid only.
+    the map on the grid of ``fine_images`` (moving, fixed), a finer one: ``to_fine`` moves a
+    model-grid map onto it (``geometry.regrid``; default: twice as fine with the same corners,
+    ``fine_grid_shape``). Without them, or with ``fine_iterations`` 0, the model grid only.
+    ``network_fine``: the network's own map on the fine grid when its last step ran there (the
+    objective before is then that map's; ``total`` is it moved onto the model grid).
 
     Returns the refined total (detached) on the grid of the last stage, and a summary: iterations,
     the last stage's grid, the similarity and regulariser on that grid of the network's map
@@ -105,12 +114,15 @@ def adapt(total: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, settin
     total, summary = adapt_on_grid(total, moving, fixed, settings, settings.iterations, cancel)
     if fine_images is not None and settings.fine_iterations:
         moving, fixed = fine_images
-        if tuple(moving.shape[2:]) != fine_grid_shape(total.shape[2:]):
-            raise MorphSeekError(f"fine images {tuple(moving.shape[2:])} are not on the twice finer grid "
-                                 f"{fine_grid_shape(total.shape[2:])} of the map {tuple(total.shape[2:])}")
-        total, fine = adapt_on_grid(total, moving, fixed, settings, settings.fine_iterations, cancel)
+        if to_fine is None:
+            if tuple(moving.shape[2:]) != fine_grid_shape(total.shape[2:]):
+                raise MorphSeekError(f"fine images {tuple(moving.shape[2:])} are not on the twice finer grid "
+                                     f"{fine_grid_shape(total.shape[2:])} of the map {tuple(total.shape[2:])}")
+            to_fine = lambda field: geometry.resize_displacement(field, tuple(moving.shape[2:]))  # noqa: E731
+        total, fine = adapt_on_grid(to_fine(total), moving, fixed, settings, settings.fine_iterations, cancel)
         # before and after on the same (fine) grid: the network's map there
-        similarity, regulariser = _objective(network, moving, fixed, settings)
+        similarity, regulariser = _objective(network_fine if network_fine is not None else to_fine(network),
+                                             moving, fixed, settings)
         summary = {**fine, "iterations": settings.iterations + settings.fine_iterations,
                    "similarity_before": similarity, "regulariser_before": regulariser}
     summary["seconds"] = time.perf_counter() - start

@@ -11,6 +11,11 @@ from __future__ import annotations
 
 #: Refinement steps T of a registration, an evaluation and a GRPO episode.
 STEPS = 3
+#: Of those, how many (the last) run on a grid of half the model's spacing (``io.fine_grid``), for a
+#: model trained at a spacing and an image with voxels that fine: the model grid cannot follow
+#: structures a few millimetres wide; the same network one step finer gained 6-8 Dice points on
+#: held-back brains (docs/QUALITY.md section 11)
+FINE_STEPS = 1
 #: Sampling temperature tau: exploration in GRPO fine-tuning, candidates in test-time search.
 TAU = 0.3
 #: Trajectories J (the sampled candidates of one step) at registration: 1 = deterministic (tau unused).
@@ -41,13 +46,15 @@ BETA_KL = 1e-3
 #: Intensity normalisation: these percentiles of an image's voxels map to 0 and 1.
 PERCENTILES = (1.0, 99.0)
 #: Test-time optimisation iterations on the model grid of the demo and the Slicer panel (``morphseek
-#: register --adapt`` stays 0 unless asked), each followed by ``AdaptSettings.fine_iterations`` on a
-#: twice finer grid; chosen on training subjects' pairs (docs/QUALITY.md section 2).
+#: register --adapt`` stays 0 unless asked), each followed by ``AdaptSettings.fine_iterations`` on the
+#: fine grid (``io.fine_grid``); chosen on training subjects' pairs (docs/QUALITY.md section 2).
 ADAPT = 30
 #: test-time optimisation's regulariser weight (``AdaptSettings.lambda_reg``): higher gives smoother
-#: maps (lower SDlogJ) at some Dice; 2 and 4 cost 1.0 and 2.6 points on the training pairs and cut
-#: SDlogJ from 0.67 to 0.45 and 0.21 (docs/QUALITY.md section 2)
-ADAPT_LAMBDA = 1.0
+#: maps (lower SDlogJ) at some Dice. 1.5: the smallest weight that keeps NJD under half the 0.5 %
+#: limit on the training pairs, skull-stripped and whole-head, since adapt's finer stage moved onto
+#: the fixed image's voxels (1: 0.31 / 0.38 %; 1.5: 0.17 / 0.20 %, for 1.0 / 0.4 Dice points;
+#: docs/QUALITY.md section 11)
+ADAPT_LAMBDA = 1.5
 #: Set (unless already set) by ``morphseek`` and the Slicer worker before torch loads OpenMP: idle
 #: threads sleep instead of spinning. With another process busy on one of 2 cores, spinning made the
 #: brain sample's test-time optimisation 1.6x (a busy loop) to 6x (a training process) slower; with

@@ -114,6 +114,21 @@ def resize_displacement(disp: Tensor, shape: tuple[int, int, int]) -> Tensor:
     return resized * torch.tensor(factors, device=disp.device, dtype=disp.dtype).view(1, 3, 1, 1, 1)
 
 
+def regrid(disp: Tensor, shape: tuple[int, int, int], scale: Sequence[float], offset: Sequence[float]) -> Tensor:
+    """Resample a field onto another grid with the same axes (any extent and spacing): index ``i``
+    along array axis c of the new grid lies at ``scale[c] * i + offset[c]`` on the old one
+    (``io.grid_relation``); values are rescaled to the new grid's voxels, and points beyond the old
+    grid take its border value."""
+    _check_field(disp)
+    old = disp.shape[2:]
+    axes = [(torch.arange(n, device=disp.device, dtype=disp.dtype) * float(a) + float(b)) * (2.0 / max(m - 1, 1)) - 1.0
+            for n, m, a, b in zip(shape, old, scale, offset)]
+    d, h, w = torch.meshgrid(*axes, indexing="ij")
+    grid = torch.stack((w, h, d), dim=-1).unsqueeze(0).expand(disp.shape[0], -1, -1, -1, -1)
+    resampled = F.grid_sample(disp, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return resampled / torch.tensor([float(a) for a in scale], device=disp.device, dtype=disp.dtype).view(1, 3, 1, 1, 1)
+
+
 def difference(values: Tensor, dim: int) -> Tensor:
     """``numpy.gradient`` along ``dim`` with unit spacing (central differences inside, one-sided at
     both ends); faster than ``torch.gradient``, which it equals. Needs at least 2 points."""

@@ -594,6 +594,47 @@ def model_grid_at(reference: sitk.Image, spacing: float, divisor: int = 1,
     return grid
 
 
+def fine_grid(reference: sitk.Image, model_ref: sitk.Image, divisor: int = 1) -> sitk.Image:
+    """The grid of the network's fine steps and of test-time optimisation's finer stage: half the
+    (isotropic) spacing of ``model_ref``, its axes, over ``reference``'s extent (``model_grid_at``),
+    moved by less than half a voxel of ``reference`` so that each of its voxels is the centre of a
+    block of ``k`` reference voxels along every axis where its spacing is ``k`` times the
+    reference's (axes parallel, ``k`` whole): on a reference voxel centre for k = 1, midway between
+    two for k = 2. The images then reach it without interpolation blur (2 mm images: a fine grid
+    half a voxel off cost 4-8 Dice points on held-back brains) or as the mean of each block (1 mm
+    images: every other voxel alone cost 0.5-1.1 points; docs/QUALITY.md section 11). Where the
+    axes are oblique or the ratio is not whole, the grid stays where ``model_grid_at`` puts it."""
+    spacing = model_ref.GetSpacing()
+    if max(spacing) - min(spacing) > 1e-6 * max(spacing):
+        raise MorphSeekError(f"fine steps need an isotropic model grid, got spacing {tuple(spacing)}")
+    grid = model_grid_at(reference, spacing[0] / 2.0, divisor, model_ref.GetDirection())
+    axes_ref = np.asarray(reference.GetDirection()).reshape(3, 3)
+    alignment = np.abs(axes_ref.T @ np.asarray(grid.GetDirection()).reshape(3, 3))
+    if not np.allclose(alignment, np.round(alignment), atol=1e-6):
+        return grid  # oblique: no voxel of one lies on a voxel of the other
+    a_ref = axes_ref * np.asarray(reference.GetSpacing())
+    index = np.linalg.solve(a_ref, np.asarray(grid.GetOrigin()) - np.asarray(reference.GetOrigin()))
+    ratio = grid.GetSpacing()[0] / np.asarray(reference.GetSpacing())
+    whole = np.abs(ratio - np.round(ratio)) < 1e-3
+    target = np.where(whole, ((np.round(ratio) - 1) / 2) % 1, 0.0)  # 0: on a voxel centre, 0.5: between two
+    shift = np.where(whole, np.round(index - target) + target - index, 0.0)
+    grid.SetOrigin((np.asarray(grid.GetOrigin()) + a_ref @ shift).tolist())
+    return grid
+
+
+def grid_relation(source: sitk.Image, target: sitk.Image) -> tuple[list[float], list[float]]:
+    """How ``target``'s voxel indices map onto ``source``'s, per array axis (D, H, W): index
+    ``i`` of ``target`` is at ``scale * i + offset`` of ``source`` (for ``geometry.regrid``). The
+    grids must share their axes (both made with the model's direction)."""
+    if not np.allclose(source.GetDirection(), target.GetDirection(), atol=1e-6):
+        raise MorphSeekError("a field can only be moved between grids with the same axes")
+    s_src, s_tgt = np.asarray(source.GetSpacing()), np.asarray(target.GetSpacing())
+    axes = np.asarray(source.GetDirection()).reshape(3, 3)
+    offset = axes.T @ (np.asarray(target.GetOrigin()) - np.asarray(source.GetOrigin())) / s_src
+    scale = s_tgt / s_src
+    return scale[::-1].tolist(), offset[::-1].tolist()
+
+
 def image_to_model_grid(image: sitk.Image, model_ref: sitk.Image, transform: sitk.Transform | None = None,
                         percentiles: Sequence[float] = (1.0, 99.0), name: str = "image") -> torch.Tensor:
     """THE way an image becomes a network input, in training and in registration alike.

@@ -5,8 +5,9 @@ Two levels:
   (I_m o Phi_{t-1}, I_f), decoding one or J candidate steps, composing them onto the total map and
   keeping the best; the moving image of the next step is resampled once from the original.
 - ``register_images`` works on SimpleITK images with their physical geometry: checks, optional
-  affine pre-alignment, resampling onto the model grid, ``refine``, then every step's total map
-  exported as a physical field on the fixed grid with the warped images and the Jacobian.
+  affine pre-alignment, resampling onto the model grid, ``refine`` (its last ``fine_steps`` on the
+  fine grid of half the model's spacing, ``io.fine_grid``), then every step's total map exported as
+  a physical field on the fixed grid with the warped images and the Jacobian.
 """
 
 from __future__ import annotations
@@ -79,9 +80,11 @@ class StepRecord:
     field: sitk.Image | None = field(default=None, repr=False)
     kind: str = "network"  # "network": a policy step; "adapt": test-time optimisation (morphseek.adapt)
     #: "fixed": NJD of the exported physical map on the fixed grid (the last step, and every step whose
-    #: images are kept); "model": of the total map on the model grid (an intermediate step whose images
-    #: are not kept: the fixed-grid Jacobian would cost more than the network's step, 1.3 s at 1 mm)
+    #: images are kept); "model": of the total map on the grid the step ran on (an intermediate step
+    #: whose images are not kept: the fixed-grid Jacobian would cost more than the network's step, 1.3 s at 1 mm)
     njd_grid: str = "fixed"
+    #: voxel size (mm, x y z) of the grid the step's map was made on: the model grid, or the fine grid
+    grid_spacing: tuple[float, float, float] | None = None
 
     def summary(self) -> dict:
         return {
@@ -93,6 +96,7 @@ class StepRecord:
             "dice_per_label_percent": {str(k): v for k, v in (self.dice_per_label or {}).items()} or None,
             "njd_percent": self.njd_percent,
             "njd_grid": self.njd_grid,
+            "grid_spacing_mm": list(self.grid_spacing) if self.grid_spacing is not None else None,
             "seconds": self.seconds,
         }
 
@@ -173,8 +177,11 @@ def refine(
     on_step: Callable[[StepTensors], None] | None = None,
     batch: int | None = None,
     autocast: bool = False,
+    initial: torch.Tensor | None = None,
+    first_index: int = 1,
 ) -> list[StepTensors]:
-    """T refinement steps on the model grid. With ``trajectories`` J > 1, each step scores the mean
+    """T refinement steps on the grid of ``moving``/``fixed`` (the model grid, or the fine grid). With
+    ``trajectories`` J > 1, each step scores the mean
     latent (candidate 0, what deterministic inference would keep) and J - 1 samples at temperature
     ``tau`` and keeps the best: by Dice gain when both label maps are given, otherwise by relative
     similarity gain; both minus ``|w_njd|`` times the folded fraction. Keeping the mean among the
@@ -186,7 +193,8 @@ def refine(
     candidates are decoded in one call (default: all J on an accelerator, one at a time on the CPU,
     where batching does not pay). Samples come from ``generator`` (use a CPU generator: the same seed
     then gives the same candidates on every device). ``autocast``: bf16 where safe on CUDA
-    (:func:`mixed_precision`)."""
+    (:func:`mixed_precision`). ``initial``: the total map to start from (the previous steps', on this
+    grid; default none), the steps then numbered from ``first_index``."""
     if steps < 1 or trajectories < 1:
         raise MorphSeekError(f"steps and trajectories must be >= 1 (got {steps}, {trajectories})")
     use_labels = moving_labels is not None and fixed_labels is not None
@@ -197,12 +205,17 @@ def refine(
     batch = max(1, int(batch or (trajectories if device.type != "cpu" else 1)))
     sim = similarity_loss(similarity)
     scorer = metrics.LabelDice(fixed_labels, label_values, moving_labels) if use_labels and score else None
-    total = torch.zeros(1, 3, *fixed.shape[2:], device=device, dtype=fixed.dtype)
-    state = moving
+    if initial is None:
+        total = torch.zeros(1, 3, *fixed.shape[2:], device=device, dtype=fixed.dtype)
+        state = moving
+    else:
+        total = initial
+        state = geometry.warp(moving, total)
     prev_sim = sim(state, fixed) if score else None
-    prev_dice = scorer(moving_labels)[0] if scorer is not None else None
+    prev_dice = (scorer(geometry.warp_labels(moving_labels, total) if initial is not None else moving_labels)[0]
+                 if scorer is not None else None)
     results: list[StepTensors] = []
-    for t in range(1, steps + 1):
+    for t in range(first_index, first_index + steps):
         _check_cancel(cancel)
         start = time.perf_counter()
         with mixed_precision(model, device, autocast):
@@ -288,16 +301,18 @@ class RegistrationResult:
 
     def step_table(self) -> str:
         """The per-step table that ``morphseek register`` and the demo print."""
-        lines = [f"{'step':>4} {'kept':>6} {'Dice %':>8} {'NJD %':>8} {'seconds':>8}"]
+        lines = [f"{'step':>4} {'kept':>6} {'grid mm':>8} {'Dice %':>8} {'NJD %':>8} {'seconds':>8}"]
         if self.initial_dice is not None:
-            lines.append(f"{0:>4} {'-':>6} {self.initial_dice:>8.2f} {0.0:>8.3f} {'-':>8}")
+            lines.append(f"{0:>4} {'-':>6} {'-':>8} {self.initial_dice:>8.2f} {0.0:>8.3f} {'-':>8}")
         for s in self.steps:
             dice = f"{s.dice:.2f}" if s.dice is not None else "-"
             kept = "adapt" if s.kind == "adapt" else f"{s.kept + 1}/{len(s.candidates)}"
             njd = f"{s.njd_percent:.3f}" + ("*" if s.njd_grid == "model" else "")
-            lines.append(f"{s.index:>4} {kept:>6} {dice:>8} {njd:>8} {s.seconds:>8.2f}")
+            spacing = s.grid_spacing or ()
+            grid = f"{spacing[0]:.3g}" if spacing and max(spacing) - min(spacing) < 1e-6 else "-"
+            lines.append(f"{s.index:>4} {kept:>6} {grid:>8} {dice:>8} {njd:>8} {s.seconds:>8.2f}")
         if any(s.njd_grid == "model" for s in self.steps):
-            lines.append("* on the model grid (that step's images were not kept)")
+            lines.append("* on the grid the step ran on (that step's images were not kept)")
         return "\n".join(lines)
 
     def save(self, out_dir: str | Path, overwrite: bool = False, inputs=()) -> Path:
@@ -352,35 +367,82 @@ def _label_values(fixed_seg: sitk.Image, moving_seg: sitk.Image) -> list[int]:
     return shared_labels(sitk.GetArrayViewFromImage(fixed_seg), sitk.GetArrayViewFromImage(moving_seg))
 
 
-def _adapt_step(last: StepTensors, moving_t: torch.Tensor, fixed_t: torch.Tensor, moving: sitk.Image,
-                fixed: sitk.Image, transform: sitk.Transform, model_ref: sitk.Image, percentiles, names: dict,
+@dataclass
+class FineGrid:
+    """The finer grid of the network's fine steps and of test-time optimisation's finer stage: its
+    geometry, the pair (and labels) prepared on it, and how a map moves between it and the model grid."""
+
+    ref: sitk.Image
+    moving: torch.Tensor
+    fixed: torch.Tensor
+    moving_labels: torch.Tensor | None
+    fixed_labels: torch.Tensor | None
+    to_fine: Callable[[torch.Tensor], torch.Tensor]
+    to_model: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _fine_grid(fixed: sitk.Image, model_ref: sitk.Image, at_spacing: bool, divisor: int,
+               prepare: Callable[[sitk.Image], tuple]) -> FineGrid:
+    """Half the model grid's spacing: ``io.fine_grid`` (on the fixed image's voxel centres) for a
+    model that works at a spacing; for a fixed-grid model, the twice finer grid with the same corners
+    (``fine_grid_shape``). ``prepare(ref)`` gives (moving, fixed, moving labels, fixed labels) on it."""
+    if at_spacing:
+        ref = io.fine_grid(fixed, model_ref, divisor)
+    else:
+        ref = sitk.Image([int(n) for n in fine_grid_shape(model_ref.GetSize())], sitk.sitkFloat32)
+        ref.SetDirection(model_ref.GetDirection())
+        ref.SetOrigin(model_ref.GetOrigin())
+        ref.SetSpacing([s / 2.0 for s in model_ref.GetSpacing()])
+    fine_shape, model_shape = tuple(ref.GetSize()[::-1]), tuple(model_ref.GetSize()[::-1])
+    to_fine_map, to_model_map = io.grid_relation(model_ref, ref), io.grid_relation(ref, model_ref)
+    return FineGrid(ref, *prepare(ref),
+                    to_fine=lambda field: geometry.regrid(field, fine_shape, *to_fine_map),
+                    to_model=lambda field: geometry.regrid(field, model_shape, *to_model_map))
+
+
+def _adapt_step(last: StepTensors, moving_t: torch.Tensor, fixed_t: torch.Tensor, fine: FineGrid | None,
                 settings: AdaptSettings, moving_l, fixed_l, label_values, cancel) -> StepTensors:
-    """Test-time optimisation after the network's last step, as one more step record. For its finer
-    stage (``settings.fine_iterations``) the images are prepared again (``io.image_to_model_grid``)
-    on a twice finer grid with the same corners; the step's map then lives on that grid."""
-    fine_images, fine_ref = None, None
+    """Test-time optimisation after the network's last step, as one more step record: on the model
+    grid, then (``settings.fine_iterations``) on ``fine``'s grid, where the step's map then lives."""
     start = time.perf_counter()
-    if settings.fine_iterations:
-        shape = fine_grid_shape(last.total.shape[2:])
-        fine_ref = sitk.Image([int(n) for n in shape[::-1]], sitk.sitkFloat32)
-        fine_ref.SetDirection(model_ref.GetDirection())
-        fine_ref.SetOrigin(model_ref.GetOrigin())
-        fine_ref.SetSpacing([s / 2.0 for s in model_ref.GetSpacing()])
-        fine_images = (io.image_to_model_grid(moving, fine_ref, transform, percentiles, names["moving"]).to(fixed_t.device),
-                       io.image_to_model_grid(fixed, fine_ref, None, percentiles, names["fixed"]).to(fixed_t.device))
-    total, summary = adapt_total(last.total, moving_t, fixed_t, settings, cancel, fine_images)
+    on_fine = last.grid is not None  # the network's last step ran on the fine grid
+    network = fine.to_model(last.total) if on_fine else last.total
+    use_fine = fine is not None and settings.fine_iterations > 0
+    total, summary = adapt_total(network, moving_t, fixed_t, settings, cancel,
+                                 (fine.moving, fine.fixed) if use_fine else None,
+                                 fine.to_fine if use_fine else None, last.total if on_fine else None)
     folded = float(geometry.folding_fraction(total)[0])
     sim_gain = (summary["similarity_before"] - summary["similarity_after"]) / max(abs(summary["similarity_before"]), 1e-12)
     dice_gain = None
-    # on the model grid, as the network's steps: it misses what the finer stage adds (the step's
-    # record has its Dice on the fixed grid)
-    if moving_l is not None and fixed_l is not None:
-        on_model_grid = geometry.resize_displacement(total, tuple(last.total.shape[2:]))
-        before = metrics.dice_torch(fixed_l, geometry.warp_labels(moving_l, last.total), label_values)[0]
-        after = metrics.dice_torch(fixed_l, geometry.warp_labels(moving_l, on_model_grid), label_values)[0]
+    if moving_l is not None and fixed_l is not None:  # on the grid of the step's map
+        if use_fine:
+            before_map = last.total if on_fine else fine.to_fine(last.total)
+            moving_l, fixed_l = fine.moving_labels, fine.fixed_labels
+        else:
+            before_map = network
+        before = metrics.dice_torch(fixed_l, geometry.warp_labels(moving_l, before_map), label_values)[0]
+        after = metrics.dice_torch(fixed_l, geometry.warp_labels(moving_l, total), label_values)[0]
         dice_gain = float(after - before)
     candidate = Candidate(sim_gain, dice_gain, sim_gain, 100.0 * folded)
-    return StepTensors(last.index + 1, total, [candidate], 0, time.perf_counter() - start, kind="adapt", grid=fine_ref)
+    return StepTensors(last.index + 1, total, [candidate], 0, time.perf_counter() - start, kind="adapt",
+                       grid=fine.ref if use_fine else None)
+
+
+def resolve_fine_steps(fine_steps: int | None, steps: int, at_spacing: bool, fixed: sitk.Image,
+                       spacing: float | None, model_name: str = "the model") -> int:
+    """How many of the network's last steps run on the fine grid (``io.fine_grid``, half the model's
+    spacing). None: ``defaults.FINE_STEPS`` for a model that works at a spacing when the fixed image
+    has voxels that fine (a coarser image has no more detail to follow), otherwise 0."""
+    if fine_steps is None:
+        detail = at_spacing and min(fixed.GetSpacing()) <= 0.5 * float(spacing) * (1 + 1e-3)
+        return min(defaults.FINE_STEPS, steps) if detail else 0
+    if isinstance(fine_steps, bool) or not isinstance(fine_steps, int) or not 0 <= fine_steps <= steps:
+        raise MorphSeekError(f"fine steps must be a whole number from 0 to the steps ({steps}), got {fine_steps!r}")
+    if fine_steps and not at_spacing:
+        raise MorphSeekError(f"fine steps need a model trained at a physical spacing (its configuration's 'spacing') "
+                             f"and no explicit model grid; {model_name} works on a fixed grid: use --fine-steps 0 "
+                             "(fine_steps=0) with it")
+    return fine_steps
 
 
 def register_images(
@@ -391,6 +453,7 @@ def register_images(
     fixed_seg: sitk.Image | None = None,
     moving_seg: sitk.Image | None = None,
     steps: int = defaults.STEPS,
+    fine_steps: int | None = None,
     trajectories: int = defaults.SEARCH_TRAJECTORIES,
     tau: float = defaults.TAU,
     prealign: str = defaults.PREALIGN,
@@ -416,6 +479,8 @@ def register_images(
     ``io.check_memory`` stops before any work
     when they cannot fit. ``cancel()`` is polled between stages, inside the pre-alignment's optimiser
     and between steps and candidates.
+    ``fine_steps``: how many of the ``steps`` (the last ones) run on a grid of half the model grid's
+    spacing (``io.fine_grid``; None: :func:`resolve_fine_steps`).
     ``adapt`` > 0 adds one more step after the network's: that many iterations of test-time
     optimisation of the total map on this pair (``morphseek.adapt``; ``adapt_settings`` for the rest).
     ``prealigned``: the affine pre-alignment of this pair already computed
@@ -460,15 +525,20 @@ def register_images(
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once
     report("prepare", 0, 0.02, f"loading the model on {torch_device}")
     net, config = load_model(model, torch_device)
-    if grid is None and config.spacing:
+    at_spacing = grid is None and bool(config.spacing)
+    if at_spacing:
         model_ref = io.model_grid_at(fixed, config.spacing, net.divisor, config.direction)
         grid = tuple(int(n) for n in model_ref.GetSize()[::-1])
     else:
         grid = tuple(grid or config.grid or defaults.MODEL_GRID)
-        model_ref = None
+        model_ref = io.model_grid(fixed, grid)
     net.backbone.check_grid(grid, "model grid")
+    fine_steps = resolve_fine_steps(fine_steps, steps, at_spacing, fixed, config.spacing,
+                                    f"model '{model}'" if isinstance(model, (str, Path)) else "the model")
+    # test-time optimisation's finer stage works on the fine grid (made again with the pair on it below)
+    fine_size = tuple(io.fine_grid(fixed, model_ref, net.divisor).GetSize()[::-1]) if adapt and at_spacing else None
     io.check_memory(fixed, moving, names["fixed"], use_labels, steps + (1 if adapt else 0), keep_step_images,
-                    extra_bytes=adapt_memory(grid, adapt_settings) if adapt else 0)
+                    extra_bytes=adapt_memory(grid, adapt_settings, fine_size) if adapt else 0)
 
     _check_cancel(cancel)
     transform = sitk.Transform(3, sitk.sitkIdentity)
@@ -481,8 +551,6 @@ def register_images(
     _check_cancel(cancel)
 
     report("prepare", 0, 0.1, f"resampling onto the model grid {grid}")
-    if model_ref is None:
-        model_ref = io.model_grid(fixed, grid)
     percentiles = config.percentiles
 
     def image_tensor(image, name, tfm=None, reference=model_ref):
@@ -494,6 +562,15 @@ def register_images(
     if use_labels:
         fixed_l = io.labels_to_model_grid(fixed_seg, model_ref).to(torch_device)
         moving_l = io.labels_to_model_grid(moving_seg, model_ref, transform).to(torch_device)
+
+    def prepare_on(ref: sitk.Image) -> tuple:
+        """The pair (and labels) on another grid (the fine one), as on the model grid."""
+        labels = ((io.labels_to_model_grid(moving_seg, ref, transform).to(torch_device),
+                   io.labels_to_model_grid(fixed_seg, ref).to(torch_device)) if use_labels else (None, None))
+        return (image_tensor(moving, names["moving"], transform, ref), image_tensor(fixed, names["fixed"], None, ref),
+                *labels)
+
+    fine = None  # made when a step needs it
 
     # Candidates are drawn from a CPU generator and moved to the device: the same seed gives the
     # same candidates on every device.
@@ -526,6 +603,9 @@ def register_images(
             return exporter.field(step.total)
         return export.FieldExporter(step.grid, fixed, transform, device=torch_device, dtype=torch.float32).field(step.total)
 
+    def spacing_of(step: StepTensors) -> tuple[float, float, float]:
+        return tuple(float(v) for v in (step.grid or model_ref).GetSpacing())
+
     def finish_step(step: StepTensors) -> None:
         """The step's total map on the fixed grid: with labels its Dice, always; its Jacobian (NJD)
         and images (field, warped image and labels, Jacobian) for the last step or when
@@ -537,7 +617,7 @@ def register_images(
             per_label, dice = (dice_percent(exporter.warp(seg_source, field_of(step)))
                                if use_labels else (None, None))
             record = StepRecord(step.index, step.candidates, step.kept, dice, per_label, njd, step.seconds,
-                                kind=step.kind, njd_grid="model")
+                                kind=step.kind, njd_grid="model", grid_spacing=spacing_of(step))
             return finish_record(record)
         field_t = field_of(step)
         det = exporter.jacobian(field_t)
@@ -562,7 +642,7 @@ def register_images(
         images = (warped, warped_seg, jacobian, export.field_image(field_t, fixed))
         del field_t
         finish_record(StepRecord(step.index, step.candidates, step.kept, dice, per_label, njd, step.seconds,
-                                 *images, step.kind))
+                                 *images, step.kind, grid_spacing=spacing_of(step)))
 
     def finish_record(record: StepRecord) -> None:
         records.append(record)
@@ -573,20 +653,33 @@ def register_images(
                f"step {record.index}/{total_steps}: {what}{dice_text}, folding {record.njd_percent:.3f} %", record)
 
     try:
-        tensors = refine(net, moving_t, fixed_t, steps=steps, trajectories=trajectories, tau=tau,
-                         moving_labels=moving_l, fixed_labels=fixed_l, label_values=label_values,
-                         similarity=config.similarity, generator=generator, cancel=cancel,
-                         on_step=finish_step, autocast=autocast)
+        search = dict(trajectories=trajectories, tau=tau, label_values=label_values, similarity=config.similarity,
+                      generator=generator, cancel=cancel, autocast=autocast)
+        tensors = (refine(net, moving_t, fixed_t, steps=steps - fine_steps, moving_labels=moving_l,
+                          fixed_labels=fixed_l, on_step=finish_step, **search) if steps > fine_steps else [])
+        if fine_steps or (adapt and adapt_settings.fine_iterations):
+            fine = _fine_grid(fixed, model_ref, at_spacing, net.divisor, prepare_on)
+        if fine_steps:
+            def on_fine_step(step: StepTensors) -> None:
+                finish_step(replace(step, grid=fine.ref))
+
+            start_map = fine.to_fine(tensors[-1].total) if tensors else None
+            tensors += [replace(step, grid=fine.ref) for step in refine(
+                net, fine.moving, fine.fixed, steps=fine_steps, moving_labels=fine.moving_labels,
+                fixed_labels=fine.fixed_labels, on_step=on_fine_step, initial=start_map,
+                first_index=len(tensors) + 1, **search)]
         if adapt:
-            finish_step(_adapt_step(tensors[-1], moving_t, fixed_t, moving, fixed, transform, model_ref,
-                                    percentiles, names, adapt_settings, moving_l, fixed_l, label_values, cancel))
+            finish_step(_adapt_step(tensors[-1], moving_t, fixed_t, fine, adapt_settings, moving_l, fixed_l,
+                                    label_values, cancel))
     except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - needs a GPU
         raise MorphSeekError(
             f"out of GPU memory registering at grid {grid} with {trajectories} candidates: "
             "use fewer candidates, a smaller grid or --device cpu") from exc
 
     last = records[-1]
-    settings = {"steps": steps, "trajectories": trajectories, "tau": tau, "prealign": prealign, "adapt": adapt,
+    settings = {"steps": steps, "fine_steps": fine_steps,
+                "fine_grid": list(fine.ref.GetSize()[::-1]) if fine is not None else None,
+                "trajectories": trajectories, "tau": tau, "prealign": prealign, "adapt": adapt,
                 "adapt_settings": asdict(adapt_settings) if adapt else None,
                 "autocast": autocast,
                 "device": str(torch_device), "seed": seed, "grid": list(grid),

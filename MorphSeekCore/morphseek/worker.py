@@ -22,6 +22,8 @@ lines on its standard output, one object per line, each with an ``"event"`` key:
     test-time optimisation of the total map on this pair (``morphseek.adapt``); ``total_steps`` then
     counts it (``steps`` + 1) and its record has one candidate (reward = the similarity gain);
     ``settings.adapt_lambda`` is its regulariser weight (``AdaptSettings.lambda_reg``).
+    ``settings.fine_steps``: how many of the network's last steps run on the fine grid (absent or
+    null: ``register.resolve_fine_steps``).
 ``{"event": "done", "result": {...}}`` or ``{"event": "error", "error": kind, "message": ...,
 "traceback": ...}``
     the last line. ``error`` kinds: ``input`` (a MorphSeekError: the message names the file and the
@@ -39,7 +41,7 @@ Job files (JSON, paths absolute or relative to the job file's folder)::
      "inputs": {"fixed": "f.nrrd", "moving": "m.nrrd", "fixed_seg": "fs.nrrd", "moving_seg": "ms.nrrd"},
      "names": {"fixed": "fixed volume 'CT'", ...},
      "settings": {"steps": 3, "trajectories": 1, "tau": 0.3, "prealign": "affine", "adapt": 0,
-                  "adapt_lambda": 1.0, "device": "auto", "seed": 0}}
+                  "adapt_lambda": 1.5, "device": "auto", "seed": 0}}
     {"kind": "finetune", "model": "model.pt", "dataset": "cases/manifest.json", "checkpoint": "tuned.pt",
      "settings": {"warmup_iterations": 0, "episodes": 20, "steps": 3, "trajectories": 4, "tau": 0.3,
                   "device": "auto"}}
@@ -244,6 +246,7 @@ def run_register(job: dict, protocol: Protocol, inputs: RegisterInputs | None = 
     result = register_images(
         fixed, moving, job["model"], fixed_seg=fixed_seg, moving_seg=moving_seg,
         steps=int(settings.get("steps", defaults.STEPS)),
+        fine_steps=None if settings.get("fine_steps") is None else int(settings["fine_steps"]),
         trajectories=int(settings.get("trajectories", defaults.SEARCH_TRAJECTORIES)),
         tau=float(settings.get("tau", defaults.TAU)), prealign=str(settings.get("prealign", defaults.PREALIGN)),
         device=str(settings.get("device", "auto")), seed=int(settings.get("seed", 0)), adapt=adapt,

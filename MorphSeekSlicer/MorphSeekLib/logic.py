@@ -124,6 +124,8 @@ class RegistrationRequest:
     fixed_volume_id: str
     output_name: str
     adapt: int = 0  # test-time optimisation iterations after the network's steps (0: none)
+    #: of the steps, how many (the last) run on the fine grid (None: the engine's choice for the model)
+    fine_steps: int | None = None
     adapt_lambda: float = defaults.ADAPT_LAMBDA  # its regulariser weight: higher, smoother (``AdaptSettings.lambda_reg``)
 
     @property
@@ -240,16 +242,21 @@ class SceneLogic:
     def prepare(self, fixed_volume, moving_volume, fixed_segmentation=None, moving_segmentation=None,
                 model=None, steps: int = 3, trajectories: int = 1, tau: float = 0.3, device: str = "auto",
                 prealign: str = "affine", seed: int = 0, output_name: str | None = None,
-                adapt: int = 0, adapt_lambda: float = defaults.ADAPT_LAMBDA) -> RegistrationRequest:
+                adapt: int = 0, adapt_lambda: float = defaults.ADAPT_LAMBDA,
+                fine_steps: int | None = None) -> RegistrationRequest:
         """Read and check the inputs (nothing is created in the scene). ``adapt``: iterations of
         test-time optimisation after the network's steps (one more step; 0: none); ``adapt_lambda``
-        its regulariser weight (higher: a smoother map, for some Dice)."""
+        its regulariser weight (higher: a smoother map, for some Dice); ``fine_steps``: how many of the
+        steps (the last) run on a grid of half the model's spacing (None: the engine's choice)."""
         if fixed_volume is None or moving_volume is None:
             raise MorphSeekError("choose a fixed and a moving volume")
         if fixed_volume is moving_volume:
             raise MorphSeekError(f"the fixed and the moving volume are the same node ('{fixed_volume.GetName()}')")
         if steps < 1 or trajectories < 1:
             raise MorphSeekError(f"steps ({steps}) and candidates ({trajectories}) must be at least 1")
+        if fine_steps is not None and (isinstance(fine_steps, bool) or not isinstance(fine_steps, int)
+                                       or not 0 <= fine_steps <= steps):
+            raise MorphSeekError(f"fine steps must be a whole number from 0 to the steps ({steps}), got {fine_steps!r}")
         if isinstance(adapt, bool) or not isinstance(adapt, int) or adapt < 0:
             raise MorphSeekError(f"test-time optimisation iterations must be a whole number >= 0, got {adapt!r}")
         if isinstance(adapt_lambda, bool) or not isinstance(adapt_lambda, (int, float)) or not 0 <= adapt_lambda < math.inf:
@@ -282,7 +289,7 @@ class SceneLogic:
             device=device or "auto", prealign=prealign, seed=int(seed), names=names,
             fixed_volume_id=fixed_volume.GetID(),
             output_name=output_name or f"{moving_volume.GetName()} to {fixed_volume.GetName()}",
-            adapt=int(adapt), adapt_lambda=float(adapt_lambda),
+            adapt=int(adapt), adapt_lambda=float(adapt_lambda), fine_steps=fine_steps,
         )
 
     # -- phase 2 ------------------------------------------------------------------------------
@@ -296,7 +303,7 @@ class SceneLogic:
         return register_images(
             request.fixed, request.moving, request.model,
             fixed_seg=request.fixed_seg, moving_seg=request.moving_seg,
-            steps=request.steps, trajectories=request.trajectories, tau=request.tau,
+            steps=request.steps, fine_steps=request.fine_steps, trajectories=request.trajectories, tau=request.tau,
             prealign=request.prealign, device=request.device, seed=request.seed, adapt=request.adapt,
             adapt_settings=AdaptSettings(lambda_reg=request.adapt_lambda), progress=progress, cancel=cancel, names=request.names,
         )
@@ -334,13 +341,15 @@ class SceneLogic:
     def register(self, fixed_volume, moving_volume, fixed_segmentation=None, moving_segmentation=None, model=None,
                  steps: int = 3, trajectories: int = 1, device: str = "auto", progress: ProgressCallback | None = None,
                  cancel: CancelCallback | None = None, tau: float = 0.3, prealign: str = "affine",
-                 seed: int = 0, adapt: int = 0, adapt_lambda: float = defaults.ADAPT_LAMBDA) -> RegistrationOutputs:
+                 seed: int = 0, adapt: int = 0, adapt_lambda: float = defaults.ADAPT_LAMBDA,
+                 fine_steps: int | None = None) -> RegistrationOutputs:
         """Register ``moving_volume`` to ``fixed_volume`` and return the created nodes (synchronous).
         ``adapt`` > 0: that many iterations of test-time optimisation after the network's steps,
         with regulariser weight ``adapt_lambda``."""
         request = self.prepare(fixed_volume, moving_volume, fixed_segmentation, moving_segmentation, model=model,
                                steps=steps, trajectories=trajectories, tau=tau, device=device,
-                               prealign=prealign, seed=seed, adapt=adapt, adapt_lambda=adapt_lambda)
+                               prealign=prealign, seed=seed, adapt=adapt, adapt_lambda=adapt_lambda,
+                               fine_steps=fine_steps)
         result = self.compute(request, progress=progress, cancel=cancel)
         return self.create_nodes(request, result)
 

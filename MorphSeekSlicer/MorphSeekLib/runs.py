@@ -208,7 +208,8 @@ class RegistrationRun(WorkerRun):
                "names": request.names,
                "settings": {"steps": request.steps, "trajectories": request.trajectories, "tau": request.tau,
                             "prealign": request.prealign, "adapt": request.adapt,
-                            "adapt_lambda": request.adapt_lambda, "device": request.device,
+                            "adapt_lambda": request.adapt_lambda, "fine_steps": request.fine_steps,
+                            "device": request.device,
                             "seed": request.seed}}
         self._start_worker(job)
         return self

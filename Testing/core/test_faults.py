@@ -222,6 +222,10 @@ def case_model_with_bad_grid(root, p):
     return register_argv({**p, "model": bad}, root / "out"), str(bad), "multiples of 16"
 
 
+def case_fine_steps_with_a_fixed_grid_model(root, p):
+    return register_argv(p, root / "out", "--fine-steps", "1"), str(p["model"]), "--fine-steps 0"
+
+
 def case_out_is_a_file(root, p):
     out = root / "result.txt"
     out.write_text("keep me")
@@ -262,7 +266,7 @@ REGISTER_CASES = [
     case_missing_image, case_folder_as_image, case_tiny_volume, case_2d_image, case_constant_image, case_nan_image,
     case_negative_labels, case_labels_on_another_grid, case_labels_share_nothing, case_no_overlap,
     case_missing_model, case_garbage_model, case_malicious_pickle_model, case_model_with_bad_grid,
-    case_out_is_a_file, case_out_is_someone_elses_folder, case_out_holds_a_result_no_overwrite,
+    case_fine_steps_with_a_fixed_grid_model, case_out_is_a_file, case_out_is_someone_elses_folder, case_out_holds_a_result_no_overwrite,
     case_input_inside_out, case_out_under_a_file, case_too_large_for_memory,
 ]
 
@@ -312,6 +316,7 @@ NUMERIC_CASES = [
     ("demo", ["--trajectories", "1"], "--trajectories"),
     ("register", ["--adapt", "-1"], "--adapt"),
     ("register", ["--adapt-lambda", "-1"], "--adapt-lambda"),
+    ("register", ["--fine-steps", "-1"], "--fine-steps"),
 ]
 REQUIRED = {"warmup": ["--data", "d", "--out", "o"], "register": ["--fixed", "f", "--moving", "m", "--model", "x",
             "--out", "o"], "evaluate": ["--data", "d", "--model", "x", "--out", "o"],

@@ -128,3 +128,26 @@ def test_bad_shapes_are_rejected():
         geometry.warp(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 2, 4, 4, 4))
     with pytest.raises(MorphSeekError, match="differs"):
         geometry.warp(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 3, 4, 4, 5))
+
+
+def test_regrid_is_resize_displacement_between_grids_with_the_same_corners():
+    disp = torch.randn(1, 3, 9, 7, 5)
+    shape = (17, 13, 9)
+    scale = [(m - 1) / (n - 1) for m, n in zip(disp.shape[2:], shape)]  # new index i is old scale * i
+    torch.testing.assert_close(geometry.regrid(disp, shape, scale, [0.0, 0.0, 0.0]),
+                               geometry.resize_displacement(disp, shape), rtol=0, atol=1e-5)
+
+
+def test_regrid_keeps_a_linear_map_at_any_offset_and_spacing():
+    # u(k) = A k + b in old voxels (array axes) is, on a grid with index k' = (k - offset) / scale,
+    # the same physical map: new values (A (scale k' + offset) + b) / scale
+    old = (10, 12, 14)
+    k = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in old], indexing="ij"))
+    a = torch.tensor([[0.05, 0.0, 0.01], [0.0, -0.03, 0.0], [0.02, 0.0, 0.04]], dtype=torch.float64)
+    b = torch.tensor([0.5, -1.0, 0.25], dtype=torch.float64)
+    disp = (torch.einsum("ij,jdhw->idhw", a, k) + b.view(3, 1, 1, 1))[None]
+    scale, offset, shape = [0.5, 0.5, 0.5], [1.25, 2.0, 0.5], (15, 17, 20)  # inside the old grid
+    kn = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij"))
+    at_old = kn * torch.tensor(scale, dtype=torch.float64).view(3, 1, 1, 1) + torch.tensor(offset, dtype=torch.float64).view(3, 1, 1, 1)
+    expected = (torch.einsum("ij,jdhw->idhw", a, at_old) + b.view(3, 1, 1, 1)) / 0.5
+    torch.testing.assert_close(geometry.regrid(disp, shape, scale, offset)[0], expected, rtol=0, atol=1e-9)

@@ -327,3 +327,61 @@ def test_prostate_pairs_read_with_their_labels():
             labels = io.read_labels(root / f"{side}_labels" / f"{case}.nii.gz", reference=image)
             assert labels.GetSize() == image.GetSize()
             assert set(np.unique(sitk.GetArrayViewFromImage(labels))) == {0, 1}
+
+
+@pytest.mark.parametrize("size", [(88, 120, 102), (87, 119, 101)])
+def test_fine_grid_voxel_centres_are_the_fixed_images_own(size):
+    """The fine grid (half the model's 4 mm) of a 2 mm image in other axes lies on the image's voxel
+    centres whatever the parity of its size (no interpolation of the images onto it), and covers it."""
+    fixed = sitk.Image(list(size), sitk.sitkFloat32)
+    fixed.SetSpacing([2.0, 2.0, 2.0])
+    fixed.SetOrigin([-90.3, 17.1, 4.9])
+    lia = [-1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, 1.0, 0.0]  # other axes than the image's
+    model = io.model_grid_at(fixed, 4.0, 16, lia)
+    fine = io.fine_grid(fixed, model, 16)
+    assert fine.GetSpacing() == (2.0, 2.0, 2.0) and fine.GetDirection() == model.GetDirection()
+    assert all(n % 16 == 0 for n in fine.GetSize())
+    for index in ([0, 0, 0], [5, 9, 3], [n - 1 for n in fine.GetSize()]):
+        at = fixed.TransformPhysicalPointToContinuousIndex(fine.TransformIndexToPhysicalPoint(index))
+        assert np.allclose(at, np.round(at), atol=1e-6), at
+    corners = [fixed.TransformPhysicalPointToContinuousIndex(fine.TransformIndexToPhysicalPoint(i))
+               for i in ([0, 0, 0], [n - 1 for n in fine.GetSize()])]
+    low, high = np.minimum(*corners), np.maximum(*corners)
+    assert np.all(low <= 0) and np.all(high >= np.asarray(size) - 1)
+
+
+@pytest.mark.parametrize("size", [(176, 240, 204), (175, 239, 203)])
+def test_fine_grid_voxels_of_a_finer_image_sit_between_its_voxels(size):
+    """On 1 mm images the 2 mm fine grid's voxel centres are midway between two image voxels along
+    every axis (each value the mean of a 2x2x2 block), whatever the parity of the size."""
+    fixed = sitk.Image(list(size), sitk.sitkFloat32)
+    fixed.SetOrigin([-90.3, 17.1, 4.9])
+    lia = [-1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, 1.0, 0.0]
+    fine = io.fine_grid(fixed, io.model_grid_at(fixed, 4.0, 16, lia), 16)
+    for index in ([0, 0, 0], [5, 9, 3], [n - 1 for n in fine.GetSize()]):
+        at = np.asarray(fixed.TransformPhysicalPointToContinuousIndex(fine.TransformIndexToPhysicalPoint(index)))
+        assert np.allclose(at - np.floor(at), 0.5, atol=1e-6), at
+
+
+def test_fine_grid_of_an_oblique_image_stays_centred():
+    fixed = sitk.Image([40, 40, 40], sitk.sitkFloat32)
+    fixed.SetSpacing([2.0, 2.0, 2.0])
+    c, s = np.cos(0.3), np.sin(0.3)
+    fixed.SetDirection([c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0])
+    model = io.model_grid_at(fixed, 4.0, 16, np.eye(3).flatten().tolist())
+    assert io.fine_grid(fixed, model, 16).GetOrigin() == io.model_grid_at(fixed, 2.0, 16, model.GetDirection()).GetOrigin()
+
+
+def test_grid_relation_maps_indices_through_physical_space():
+    fixed = sitk.Image([30, 40, 20], sitk.sitkFloat32)
+    fixed.SetSpacing([1.5, 1.5, 3.0])
+    fixed.SetOrigin([10.0, -5.0, 2.0])
+    model = io.model_grid_at(fixed, 4.0, 8, [0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0])
+    fine = io.fine_grid(fixed, model, 8)
+    scale, offset = io.grid_relation(model, fine)  # array axes (D, H, W)
+    for index in ([0, 0, 0], [3, 7, 2], [11, 2, 5]):  # sitk (x, y, z)
+        point = fine.TransformIndexToPhysicalPoint(index)
+        expected = np.asarray(model.TransformPhysicalPointToContinuousIndex(point))[::-1]
+        assert np.allclose(np.asarray(index[::-1]) * scale + offset, expected, atol=1e-9)
+    with pytest.raises(MorphSeekError, match="same axes"):
+        io.grid_relation(model, fixed)

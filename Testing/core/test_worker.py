@@ -171,6 +171,23 @@ def test_registration_job_with_test_time_optimisation_reports_it_as_one_more_ste
     assert events[-1]["result"]["files"]["warped"].endswith("step_03/warped.nrrd")
 
 
+def test_a_jobs_fine_steps_reach_the_engine(pair, tmp_path):
+    """``settings.fine_steps``: absent or null lets the engine choose (0 for this fixed-grid model), a
+    number is passed on; fine steps with a model that has no spacing are an input error saying so."""
+    def job(fine, name):
+        settings = {"steps": 1, "device": "cpu", "prealign": "none", **({"fine_steps": fine} if fine != "absent" else {})}
+        return write_job({"kind": "register", "model": str(pair / "tiny.pt"), "output": str(tmp_path / name),
+                          "inputs": {k: str(pair / f"{k}.nrrd") for k in ("fixed", "moving")},
+                          "settings": settings}, tmp_path / f"{name}.json")
+
+    for fine in ("absent", None, 0):
+        events, stderr, status = run_worker(job(fine, f"out{fine}"))
+        assert status == 0, stderr[-3000:]
+        assert events[-1]["result"]["report"]["settings"]["fine_steps"] == 0
+    events, _, status = run_worker(job(1, "fine"))
+    assert status == 1 and events[-1]["error"] == "input" and "physical spacing" in events[-1]["message"]
+
+
 def test_a_missing_model_is_an_input_error_naming_the_file(pair, tmp_path):
     job = write_job({"kind": "register", "model": str(tmp_path / "absent.pt"), "output": str(tmp_path / "out"),
                      "inputs": {k: str(pair / f"{k}.nrrd") for k in ("fixed", "moving")},

@@ -48,7 +48,7 @@ parameters = logic.getParameterNode()
 assert isinstance(parameters, module.MorphSeekParameterNode)
 assert parameters.steps == 3 and parameters.device == "auto" and parameters.prealign is True
 assert parameters.adaptIterations == 30 and type(parameters.adaptIterations) is int  # noqa: E721
-assert parameters.adaptLambda == module.ADAPT_LAMBDA_DEFAULT == 1.0 and type(parameters.adaptLambda) is float  # noqa: E721
+assert parameters.adaptLambda == module.ADAPT_LAMBDA_DEFAULT == 1.5 and type(parameters.adaptLambda) is float  # noqa: E721
 counts = ("steps", "trajectories", "adaptIterations", "warmupIterations", "episodes")
 assert all(type(getattr(parameters, name)) is int for name in counts), [getattr(parameters, n) for n in counts]  # noqa: E721
 

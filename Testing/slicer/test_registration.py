@@ -214,6 +214,9 @@ def test_bad_inputs_give_clear_errors_and_change_nothing(case, tmp_path, monkeyp
     for bad in (-1.0, float("nan"), float("inf"), "2", True):
         with pytest.raises(MorphSeekError, match="test-time optimisation smoothness must be a number >= 0"):
             logic.register(nodes["fixed"], nodes["moving"], model=model, adapt=30, adapt_lambda=bad)
+    for bad in (-1, 4, 1.0, "1", True):  # 3 steps
+        with pytest.raises(MorphSeekError, match="fine steps must be a whole number from 0 to the steps"):
+            logic.register(nodes["fixed"], nodes["moving"], model=model, fine_steps=bad)
     assert node_ids(scene) == before
 
 
