@@ -11,11 +11,14 @@ fixed one over the 31 structures of ``morphseek.brains.EVAL_LABELS`` present in 
 NJD % and SDlogJ come from the Jacobian determinant of the map (``export.jacobian_image``).
 Rows: no registration (the pairs are affinely aligned), ANTs SyN (antspyx defaults: affine then
 SyN, mutual information / cross-correlation; a benchmark-only extra, never a product dependency),
-the network after 1, 2 and 3 steps, and the network followed by test-time optimisation (--adapt).
+the network after 1, 2 and 3 steps (the last on the fine grid, ``defaults.FINE_STEPS``), the network
+with every step on the model grid (``fine_steps=0``, the fast setting), and the network followed by
+test-time optimisation (--adapt).
 Seconds are wall time of the whole registration (reading excluded) with --threads threads, as a
 user runs it: MorphSeek's rows are scored from one call that keeps every step's field (to score each
-step), and timed by two more calls that export only the final step, as ``morphseek register`` does
-without ``--step-images``: the network alone (its 3-step row) and the network + adapt.
+step), and timed by more calls that export only the final step, as ``morphseek register`` does
+without ``--step-images``: the network alone (its 3-step row), the network + adapt, and the network
+with no fine step (scored from its own call).
 """
 
 from __future__ import annotations
@@ -130,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
                 timed = seconds[0]
             add(name, {**score(fixed_seg, moving_seg, step.field), "seconds": timed or 0.0,
                        "step_seconds": step.seconds})
+        tic = time.perf_counter()
+        coarse = register_images(fixed, moving, args.model, steps=args.steps, fine_steps=0, prealign=args.prealign,
+                                 device="cpu", keep_step_images=False)
+        add(f"MorphSeek {args.steps}, none fine", {**score(fixed_seg, moving_seg, coarse.field),
+                                                   "seconds": time.perf_counter() - tic})
     summary = {name: {key: {"mean": float(np.mean([r[key] for r in values])), "std": float(np.std([r[key] for r in values]))}
                       for key in ("dice", "njd", "sdlogj", "hd95", "seconds")} for name, values in rows.items()}
     print(f"\n{'method':<26} {'Dice %':>14} {'NJD %':>8} {'SDlogJ':>7} {'HD95 mm':>8} {'s/pair':>7}")

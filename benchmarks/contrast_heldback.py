@@ -12,7 +12,12 @@ which ``BrainSet.heldback_files`` reads) synthesised in another contrast with th
 and bias settings:
 
 - ``t2``: T2-like, skull-stripped (CSF bright, white matter dark, grey matter between);
-- ``whole-head``: T1-like with the extra-cerebral tissue kept (no skull stripping).
+- ``whole-head``: T1-like with the extra-cerebral tissue kept (no skull stripping);
+- ``t1``: T1-like as prepared, for ``--spacing``.
+
+``--spacing MM``: the held-back label maps resampled (nearest neighbour, the same extent, voxel
+edges on the original's) onto voxels of that size before the images are synthesised on them, e.g.
+``--contrast t1 --spacing 1 --out runs/brains-1mm`` for 1 mm images (the grids users' scans come on).
 """
 
 from __future__ import annotations
@@ -45,13 +50,31 @@ def t2_means(max_label: int) -> np.ndarray:
 def image(labels: np.ndarray, contrast: str, rng: np.random.Generator) -> np.ndarray:
     if contrast == "whole-head":
         return brains.t1_image(labels, rng, skull_strip=False)
+    if contrast == "t1":
+        return brains.t1_image(labels, rng)
     return brains.scan_image(labels, rng, t2_means)
+
+
+def on_voxels(labels: sitk.Image, spacing: float | None) -> sitk.Image:
+    """``labels`` on voxels of ``spacing`` mm over the same extent (voxel edges kept), or as they are."""
+    if spacing is None:
+        return labels
+    factors = [s / spacing for s in labels.GetSpacing()]
+    size = [int(round(n * f)) for n, f in zip(labels.GetSize(), factors)]
+    axes = np.asarray(labels.GetDirection()).reshape(3, 3)
+    first_edge = np.asarray(labels.GetOrigin()) - axes @ (0.5 * np.asarray(labels.GetSpacing()))
+    reference = sitk.Image(size, labels.GetPixelID())
+    reference.SetSpacing([spacing] * 3)
+    reference.SetDirection(labels.GetDirection())
+    reference.SetOrigin((first_edge + axes @ np.full(3, 0.5 * spacing)).tolist())
+    return io.resample_to(labels, reference, is_label=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=REPO / "runs" / "brains", help="prepared brain folder")
-    p.add_argument("--contrast", choices=["t2", "whole-head"], required=True)
+    p.add_argument("--contrast", choices=["t2", "whole-head", "t1"], required=True)
+    p.add_argument("--spacing", type=float, default=None, help="voxel size of the images in mm (default: the labels')")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -61,12 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     shutil.copytree(args.data / "labels", args.out / "labels")
     (args.out / "heldback").mkdir(parents=True)
     for n, i in enumerate(split["heldback"]):
-        labels = io.read_labels(args.data / "labels" / f"{i}.nii.gz")
+        labels = on_voxels(io.read_labels(args.data / "labels" / f"{i}.nii.gz"), args.spacing)
         array = sitk.GetArrayFromImage(labels).astype(np.int64)
         io.write_image(io.from_array(image(array, args.contrast, np.random.default_rng(args.seed + 7000 + n)), labels),
                        args.out / "heldback" / f"{i}_t1.nii.gz")
-        shutil.copy(args.data / "heldback" / f"{i}_seg.nii.gz", args.out / "heldback" / f"{i}_seg.nii.gz")
+        io.write_image(on_voxels(io.read_labels(args.data / "heldback" / f"{i}_seg.nii.gz"), args.spacing),
+                       args.out / "heldback" / f"{i}_seg.nii.gz")
     split["contrast"] = args.contrast
+    split["spacing"] = args.spacing
     (args.out / "split.json").write_text(json.dumps(split, indent=1) + "\n")
     print(f"wrote {args.out}: held back {split['heldback']} in contrast {args.contrast}")
     return 0

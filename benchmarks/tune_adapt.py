@@ -62,6 +62,7 @@ VARIANTS = {
     "30 it + 10 fine, window 3, smooth 2": dict(iterations=30, fine_iterations=10, window=3, smooth=2),
     "30 it + 10 fine, window 3, lambda 2": dict(iterations=30, fine_iterations=10, window=3, lambda_reg=2.0),
     "30 it + 10 fine, window 3, lambda 4": dict(iterations=30, fine_iterations=10, window=3, lambda_reg=4.0),
+    "30 it + 10 fine, window 3, lambda 1.5": dict(iterations=30, fine_iterations=10, window=3, lambda_reg=1.5),
     "30 it + 10 fine, window 3, lr 0.25": dict(iterations=30, fine_iterations=10, window=3, learning_rate=0.25),
     "30 it + 10 fine, window 3, smooth 2, lambda 2": dict(iterations=30, fine_iterations=10, window=3, smooth=2,
                                                           lambda_reg=2.0),
