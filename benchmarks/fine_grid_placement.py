@@ -27,13 +27,12 @@ import numpy as np
 import torch
 
 from morphseek import io
-from morphseek.brains import BrainSet
 from morphseek.register import register_images
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from brain_vs_ants import score  # noqa: E402  (the benchmark's own scorer)
-from fine_schedules import summarise  # noqa: E402
+from fine_schedules import heldback_pairs, summarise  # noqa: E402
 
 SHIPPED = io.fine_grid
 
@@ -66,13 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     summary: dict[str, dict] = {}
     for folder in args.data:
-        data = BrainSet.open(folder)
         rows: dict[str, list[tuple[float, float, float]]] = {}
-        for moving_id, fixed_id in data.val_pairs:
-            (fixed_path, fixed_seg_path), (moving_path, moving_seg_path) = (data.heldback_files(fixed_id),
-                                                                            data.heldback_files(moving_id))
-            fixed, moving = io.read_image(fixed_path), io.read_image(moving_path)
-            fixed_seg, moving_seg = io.read_labels(fixed_seg_path), io.read_labels(moving_seg_path)
+        for moving_id, fixed_id, fixed, moving, fixed_seg, moving_seg in heldback_pairs(folder):
             line = []
             for adapt in args.adapt:
                 for placement, grid in PLACEMENTS.items():
@@ -89,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.setdefault(name, []).append((values["dice"], values["njd"], seconds))
                     line.append(f"{name} {values['dice']:.2f}")
             print(f"{folder.name} {moving_id}->{fixed_id}: " + ", ".join(line), flush=True)
-        print(f"\n{folder.name}: {len(data.val_pairs)} pairs")
+        print(f"\n{folder.name}: {len(next(iter(rows.values())))} pairs")
         summary[folder.name] = summarise(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "data": [str(d) for d in args.data], "summary": summary},

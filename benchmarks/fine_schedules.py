@@ -35,6 +35,16 @@ from morphseek.data import shared_labels
 REPO = Path(__file__).resolve().parents[1]
 
 
+def heldback_pairs(folder: Path):
+    """(moving id, fixed id, fixed, moving, fixed labels, moving labels) for each held-back pair."""
+    data = BrainSet.open(folder)
+    for moving_id, fixed_id in data.val_pairs:
+        (fixed_path, fixed_seg_path), (moving_path, moving_seg_path) = (data.heldback_files(fixed_id),
+                                                                        data.heldback_files(moving_id))
+        yield (moving_id, fixed_id, io.read_image(fixed_path), io.read_image(moving_path),
+               io.read_labels(fixed_seg_path), io.read_labels(moving_seg_path))
+
+
 def summarise(rows: dict[str, list[tuple[float, float, float]]]) -> dict[str, dict]:
     """Mean Dice (and its spread over pairs), NJD % and seconds of each row's (Dice, NJD, s) per
     pair, printed as a table."""
@@ -59,13 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     net, config = load_model(args.model, torch.device("cpu"))
     summary: dict[str, dict] = {}
     for folder in args.data:
-        data = BrainSet.open(folder)
         rows: dict[str, list[tuple[float, float, float]]] = {}
-        for moving_id, fixed_id in data.val_pairs:
-            (fixed_path, fixed_seg_path), (moving_path, moving_seg_path) = (data.heldback_files(fixed_id),
-                                                                            data.heldback_files(moving_id))
-            fixed, moving = io.read_image(fixed_path), io.read_image(moving_path)
-            fixed_seg, moving_seg = io.read_labels(fixed_seg_path), io.read_labels(moving_seg_path)
+        for moving_id, fixed_id, fixed, moving, fixed_seg, moving_seg in heldback_pairs(folder):
             values = shared_labels(sitk.GetArrayViewFromImage(fixed_seg), sitk.GetArrayViewFromImage(moving_seg))
             model_ref = io.model_grid_at(fixed, config.spacing, net.divisor, config.direction)
             score_ref = io.fine_grid(fixed, io.model_grid_at(fixed, 4.0, 1, config.direction), 1)  # the fixed voxels
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.setdefault(schedule, []).append((dice, 100 * float(geometry.folding_fraction(on_fixed)[0]), seconds))
                 line.append(f"{schedule} {dice:.2f}")
             print(f"{folder.name} {moving_id}->{fixed_id}: " + ", ".join(line), flush=True)
-        print(f"\n{folder.name}: {len(data.val_pairs)} pairs")
+        print(f"\n{folder.name}: {len(next(iter(rows.values())))} pairs")
         summary[folder.name] = summarise(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "data": [str(d) for d in args.data],
