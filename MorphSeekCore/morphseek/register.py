@@ -381,18 +381,22 @@ class FineGrid:
     to_model: Callable[[torch.Tensor], torch.Tensor]
 
 
-def _fine_grid(fixed: sitk.Image, model_ref: sitk.Image, at_spacing: bool, divisor: int,
-               prepare: Callable[[sitk.Image], tuple]) -> FineGrid:
-    """Half the model grid's spacing: ``io.fine_grid`` (on the fixed image's voxel centres) for a
-    model that works at a spacing; for a fixed-grid model, the twice finer grid with the same corners
-    (``fine_grid_shape``). ``prepare(ref)`` gives (moving, fixed, moving labels, fixed labels) on it."""
+def _fine_ref(fixed: sitk.Image, model_ref: sitk.Image, at_spacing: bool, divisor: int) -> sitk.Image:
+    """The fine grid, half the model grid's spacing: ``io.fine_grid`` (on the fixed image's voxels)
+    for a model that works at a spacing; for a fixed-grid model, the twice finer grid with the same
+    corners (``fine_grid_shape``)."""
     if at_spacing:
-        ref = io.fine_grid(fixed, model_ref, divisor)
-    else:
-        ref = sitk.Image([int(n) for n in fine_grid_shape(model_ref.GetSize())], sitk.sitkFloat32)
-        ref.SetDirection(model_ref.GetDirection())
-        ref.SetOrigin(model_ref.GetOrigin())
-        ref.SetSpacing([s / 2.0 for s in model_ref.GetSpacing()])
+        return io.fine_grid(fixed, model_ref, divisor)
+    ref = sitk.Image([int(n) for n in fine_grid_shape(model_ref.GetSize())], sitk.sitkFloat32)
+    ref.SetDirection(model_ref.GetDirection())
+    ref.SetOrigin(model_ref.GetOrigin())
+    ref.SetSpacing([s / 2.0 for s in model_ref.GetSpacing()])
+    return ref
+
+
+def _fine_grid(ref: sitk.Image, model_ref: sitk.Image, prepare: Callable[[sitk.Image], tuple]) -> FineGrid:
+    """The fine grid ``ref`` with the pair on it (``prepare(ref)``: moving, fixed, moving labels,
+    fixed labels) and the maps between it and ``model_ref``."""
     fine_shape, model_shape = tuple(ref.GetSize()[::-1]), tuple(model_ref.GetSize()[::-1])
     to_fine_map, to_model_map = io.grid_relation(model_ref, ref), io.grid_relation(ref, model_ref)
     return FineGrid(ref, *prepare(ref),
@@ -535,8 +539,10 @@ def register_images(
     net.backbone.check_grid(grid, "model grid")
     fine_steps = resolve_fine_steps(fine_steps, steps, at_spacing, fixed, config.spacing,
                                     f"model '{model}'" if isinstance(model, (str, Path)) else "the model")
-    # test-time optimisation's finer stage works on the fine grid (made again with the pair on it below)
-    fine_size = tuple(io.fine_grid(fixed, model_ref, net.divisor).GetSize()[::-1]) if adapt and at_spacing else None
+    # the fine grid of the fine steps and of test-time optimisation's finer stage, when either runs
+    fine_ref = (_fine_ref(fixed, model_ref, at_spacing, net.divisor)
+                if fine_steps or (adapt and adapt_settings.fine_iterations) else None)
+    fine_size = tuple(fine_ref.GetSize()[::-1]) if fine_ref is not None else None
     io.check_memory(fixed, moving, names["fixed"], use_labels, steps + (1 if adapt else 0), keep_step_images,
                     extra_bytes=adapt_memory(grid, adapt_settings, fine_size) if adapt else 0)
 
@@ -553,23 +559,17 @@ def register_images(
     report("prepare", 0, 0.1, f"resampling onto the model grid {grid}")
     percentiles = config.percentiles
 
-    def image_tensor(image, name, tfm=None, reference=model_ref):
-        return io.image_to_model_grid(image, reference, tfm, percentiles, name=name).to(torch_device)
-
-    fixed_t = image_tensor(fixed, names["fixed"])
-    moving_t = image_tensor(moving, names["moving"], transform)
-    fixed_l = moving_l = None
-    if use_labels:
-        fixed_l = io.labels_to_model_grid(fixed_seg, model_ref).to(torch_device)
-        moving_l = io.labels_to_model_grid(moving_seg, model_ref, transform).to(torch_device)
-
     def prepare_on(ref: sitk.Image) -> tuple:
-        """The pair (and labels) on another grid (the fine one), as on the model grid."""
-        labels = ((io.labels_to_model_grid(moving_seg, ref, transform).to(torch_device),
-                   io.labels_to_model_grid(fixed_seg, ref).to(torch_device)) if use_labels else (None, None))
-        return (image_tensor(moving, names["moving"], transform, ref), image_tensor(fixed, names["fixed"], None, ref),
-                *labels)
+        """The pair on a grid (the model grid, the fine grid): moving, fixed, and their labels or None."""
+        fixed_t = io.image_to_model_grid(fixed, ref, None, percentiles, name=names["fixed"]).to(torch_device)
+        moving_t = io.image_to_model_grid(moving, ref, transform, percentiles, name=names["moving"]).to(torch_device)
+        fixed_l = moving_l = None
+        if use_labels:
+            fixed_l = io.labels_to_model_grid(fixed_seg, ref).to(torch_device)
+            moving_l = io.labels_to_model_grid(moving_seg, ref, transform).to(torch_device)
+        return moving_t, fixed_t, moving_l, fixed_l
 
+    moving_t, fixed_t, moving_l, fixed_l = prepare_on(model_ref)
     fine = None  # made when a step needs it
 
     # Candidates are drawn from a CPU generator and moved to the device: the same seed gives the
@@ -657,8 +657,8 @@ def register_images(
                       generator=generator, cancel=cancel, autocast=autocast)
         tensors = (refine(net, moving_t, fixed_t, steps=steps - fine_steps, moving_labels=moving_l,
                           fixed_labels=fixed_l, on_step=finish_step, **search) if steps > fine_steps else [])
-        if fine_steps or (adapt and adapt_settings.fine_iterations):
-            fine = _fine_grid(fixed, model_ref, at_spacing, net.divisor, prepare_on)
+        if fine_ref is not None:
+            fine = _fine_grid(fine_ref, model_ref, prepare_on)
         if fine_steps:
             def on_fine_step(step: StepTensors) -> None:
                 finish_step(replace(step, grid=fine.ref))
