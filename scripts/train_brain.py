@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the similarity compares the pair's noise-free images (docs/QUALITY.md section 8)")
     p.add_argument("--lambda-reg", type=float, default=1.0)
     p.add_argument("--distill", type=int, default=0, metavar="N",
-                   help="self-distillation: pull each step towards the model's map refined by N iterations of "
-                        "test-time optimisation (docs/QUALITY.md section 10); 0: none")
+                   help="distillation: pull each step towards the --teacher network's map refined by N "
+                        "iterations of test-time optimisation (docs/QUALITY.md section 10); 0: none")
     p.add_argument("--distill-weight", type=float, default=1.0)
     p.add_argument("--teacher", type=Path, help="the (fixed) network whose maps --distill refines; default: --init")
     p.add_argument("--refine-steps", type=int, default=3)
