@@ -151,3 +151,17 @@ def test_regrid_keeps_a_linear_map_at_any_offset_and_spacing():
     at_old = kn * torch.tensor(scale, dtype=torch.float64).view(3, 1, 1, 1) + torch.tensor(offset, dtype=torch.float64).view(3, 1, 1, 1)
     expected = (torch.einsum("ij,jdhw->idhw", a, at_old) + b.view(3, 1, 1, 1)) / 0.5
     torch.testing.assert_close(geometry.regrid(disp, shape, scale, offset)[0], expected, rtol=0, atol=1e-9)
+
+
+def test_regrid_equals_trilinear_grid_sampling_with_the_border_beyond_the_old_grid():
+    """The per-axis interpolation is trilinear ``grid_sample`` (align_corners, border padding) at the
+    new grid's points, also where they fall beyond the old grid (a batch, an axis of one voxel)."""
+    disp = torch.randn(2, 3, 6, 9, 1, dtype=torch.float64)
+    shape, scale, offset = (11, 7, 4), [0.6, 1.7, 0.5], [-1.3, 0.4, -0.5]
+    axes = [(torch.arange(n, dtype=torch.float64) * a + b) * 2.0 / max(m - 1, 1) - 1.0
+            for n, m, a, b in zip(shape, disp.shape[2:], scale, offset)]
+    d, h, w = torch.meshgrid(*axes, indexing="ij")
+    grid = torch.stack((w, h, d), dim=-1)[None].expand(2, -1, -1, -1, -1)
+    expected = torch.nn.functional.grid_sample(disp, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    expected = expected / torch.tensor(scale, dtype=torch.float64).view(1, 3, 1, 1, 1)
+    torch.testing.assert_close(geometry.regrid(disp, shape, scale, offset), expected, rtol=0, atol=1e-12)
