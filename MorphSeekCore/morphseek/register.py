@@ -224,7 +224,8 @@ def refine(
             with mixed_precision(model, device, autocast):
                 step_field = model.decode(enc.skips, enc.mu).float()
             total = geometry.compose(total, step_field)
-            state = geometry.warp(moving, total)
+            if t < first_index + steps - 1:  # the last step's warped image is never used
+                state = geometry.warp(moving, total)
             nan = float("nan")
             record = StepTensors(t, total, [Candidate(nan, None, nan, nan)], 0, time.perf_counter() - start)
             results.append(record)
