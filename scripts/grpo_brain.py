@@ -9,6 +9,8 @@ training subjects' label maps (exact and free labels), held-back pairs for valid
 same pairs on every run), so "4 labelled pairs" means four fixed image pairs, as a user with four
 labelled cases would have. The held-back pairs are the prepared held-back subjects (never trained on).
 Prints held-back Dice / NJD of the starting model and after fine-tuning; the log has every step.
+``--fine-steps`` (default: registration's, 1): the last steps of each episode run on the fine grid,
+with the same pair synthesised there, so that GRPO trains the steps registration runs.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from morphseek import io
+from morphseek import defaults, io
 from morphseek.brains import BrainSet
 from morphseek.checkpoint import load_checkpoint
 from morphseek.train.grpo import GRPOConfig, evaluate_pairs, grpo_finetune
@@ -37,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=48)
     p.add_argument("--trajectories", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--fine-steps", type=int, default=defaults.FINE_STEPS,
+                   help="of the steps, the last ones on the fine grid (io.fine_grid), as registration runs them "
+                        "(default: registration's default, %(default)s; 0: every step on the model grid)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--val-every", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
@@ -46,12 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     data = BrainSet.open(args.data)
     model, run_config, _ = load_checkpoint(args.model)
     model_ref = io.model_grid_at(data.reference, run_config.spacing, model.divisor, run_config.direction)
+    fine_ref = io.fine_grid(data.reference, model_ref, model.divisor) if args.fine_steps else None
     percentiles = run_config.percentiles
     # With the noise-free images when the warm-up compared those: GRPO's L_warm does the same.
     train = [data.sample_pair(np.random.default_rng(10_000 + i), model_ref, percentiles, identical=0.0,
-                              clean=run_config.clean_similarity) for i in range(args.pairs)]
-    val = data.val_samples(model_ref, percentiles)
-    before = evaluate_pairs(model, val, args.steps)
+                              clean=run_config.clean_similarity, fine_ref=fine_ref) for i in range(args.pairs)]
+    val = data.val_samples(model_ref, percentiles, fine_ref)
+    before = evaluate_pairs(model, val, args.steps, args.fine_steps)
     print(f"start: held-back Dice {before['val_dice']:.2f} ± {before['val_dice_std']:.2f} %, "
           f"NJD {before['val_njd']:.3f} %", flush=True)
 
@@ -60,12 +66,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"episode {row.get('episode')}: held-back Dice {row['val_dice']:.2f} %, NJD {row['val_njd']:.3f} %",
                   flush=True)
 
-    config = GRPOConfig(steps=args.steps, trajectories=args.trajectories, episodes=args.episodes, learning_rate=args.lr,
+    config = GRPOConfig(steps=args.steps, fine_steps=args.fine_steps, trajectories=args.trajectories, episodes=args.episodes, learning_rate=args.lr,
                         validate_every=args.val_every, checkpoint_every=args.val_every)
     result = grpo_finetune(model, train, val, config, run_config=run_config, out=args.out,
                            log=args.out.with_suffix(""), resume=True, progress=progress)
-    after = result.validation or evaluate_pairs(model, val, args.steps)
-    summary = {"model": str(args.model), "pairs": args.pairs, "episodes": result.done,
+    after = result.validation or evaluate_pairs(model, val, args.steps, args.fine_steps)
+    summary = {"model": str(args.model), "pairs": args.pairs, "episodes": result.done, "fine_steps": args.fine_steps,
                "before": before, "after": after}
     args.out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"after {result.done} episodes: held-back Dice {after['val_dice']:.2f} ± "

@@ -14,7 +14,7 @@ Images then go through ``io.image_to_model_grid``, the same preparation as in re
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -153,13 +153,15 @@ class BrainSet:
 
     def sample_pair(self, rng: np.random.Generator, model_ref: sitk.Image,
                     percentiles: Sequence[float] = (1.0, 99.0), same_subject: float = 0.1,
-                    identical: float = 0.1, clean: bool = False) -> PairSample:
+                    identical: float = 0.1, clean: bool = False,
+                    fine_ref: sitk.Image | None = None) -> PairSample:
         """A random training pair on ``model_ref`` (images and labels). With probability
         ``identical`` the fixed image IS the moving one: the loss is then lowest for u = 0, which
         teaches the network to stop moving once a pair is aligned (without such pairs it learns a
         small bias that every refinement step adds again: a self-registration drift).
         ``clean``: also the two images without noise (``moving_clean``, ``fixed_clean``; the noisy
-        ones are the same either way)."""
+        ones are the same either way). ``fine_ref``: also the same pair on that grid (``io.fine_grid``
+        of the subjects' grid and ``model_ref``; ``PairSample.fine``), where fine steps run."""
         moving_id = self.train_ids[rng.integers(len(self.train_ids))]
         others = [i for i in self.train_ids if i != moving_id]
         fixed_id = moving_id if rng.random() < same_subject or not others else others[rng.integers(len(others))]
@@ -171,30 +173,48 @@ class BrainSet:
             lab = geometry.warp_labels(self.labels[subject], disp)[0, 0].numpy()
             warped.append(np.where(lab >= 500, 0, lab) if strip else lab)
         contrast = random_contrast(int(max(w.max() for w in warped)), rng)
-        tensors, clean_tensors, label_tensors = [], [], []
+        images = []  # per subject: the image, its noise-free version (or None), its evaluation labels
         for lab in warped:
             noisy, noise_free = self._images(lab, contrast, rng, clean)
-            tensors.append(io.image_to_model_grid(noisy, model_ref, percentiles=percentiles))
-            clean_tensors.append(None if noise_free is None else
-                                 io.image_to_model_grid(noise_free, model_ref, percentiles=percentiles))
             brain = np.where(np.isin(lab, EVAL_LABELS), lab, 0).astype(np.int16)
-            label_tensors.append(io.labels_to_model_grid(io.from_array(brain, self.reference), model_ref))
+            images.append((noisy, noise_free, io.from_array(brain, self.reference)))
         if rng.random() < identical:
-            tensors[1], clean_tensors[1], label_tensors[1], fixed_id = tensors[0], clean_tensors[0], label_tensors[0], moving_id
-        values = shared_labels(label_tensors[0], label_tensors[1])
-        return PairSample(tensors[0], tensors[1], label_tensors[0], label_tensors[1], values, (moving_id, fixed_id),
-                          moving_clean=clean_tensors[0], fixed_clean=clean_tensors[1])
+            images[1], fixed_id = images[0], moving_id
+
+        def on(ref: sitk.Image) -> PairSample:
+            tensors, clean_tensors, label_tensors = [], [], []
+            for noisy, noise_free, brain in images:
+                tensors.append(io.image_to_model_grid(noisy, ref, percentiles=percentiles))
+                clean_tensors.append(None if noise_free is None else
+                                     io.image_to_model_grid(noise_free, ref, percentiles=percentiles))
+                label_tensors.append(io.labels_to_model_grid(brain, ref))
+            values = shared_labels(label_tensors[0], label_tensors[1])
+            return PairSample(tensors[0], tensors[1], label_tensors[0], label_tensors[1], values,
+                              (moving_id, fixed_id), moving_clean=clean_tensors[0], fixed_clean=clean_tensors[1])
+
+        sample = on(model_ref)
+        if fine_ref is not None:
+            sample.fine, sample.to_fine = on(fine_ref), io.grid_relation(model_ref, fine_ref)
+        return sample
 
     def heldback_files(self, subject: str) -> tuple[Path, Path]:
         """(T1-like image, evaluation labels) written for a held-back subject."""
         return (self.folder / "heldback" / f"{subject}_t1.nii.gz", self.folder / "heldback" / f"{subject}_seg.nii.gz")
 
-    def val_samples(self, model_ref: sitk.Image, percentiles: Sequence[float] = (1.0, 99.0)) -> list[PairSample]:
-        """The held-back pairs (fixed T1-like images from the prepared files) on ``model_ref``."""
-        key = (io.Grid.of(model_ref), tuple(percentiles))
+    def val_samples(self, model_ref: sitk.Image, percentiles: Sequence[float] = (1.0, 99.0),
+                    fine_ref: sitk.Image | None = None) -> list[PairSample]:
+        """The held-back pairs (fixed T1-like images from the prepared files) on ``model_ref``, and
+        on ``fine_ref`` as well when given (``PairSample.fine``)."""
+        key = (io.Grid.of(model_ref), tuple(percentiles), io.Grid.of(fine_ref) if fine_ref is not None else None)
         cache = self.__dict__.setdefault("_val_cache", {})
         if key in cache:
             return cache[key]
+        if fine_ref is not None:
+            samples = [replace(coarse, fine=fine, to_fine=io.grid_relation(model_ref, fine_ref))
+                       for coarse, fine in zip(self.val_samples(model_ref, percentiles),
+                                               self.val_samples(fine_ref, percentiles))]
+            cache[key] = samples
+            return samples
         volumes = {}
         for i in self.heldback_ids:
             image_path, seg_path = self.heldback_files(i)

@@ -26,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import io
+from . import geometry, io
 from .io import PairImages  # noqa: F401 (read_pair returns it; its home is io)
 from .atomic import write_text
 from .errors import MorphSeekError
@@ -73,6 +73,11 @@ class PairSample:
     #: the warm-up's similarity compares with ``WarmupConfig.clean_similarity``
     moving_clean: torch.Tensor | None = None
     fixed_clean: torch.Tensor | None = None
+    #: the same pair on the fine grid (``io.fine_grid``) where a schedule's last steps run (GRPO and
+    #: its validation with ``fine_steps``, as registration runs them), and ``to_fine``: how a map
+    #: moves onto it (``io.grid_relation(model grid, fine grid)``: scale, offset per array axis)
+    fine: "PairSample | None" = None
+    to_fine: tuple[list[float], list[float]] | None = None
 
     @property
     def has_labels(self) -> bool:
@@ -83,7 +88,22 @@ class PairSample:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return PairSample(move(self.moving), move(self.fixed), move(self.moving_labels),
                           move(self.fixed_labels), list(self.label_values), self.pair, self.grid,
-                          move(self.moving_clean), move(self.fixed_clean))
+                          move(self.moving_clean), move(self.fixed_clean),
+                          self.fine.to(device) if self.fine is not None else None, self.to_fine)
+
+    def on_grid(self, fine: bool) -> "PairSample":
+        """This pair on the fine grid (``fine``) or on the model grid; MorphSeekError when it was
+        not prepared on the fine grid."""
+        if not fine:
+            return self
+        if self.fine is None:
+            raise MorphSeekError(f"pair {self.pair}: fine steps need the pair prepared on the fine grid as well")
+        return self.fine
+
+    def map_to_fine(self, total: torch.Tensor) -> torch.Tensor:
+        """A total map on the model grid moved onto this pair's fine grid (``geometry.regrid``)."""
+        fine = self.on_grid(True)
+        return geometry.regrid(total, tuple(fine.moving.shape[2:]), *self.to_fine)
 
 
 @dataclass

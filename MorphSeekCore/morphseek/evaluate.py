@@ -35,16 +35,24 @@ METRICS = ("dice", "njd_percent", "sd_log_j", "hd95_mm")
 
 # ---------------------------------------------------------------------------- on the model grid
 @torch.no_grad()
-def evaluate_pairs(model: MorphSeekNet, samples: Sequence[PairSample], steps: int) -> dict[str, float]:
+def evaluate_pairs(model: MorphSeekNet, samples: Sequence[PairSample], steps: int,
+                   fine_steps: int = 0) -> dict[str, float]:
     """Held-back evaluation on the model grid: deterministic T-step inference (``register.refine``,
     tau = 0), Dice (%, mean over the labels present in both, ``metrics.dice_torch``) and NJD%
-    (``metrics.njd_percent``) of the total map; mean and (population) std over the pairs."""
+    (``metrics.njd_percent``) of the total map; mean and (population) std over the pairs.
+    ``fine_steps``: the last ones run on each pair's fine grid (``PairSample.fine``), as
+    registration runs them; Dice and NJD are then taken there."""
     was_training = model.training
     model.eval()
     dices, njds = [], []
     try:
         for sample in samples:
-            total = refine(model, sample.moving, sample.fixed, steps=steps)[-1].total
+            total = (refine(model, sample.moving, sample.fixed, steps=steps - fine_steps)[-1].total
+                     if steps > fine_steps else None)
+            if fine_steps:
+                initial = sample.map_to_fine(total) if total is not None else None
+                sample = sample.on_grid(True)
+                total = refine(model, sample.moving, sample.fixed, steps=fine_steps, initial=initial)[-1].total
             values = metrics.foreground_labels(sample.label_values, sample.moving.device)
             warped = warp_labels(sample.moving_labels, total)
             dices.append(100.0 * float(metrics.dice_torch(sample.fixed_labels, warped, values)[0]))

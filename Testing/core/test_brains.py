@@ -92,6 +92,32 @@ def test_clean_images_are_the_same_pair_without_noise(tmp_path):
     assert torch.equal(moved.moving_clean, both.moving_clean)  # PairSample.to carries them
 
 
+def test_a_pair_on_the_fine_grid_is_the_same_pair_at_half_the_spacing(tmp_path):
+    """``fine_ref``: the same synthesised pair (the same random draws) also on the fine grid, with
+    the relation a map follows onto it; held-back pairs reach a fine grid on their own voxels
+    unchanged (their labels are the prepared label maps themselves)."""
+    data = _prepared(tmp_path, {"train": ["a", "b"], "heldback": ["x", "y"]})
+    ref = io.model_grid_at(data.reference, 4.0, 4)
+    fine_ref = io.fine_grid(data.reference, ref, 4)
+    plain = data.sample_pair(np.random.default_rng(3), ref, identical=0.0)
+    both = data.sample_pair(np.random.default_rng(3), ref, identical=0.0, fine_ref=fine_ref)
+    assert plain.fine is None and both.fine.moving.shape == (1, 1, 24, 24, 24)
+    assert torch.equal(plain.moving, both.moving) and torch.equal(plain.fixed_labels, both.fixed_labels)
+    assert both.to_fine == io.grid_relation(ref, fine_ref) and both.on_grid(True) is both.fine
+    # the fine labels, brought to the model grid by nearest neighbour, are the model grid's labels
+    coarse_again = io.labels_to_model_grid(io.from_array(both.fine.moving_labels[0, 0].numpy().astype(np.int16),
+                                                         fine_ref), ref)
+    assert float((coarse_again == both.moving_labels).float().mean()) > 0.9
+    assert both.map_to_fine(torch.ones(1, 3, 12, 12, 12)).shape == (1, 3, 24, 24, 24)
+    torch.testing.assert_close(both.map_to_fine(torch.ones(1, 3, 12, 12, 12)), torch.full((1, 3, 24, 24, 24), 2.0))
+    with pytest.raises(MorphSeekError, match="fine grid"):
+        plain.on_grid(True)
+    held = data.val_samples(ref, fine_ref=fine_ref)
+    seg = sitk.GetArrayFromImage(io.read_labels(data.heldback_files(held[0].pair[1])[1]))
+    assert np.array_equal(held[0].fine.fixed_labels[0, 0].numpy(), seg)
+    assert torch.equal(held[0].moving, data.val_samples(ref)[0].moving)
+
+
 def test_warm_up_with_clean_similarity_compares_the_noise_free_images(tmp_path):
     """``WarmupConfig.clean_similarity``: the similarity term is that of the noise-free images (the
     network sees the noisy ones), it is part of the run's identity, and a data set without them is

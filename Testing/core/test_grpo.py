@@ -12,7 +12,8 @@ import torch
 
 from morphseek.data import PairSample
 from morphseek.errors import Cancelled, MorphSeekError
-from morphseek.geometry import gaussian_blur, warp
+from morphseek import metrics
+from morphseek.geometry import gaussian_blur, warp, warp_labels
 from morphseek.losses import local_ncc_loss, similarity_loss
 from morphseek.nets.registry import build_model
 from morphseek.runconfig import RunConfig
@@ -281,6 +282,67 @@ def test_short_finetune_raises_held_back_dice_without_folding(subjects, tmp_path
         assert all(key in row for row in logged), key
     assert logged[-1]["val_dice"] == pytest.approx(after["val_dice"])
     assert (tmp_path / "ft.csv").read_text().splitlines()[0].startswith("episode,")
+
+
+def _with_fine_grid(sample: PairSample) -> PairSample:
+    """``sample`` (32^3) as the fine grid of a pair on a 16^3 model grid whose voxels are 2x2x2
+    blocks of it (the model grid's images their block means, its labels every other voxel)."""
+    pool = lambda t: torch.nn.functional.avg_pool3d(t, 2)  # noqa: E731
+    every_other = lambda t: t[..., ::2, ::2, ::2].contiguous()  # noqa: E731
+    return PairSample(pool(sample.moving), pool(sample.fixed), every_other(sample.moving_labels),
+                      every_other(sample.fixed_labels), list(sample.label_values), sample.pair,
+                      fine=sample, to_fine=([0.5] * 3, [-0.25] * 3))
+
+
+def test_fine_steps_run_the_last_steps_on_the_pairs_fine_grid(subjects, lively_model, monkeypatch):
+    """``fine_steps``: the episode's last steps run on the pair's fine grid, as registration runs them,
+    starting from the map so far moved there (``PairSample.map_to_fine``), with Dice taken there anew;
+    validation follows the same schedule."""
+    import morphseek.train.grpo as grpo_module
+    from morphseek.geometry import regrid
+
+    pair = _with_fine_grid(_sample(subjects[0], subjects[1]))
+    seen = []
+    original = grpo_module.grpo_update
+
+    def recording(model, optimizer, sample, total, previous_dice, *args, **kwargs):
+        outcome = original(model, optimizer, sample, total, previous_dice, *args, **kwargs)
+        seen.append((tuple(sample.moving.shape[2:]), total.clone(), previous_dice, outcome.total.clone()))
+        return outcome
+
+    monkeypatch.setattr(grpo_module, "grpo_update", recording)
+    model = build_model({"backbone": "tiny"})
+    model.load_state_dict(lively_model.state_dict())
+    config = GRPOConfig(steps=3, fine_steps=1, trajectories=2, episodes=1)
+    result = grpo_finetune(model, [pair], [pair], config)
+    assert [shape for shape, *_ in seen] == [(16, 16, 16), (16, 16, 16), (32, 32, 32)]
+    assert seen[1][2] is not None and seen[2][2] is None  # Dice of step 2, then taken anew on the fine grid
+    torch.testing.assert_close(seen[2][1], regrid(seen[1][3], (32, 32, 32), [0.5] * 3, [-0.25] * 3))
+    assert float(seen[1][3].abs().max()) > 0.1  # a map that moved, so the comparison above means something
+    # validation: two steps on the model grid, the third on the fine grid (Dice on its labels)
+    expected = evaluate_pairs(model, [pair], steps=3, fine_steps=1)
+    assert result.validation["val_dice"] == pytest.approx(expected["val_dice"])
+    coarse_total = refine_steps(model, pair, 2)
+    fine_total = refine_steps(model, pair.fine, 1, initial=pair.map_to_fine(coarse_total))
+    dice = metrics.dice_torch(pair.fine.fixed_labels, warp_labels(pair.fine.moving_labels, fine_total),
+                              metrics.foreground_labels(pair.label_values, "cpu"))[0]
+    assert expected["val_dice"] == pytest.approx(100.0 * float(dice))
+    assert expected["val_dice"] != pytest.approx(evaluate_pairs(model, [pair], steps=3)["val_dice"])
+
+
+def refine_steps(model, sample, steps, initial=None):
+    from morphseek.register import refine
+    model.eval()
+    return refine(model, sample.moving, sample.fixed, steps=steps, initial=initial)[-1].total
+
+
+def test_fine_steps_need_every_pair_on_its_fine_grid(subjects):
+    model = build_model({"backbone": "tiny"})
+    pair = _sample(subjects[0], subjects[1])
+    with pytest.raises(MorphSeekError, match=r"pair \('.*'\): fine steps need the pair prepared on the fine grid"):
+        grpo_finetune(model, [_with_fine_grid(pair)], [pair], GRPOConfig(steps=2, fine_steps=1, trajectories=2))
+    with pytest.raises(MorphSeekError, match="fine_steps must be from 0 to steps"):
+        GRPOConfig(steps=2, fine_steps=3).check()
 
 
 def test_cancel_keeps_the_last_checkpoint_and_resume_continues(subjects, tmp_path):

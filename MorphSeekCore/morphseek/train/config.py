@@ -19,6 +19,7 @@ class GRPOConfig:
     """Every choice of stage C, with the defaults of METHOD.md / docs/GRPO.md."""
 
     steps: int = defaults.STEPS  # T, refinement steps per pair (one optimiser step each)
+    fine_steps: int = 0  # of which the last ones on the pairs' fine grids (PairSample.fine), as registration runs them
     trajectories: int = defaults.GRPO_TRAJECTORIES  # J, sampled latents per step
     tau: float = defaults.TAU  # exploration temperature
     w_dice: float = defaults.W_DICE  # reward weight of the Dice gain (> 0)
@@ -48,6 +49,8 @@ class GRPOConfig:
         problems = []
         if self.steps < 1:
             problems.append(f"steps must be >= 1 (got {self.steps})")
+        if not 0 <= self.fine_steps <= self.steps:
+            problems.append(f"fine_steps must be from 0 to steps ({self.steps}), got {self.fine_steps}")
         if self.policy and self.trajectories < 2:
             problems.append(f"trajectories must be >= 2 for group-relative advantages (got {self.trajectories})")
         if self.trajectories < 1:

@@ -49,7 +49,7 @@ __all__ = [*policy_gradient.__all__, "GRPOConfig", "LDVN_MODES", "evaluate_pairs
 #: GRPO settings that must match for ``resume=True``: another value means another run.
 RUN_IDENTITY = ("steps", "trajectories", "tau", "w_dice", "w_njd", "lambda_warm", "lambda_dice", "learning_rate",
                 "ldvn", "ldvn_target_std", "target_kl", "beta_kl", "similarity", "lambda_reg", "seed", "memory_flat",
-                "policy")
+                "policy", "fine_steps")
 #: Names that checkpoints written before the trainers shared one contract use for the same settings.
 LEGACY_NAMES = {"lr": "learning_rate", "val_every": "validate_every"}
 
@@ -124,6 +124,9 @@ def grpo_finetune(
     labelled = [check_pair_labels(s, name=describe_pair(s, f"training pair {i}")) for i, s in enumerate(train)]
     for i, s in enumerate(val):
         check_pair_labels(s, required=True, name=describe_pair(s, f"validation pair {i}"))
+    if config.fine_steps:  # every pair must carry its fine grid (MorphSeekError naming it), before any work
+        for s in (*train, *val):
+            s.on_grid(True)
     if not any(labelled):
         raise MorphSeekError("GRPO fine-tuning needs at least one labelled training pair (all are label-free)")
 
@@ -184,18 +187,26 @@ def grpo_finetune(
                 total = torch.zeros((1, 3, *sample.moving.shape[2:]), dtype=sample.moving.dtype,
                                     device=sample.moving.device)
                 previous_dice = None
+                first_fine = config.steps - config.fine_steps + 1  # the schedule of registration
                 for t in range(1, config.steps + 1):
                     if interrupted():
                         raise KeyboardInterrupt
                     if cancel is not None and cancel():
                         raise Cancelled(f"GRPO fine-tuning cancelled after {completed} episodes")
                     tick = time.perf_counter()
-                    if index not in scorers:  # labels checked once per pair, on the host
-                        scorers[index] = label_scorer(sample)
+                    on_fine = t >= first_fine
+                    if t == first_fine:  # the map so far moves onto the fine grid; Dice is taken there anew
+                        fine = sample.on_grid(True)
+                        total = (sample.map_to_fine(total) if t > 1 else
+                                 torch.zeros((1, 3, *fine.moving.shape[2:]), dtype=total.dtype, device=total.device))
+                        previous_dice = None
+                    pair = sample.on_grid(on_fine)
+                    if (index, on_fine) not in scorers:  # labels checked once per pair and grid, on the host
+                        scorers[index, on_fine] = label_scorer(pair)
                     steps_in_episode = t
-                    outcome = grpo_update(model, optimizer, sample, total, previous_dice, config,
-                                          controller.beta, similarity, lambda_reg, generator, scorers[index],
-                                          clean=clean)
+                    outcome = grpo_update(model, optimizer, pair, total, previous_dice, config,
+                                          controller.beta, similarity, lambda_reg, generator,
+                                          scorers[index, on_fine], clean=clean)
                     optimizer_steps += 1
                     controller.update(outcome.stats["kl"])
                     total = outcome.total
@@ -212,7 +223,7 @@ def grpo_finetune(
                 completed, steps_in_episode = episode + 1, 0
                 last = completed == episodes
                 if val and (last or completed % config.validate_every == 0):
-                    validation = evaluate_pairs(model, val, config.steps)
+                    validation = evaluate_pairs(model, val, config.steps, config.fine_steps)
                     rows[-1].update(validation)
                 for row in rows:
                     run_log.log(row)
