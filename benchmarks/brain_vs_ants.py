@@ -18,7 +18,8 @@ Seconds are wall time of the whole registration (reading excluded) with --thread
 user runs it: MorphSeek's rows are scored from one call that keeps every step's field (to score each
 step), and timed by more calls that export only the final step, as ``morphseek register`` does
 without ``--step-images``: the network alone (its 3-step row), the network + adapt, and the network
-with no fine step (scored from its own call).
+with no fine step (scored from its own call). The process keeps freed memory as ``morphseek``'s
+does (``process.keep_freed_memory``), for SyN, which runs in it, as well.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from morphseek import defaults, export, io, metrics
+from morphseek import defaults, export, io, metrics, process
 from morphseek.brains import EVAL_LABELS, BrainSet
 from morphseek.register import register_images
 
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-pairs", type=int, default=0, help="only the first N held-back pairs (0: all)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "brain_vs_ants.json")
     args = p.parse_args(argv)
+    process.keep_freed_memory()  # as in morphseek's own process (SyN runs in this process too)
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     import os

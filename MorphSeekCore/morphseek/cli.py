@@ -22,7 +22,7 @@ import sys
 import threading
 from pathlib import Path
 
-from . import defaults, options
+from . import defaults, options, process
 from .errors import Cancelled, MorphSeekError
 # torch-free: --help stays fast
 from .train.config import LDVN_MODES, GRPOConfig
@@ -510,8 +510,7 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    for name, value in defaults.OPENMP_ENVIRONMENT.items():  # before torch is imported
-        os.environ.setdefault(name, value)
+    process.prepare_process()  # before torch is imported
     args = build_parser().parse_args(argv)
     if args.command == "finetune":
         args.on_interrupt = lambda: _finetune_kept(args.out)

@@ -60,6 +60,10 @@ ADAPT_LAMBDA = 1.5
 #: brain sample's test-time optimisation 1.6x (a busy loop) to 6x (a training process) slower; with
 #: the cores free it costs nothing measurable (``benchmarks/openmp_wait.py``, docs/BENCHMARKS.md).
 OPENMP_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
+#: ``process.keep_freed_memory``: blocks up to this size (and this much free memory) stay in the
+#: heap of ``morphseek`` and the Slicer worker when freed (1 GiB, the largest glibc accepts as an
+#: int; a brain step's largest tensor is about 200 MB).
+KEPT_MEMORY_BYTES = 1 << 30
 #: Pre-alignment of ``morphseek register`` ("affine" or "none").
 PREALIGN = "affine"
 #: GRPO episodes of the fine-tuning job the Slicer panel runs.

@@ -60,7 +60,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from . import defaults
+from . import defaults, process
 from .atomic import write_text
 from .errors import Cancelled, MorphSeekError
 
@@ -424,8 +424,7 @@ def run(job_path: str | Path, protocol: Protocol) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    for name, value in defaults.OPENMP_ENVIRONMENT.items():  # before torch is imported
-        os.environ.setdefault(name, value)
+    process.prepare_process()  # before torch is imported
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         print(__doc__.split("\n\n")[0] + "\nusage: python -m morphseek.worker JOB.json", file=sys.stderr)
         return 2

@@ -307,3 +307,44 @@ def test_entry_points_let_idle_openmp_threads_sleep_unless_told_otherwise(monkey
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_entry_points_keep_freed_memory_for_the_next_tensor(monkeypatch):
+    """``morphseek`` and the worker call ``process.keep_freed_memory``; in a process where it
+    applied, a large tensor freed and made again is not page-faulted afresh (where glibc's default
+    maps and zeroes it again), and a user's own MALLOC_ variables are left to choose."""
+    import os
+    import resource
+
+    from morphseek import cli, process, worker
+
+    calls = []
+    monkeypatch.setattr(process, "keep_freed_memory", lambda: calls.append(1) or True)
+    assert worker.main(["--help"]) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert len(calls) == 2
+    probe = (
+        "import resource, sys, torch\n"
+        "from morphseek import process\n"
+        "applied = process.keep_freed_memory() if sys.argv[1] == 'keep' else False\n"
+        "torch.ones(16 << 20)\n"  # 64 MiB made and freed once
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(10):\n"
+        "    torch.ones(16 << 20) + 1\n"  # as a step makes and frees its large tensors
+        "print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["PYTHONPATH"] = str(Path(process.__file__).resolve().parents[1])
+    faults = {}
+    for mode in ("default", "keep"):
+        out = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True,
+                             env=env).stdout.split()
+        faults[mode] = (out[0] == "True", int(out[1]))
+    pages = 20 * (64 << 20) // resource.getpagesize()  # 20 tensors of 64 MiB
+    assert faults["default"][1] > pages // 2, faults  # glibc's default: every page faulted again
+    if sys.platform.startswith("linux") and faults["keep"][0]:
+        assert faults["keep"][1] < faults["default"][1] // 2, faults
+    monkeypatch.undo()  # the real keep_freed_memory again
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    assert process.keep_freed_memory() is False
