@@ -157,6 +157,7 @@ def grpo_finetune(
     run_log = RunLog(log if log is not None else default_log(out), resume,
                      lambda row: int(row.get("episode", 0)) < start_episode)
 
+    first_fine = config.steps - config.fine_steps + 1  # the first step on the fine grid: registration's schedule
     bar = None
     if progress is True:
         bar = tqdm(total=episodes * config.steps, initial=start_episode * config.steps, unit="step",
@@ -184,10 +185,10 @@ def grpo_finetune(
                 sample = train[index]
                 generator = torch.Generator().manual_seed(config.seed * 1_000_003 + episode)
                 rows = []
-                total = torch.zeros((1, 3, *sample.moving.shape[2:]), dtype=sample.moving.dtype,
-                                    device=sample.moving.device)
+                start = sample.on_grid(first_fine == 1)  # the grid of the episode's first step
+                total = torch.zeros((1, 3, *start.moving.shape[2:]), dtype=start.moving.dtype,
+                                    device=start.moving.device)
                 previous_dice = None
-                first_fine = config.steps - config.fine_steps + 1  # the schedule of registration
                 for t in range(1, config.steps + 1):
                     if interrupted():
                         raise KeyboardInterrupt
@@ -195,11 +196,8 @@ def grpo_finetune(
                         raise Cancelled(f"GRPO fine-tuning cancelled after {completed} episodes")
                     tick = time.perf_counter()
                     on_fine = t >= first_fine
-                    if t == first_fine:  # the map so far moves onto the fine grid; Dice is taken there anew
-                        fine = sample.on_grid(True)
-                        total = (sample.map_to_fine(total) if t > 1 else
-                                 torch.zeros((1, 3, *fine.moving.shape[2:]), dtype=total.dtype, device=total.device))
-                        previous_dice = None
+                    if 1 < t == first_fine:  # the map so far moves onto the fine grid; Dice is taken there anew
+                        total, previous_dice = sample.map_to_fine(total), None
                     pair = sample.on_grid(on_fine)
                     if (index, on_fine) not in scorers:  # labels checked once per pair and grid, on the host
                         scorers[index, on_fine] = label_scorer(pair)
