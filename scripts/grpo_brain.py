@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="of the steps, the last ones on the fine grid (io.fine_grid), as registration runs them "
                         "(default: registration's default, %(default)s; 0: every step on the model grid)")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--trainable", choices=("all", "head"), default="all",
+                   help="what GRPO updates: every weight, or the policy head alone")
     p.add_argument("--val-every", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, required=True)
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
 
     config = GRPOConfig(steps=args.steps, fine_steps=args.fine_steps, trajectories=args.trajectories, episodes=args.episodes, learning_rate=args.lr,
-                        validate_every=args.val_every, checkpoint_every=args.val_every)
+                        trainable=args.trainable, validate_every=args.val_every, checkpoint_every=args.val_every)
     result = grpo_finetune(model, train, val, config, run_config=run_config, out=args.out,
                            log=args.out.with_suffix(""), resume=True, progress=progress)
     after = result.validation or evaluate_pairs(model, val, args.steps, args.fine_steps)

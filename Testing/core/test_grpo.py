@@ -371,3 +371,19 @@ def test_cancel_keeps_the_last_checkpoint_and_resume_continues(subjects, tmp_pat
     resumed = grpo_finetune(saved, train, [], config, out=out, log=log, resume=True)
     assert resumed.done == 3 and resumed.optimizer_steps == 3 and resumed.checkpoint == checkpoint_files(out)[0]
     assert [row["episode"] for row in RunLogger(log, append=True).rows()] == [0, 1, 2]
+
+
+def test_head_only_fine_tuning_moves_the_policy_head_alone(subjects, lively_model):
+    import copy
+
+    model = copy.deepcopy(lively_model)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    train = [_sample(subjects[0], subjects[1])]
+    grpo_finetune(model, train, [], GRPOConfig(steps=2, trajectories=3, episodes=2, learning_rate=1e-2,
+                                               trainable="head"))
+    changed = {name for name, tensor in model.state_dict().items() if not torch.equal(tensor, before[name])}
+    assert changed and all(name.startswith("head.mu_conv.") or name.startswith("head.log_sigma_conv.")
+                           for name in changed), changed
+    assert all(p.requires_grad for p in model.parameters())  # the frozen weights are handed back trainable
+    with pytest.raises(MorphSeekError, match="trainable must be one of"):
+        GRPOConfig(trainable="decoder").check()

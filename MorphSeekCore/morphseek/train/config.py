@@ -12,6 +12,8 @@ from morphseek import defaults
 from morphseek.errors import MorphSeekError
 
 LDVN_MODES = ("sqrt", "adaptive", "none")
+#: What GRPO updates: every weight, or the Gaussian policy head alone (the latent policy).
+TRAINABLE = ("all", "head")
 
 
 @dataclass
@@ -43,6 +45,7 @@ class GRPOConfig:
     seed: int = 0
     memory_flat: bool = True  # False: build the whole graph at once (reference, J-times the memory)
     policy: bool = True  # False: no policy term (the Dice-supervised baselines of the ablation, J = 1, tau = 0)
+    trainable: str = "all"  # TRAINABLE: "head" updates the policy head's two 1x1x1 convolutions only
 
     def check(self) -> None:
         """Raise MorphSeekError for settings that cannot work."""
@@ -67,6 +70,8 @@ class GRPOConfig:
             problems.append(f"ldvn must be one of {LDVN_MODES} (got {self.ldvn!r})")
         if self.target_kl is not None and not self.target_kl > 0:
             problems.append(f"target_kl must be > 0 (got {self.target_kl})")
+        if self.trainable not in TRAINABLE:
+            problems.append(f"trainable must be one of {TRAINABLE} (got {self.trainable!r})")
         if min(self.lambda_warm, self.lambda_dice) < 0:
             problems.append("lambda_warm and lambda_dice must be >= 0")
         if problems:

@@ -49,7 +49,7 @@ __all__ = [*policy_gradient.__all__, "GRPOConfig", "LDVN_MODES", "evaluate_pairs
 #: GRPO settings that must match for ``resume=True``: another value means another run.
 RUN_IDENTITY = ("steps", "trajectories", "tau", "w_dice", "w_njd", "lambda_warm", "lambda_dice", "learning_rate",
                 "ldvn", "ldvn_target_std", "target_kl", "beta_kl", "similarity", "lambda_reg", "seed", "memory_flat",
-                "policy", "fine_steps")
+                "policy", "fine_steps", "trainable")
 #: Names that checkpoints written before the trainers shared one contract use for the same settings.
 LEGACY_NAMES = {"lr": "learning_rate", "val_every": "validate_every"}
 
@@ -138,7 +138,10 @@ def grpo_finetune(
     beta0 = config.beta_kl if config.beta_kl is not None else run_config.beta_kl
     controller = TargetKLController(beta0, config.target_kl, config.kl_tolerance, config.kl_factor,
                                     config.beta_kl_min, config.beta_kl_max)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    trained = list(model.parameters() if config.trainable == "all" else model.head.parameters())
+    # the rest is frozen for the run (no weight gradients computed) and handed back as it came
+    frozen = [p for p in model.parameters() if p.requires_grad and not any(p is q for q in trained)]
+    optimizer = torch.optim.Adam(trained, lr=config.learning_rate)
     episodes = config.episodes if config.episodes is not None else len(train)
     start_episode, optimizer_steps = 0, 0
 
@@ -178,6 +181,8 @@ def grpo_finetune(
     scorers: dict[int, Any] = {}
     completed = start_episode  # episodes whose every step is done
     steps_in_episode = 0  # optimizer steps of the episode running (0: the state is that of `completed`)
+    for p in frozen:
+        p.requires_grad_(False)
     try:
         with deferred_interrupt() as interrupted:
             for episode in range(start_episode, episodes):
@@ -236,6 +241,8 @@ def grpo_finetune(
             save(completed)
         raise
     finally:
+        for p in frozen:
+            p.requires_grad_(True)
         if bar is not None:
             bar.close()
     rows = run_log.rows
