@@ -26,6 +26,7 @@ import torch
 from morphseek import defaults, io
 from morphseek.brains import BrainSet
 from morphseek.checkpoint import load_checkpoint
+from morphseek.train.config import TRAINABLE
 from morphseek.train.grpo import GRPOConfig, evaluate_pairs, grpo_finetune
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="of the steps, the last ones on the fine grid (io.fine_grid), as registration runs them "
                         "(default: registration's default, %(default)s; 0: every step on the model grid)")
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--trainable", choices=("all", "head"), default="all",
+    p.add_argument("--trainable", choices=TRAINABLE, default="all",
                    help="what GRPO updates: every weight, or the policy head alone")
     p.add_argument("--val-every", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)

@@ -138,10 +138,10 @@ def grpo_finetune(
     beta0 = config.beta_kl if config.beta_kl is not None else run_config.beta_kl
     controller = TargetKLController(beta0, config.target_kl, config.kl_tolerance, config.kl_factor,
                                     config.beta_kl_min, config.beta_kl_max)
-    trained = list(model.parameters() if config.trainable == "all" else model.head.parameters())
-    # the rest is frozen for the run (no weight gradients computed) and handed back as it came
-    frozen = [p for p in model.parameters() if p.requires_grad and not any(p is q for q in trained)]
-    optimizer = torch.optim.Adam(trained, lr=config.learning_rate)
+    head_only = config.trainable == "head"
+    # with the head alone, the backbone is frozen for the run (no weight gradients) and handed back as it came
+    frozen = [p for p in model.backbone.parameters() if p.requires_grad] if head_only else []
+    optimizer = torch.optim.Adam(model.head.parameters() if head_only else model.parameters(), lr=config.learning_rate)
     episodes = config.episodes if config.episodes is not None else len(train)
     start_episode, optimizer_steps = 0, 0
 
