@@ -23,6 +23,7 @@ from morphseek.nets import (
     kl_standard_normal,
     ldvn_log_prob,
 )
+from morphseek.nets.voxelmorph import upsampled_conv
 from morphseek.nets.transmorph import (
     MASK_VALUE,
     SwinBlock,
@@ -137,24 +138,80 @@ def test_channels_last_gives_same_result(name):
     torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-7)
 
 
-def test_voxelmorph_inference_path_equals_the_training_path():
-    # registration (CPU, no gradients) runs the full-resolution convolutions channels-last;
-    # training keeps the default layout: the two must give the same displacement
-    model = build_model(SMALL["tiny"]).eval()
+@pytest.mark.parametrize("config", [
+    {"backbone": "tiny"},
+    # no full-resolution convolution: the flow convolution itself reads the upsampled level
+    {"backbone": "voxelmorph", "enc_channels": [4, 8], "dec_channels": [8, 6]},
+], ids=["tiny", "no-full-res"])
+def test_voxelmorph_inference_path_equals_the_training_path(config, monkeypatch):
+    # registration (CPU, no gradients) decodes with the convolutions after each upsampling run on the
+    # coarse grid (upsampled_conv) and the full-resolution ones channels-last; training keeps the plain
+    # path: the two must give the same displacement
+    model = build_model(config).eval()
     with torch.no_grad():  # an untrained flow layer outputs ~1e-5 voxels: make the comparison count
         torch.nn.init.normal_(model.backbone.flow.weight, std=1e-2, generator=torch.Generator().manual_seed(0))
-    moving, fixed = pair((16, 16, 32))
-    layouts = []
-    model.backbone.full_res_convs[0].register_forward_pre_hook(
-        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last_3d)))
+    moving, fixed = pair((16, 32, 48))
     enc = model.encode(moving, fixed)
-    trained = model.decode(enc.skips, enc.mu)  # gradients enabled: the default layout
+    trained = model.decode(enc.skips, enc.mu)  # gradients enabled: the plain path
+    interpolate = torch.nn.functional.interpolate
+
+    def no_upsampling(*args, **kwargs):  # the inference path must never make an upsampled tensor
+        raise AssertionError("the inference path upsampled a tensor")
+
+    monkeypatch.setattr(torch.nn.functional, "interpolate", no_upsampling)
     with torch.no_grad():
         inferred = model.decode(enc.skips, enc.mu)
-    assert layouts == [False, True]
+    monkeypatch.setattr(torch.nn.functional, "interpolate", interpolate)
     assert inferred.is_contiguous() and inferred.shape == trained.shape
     assert float(trained.detach().abs().max()) > 1e-3  # displacements worth comparing
     torch.testing.assert_close(inferred, trained.detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_decode_layouts_in_training_and_in_registration():
+    # full-resolution convolutions run channels-last without gradients on the CPU; in train mode
+    # (training's own steps without gradients) on the plain path, in eval mode (registration) on the
+    # coarse-grid one, which never calls the first full-resolution block as a module
+    model = build_model({"backbone": "tiny"})
+    assert len(model.backbone.full_res_convs) >= 2
+    first, second = [], []
+    model.backbone.full_res_convs[0].register_forward_pre_hook(
+        lambda module, args: first.append(args[0].is_contiguous(memory_format=torch.channels_last_3d)))
+    model.backbone.full_res_convs[1].register_forward_pre_hook(
+        lambda module, args: second.append(args[0].is_contiguous(memory_format=torch.channels_last_3d)))
+    moving, fixed = pair((16, 16, 32))
+    enc = model.encode(moving, fixed)
+    model.train()
+    model.decode(enc.skips, enc.mu)
+    with torch.no_grad():
+        model.decode(enc.skips, enc.mu)
+        model.eval()
+        model.decode(enc.skips, enc.mu)
+    assert first == [False, True]  # train mode: plain, then channels-last without gradients
+    assert len(second) == 3 and second[-1]  # eval mode: the coarse-grid path, channels-last
+
+
+@pytest.mark.parametrize("coarse_size", [(1, 1, 1), (2, 3, 5), (4, 4, 6)])
+def test_upsampled_conv_equals_upsampling_then_convolving(coarse_size):
+    # a 3x3x3 convolution of [nearest x2 upsampling, skip] computed on the coarse grid, borders included
+    g = torch.Generator().manual_seed(1)
+    conv = torch.nn.Conv3d(5 + 2, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+        conv.bias.copy_(torch.randn(4, generator=g))
+    coarse = torch.randn(1, 5, *coarse_size, generator=g)
+    skip = torch.randn(1, 2, *(2 * n for n in coarse_size), generator=g)
+    with torch.no_grad():
+        expected = conv(torch.cat([torch.nn.functional.interpolate(coarse, scale_factor=2, mode="nearest"), skip], 1))
+        got = upsampled_conv(conv, coarse, skip)
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # a skip that is not exactly twice the coarse size takes the plain path, same result
+    odd_skip = skip[:, :, :-1] if skip.shape[2] > 1 else None
+    if odd_skip is not None:
+        with torch.no_grad():
+            expected = conv(torch.cat([torch.nn.functional.interpolate(coarse, size=odd_skip.shape[2:], mode="nearest"),
+                                       odd_skip], 1))
+            torch.testing.assert_close(upsampled_conv(conv, coarse, odd_skip), expected, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- parameter budget of the head

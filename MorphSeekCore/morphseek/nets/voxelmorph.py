@@ -96,17 +96,81 @@ class VoxelMorph(Backbone):
                 f"VoxelMorph.decode expects {len(self.up_convs)} skips and a latent with "
                 f"{self.top_channels} channels, got {len(skips)} skips and latent {tuple(z.shape)}"
             )
+        cpu_no_grad = z.device.type == "cpu" and not torch.is_grad_enabled()
+        if cpu_no_grad and not self.training:
+            return self._decode_for_inference(skips, z)
+        # training, including its steps without gradients (train mode): one path, so that a training
+        # run's numbers stay what they were
         x = z
         for conv, skip in zip(self.up_convs, reversed(skips)):
             x = F.interpolate(conv(x), size=skip.shape[2:], mode="nearest")
             x = torch.cat([x, skip], dim=1)
-        # Inference on CPU: oneDNN's channels-last kernels run the full-resolution convolutions (most
-        # of the network's time) 15-30 % faster; the values agree to float rounding. Training paths
-        # keep whatever layout their inputs have.
-        channels_last = x.device.type == "cpu" and not torch.is_grad_enabled()
-        if channels_last:
+        if cpu_no_grad:  # oneDNN's channels-last kernels: 15-30 % faster, the same values to float rounding
             x = x.contiguous(memory_format=torch.channels_last_3d)
         for conv in self.full_res_convs:
             x = conv(x)
         flow = self.flow(x)
-        return flow.contiguous() if channels_last else flow
+        return flow.contiguous() if cpu_no_grad else flow
+
+    def _decode_for_inference(self, skips: list[Tensor], z: Tensor) -> Tensor:
+        """``decode`` for registration on the CPU (eval mode, no gradients): the same displacement to
+        float rounding in about half the time at 2 mm. Each convolution that reads an upsampled level
+        runs on the coarse grid (:func:`upsampled_conv`), so the upsampled tensor and its concatenation are
+        never made, and the full-resolution convolutions run channels-last (oneDNN's faster kernels).
+        Training keeps the plain path (its gradients need the intermediate tensors)."""
+        x = self.up_convs[0](z)
+        # the blocks whose input is an upsampled level and a skip: the next levels', then the first
+        # full-resolution one (or, without any, the flow convolution)
+        readers = [*self.up_convs[1:], *self.full_res_convs[:1]]
+        for block, skip in zip(readers, reversed(skips)):
+            x = block[1](upsampled_conv(block[0], x, skip))  # convolution, then its LeakyReLU
+        if not self.full_res_convs:
+            return upsampled_conv(self.flow, x, skips[0]).contiguous()
+        for block in self.full_res_convs[1:]:
+            x = block(x)
+        return self.flow(x).contiguous()
+
+
+def _two_tap_kernels(weight: Tensor) -> Tensor:
+    """(O, C, 3, 3, 3) -> (8 O, C, 2, 2, 2): the kernels of :func:`upsampled_conv`, parity
+    (d, h, w) in 0/1 major (d slowest), output channel minor."""
+
+    def along(w: Tensor, dim: int, parity: int) -> Tensor:
+        a, b, c = w.unbind(dim)
+        return torch.stack((a, b + c) if parity == 0 else (a + b, c), dim)
+
+    return torch.cat([along(along(along(weight, 2, pd), 3, ph), 4, pw)
+                      for pd in (0, 1) for ph in (0, 1) for pw in (0, 1)])
+
+
+def upsampled_conv(conv: nn.Conv3d, coarse: Tensor, skip: Tensor) -> Tensor:
+    """``conv(cat([nearest x2 upsampling of coarse, skip]))`` without making the upsampled tensor.
+
+    Along an axis, fine voxel 2i + p of the upsampled tensor reads coarse voxels (i-1, i, i) through
+    the 3 taps (w0, w1, w2) when p = 0 and (i, i, i+1) when p = 1: on the coarse grid that is the
+    2-tap kernel (w0, w1 + w2) at (i-1, i) or (w0 + w1, w2) at (i, i+1), zero padding included. One
+    2x2x2 convolution with 8 x O outputs on the coarse tensor padded by one voxel gives every parity
+    (parity p's outputs start at offset p), 27/8 fewer products than the fine convolution; the
+    skip's part is an ordinary convolution on the fine grid. Returns channels-last (1 sample).
+    Anything other than a 3x3x3 stride-1 zero-padded convolution of one sample whose skip is exactly
+    twice the coarse size takes the plain path."""
+    size = coarse.shape[2:]
+    plain = (conv.kernel_size != (3, 3, 3) or conv.stride != (1, 1, 1) or conv.padding != (1, 1, 1)
+             or conv.dilation != (1, 1, 1) or conv.groups != 1 or conv.padding_mode != "zeros"
+             or coarse.shape[0] != 1 or skip.shape[0] != 1 or tuple(skip.shape[2:]) != tuple(2 * n for n in size))
+    if plain:
+        up = F.interpolate(coarse, size=skip.shape[2:], mode="nearest")
+        return conv(torch.cat([up, skip], dim=1)).contiguous(memory_format=torch.channels_last_3d)
+    channels, out_channels = coarse.shape[1], conv.out_channels
+    parities = F.conv3d(F.pad(coarse, (1, 1, 1, 1, 1, 1)), _two_tap_kernels(conv.weight[:, :channels]))
+    parities = parities[0].unflatten(0, (2, 2, 2, out_channels))  # (pd, ph, pw, O, D + 1, H + 1, W + 1)
+    d, h, w = size
+    out = torch.empty(d, 2, h, 2, w, 2, out_channels, dtype=parities.dtype, device=parities.device)
+    for pd in (0, 1):
+        for ph in (0, 1):
+            for pw in (0, 1):
+                out[:, pd, :, ph, :, pw] = parities[pd, ph, pw, :, pd:pd + d, ph:ph + h, pw:pw + w].permute(1, 2, 3, 0)
+    out = out.view(1, 2 * d, 2 * h, 2 * w, out_channels).permute(0, 4, 1, 2, 3)  # channels-last (1, O, 2D, 2H, 2W)
+    skip = skip.contiguous(memory_format=torch.channels_last_3d)
+    out += F.conv3d(skip, conv.weight[:, channels:], conv.bias, padding=1)
+    return out
