@@ -643,8 +643,20 @@ def image_to_model_grid(image: sitk.Image, model_ref: sitk.Image, transform: sit
     the image is resampled linearly onto ``model_ref`` through ``transform`` (fixed -> moving points,
     None = identity); points outside it get 0, the normalised background (so a CT is padded with
     air, not with 0 HU). Returns float32 (1, 1, D, H, W)."""
+    return normalised_to_model_grid(normalised_image(image, percentiles, name), model_ref, transform)
+
+
+def normalised_image(image: sitk.Image, percentiles: Sequence[float] = (1.0, 99.0), name: str = "image") -> sitk.Image:
+    """The first half of :func:`image_to_model_grid`: ``image`` with its intensities normalised on
+    its own voxels (float32, same geometry). Registration makes it once per image for its two grids."""
     low, high = percentiles
-    normalised = from_array(normalise_intensities(sitk.GetArrayViewFromImage(image), low, high, name=name), image)
+    return from_array(normalise_intensities(sitk.GetArrayViewFromImage(image), low, high, name=name), image)
+
+
+def normalised_to_model_grid(normalised: sitk.Image, model_ref: sitk.Image,
+                             transform: sitk.Transform | None = None) -> torch.Tensor:
+    """The second half of :func:`image_to_model_grid`: a :func:`normalised_image` resampled linearly
+    onto ``model_ref`` through ``transform`` (outside it: 0) as float32 (1, 1, D, H, W)."""
     return to_tensor(resample_to(normalised, model_ref, transform))
 
 

@@ -560,10 +560,14 @@ def register_images(
     report("prepare", 0, 0.1, f"resampling onto the model grid {grid}")
     percentiles = config.percentiles
 
+    # io.image_to_model_grid in its two halves: the intensities normalised once, for both grids
+    fixed_n = io.normalised_image(fixed, percentiles, names["fixed"])
+    moving_n = io.normalised_image(moving, percentiles, names["moving"])
+
     def prepare_on(ref: sitk.Image) -> tuple:
         """The pair on a grid (the model grid, the fine grid): moving, fixed, and their labels or None."""
-        fixed_t = io.image_to_model_grid(fixed, ref, None, percentiles, name=names["fixed"]).to(torch_device)
-        moving_t = io.image_to_model_grid(moving, ref, transform, percentiles, name=names["moving"]).to(torch_device)
+        fixed_t = io.normalised_to_model_grid(fixed_n, ref).to(torch_device)
+        moving_t = io.normalised_to_model_grid(moving_n, ref, transform).to(torch_device)
         fixed_l = moving_l = None
         if use_labels:
             fixed_l = io.labels_to_model_grid(fixed_seg, ref).to(torch_device)
