@@ -18,8 +18,9 @@ Seconds are wall time of the whole registration (reading excluded) with --thread
 user runs it: MorphSeek's rows are scored from one call that keeps every step's field (to score each
 step), and timed by more calls that export only the final step, as ``morphseek register`` does
 without ``--step-images``: the network alone (its 3-step row), the network + adapt, and the network
-with no fine step (scored from its own call). The process keeps freed memory as ``morphseek``'s
-does (``process.keep_freed_memory``), for SyN, which runs in it, as well.
+with no fine step (scored from its own call). The process is set up as ``morphseek``'s is
+(``process.prepare_process``: OpenMP threads that sleep when idle, freed memory kept), for SyN,
+which runs in it, as well.
 """
 
 from __future__ import annotations
@@ -31,13 +32,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import SimpleITK as sitk
-import torch
+from morphseek import process
 
-from morphseek import defaults, export, io, metrics, process
-from morphseek.brains import EVAL_LABELS, BrainSet
-from morphseek.register import register_images
+process.prepare_process()  # as ``morphseek`` does, before torch loads OpenMP (it reads its settings then)
+
+import numpy as np  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+import torch  # noqa: E402
+
+from morphseek import defaults, export, io, metrics  # noqa: E402
+from morphseek.brains import EVAL_LABELS, BrainSet  # noqa: E402
+from morphseek.register import register_images  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-pairs", type=int, default=0, help="only the first N held-back pairs (0: all)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "brain_vs_ants.json")
     args = p.parse_args(argv)
-    process.keep_freed_memory()  # as in morphseek's own process (SyN runs in this process too)
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     import os
