@@ -190,16 +190,16 @@ def test_decode_layouts_in_training_and_in_registration():
     assert len(second) == 3 and second[-1]  # eval mode: the coarse-grid path, channels-last
 
 
-@pytest.mark.parametrize("coarse_size", [(1, 1, 1), (2, 3, 5), (4, 4, 6)])
-def test_upsampled_conv_equals_upsampling_then_convolving(coarse_size):
+@pytest.mark.parametrize("coarse_size,batch", [((1, 1, 1), 1), ((2, 3, 5), 1), ((4, 4, 6), 1), ((2, 3, 5), 3)])
+def test_upsampled_conv_equals_upsampling_then_convolving(coarse_size, batch):
     # a 3x3x3 convolution of [nearest x2 upsampling, skip] computed on the coarse grid, borders included
     g = torch.Generator().manual_seed(1)
     conv = torch.nn.Conv3d(5 + 2, 4, 3, padding=1)
     with torch.no_grad():
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
         conv.bias.copy_(torch.randn(4, generator=g))
-    coarse = torch.randn(1, 5, *coarse_size, generator=g)
-    skip = torch.randn(1, 2, *(2 * n for n in coarse_size), generator=g)
+    coarse = torch.randn(batch, 5, *coarse_size, generator=g)
+    skip = torch.randn(batch, 2, *(2 * n for n in coarse_size), generator=g)
     with torch.no_grad():
         expected = conv(torch.cat([torch.nn.functional.interpolate(coarse, scale_factor=2, mode="nearest"), skip], 1))
         got = upsampled_conv(conv, coarse, skip)

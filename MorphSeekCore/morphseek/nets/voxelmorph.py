@@ -115,8 +115,9 @@ class VoxelMorph(Backbone):
     def _decode_for_inference(self, skips: list[Tensor], z: Tensor) -> Tensor:
         """``decode`` for registration on the CPU (eval mode, no gradients): the same displacement to
         float rounding in about half the time at 2 mm. Each convolution that reads an upsampled level
-        runs on the coarse grid (:func:`upsampled_conv`), so the upsampled tensor and its concatenation are
-        never made, and the full-resolution convolutions run channels-last (oneDNN's faster kernels).
+        runs on the coarse grid (:func:`upsampled_conv`), so the upsampled tensor and its concatenation
+        are never made, and the full-resolution convolutions run channels-last (oneDNN's faster
+        kernels).
         Training keeps the plain path (its gradients need the intermediate tensors)."""
         x = self.up_convs[0](z)
         # the blocks whose input is an upsampled level and a skip: the next levels', then the first
@@ -151,26 +152,27 @@ def upsampled_conv(conv: nn.Conv3d, coarse: Tensor, skip: Tensor) -> Tensor:
     2-tap kernel (w0, w1 + w2) at (i-1, i) or (w0 + w1, w2) at (i, i+1), zero padding included. One
     2x2x2 convolution with 8 x O outputs on the coarse tensor padded by one voxel gives every parity
     (parity p's outputs start at offset p), 27/8 fewer products than the fine convolution; the
-    skip's part is an ordinary convolution on the fine grid. Returns channels-last (1 sample).
-    Anything other than a 3x3x3 stride-1 zero-padded convolution of one sample whose skip is exactly
-    twice the coarse size takes the plain path."""
+    skip's part is an ordinary convolution on the fine grid. Returns channels-last. Anything other
+    than a 3x3x3 stride-1 zero-padded convolution whose skip is exactly twice the coarse size takes
+    the plain path."""
     size = coarse.shape[2:]
     plain = (conv.kernel_size != (3, 3, 3) or conv.stride != (1, 1, 1) or conv.padding != (1, 1, 1)
              or conv.dilation != (1, 1, 1) or conv.groups != 1 or conv.padding_mode != "zeros"
-             or coarse.shape[0] != 1 or skip.shape[0] != 1 or tuple(skip.shape[2:]) != tuple(2 * n for n in size))
+             or skip.shape[0] != coarse.shape[0] or tuple(skip.shape[2:]) != tuple(2 * n for n in size))
     if plain:
         up = F.interpolate(coarse, size=skip.shape[2:], mode="nearest")
         return conv(torch.cat([up, skip], dim=1)).contiguous(memory_format=torch.channels_last_3d)
-    channels, out_channels = coarse.shape[1], conv.out_channels
+    batch, channels, out_channels = coarse.shape[0], coarse.shape[1], conv.out_channels
     parities = F.conv3d(F.pad(coarse, (1, 1, 1, 1, 1, 1)), _two_tap_kernels(conv.weight[:, :channels]))
-    parities = parities[0].unflatten(0, (2, 2, 2, out_channels))  # (pd, ph, pw, O, D + 1, H + 1, W + 1)
+    parities = parities.unflatten(1, (2, 2, 2, out_channels))  # (B, pd, ph, pw, O, D + 1, H + 1, W + 1)
     d, h, w = size
-    out = torch.empty(d, 2, h, 2, w, 2, out_channels, dtype=parities.dtype, device=parities.device)
+    out = torch.empty(batch, d, 2, h, 2, w, 2, out_channels, dtype=parities.dtype, device=parities.device)
     for pd in (0, 1):
         for ph in (0, 1):
             for pw in (0, 1):
-                out[:, pd, :, ph, :, pw] = parities[pd, ph, pw, :, pd:pd + d, ph:ph + h, pw:pw + w].permute(1, 2, 3, 0)
-    out = out.view(1, 2 * d, 2 * h, 2 * w, out_channels).permute(0, 4, 1, 2, 3)  # channels-last (1, O, 2D, 2H, 2W)
+                part = parities[:, pd, ph, pw, :, pd:pd + d, ph:ph + h, pw:pw + w]
+                out[:, :, pd, :, ph, :, pw] = part.permute(0, 2, 3, 4, 1)
+    out = out.view(batch, 2 * d, 2 * h, 2 * w, out_channels).permute(0, 4, 1, 2, 3)  # channels-last
     skip = skip.contiguous(memory_format=torch.channels_last_3d)
     out += F.conv3d(skip, conv.weight[:, channels:], conv.bias, padding=1)
     return out
