@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="of the steps, the last ones on the fine grid (io.fine_grid), as registration runs them "
                         "(default: registration's default, %(default)s; 0: every step on the model grid)")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lambda-dice", type=float, default=GRPOConfig.lambda_dice,
+                   help="weight of the soft-Dice loss on the labelled pairs (0: the policy term and L_warm alone)")
     p.add_argument("--trainable", choices=TRAINABLE, default="all",
                    help="what GRPO updates: every weight, or the policy head alone")
     p.add_argument("--val-every", type=int, default=8)
@@ -70,11 +72,12 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
 
     config = GRPOConfig(steps=args.steps, fine_steps=args.fine_steps, trajectories=args.trajectories, episodes=args.episodes, learning_rate=args.lr,
-                        trainable=args.trainable, validate_every=args.val_every, checkpoint_every=args.val_every)
+                        lambda_dice=args.lambda_dice, trainable=args.trainable, validate_every=args.val_every, checkpoint_every=args.val_every)
     result = grpo_finetune(model, train, val, config, run_config=run_config, out=args.out,
                            log=args.out.with_suffix(""), resume=True, progress=progress)
     after = result.validation or evaluate_pairs(model, val, args.steps, args.fine_steps)
     summary = {"model": str(args.model), "pairs": args.pairs, "episodes": result.done, "fine_steps": args.fine_steps,
+               "lambda_dice": args.lambda_dice, "trainable": args.trainable, "lr": args.lr,
                "before": before, "after": after}
     args.out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"after {result.done} episodes: held-back Dice {after['val_dice']:.2f} ± "
