@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"episode {row.get('episode')}: held-back Dice {row['val_dice']:.2f} %, NJD {row['val_njd']:.3f} %",
                   flush=True)
 
-    config = GRPOConfig(steps=args.steps, fine_steps=args.fine_steps, trajectories=args.trajectories, episodes=args.episodes, learning_rate=args.lr,
-                        lambda_dice=args.lambda_dice, trainable=args.trainable, validate_every=args.val_every, checkpoint_every=args.val_every)
+    config = GRPOConfig(steps=args.steps, fine_steps=args.fine_steps, trajectories=args.trajectories,
+                        episodes=args.episodes, learning_rate=args.lr, lambda_dice=args.lambda_dice,
+                        trainable=args.trainable, validate_every=args.val_every, checkpoint_every=args.val_every)
     result = grpo_finetune(model, train, val, config, run_config=run_config, out=args.out,
                            log=args.out.with_suffix(""), resume=True, progress=progress)
     after = result.validation or evaluate_pairs(model, val, args.steps, args.fine_steps)
