@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="of the steps, the last ones on the fine grid (io.fine_grid), as registration runs them "
                         "(default: registration's default, %(default)s; 0: every step on the model grid)")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--scans", action="store_true",
+                   help="labelled pairs made as the held-back ones are (BrainSet.scan_pair: two training subjects' "
+                        "own anatomy as T1-like scans) instead of the warm-up's random contrasts and deformations")
     p.add_argument("--lambda-dice", type=float, default=GRPOConfig.lambda_dice,
                    help="weight of the soft-Dice loss on the labelled pairs (0: the policy term and L_warm alone)")
     p.add_argument("--trainable", choices=TRAINABLE, default="all",
@@ -59,8 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     fine_ref = io.fine_grid(data.reference, model_ref, model.divisor) if args.fine_steps else None
     percentiles = run_config.percentiles
     # With the noise-free images when the warm-up compared those: GRPO's L_warm does the same.
-    train = [data.sample_pair(np.random.default_rng(10_000 + i), model_ref, percentiles, identical=0.0,
-                              clean=run_config.clean_similarity, fine_ref=fine_ref) for i in range(args.pairs)]
+    if args.scans and not 1 <= args.pairs <= len(data.train_pairs):
+        p.error(f"--scans draws distinct pairs of the {len(data.train_ids)} training subjects: "
+                f"--pairs must be 1 to {len(data.train_pairs)}")
+    if args.scans:  # distinct ordered pairs of training subjects, in a fixed shuffled order
+        order = np.random.default_rng(10_000).permutation(len(data.train_pairs))[:args.pairs]
+        train = [data.scan_pair(*data.train_pairs[k], np.random.default_rng(10_000 + i), model_ref, percentiles,
+                                fine_ref) for i, k in enumerate(order)]
+    else:
+        train = [data.sample_pair(np.random.default_rng(10_000 + i), model_ref, percentiles, identical=0.0,
+                                  clean=run_config.clean_similarity, fine_ref=fine_ref) for i in range(args.pairs)]
     val = data.val_samples(model_ref, percentiles, fine_ref)
     before = evaluate_pairs(model, val, args.steps, args.fine_steps)
     print(f"start: held-back Dice {before['val_dice']:.2f} ± {before['val_dice_std']:.2f} %, "
@@ -78,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                            log=args.out.with_suffix(""), resume=True, progress=progress)
     after = result.validation or evaluate_pairs(model, val, args.steps, args.fine_steps)
     summary = {"model": str(args.model), "pairs": args.pairs, "episodes": result.done, "fine_steps": args.fine_steps,
-               "lambda_dice": args.lambda_dice, "trainable": args.trainable, "lr": args.lr,
+               "lambda_dice": args.lambda_dice, "trainable": args.trainable, "lr": args.lr, "scans": args.scans,
                "before": before, "after": after}
     args.out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"after {result.done} episodes: held-back Dice {after['val_dice']:.2f} ± "

@@ -197,6 +197,31 @@ class BrainSet:
             sample.fine, sample.to_fine = on(fine_ref), io.grid_relation(model_ref, fine_ref)
         return sample
 
+    def scan_pair(self, moving_id: str, fixed_id: str, rng: np.random.Generator, model_ref: sitk.Image,
+                  percentiles: Sequence[float] = (1.0, 99.0), fine_ref: sitk.Image | None = None) -> PairSample:
+        """A labelled pair made as the held-back ones are (``scripts/prepare_brains.py``): the two
+        subjects' own label maps, undeformed and skull-stripped, as T1-like scans (:func:`t1_image`,
+        own noise, blur and bias) with the evaluation labels: what a user's few labelled T1 cases
+        look like, where ``sample_pair`` draws the warm-up's random contrasts and deformations. No
+        noise-free images (a user's pairs have none). On ``fine_ref`` too when given."""
+        volumes = []
+        for subject in (moving_id, fixed_id):
+            labels = self.labels[subject][0, 0].numpy()
+            image = io.from_array(t1_image(labels, rng), self.reference)
+            brain = io.from_array(np.where(np.isin(labels, EVAL_LABELS), labels, 0).astype(np.int16), self.reference)
+            volumes.append((image, brain))
+
+        def on(ref: sitk.Image) -> PairSample:
+            images = [io.image_to_model_grid(image, ref, percentiles=percentiles) for image, _ in volumes]
+            labels = [io.labels_to_model_grid(brain, ref) for _, brain in volumes]
+            return PairSample(images[0], images[1], labels[0], labels[1], shared_labels(labels[0], labels[1]),
+                              (moving_id, fixed_id))
+
+        sample = on(model_ref)
+        if fine_ref is not None:
+            sample.fine, sample.to_fine = on(fine_ref), io.grid_relation(model_ref, fine_ref)
+        return sample
+
     def heldback_files(self, subject: str) -> tuple[Path, Path]:
         """(T1-like image, evaluation labels) written for a held-back subject."""
         return (self.folder / "heldback" / f"{subject}_t1.nii.gz", self.folder / "heldback" / f"{subject}_seg.nii.gz")

@@ -71,6 +71,25 @@ def test_a_synthesised_pair_has_images_in_range_and_only_evaluation_labels(tmp_p
     assert torch.equal(identical.moving, identical.fixed)
 
 
+def test_a_scan_pair_is_made_as_the_held_back_pairs_are(tmp_path):
+    # two subjects' own anatomy, undeformed, skull-stripped, T1-like (white matter brighter than
+    # cortex, brighter than the ventricle), with the evaluation labels; on the fine grid too
+    data = _prepared(tmp_path, {"train": ["a", "b"], "heldback": ["x"]})
+    ref = io.model_grid_at(data.reference, 4.0, 4)
+    fine_ref = io.fine_grid(data.reference, ref, 4)
+    sample = data.scan_pair("a", "b", np.random.default_rng(3), ref, fine_ref=fine_ref)
+    assert sample.pair == ("a", "b") and sample.moving_clean is None and set(sample.label_values) == {2, 3, 4}
+    fine = sample.fine
+    full = {i: io.labels_to_model_grid(io.from_array(data.labels[i][0, 0].numpy().astype(np.int16), data.reference),
+                                       fine_ref) for i in ("a", "b")}
+    # the subject's own labels, not deformed, evaluation labels only
+    assert torch.equal(fine.fixed_labels, torch.where(full["b"] >= 500, 0, full["b"]))
+    for image, labels, subject in ((fine.moving, fine.moving_labels, "a"), (fine.fixed, fine.fixed_labels, "b")):
+        means = {v: float(image[labels == v].mean()) for v in (2, 3, 4)}
+        assert means[2] > means[3] > means[4]
+        assert float(image[full[subject] >= 500].mean()) < 0.1  # the skull was stripped
+
+
 def test_clean_images_are_the_same_pair_without_noise(tmp_path):
     """``clean=True`` adds the noise-free images and changes nothing else (the same random draws);
     they follow the same anatomy (strongly correlated with the noisy ones); test_synth checks that
