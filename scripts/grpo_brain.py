@@ -61,15 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     model_ref = io.model_grid_at(data.reference, run_config.spacing, model.divisor, run_config.direction)
     fine_ref = io.fine_grid(data.reference, model_ref, model.divisor) if args.fine_steps else None
     percentiles = run_config.percentiles
-    # With the noise-free images when the warm-up compared those: GRPO's L_warm does the same.
-    if args.scans and not 1 <= args.pairs <= len(data.train_pairs):
-        p.error(f"--scans draws distinct pairs of the {len(data.train_ids)} training subjects: "
-                f"--pairs must be 1 to {len(data.train_pairs)}")
     if args.scans:  # distinct ordered pairs of training subjects, in a fixed shuffled order
+        if not 1 <= args.pairs <= len(data.train_pairs):
+            p.error(f"--scans draws distinct pairs of the {len(data.train_ids)} training subjects: "
+                    f"--pairs must be 1 to {len(data.train_pairs)}")
         order = np.random.default_rng(10_000).permutation(len(data.train_pairs))[:args.pairs]
         train = [data.scan_pair(*data.train_pairs[k], np.random.default_rng(10_000 + i), model_ref, percentiles,
                                 fine_ref) for i, k in enumerate(order)]
-    else:
+    else:  # with the noise-free images when the warm-up compared those: GRPO's L_warm does the same
         train = [data.sample_pair(np.random.default_rng(10_000 + i), model_ref, percentiles, identical=0.0,
                                   clean=run_config.clean_similarity, fine_ref=fine_ref) for i in range(args.pairs)]
     val = data.val_samples(model_ref, percentiles, fine_ref)

@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from morphseek import data, io
-from morphseek.brains import EVAL_LABELS, t1_image
+from morphseek.brains import evaluation_labels, t1_image
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE = ("01", "02", "03", "04")
@@ -53,7 +53,7 @@ def main() -> int:
         array = sitk.GetArrayFromImage(labels).astype(np.int64)
         image = t1_image(array, np.random.default_rng(2000 + n))
         io.write_image(io.from_array(np.round(255 * image).astype(np.uint8), labels), out / f"{i}_t1.nii.gz")
-        seg = np.where(np.isin(array, EVAL_LABELS), array, 0).astype(np.uint8)
+        seg = evaluation_labels(array).astype(np.uint8)
         io.write_image(io.from_array(seg, labels), out / f"{i}_seg.nii.gz")
         subjects.append({"id": i, "image": f"{i}_t1.nii.gz", "labels": f"{i}_seg.nii.gz"})
     data.write_manifest(out, subjects, data.ordered_pairs(FINETUNE), data.ordered_pairs(HELD_BACK),

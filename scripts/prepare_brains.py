@@ -127,7 +127,7 @@ def prepare(shared: Path, out: Path, seed: int = 0) -> Path:
             array = sitk.GetArrayFromImage(labels).astype(np.int64)
             image = brains.t1_image(array, np.random.default_rng(seed + 1000 + n))
             io.write_image(io.from_array(image, grid), out / "heldback" / f"{i}_t1.nii.gz")
-            seg = np.where(np.isin(array, brains.EVAL_LABELS), array, 0).astype(np.uint16)
+            seg = brains.evaluation_labels(array).astype(np.uint16)
             io.write_image(io.from_array(seg, grid), out / "heldback" / f"{i}_seg.nii.gz")
     split = {"train": [i for i in ids if i not in HELD_BACK], "heldback": [i for i in ids if i in HELD_BACK],
              "grid_size_xyz": list(grid.GetSize()), "spacing_mm": SPACING,

@@ -33,6 +33,13 @@ from .errors import MorphSeekError
 EVAL_LABELS = (2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 26, 28,
                41, 42, 43, 44, 46, 47, 49, 50, 51, 52, 53, 54, 58, 60)
 
+
+
+def evaluation_labels(labels: np.ndarray) -> np.ndarray:
+    """``labels`` with every id outside :data:`EVAL_LABELS` set to 0 (same dtype)."""
+    return np.where(np.isin(labels, EVAL_LABELS), labels, 0).astype(labels.dtype, copy=False)
+
+
 _WHITE = (2, 41, 7, 46, 16, 28, 60, 85)
 _CSF = (4, 5, 43, 44, 14, 15, 24, 31, 63, 72)
 _DEEP_GREY = (10, 49, 11, 50, 12, 51, 13, 52, 26, 58)
@@ -96,6 +103,28 @@ def random_deformation(shape: Sequence[int], rng: np.random.Generator, rotate_de
     elastic = synth.smooth_noise(shape, 3, max(4.0, min(shape) / 10.0), rng)
     elastic = elastic * float(rng.uniform(0.0, elastic_vox)) / max(float(elastic.abs().max()), 1e-6)
     return affine[None] + elastic
+
+
+def _pair_sample(images: list, pair: tuple[str, str], model_ref: sitk.Image, percentiles: Sequence[float],
+                 fine_ref: sitk.Image | None) -> PairSample:
+    """A pair's ``PairSample`` on ``model_ref`` (and on ``fine_ref`` as ``.fine`` when given) from
+    (image, its noise-free version or None, evaluation labels) for the moving and the fixed subject."""
+
+    def on(ref: sitk.Image) -> PairSample:
+        tensors, clean_tensors, label_tensors = [], [], []
+        for image, noise_free, brain in images:
+            tensors.append(io.image_to_model_grid(image, ref, percentiles=percentiles))
+            clean_tensors.append(None if noise_free is None else
+                                 io.image_to_model_grid(noise_free, ref, percentiles=percentiles))
+            label_tensors.append(io.labels_to_model_grid(brain, ref))
+        values = shared_labels(label_tensors[0], label_tensors[1])
+        return PairSample(tensors[0], tensors[1], label_tensors[0], label_tensors[1], values, pair,
+                          moving_clean=clean_tensors[0], fixed_clean=clean_tensors[1])
+
+    sample = on(model_ref)
+    if fine_ref is not None:
+        sample.fine, sample.to_fine = on(fine_ref), io.grid_relation(model_ref, fine_ref)
+    return sample
 
 
 @dataclass
@@ -176,26 +205,11 @@ class BrainSet:
         images = []  # per subject: the image, its noise-free version (or None), its evaluation labels
         for lab in warped:
             noisy, noise_free = self._images(lab, contrast, rng, clean)
-            brain = np.where(np.isin(lab, EVAL_LABELS), lab, 0).astype(np.int16)
+            brain = evaluation_labels(lab).astype(np.int16)
             images.append((noisy, noise_free, io.from_array(brain, self.reference)))
         if rng.random() < identical:
             images[1], fixed_id = images[0], moving_id
-
-        def on(ref: sitk.Image) -> PairSample:
-            tensors, clean_tensors, label_tensors = [], [], []
-            for noisy, noise_free, brain in images:
-                tensors.append(io.image_to_model_grid(noisy, ref, percentiles=percentiles))
-                clean_tensors.append(None if noise_free is None else
-                                     io.image_to_model_grid(noise_free, ref, percentiles=percentiles))
-                label_tensors.append(io.labels_to_model_grid(brain, ref))
-            values = shared_labels(label_tensors[0], label_tensors[1])
-            return PairSample(tensors[0], tensors[1], label_tensors[0], label_tensors[1], values,
-                              (moving_id, fixed_id), moving_clean=clean_tensors[0], fixed_clean=clean_tensors[1])
-
-        sample = on(model_ref)
-        if fine_ref is not None:
-            sample.fine, sample.to_fine = on(fine_ref), io.grid_relation(model_ref, fine_ref)
-        return sample
+        return _pair_sample(images, (moving_id, fixed_id), model_ref, percentiles, fine_ref)
 
     def scan_pair(self, moving_id: str, fixed_id: str, rng: np.random.Generator, model_ref: sitk.Image,
                   percentiles: Sequence[float] = (1.0, 99.0), fine_ref: sitk.Image | None = None) -> PairSample:
@@ -204,23 +218,12 @@ class BrainSet:
         own noise, blur and bias) with the evaluation labels: what a user's few labelled T1 cases
         look like, where ``sample_pair`` draws the warm-up's random contrasts and deformations. No
         noise-free images (a user's pairs have none). On ``fine_ref`` too when given."""
-        volumes = []
+        images = []
         for subject in (moving_id, fixed_id):
             labels = self.labels[subject][0, 0].numpy()
-            image = io.from_array(t1_image(labels, rng), self.reference)
-            brain = io.from_array(np.where(np.isin(labels, EVAL_LABELS), labels, 0).astype(np.int16), self.reference)
-            volumes.append((image, brain))
-
-        def on(ref: sitk.Image) -> PairSample:
-            images = [io.image_to_model_grid(image, ref, percentiles=percentiles) for image, _ in volumes]
-            labels = [io.labels_to_model_grid(brain, ref) for _, brain in volumes]
-            return PairSample(images[0], images[1], labels[0], labels[1], shared_labels(labels[0], labels[1]),
-                              (moving_id, fixed_id))
-
-        sample = on(model_ref)
-        if fine_ref is not None:
-            sample.fine, sample.to_fine = on(fine_ref), io.grid_relation(model_ref, fine_ref)
-        return sample
+            images.append((io.from_array(t1_image(labels, rng), self.reference), None,
+                           io.from_array(evaluation_labels(labels).astype(np.int16), self.reference)))
+        return _pair_sample(images, (moving_id, fixed_id), model_ref, percentiles, fine_ref)
 
     def heldback_files(self, subject: str) -> tuple[Path, Path]:
         """(T1-like image, evaluation labels) written for a held-back subject."""
