@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scans", action="store_true",
                    help="labelled pairs made as the held-back ones are (BrainSet.scan_pair: two training subjects' "
                         "own anatomy as T1-like scans) instead of the warm-up's random contrasts and deformations")
+    p.add_argument("--noisy-warm", action="store_true",
+                   help="with --scans: no noise-free images, so L_warm compares the noisy scans presmoothed, as "
+                        "on a user's pairs (default: the noise-free scans when the warm-up compared noise-free images)")
     p.add_argument("--lambda-dice", type=float, default=GRPOConfig.lambda_dice,
                    help="weight of the soft-Dice loss on the labelled pairs (0: the policy term and L_warm alone)")
     p.add_argument("--trainable", choices=TRAINABLE, default="all",
@@ -66,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--scans draws distinct pairs of the {len(data.train_ids)} training subjects: "
                     f"--pairs must be 1 to {len(data.train_pairs)}")
         order = np.random.default_rng(10_000).permutation(len(data.train_pairs))[:args.pairs]
+        clean = run_config.clean_similarity and not args.noisy_warm
         train = [data.scan_pair(*data.train_pairs[k], np.random.default_rng(10_000 + i), model_ref, percentiles,
-                                fine_ref) for i, k in enumerate(order)]
+                                fine_ref, clean=clean) for i, k in enumerate(order)]
     else:  # with the noise-free images when the warm-up compared those: GRPO's L_warm does the same
         train = [data.sample_pair(np.random.default_rng(10_000 + i), model_ref, percentiles, identical=0.0,
                                   clean=run_config.clean_similarity, fine_ref=fine_ref) for i in range(args.pairs)]
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     after = result.validation or evaluate_pairs(model, val, args.steps, args.fine_steps)
     summary = {"model": str(args.model), "pairs": args.pairs, "episodes": result.done, "fine_steps": args.fine_steps,
                "lambda_dice": args.lambda_dice, "trainable": args.trainable, "lr": args.lr, "scans": args.scans,
-               "before": before, "after": after}
+               "noisy_warm": args.noisy_warm, "before": before, "after": after}
     args.out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"after {result.done} episodes: held-back Dice {after['val_dice']:.2f} ± "
           f"{after['val_dice_std']:.2f} %, NJD {after['val_njd']:.3f} %")

@@ -59,17 +59,20 @@ def t1_means(max_label: int) -> np.ndarray:
 
 
 def scan_image(labels: np.ndarray, rng: np.random.Generator, means: Callable[[int], np.ndarray] = t1_means,
-               skull_strip: bool = True) -> np.ndarray:
+               skull_strip: bool = True, clean: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """An image (float32 [0, 1]) of a label map in the contrast ``means(max_label)`` (one mean per
-    label id, T1-like by default), with the held-back scans' own noise, blur and bias."""
+    label id, T1-like by default), with the held-back scans' own noise, blur and bias. ``clean``:
+    (image, the same without noise), as ``synth.synthesise_image``; the image is the same either way."""
     labels = np.where(labels >= 500, 0, labels) if skull_strip else labels
     return synth.synthesise_image(labels, seed=rng, label_means=means(int(labels.max())),
-                                  blur_sigma=(0.3, 0.8), bias_strength=0.2, noise_std=0.02)
+                                  blur_sigma=(0.3, 0.8), bias_strength=0.2, noise_std=0.02, clean=clean)
 
 
-def t1_image(labels: np.ndarray, rng: np.random.Generator, skull_strip: bool = True) -> np.ndarray:
-    """A T1-like image (float32 [0, 1]) from a label map, with its own noise, blur and bias."""
-    return scan_image(labels, rng, t1_means, skull_strip)
+def t1_image(labels: np.ndarray, rng: np.random.Generator, skull_strip: bool = True,
+             clean: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """A T1-like image (float32 [0, 1]) from a label map, with its own noise, blur and bias
+    (``clean``: and the same without noise, as :func:`scan_image`)."""
+    return scan_image(labels, rng, t1_means, skull_strip, clean)
 
 
 def random_contrast(max_label: int, rng: np.random.Generator) -> np.ndarray:
@@ -212,16 +215,20 @@ class BrainSet:
         return _pair_sample(images, (moving_id, fixed_id), model_ref, percentiles, fine_ref)
 
     def scan_pair(self, moving_id: str, fixed_id: str, rng: np.random.Generator, model_ref: sitk.Image,
-                  percentiles: Sequence[float] = (1.0, 99.0), fine_ref: sitk.Image | None = None) -> PairSample:
+                  percentiles: Sequence[float] = (1.0, 99.0), fine_ref: sitk.Image | None = None,
+                  clean: bool = False) -> PairSample:
         """A labelled pair made as the held-back ones are (``scripts/prepare_brains.py``): the two
         subjects' own label maps, undeformed and skull-stripped, as T1-like scans (:func:`t1_image`,
         own noise, blur and bias) with the evaluation labels: what a user's few labelled T1 cases
-        look like, where ``sample_pair`` draws the warm-up's random contrasts and deformations. No
-        noise-free images (a user's pairs have none). On ``fine_ref`` too when given."""
+        look like, where ``sample_pair`` draws the warm-up's random contrasts and deformations.
+        ``clean``: also the noise-free images (which a user's pairs do not have; the noisy ones are
+        the same either way), as ``sample_pair``. On ``fine_ref`` too when given."""
         images = []
         for subject in (moving_id, fixed_id):
             labels = self.labels[subject][0, 0].numpy()
-            images.append((io.from_array(t1_image(labels, rng), self.reference), None,
+            noisy, noise_free = t1_image(labels, rng, clean=True) if clean else (t1_image(labels, rng), None)
+            images.append((io.from_array(noisy, self.reference),
+                           None if noise_free is None else io.from_array(noise_free, self.reference),
                            io.from_array(evaluation_labels(labels).astype(np.int16), self.reference)))
         return _pair_sample(images, (moving_id, fixed_id), model_ref, percentiles, fine_ref)
 
