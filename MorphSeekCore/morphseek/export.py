@@ -43,10 +43,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 
 from .errors import MorphSeekError
-from .geometry import jacobian_determinant
+from .geometry import grid_sample, jacobian_determinant
 from .io import PathLike, atomic_target, grid_differences, index_to_physical, same_grid, verify_written_image, write_image
 
 #: Fixed-grid points handled at once on the CPU (about 100 MB of float64 work arrays per slab).
@@ -155,8 +154,7 @@ def _normaliser(size_xyz: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
 def _sample(volume: torch.Tensor, grid: torch.Tensor, mode: str, padding: str) -> torch.Tensor:
     """Values (C, K, H, W) of ``volume`` (1, C, D, H, W) at normalised points ``grid`` (K, H, W, 3),
     whose last axis is ordered (x, y, z) = (i, j, k) as grid_sample wants."""
-    return F.grid_sample(volume, grid[None].to(volume.dtype), mode=mode, padding_mode=padding,
-                         align_corners=True)[0]
+    return grid_sample(volume, grid[None].to(volume.dtype), mode=mode, padding_mode=padding)[0]
 
 
 def _field_array(field: sitk.Image, name: str = "field") -> np.ndarray:

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from morphseek import geometry
 from morphseek.errors import MorphSeekError
@@ -165,3 +166,48 @@ def test_regrid_equals_trilinear_grid_sampling_with_the_border_beyond_the_old_gr
     expected = torch.nn.functional.grid_sample(disp, grid, mode="bilinear", padding_mode="border", align_corners=True)
     expected = expected / torch.tensor(scale, dtype=torch.float64).view(1, 3, 1, 1, 1)
     torch.testing.assert_close(geometry.regrid(disp, shape, scale, offset), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("depth", [9, 12, 3])  # uneven slabs, even slabs, too thin to split
+@pytest.mark.parametrize("mode,padding", [("bilinear", "zeros"), ("bilinear", "border"), ("nearest", "zeros")])
+def test_grid_sample_on_every_thread_gives_grid_samples_values(depth, mode, padding, monkeypatch):
+    """geometry.grid_sample cuts a batch of one into slabs along D, one per thread (PyTorch's 3D CPU
+    kernel parallelises over the batch only): the same values as F.grid_sample, from 1 to 3
+    threads, and the same gradient with respect to the grid."""
+    gen = torch.Generator().manual_seed(depth)
+    source = torch.randn(1, 2, 7, 8, 6, generator=gen)
+    grid = (torch.rand(1, depth, 5, 4, 3, generator=gen) * 2.4 - 1.2).requires_grad_()
+    expected = F.grid_sample(source, grid, mode=mode, padding_mode=padding, align_corners=True)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), grid)
+    calls = []
+    original = F.grid_sample
+    monkeypatch.setattr(F, "grid_sample", lambda s, g, **kw: calls.append(g.shape[0]) or original(s, g, **kw))
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            calls.clear()
+            out = geometry.grid_sample(source, grid, mode=mode, padding_mode=padding)
+            assert torch.equal(out, expected)
+            (grad,) = torch.autograd.grad(out.square().sum(), grid)
+            assert torch.equal(grad, expected_grad)
+            assert calls == [n if depth >= 2 * n else 1]  # one slab per thread where they fit
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_grid_sample_keeps_one_batch_when_the_sources_gradient_is_needed(monkeypatch):
+    source = torch.randn(1, 1, 6, 6, 6, requires_grad=True)
+    grid = torch.rand(1, 8, 6, 6, 3) * 2 - 1
+    calls = []
+    original = F.grid_sample
+    monkeypatch.setattr(F, "grid_sample", lambda s, g, **kw: calls.append(g.shape[0]) or original(s, g, **kw))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        geometry.grid_sample(source, grid)
+        with torch.no_grad():
+            geometry.grid_sample(source, grid)
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [1, 2]
