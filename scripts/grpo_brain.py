@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    if args.noisy_warm and not args.scans:
+        p.error("--noisy-warm is for --scans pairs (the synthesised ones always have their noise-free images)")
     torch.set_num_threads(args.threads)
     data = BrainSet.open(args.data)
     model, run_config, _ = load_checkpoint(args.model)
