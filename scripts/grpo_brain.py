@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="of the steps, the last ones on the fine grid (io.fine_grid), as registration runs them "
                         "(default: registration's default, %(default)s; 0: every step on the model grid)")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--tau", type=float, default=GRPOConfig.tau,
+                   help="exploration temperature of the sampled latents (z = mu + tau sigma eps)")
     p.add_argument("--scans", action="store_true",
                    help="labelled pairs made as the held-back ones are (BrainSet.scan_pair: two training subjects' "
                         "own anatomy as T1-like scans) instead of the warm-up's random contrasts and deformations")
@@ -87,14 +89,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"episode {row.get('episode')}: held-back Dice {row['val_dice']:.2f} %, NJD {row['val_njd']:.3f} %",
                   flush=True)
 
-    config = GRPOConfig(steps=args.steps, fine_steps=args.fine_steps, trajectories=args.trajectories,
+    config = GRPOConfig(steps=args.steps, fine_steps=args.fine_steps, trajectories=args.trajectories, tau=args.tau,
                         episodes=args.episodes, learning_rate=args.lr, lambda_dice=args.lambda_dice,
                         trainable=args.trainable, validate_every=args.val_every, checkpoint_every=args.val_every)
     result = grpo_finetune(model, train, val, config, run_config=run_config, out=args.out,
                            log=args.out.with_suffix(""), resume=True, progress=progress)
     after = result.validation or evaluate_pairs(model, val, args.steps, args.fine_steps)
     summary = {"model": str(args.model), "pairs": args.pairs, "episodes": result.done, "fine_steps": args.fine_steps,
-               "lambda_dice": args.lambda_dice, "trainable": args.trainable, "lr": args.lr, "scans": args.scans,
+               "lambda_dice": args.lambda_dice, "trainable": args.trainable, "lr": args.lr, "tau": args.tau, "scans": args.scans,
                "noisy_warm": args.noisy_warm, "before": before, "after": after}
     args.out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"after {result.done} episodes: held-back Dice {after['val_dice']:.2f} ± "
