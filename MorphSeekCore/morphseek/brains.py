@@ -175,13 +175,19 @@ class BrainSet:
             return [tuple(p) for p in self.pairs]
         return [(m, f) for m in self.heldback_ids for f in self.heldback_ids if m != f]
 
+    def _on_reference(self, arrays: np.ndarray | tuple[np.ndarray, np.ndarray],
+                      clean: bool) -> tuple[sitk.Image, sitk.Image | None]:
+        """A synthesis's result (the image, or with ``clean`` the image and its noise-free version)
+        as (noisy image, noise-free image or None) on the subjects' grid."""
+        noisy, noise_free = arrays if clean else (arrays, None)
+        return (io.from_array(noisy, self.reference),
+                None if noise_free is None else io.from_array(noise_free, self.reference))
+
     def _images(self, labels: np.ndarray, contrast: np.ndarray, rng: np.random.Generator,
                 clean: bool) -> tuple[sitk.Image, sitk.Image | None]:
         """(noisy image, the same without noise or None); the same random draws either way."""
-        arrays = synth.synthesise_image(labels, seed=rng, label_means=contrast, blur_sigma=(0.3, 1.0),
-                                        bias_strength=0.3, noise_std=0.03, clean=clean)
-        noisy, noise_free = arrays if clean else (arrays, None)
-        return io.from_array(noisy, self.reference), None if noise_free is None else io.from_array(noise_free, self.reference)
+        return self._on_reference(synth.synthesise_image(labels, seed=rng, label_means=contrast, blur_sigma=(0.3, 1.0),
+                                                         bias_strength=0.3, noise_std=0.03, clean=clean), clean)
 
     def sample_pair(self, rng: np.random.Generator, model_ref: sitk.Image,
                     percentiles: Sequence[float] = (1.0, 99.0), same_subject: float = 0.1,
@@ -226,9 +232,7 @@ class BrainSet:
         images = []
         for subject in (moving_id, fixed_id):
             labels = self.labels[subject][0, 0].numpy()
-            noisy, noise_free = t1_image(labels, rng, clean=True) if clean else (t1_image(labels, rng), None)
-            images.append((io.from_array(noisy, self.reference),
-                           None if noise_free is None else io.from_array(noise_free, self.reference),
+            images.append((*self._on_reference(t1_image(labels, rng, clean=clean), clean),
                            io.from_array(evaluation_labels(labels).astype(np.int16), self.reference)))
         return _pair_sample(images, (moving_id, fixed_id), model_ref, percentiles, fine_ref)
 

@@ -83,8 +83,7 @@ def grid_sample(source: Tensor, grid: Tensor, mode: str = "bilinear", padding_mo
         grid = torch.cat([grid, grid[:, -1:].expand(-1, slab * threads - depth, -1, -1, -1)], dim=1)
     out = F.grid_sample(source.expand(threads, -1, -1, -1, -1), grid.reshape(threads, slab, *grid.shape[2:]),
                         mode=mode, padding_mode=padding_mode, align_corners=True)  # (threads, C, slab, H, W)
-    out = out.transpose(0, 1).reshape(1, source.shape[1], slab * threads, *out.shape[3:])
-    return out[:, :, :depth] if slab * threads != depth else out
+    return out.transpose(0, 1).reshape(1, source.shape[1], slab * threads, *out.shape[3:])[:, :, :depth]
 
 
 def warp(image: Tensor, disp: Tensor, mode: str = "bilinear", padding_mode: str = "zeros",

@@ -100,15 +100,14 @@ def test_clean_images_are_the_same_pair_without_noise(tmp_path):
     both = data.sample_pair(np.random.default_rng(3), ref, identical=0.0, clean=True)
     scans = data.scan_pair("a", "b", np.random.default_rng(3), ref)  # the held-back kind of pair
     scans_both = data.scan_pair("a", "b", np.random.default_rng(3), ref, clean=True)
-    for plain, both in ((plain, both), (scans, scans_both)):
-        assert plain.moving_clean is None and plain.fixed_clean is None
-        assert torch.equal(plain.moving, both.moving) and torch.equal(plain.fixed, both.fixed)
-        assert torch.equal(plain.moving_labels, both.moving_labels)
-        for noisy, clean in ((both.moving, both.moving_clean), (both.fixed, both.fixed_clean)):
+    for without, with_clean in ((plain, both), (scans, scans_both)):
+        assert without.moving_clean is None and without.fixed_clean is None
+        assert torch.equal(without.moving, with_clean.moving) and torch.equal(without.fixed, with_clean.fixed)
+        assert torch.equal(without.moving_labels, with_clean.moving_labels)
+        for noisy, clean in ((with_clean.moving, with_clean.moving_clean), (with_clean.fixed, with_clean.fixed_clean)):
             assert clean.shape == noisy.shape and float(clean.min()) >= 0.0 and float(clean.max()) <= 1.0
             assert np.corrcoef(noisy.flatten().numpy(), clean.flatten().numpy())[0, 1] > 0.9
             assert not torch.equal(clean, noisy)
-    both = data.sample_pair(np.random.default_rng(3), ref, identical=0.0, clean=True)
     identical = data.sample_pair(np.random.default_rng(1), ref, identical=1.0, clean=True)
     assert torch.equal(identical.moving_clean, identical.fixed_clean)
     moved = both.to("cpu")
