@@ -12,13 +12,17 @@ NJD % and SDlogJ come from the Jacobian determinant of the map (``export.jacobia
 Rows: no registration (the pairs are affinely aligned), ANTs SyN (antspyx defaults: affine then
 SyN, mutual information / cross-correlation; a benchmark-only extra, never a product dependency),
 the network after 1, 2 and 3 steps (the last on the fine grid, ``defaults.FINE_STEPS``), the network
-with every step on the model grid (``fine_steps=0``, the fast setting), and the network followed by
-test-time optimisation (--adapt).
+with every step on the model grid (``fine_steps=0``, the fast setting), the network in float32 where
+the default precision (``defaults.PRECISION``, "auto") chose bf16 (a CPU with bf16 matrix units),
+and the network followed by test-time optimisation (--adapt).
 Seconds are wall time of the whole registration (reading excluded) with --threads threads, as a
 user runs it: MorphSeek's rows are scored from one call that keeps every step's field (to score each
 step), and timed by more calls that export only the final step, as ``morphseek register`` does
 without ``--step-images``: the network alone (its 3-step row), the network + adapt, and the network
-with no fine step (scored from its own call). The process is set up as ``morphseek``'s is
+with no fine step (scored from its own call), and the network in float32 (scored from the
+second of two calls, the one timed: the default row's timed call, too, is its second in its
+arithmetic on the pair's grids, after the call that scored its steps; oneDNN prepares its kernels
+for each new size and type on the first). The process is set up as ``morphseek``'s is
 (``process.prepare_process``: OpenMP threads that sleep when idle, freed memory kept), for SyN,
 which runs in it, as well.
 """
@@ -115,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
               f"  HD95 {values['hd95']:5.2f} mm  {values.get('seconds', 0):6.2f} s", flush=True)
 
     pairs = data.val_pairs[: args.max_pairs or None]
+    precisions = set()  # the network's arithmetic in the default rows (register.resolve_precision)
     for moving_id, fixed_id in pairs:
         (fixed, fixed_seg), (moving, moving_seg) = images[fixed_id], images[moving_id]
         print(f"pair {moving_id} -> {fixed_id}", flush=True)
@@ -144,6 +149,15 @@ def main(argv: list[str] | None = None) -> int:
                                  device="cpu", keep_step_images=False)
         coarse_seconds = time.perf_counter() - tic  # before scoring (until 2026-12-02 this row's time included it)
         add(f"MorphSeek {args.steps}, none fine", {**score(fixed_seg, moving_seg, coarse.field), "seconds": coarse_seconds})
+        precisions.add(result.settings["precision"])
+        if result.settings["precision"] != "float32":
+            for _ in range(2):  # timed as the default row is, on a second call in this arithmetic
+                tic = time.perf_counter()
+                exact = register_images(fixed, moving, args.model, steps=args.steps, prealign=args.prealign,
+                                        device="cpu", keep_step_images=False, precision="float32")
+                exact_seconds = time.perf_counter() - tic
+            add(f"MorphSeek {args.steps}, float32", {**score(fixed_seg, moving_seg, exact.field),
+                                                     "seconds": exact_seconds})
     summary = {name: {key: {"mean": float(np.mean([r[key] for r in values])), "std": float(np.std([r[key] for r in values]))}
                       for key in ("dice", "njd", "sdlogj", "hd95", "seconds")} for name, values in rows.items()}
     print(f"\n{'method':<26} {'Dice %':>14} {'NJD %':>8} {'SDlogJ':>7} {'HD95 mm':>8} {'s/pair':>7}")
@@ -151,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<26} {s['dice']['mean']:6.2f} ± {s['dice']['std']:5.2f} {s['njd']['mean']:8.3f} "
               f"{s['sdlogj']['mean']:7.3f} {s['hd95']['mean']:8.2f} {s['seconds']['mean']:7.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
+    print(f"the network's default rows ran in {', '.join(sorted(precisions))}")
+    args.out.write_text(json.dumps({"settings": {**{k: str(v) for k, v in vars(args).items()},
+                                                 "precision": sorted(precisions)},
                                     "pairs": [list(p) for p in pairs], "rows": rows,
                                     "summary": summary}, indent=1) + "\n")
     print(f"wrote {args.out}")

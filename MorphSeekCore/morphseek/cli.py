@@ -142,6 +142,10 @@ def _add_registration_options(p, prealign: str) -> None:
     p.add_argument("--tau", type=options.non_negative_float, default=defaults.TAU,
                    help="sampling temperature of the search (default %(default)s)")
     p.add_argument("--prealign", choices=["affine", "none"], default=prealign)
+    p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=defaults.PRECISION,
+                   help="the network's arithmetic (default %(default)s: bfloat16 on CPUs with bf16 matrix units "
+                   "(AMX), about 1.5x faster steps at the same Dice; float32 elsewhere). float32: the same "
+                   "numbers on every CPU")
 
 
 def _add_register(sub) -> None:
@@ -244,6 +248,7 @@ def _run_register(args) -> int:
                                     trajectories=args.trajectories,
                                     tau=args.tau, prealign=args.prealign, prealigned=prealigned,
                                     device=args.device, seed=args.seed, adapt=args.adapt,
+                                    precision=args.precision,
                                     adapt_settings=AdaptSettings(lambda_reg=args.adapt_lambda),
                                     keep_step_images=args.step_images, progress=progress,
                                     names={"fixed": args.fixed, "moving": args.moving,
@@ -288,7 +293,7 @@ def _run_evaluate(args) -> int:
         # In a worker so that Ctrl-C is immediate; the staged folder is then removed (nothing kept).
         summary = _interruptible(lambda cancel: evaluate_dataset(
             args.data, args.model, stage, steps=args.steps, trajectories=args.trajectories, tau=args.tau,
-            prealign=args.prealign, device=args.device, all_pairs=args.all))
+            prealign=args.prealign, device=args.device, all_pairs=args.all, precision=args.precision))
     for step, stats in summary["per_step"].items():
         print(f"step {step}: " + ", ".join(f"{k} {v['mean']:.3f} ± {v['std']:.3f}" for k, v in stats.items()))
     print(f"wrote {args.out}/evaluation.json and evaluation.csv")

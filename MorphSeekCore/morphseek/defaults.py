@@ -64,6 +64,10 @@ OPENMP_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 #: heap of ``morphseek`` and the Slicer worker when freed (1 GiB, the largest glibc accepts as an
 #: int; a brain step's largest tensor is about 200 MB).
 KEPT_MEMORY_BYTES = 1 << 30
+#: The network's arithmetic at registration (``register.resolve_precision``): "auto" is bf16 on
+#: CPUs with bf16 matrix units (AMX; about 1.5x faster steps, Dice the same to a few hundredths,
+#: docs/QUALITY.md section 17) and float32 elsewhere; "float32" gives the same numbers on every CPU.
+PRECISION = "auto"
 #: Pre-alignment of ``morphseek register`` ("affine" or "none").
 PREALIGN = "affine"
 #: GRPO episodes of the fine-tuning job the Slicer panel runs.

@@ -121,18 +121,47 @@ def _check_cancel(cancel: CancelCallback | None) -> None:
         raise Cancelled("registration cancelled by the user")
 
 
+#: The network's arithmetic (``register_images(precision=...)``, ``morphseek register --precision``).
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids), on which oneDNN runs bf16
+    convolutions 3-7x faster than float32 ones. CPUs without them emulate bf16, up to 15x slower
+    (docs/CPU-COSTS)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:  # pragma: no cover - a torch build without the probe's backend
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``precision`` ("auto", "float32" or "bfloat16") -> the one the network runs in on ``device``.
+    "auto" is bfloat16 on a CPU with bf16 matrix units (:func:`cpu_has_bf16_units`: the network's
+    steps about 1.5x faster at 2 mm, the same Dice to a few hundredths, docs/QUALITY.md section 17)
+    and float32 everywhere else (on CUDA the network is not what a registration waits for)."""
+    if precision not in PRECISIONS:
+        raise MorphSeekError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bfloat16" if device.type == "cpu" and cpu_has_bf16_units() else "float32"
+    return precision
+
+
 @contextmanager
-def mixed_precision(model: torch.nn.Module, device: torch.device, enabled: bool, dtype=torch.bfloat16):
-    """bf16 autocast of the network's convolutions and attention where it is safe (CUDA only): the
-    policy head (mu, sigma: the latent the LDVN sums are taken over) and the flow convolution (the
-    displacement itself) run in float32 with autocast off, and everything outside the network
-    (composition, warping, Jacobian, rewards) is float32 anyway. On the CPU (no bf16 instructions on
-    common CPUs: 15x slower, docs/CPU-COSTS) and when ``enabled`` is False it does nothing."""
-    if not enabled or device.type != "cuda":
+def mixed_precision(model: torch.nn.Module, device: torch.device, precision: str):
+    """The network in ``precision`` ("float32": as it is; "bfloat16": bf16 autocast of its
+    convolutions and attention, on the CPU or CUDA). The policy head (mu, sigma: the latent the LDVN
+    sums are taken over) stays in float32 with autocast off; the displacement is rounded to bf16
+    (at most 0.4 % of its size) and the caller turns it back into float32, so everything outside
+    the network (composition, warping, Jacobian, rewards) is float32."""
+    if precision == "float32":
         yield
         return
-    patched = [m for m in (getattr(model, "head", None), getattr(getattr(model, "backbone", None), "flow", None))
-               if isinstance(m, torch.nn.Module)]
+    if precision != "bfloat16":
+        raise MorphSeekError(f"mixed_precision: precision must be 'float32' or 'bfloat16', got {precision!r}")
+    head = getattr(model, "head", None)
+    patched = [head] if isinstance(head, torch.nn.Module) else []
 
     def float32_forward(module):
         original = module.forward
@@ -146,7 +175,7 @@ def mixed_precision(model: torch.nn.Module, device: torch.device, enabled: bool,
     for module in patched:
         module.forward = float32_forward(module)
     try:
-        with torch.autocast(device_type=device.type, dtype=dtype):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
             yield
     finally:
         for module in patched:
@@ -176,7 +205,7 @@ def refine(
     cancel: CancelCallback | None = None,
     on_step: Callable[[StepTensors], None] | None = None,
     batch: int | None = None,
-    autocast: bool = False,
+    precision: str = "float32",
     initial: torch.Tensor | None = None,
     first_index: int = 1,
 ) -> list[StepTensors]:
@@ -192,8 +221,8 @@ def refine(
     scores stay on the device and are read back once per step (for the records), ``batch``
     candidates are decoded in one call (default: all J on an accelerator, one at a time on the CPU,
     where batching does not pay). Samples come from ``generator`` (use a CPU generator: the same seed
-    then gives the same candidates on every device). ``autocast``: bf16 where safe on CUDA
-    (:func:`mixed_precision`). ``initial``: the total map to start from (the previous steps', on this
+    then gives the same candidates on every device). ``precision``: the network's arithmetic,
+    "float32" or "bfloat16" (:func:`mixed_precision`; "auto" is resolved by :func:`resolve_precision`). ``initial``: the total map to start from (the previous steps', on this
     grid; default none), the steps then numbered from ``first_index``."""
     if steps < 1 or trajectories < 1:
         raise MorphSeekError(f"steps and trajectories must be >= 1 (got {steps}, {trajectories})")
@@ -201,6 +230,7 @@ def refine(
     if use_labels and not label_values:
         raise MorphSeekError("label maps were given but they share no label")
     device = fixed.device
+    precision = resolve_precision(precision, device)
     score = trajectories > 1
     batch = max(1, int(batch or (trajectories if device.type != "cpu" else 1)))
     sim = similarity_loss(similarity)
@@ -218,10 +248,10 @@ def refine(
     for t in range(first_index, first_index + steps):
         _check_cancel(cancel)
         start = time.perf_counter()
-        with mixed_precision(model, device, autocast):
+        with mixed_precision(model, device, precision):
             enc = model.encode(state, fixed)
         if not score:
-            with mixed_precision(model, device, autocast):
+            with mixed_precision(model, device, precision):
                 step_field = model.decode(enc.skips, enc.mu).float()
             total = geometry.compose(total, step_field)
             if t < first_index + steps - 1:  # the last step's warped image is never used
@@ -240,7 +270,7 @@ def refine(
             _check_cancel(cancel)
             z = torch.cat(latents[first:first + batch])
             size = z.shape[0]
-            with mixed_precision(model, device, autocast):
+            with mixed_precision(model, device, precision):
                 step_field = model.decode(_expand(enc.skips, size), z).float()
             candidate_total = geometry.compose(total.expand(size, -1, -1, -1, -1), step_field)
             warped = geometry.warp(moving.expand(size, -1, -1, -1, -1), candidate_total)
@@ -467,7 +497,7 @@ def register_images(
     seed: int = 0,
     grid: tuple[int, int, int] | None = None,
     keep_step_images: bool = True,
-    autocast: bool = False,
+    precision: str = defaults.PRECISION,
     adapt: int = 0,
     adapt_settings: AdaptSettings | None = None,
     progress: ProgressCallback | None = None,
@@ -479,7 +509,8 @@ def register_images(
     ``names`` gives the inputs' names (files or Slicer nodes) for error messages.
     ``keep_step_images``: False exports only the last step's images; every step still gets its Dice
     on the fixed grid (with labels), and the other steps their NJD on the model grid (``njd_grid``).
-    ``autocast``: bf16 where safe, CUDA only (:func:`mixed_precision`).
+    ``precision``: the network's arithmetic, "auto" (bf16 on CPUs with bf16 matrix units, float32
+    elsewhere), "float32" or "bfloat16" (:func:`resolve_precision`); report.json records the one used.
     Peak memory is bounded by the fixed grid's outputs and test-time optimisation's grids:
     ``io.check_memory`` stops before any work
     when they cannot fit. ``cancel()`` is polled between stages, inside the pre-alignment's optimiser
@@ -526,6 +557,7 @@ def register_images(
     if torch_device.type == "mps":
         raise MorphSeekError("Apple MPS is not supported: the engine is tested on CPU and CUDA only "
                              "(3D grid sampling and float64 are incomplete on MPS); use --device cpu")
+    precision = resolve_precision(precision, torch_device)
     if torch_device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once
     report("prepare", 0, 0.02, f"loading the model on {torch_device}")
@@ -659,7 +691,7 @@ def register_images(
 
     try:
         search = dict(trajectories=trajectories, tau=tau, label_values=label_values, similarity=config.similarity,
-                      generator=generator, cancel=cancel, autocast=autocast)
+                      generator=generator, cancel=cancel, precision=precision)
         tensors = (refine(net, moving_t, fixed_t, steps=steps - fine_steps, moving_labels=moving_l,
                           fixed_labels=fixed_l, on_step=finish_step, **search) if steps > fine_steps else [])
         if fine_ref is not None:
@@ -686,7 +718,7 @@ def register_images(
                 "fine_grid": list(fine.ref.GetSize()[::-1]) if fine is not None else None,
                 "trajectories": trajectories, "tau": tau, "prealign": prealign, "adapt": adapt,
                 "adapt_settings": asdict(adapt_settings) if adapt else None,
-                "autocast": autocast,
+                "precision": precision,
                 "device": str(torch_device), "seed": seed, "grid": list(grid),
                 "model": str(model) if isinstance(model, (str, Path)) else net.config.get("backbone", "model"),
                 "labels": label_values}

@@ -317,6 +317,8 @@ NUMERIC_CASES = [
     ("register", ["--adapt", "-1"], "--adapt"),
     ("register", ["--adapt-lambda", "-1"], "--adapt-lambda"),
     ("register", ["--fine-steps", "-1"], "--fine-steps"),
+    ("register", ["--precision", "fp16"], "--precision"),
+    ("evaluate", ["--precision", "half"], "--precision"),
 ]
 REQUIRED = {"warmup": ["--data", "d", "--out", "o"], "register": ["--fixed", "f", "--moving", "m", "--model", "x",
             "--out", "o"], "evaluate": ["--data", "d", "--model", "x", "--out", "o"],

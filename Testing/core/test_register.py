@@ -161,6 +161,9 @@ def test_register_images_with_different_geometries_writes_a_transform_sitk_appli
     report = json.loads((out / "report.json").read_text())
     assert len(report["steps"]) == 2 and len(report["steps"][0]["candidates"]) == 2
     assert [e.stage for e in events][-1] == "done" and any(e.record is not None for e in events)
+    # the arithmetic the network ran in: the default "auto", resolved for this CPU
+    from morphseek.register import resolve_precision
+    assert report["settings"]["precision"] == resolve_precision("auto", torch.device("cpu"))
 
     # the outputs are on the fixed grid
     assert io.same_grid(result.warped, fixed) and io.same_grid(result.jacobian, fixed)
