@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, nargs="+", default=[REPO / "runs" / "brains"])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", default="float32", choices=("auto", "float32", "bfloat16"),
+                   help="the network's arithmetic (default float32: as the records before 2026-12-02 evening, and "
+                        "the same numbers on every CPU)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "compare_models.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -53,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             fixed_seg, moving_seg = io.read_labels(fixed_seg_path), io.read_labels(moving_seg_path)
             set_rows.setdefault("no registration", []).append(score(fixed_seg, moving_seg, None))
             for name, path in models.items():
-                result = register_images(fixed, moving, path, steps=args.steps, prealign="none", device="cpu")
+                result = register_images(fixed, moving, path, steps=args.steps, prealign="none", device="cpu",
+                                         precision=args.precision)
                 for step in result.steps:
                     set_rows.setdefault(f"{name}, step {step.index}", []).append(score(fixed_seg, moving_seg, step.field))
             print(f"{folder.name} {moving_id}->{fixed_id}: " + ", ".join(
@@ -75,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<26} {s['dice']:6.2f} ± {s['dice_std']:5.2f} {s['gain_mean']:+7.2f} [{s['gain_min']:+.2f}, "
                   f"{s['gain_max']:+.2f}] {s['njd']:7.3f} {s['hd95']:6.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"models": models, "data": [str(d) for d in args.data], "rows": rows,
+    args.out.write_text(json.dumps({"models": models, "data": [str(d) for d in args.data],
+                                    "precision": args.precision, "rows": rows,
                                     "summary": summary}, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
                         "on a user's pairs (default: the noise-free scans when the warm-up compared noise-free images)")
     p.add_argument("--lambda-dice", type=float, default=GRPOConfig.lambda_dice,
                    help="weight of the soft-Dice loss on the labelled pairs (0: the policy term and L_warm alone)")
+    p.add_argument("--lambda-warm", type=float, default=GRPOConfig.lambda_warm,
+                   help="weight of the warm-up objective L_warm (with --lambda-dice: how much the policy term weighs "
+                        "against the other two)")
+    p.add_argument("--no-policy", action="store_true",
+                   help="the same step without the policy term (L_warm and soft Dice only): the Dice-supervised control")
     p.add_argument("--trainable", choices=TRAINABLE, default="all",
                    help="what GRPO updates: every weight, or the policy head alone")
     p.add_argument("--val-every", type=int, default=8)
@@ -91,12 +96,14 @@ def main(argv: list[str] | None = None) -> int:
 
     config = GRPOConfig(steps=args.steps, fine_steps=args.fine_steps, trajectories=args.trajectories, tau=args.tau,
                         episodes=args.episodes, learning_rate=args.lr, lambda_dice=args.lambda_dice,
-                        trainable=args.trainable, validate_every=args.val_every, checkpoint_every=args.val_every)
+                        lambda_warm=args.lambda_warm, policy=not args.no_policy, trainable=args.trainable,
+                        validate_every=args.val_every, checkpoint_every=args.val_every)
     result = grpo_finetune(model, train, val, config, run_config=run_config, out=args.out,
                            log=args.out.with_suffix(""), resume=True, progress=progress)
     after = result.validation or evaluate_pairs(model, val, args.steps, args.fine_steps)
     summary = {"model": str(args.model), "pairs": args.pairs, "episodes": result.done, "fine_steps": args.fine_steps,
-               "lambda_dice": args.lambda_dice, "trainable": args.trainable, "lr": args.lr, "tau": args.tau, "scans": args.scans,
+               "lambda_dice": args.lambda_dice, "lambda_warm": args.lambda_warm, "policy": not args.no_policy,
+               "trainable": args.trainable, "lr": args.lr, "tau": args.tau, "scans": args.scans,
                "noisy_warm": args.noisy_warm, "before": before, "after": after}
     args.out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"after {result.done} episodes: held-back Dice {after['val_dice']:.2f} ± "

@@ -222,8 +222,9 @@ def refine(
     candidates are decoded in one call (default: all J on an accelerator, one at a time on the CPU,
     where batching does not pay). Samples come from ``generator`` (use a CPU generator: the same seed
     then gives the same candidates on every device). ``precision``: the network's arithmetic,
-    "float32" or "bfloat16" (:func:`mixed_precision`; "auto" is resolved by :func:`resolve_precision`). ``initial``: the total map to start from (the previous steps', on this
-    grid; default none), the steps then numbered from ``first_index``."""
+    "float32" (the default, as training and evaluation run it) or "bfloat16" (:func:`mixed_precision`;
+    "auto" is resolved by :func:`resolve_precision`). ``initial``: the total map to start from (the
+    previous steps', on this grid; default none), the steps then numbered from ``first_index``."""
     if steps < 1 or trajectories < 1:
         raise MorphSeekError(f"steps and trajectories must be >= 1 (got {steps}, {trajectories})")
     use_labels = moving_labels is not None and fixed_labels is not None
