@@ -6,7 +6,8 @@ two versions of the code on the same machine and images (run it in each checkout
 
     python scripts/prepare_brains.py [--hcp]                 # once
     python benchmarks/brain_register_time.py --model Resources/Models/morphseek-brain \\
-        --data runs/brains runs/brains-hcp [--pairs 3] [--repeats 4] [--adapt 30] [--threads 2]
+        --data runs/brains runs/brains-hcp [--pairs 3] [--repeats 4] [--adapt 30] [--threads 2] \\
+        [--precision auto|float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=4, help="calls per pair and setting (the first is left out)")
     p.add_argument("--adapt", type=int, default=30, help="test-time optimisation iterations of the second setting")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="the network's arithmetic (default auto, as morphseek register)")
     args = p.parse_args(argv)
     if args.repeats < 2:
         p.error("--repeats must be at least 2 (the first call of each pair is left out)")
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.repeats):
                     tic = time.perf_counter()
                     register_images(fixed, moving, args.model, steps=3, adapt=adapt, prealign="none",
-                                    device="cpu", keep_step_images=False)
+                                    device="cpu", keep_step_images=False, precision=args.precision)
                     seconds.append(time.perf_counter() - tic)
                 medians[adapt].append(statistics.median(seconds[1:]))
         print(f"{folder.name}: network " + " / ".join(f"{s:.2f}" for s in medians[0])
