@@ -25,7 +25,7 @@ process.prepare_process()  # as ``morphseek`` does, before torch loads OpenMP
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
-from morphseek import io  # noqa: E402
+from morphseek import defaults, io  # noqa: E402
 from morphseek.brains import BrainSet  # noqa: E402
 from morphseek.register import register_images  # noqa: E402
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=4, help="calls per pair and setting (the first is left out)")
     p.add_argument("--adapt", type=int, default=30, help="test-time optimisation iterations of the second setting")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+    p.add_argument("--precision", default="auto", choices=defaults.PRECISIONS,
                    help="the network's arithmetic (default auto, as morphseek register)")
     args = p.parse_args(argv)
     if args.repeats < 2:

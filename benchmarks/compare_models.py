@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from brain_vs_ants import score  # noqa: E402  (the benchmark's own scorer)
 
-from morphseek import io  # noqa: E402
+from morphseek import defaults, io  # noqa: E402
 from morphseek.brains import BrainSet  # noqa: E402
 from morphseek.register import register_images  # noqa: E402
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, nargs="+", default=[REPO / "runs" / "brains"])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--precision", default="float32", choices=("auto", "float32", "bfloat16"),
+    p.add_argument("--precision", default="float32", choices=defaults.PRECISIONS,
                    help="the network's arithmetic (default float32: as the records before 2026-12-02 evening, and "
                         "the same numbers on every CPU)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "compare_models.json")

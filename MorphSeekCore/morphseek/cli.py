@@ -142,7 +142,7 @@ def _add_registration_options(p, prealign: str) -> None:
     p.add_argument("--tau", type=options.non_negative_float, default=defaults.TAU,
                    help="sampling temperature of the search (default %(default)s)")
     p.add_argument("--prealign", choices=["affine", "none"], default=prealign)
-    p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default=defaults.PRECISION,
+    p.add_argument("--precision", choices=defaults.PRECISIONS, default=defaults.PRECISION,
                    help="the network's arithmetic (default %(default)s: bfloat16 on CPUs with bf16 matrix units "
                    "(AMX), about 1.5x faster steps at the same Dice; float32 elsewhere). float32: the same "
                    "numbers on every CPU")

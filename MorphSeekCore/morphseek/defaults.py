@@ -68,6 +68,8 @@ KEPT_MEMORY_BYTES = 1 << 30
 #: CPUs with bf16 matrix units (AMX; about 1.5x faster steps, Dice the same to a few hundredths,
 #: docs/QUALITY.md section 17) and float32 elsewhere; "float32" gives the same numbers on every CPU.
 PRECISION = "auto"
+#: The values ``precision`` / ``--precision`` accept.
+PRECISIONS = ("auto", "float32", "bfloat16")
 #: Pre-alignment of ``morphseek register`` ("affine" or "none").
 PREALIGN = "affine"
 #: GRPO episodes of the fine-tuning job the Slicer panel runs.

@@ -101,8 +101,8 @@ def evaluate_dataset(data: str | Path, model: MorphSeekNet | str | Path, out: st
                      all_pairs: bool = False, precision: str = defaults.PRECISION) -> dict:
     """``morphseek evaluate``: register every evaluation pair of ``data`` (its val pairs, or all with
     ``all_pairs``) and write ``evaluation.json`` and ``evaluation.csv`` into ``out``; returns the
-    summary (per step: mean and std over pairs of each of ``METRICS``). ``precision``: as
-    ``register_images``'."""
+    summary (per step: mean and std over pairs of each of ``METRICS``). ``precision``: the
+    network's arithmetic, as for ``register_images``."""
     dataset = load_dataset(data, require_labels=True)
     pairs = (dataset.train_pairs + dataset.val_pairs) if all_pairs else dataset.val_pairs
     if not pairs:

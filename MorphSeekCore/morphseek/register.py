@@ -122,7 +122,7 @@ def _check_cancel(cancel: CancelCallback | None) -> None:
 
 
 #: The network's arithmetic (``register_images(precision=...)``, ``morphseek register --precision``).
-PRECISIONS = ("auto", "float32", "bfloat16")
+PRECISIONS = defaults.PRECISIONS
 
 
 def cpu_has_bf16_units() -> bool:
