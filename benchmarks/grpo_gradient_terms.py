@@ -24,7 +24,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from morphseek import io
@@ -41,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--data", type=Path, default=REPO / "runs" / "brains")
-    p.add_argument("--pairs", type=int, default=3, help="scan pairs (the first of grpo_brain.py --scans' order)")
+    p.add_argument("--pairs", type=int, default=3, help="scan pairs (BrainSet.scan_pairs, as grpo_brain.py --scans)")
     p.add_argument("--trajectories", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "grpo_gradient_terms.json")
@@ -52,10 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     data = BrainSet.open(args.data)
     model, run_config, _ = load_checkpoint(args.model)
     model_ref = io.model_grid_at(data.reference, run_config.spacing, model.divisor, run_config.direction)
-    order = np.random.default_rng(10_000).permutation(len(data.train_pairs))[:args.pairs]
-    pairs = [data.scan_pair(*data.train_pairs[k], np.random.default_rng(10_000 + i), model_ref,
-                            run_config.percentiles, None, clean=run_config.clean_similarity)
-             for i, k in enumerate(order)]
+    pairs = data.scan_pairs(args.pairs, model_ref, run_config.percentiles, clean=run_config.clean_similarity)
     params = list(model.parameters())
 
     def gradient(pair, config: GRPOConfig, seed: int) -> tuple[torch.Tensor, dict, dict]:

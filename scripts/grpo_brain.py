@@ -26,6 +26,7 @@ import torch
 from morphseek import defaults, io
 from morphseek.brains import BrainSet
 from morphseek.checkpoint import load_checkpoint
+from morphseek.errors import MorphSeekError
 from morphseek.train.config import TRAINABLE
 from morphseek.train.grpo import GRPOConfig, evaluate_pairs, grpo_finetune
 
@@ -74,13 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     fine_ref = io.fine_grid(data.reference, model_ref, model.divisor) if args.fine_steps else None
     percentiles = run_config.percentiles
     if args.scans:  # distinct ordered pairs of training subjects, in a fixed shuffled order
-        if not 1 <= args.pairs <= len(data.train_pairs):
-            p.error(f"--scans draws distinct pairs of the {len(data.train_ids)} training subjects: "
-                    f"--pairs must be 1 to {len(data.train_pairs)}")
-        order = np.random.default_rng(10_000).permutation(len(data.train_pairs))[:args.pairs]
         clean = run_config.clean_similarity and not args.noisy_warm
-        train = [data.scan_pair(*data.train_pairs[k], np.random.default_rng(10_000 + i), model_ref, percentiles,
-                                fine_ref, clean=clean) for i, k in enumerate(order)]
+        try:
+            train = data.scan_pairs(args.pairs, model_ref, percentiles, fine_ref, clean=clean)
+        except MorphSeekError as error:  # --pairs out of range
+            p.error(f"--pairs with --scans: {error}")
     else:  # with the noise-free images when the warm-up compared those: GRPO's L_warm does the same
         train = [data.sample_pair(np.random.default_rng(10_000 + i), model_ref, percentiles, identical=0.0,
                                   clean=run_config.clean_similarity, fine_ref=fine_ref) for i in range(args.pairs)]

@@ -236,6 +236,17 @@ class BrainSet:
                            io.from_array(evaluation_labels(labels).astype(np.int16), self.reference)))
         return _pair_sample(images, (moving_id, fixed_id), model_ref, percentiles, fine_ref)
 
+    def scan_pairs(self, count: int, model_ref: sitk.Image, percentiles: Sequence[float] = (1.0, 99.0),
+                   fine_ref: sitk.Image | None = None, clean: bool = False) -> list[PairSample]:
+        """``count`` distinct ordered pairs of training subjects as :meth:`scan_pair` makes them, in a
+        fixed shuffled order with fixed draws (the same pairs on every run: "N labelled cases")."""
+        if not 1 <= count <= len(self.train_pairs):
+            raise MorphSeekError(f"scan pairs are distinct pairs of the {len(self.train_ids)} training subjects: "
+                                 f"ask for 1 to {len(self.train_pairs)}, not {count}")
+        order = np.random.default_rng(10_000).permutation(len(self.train_pairs))[:count]
+        return [self.scan_pair(*self.train_pairs[k], np.random.default_rng(10_000 + i), model_ref, percentiles,
+                               fine_ref, clean=clean) for i, k in enumerate(order)]
+
     def heldback_files(self, subject: str) -> tuple[Path, Path]:
         """(T1-like image, evaluation labels) written for a held-back subject."""
         return (self.folder / "heldback" / f"{subject}_t1.nii.gz", self.folder / "heldback" / f"{subject}_seg.nii.gz")

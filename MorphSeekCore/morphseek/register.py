@@ -121,10 +121,6 @@ def _check_cancel(cancel: CancelCallback | None) -> None:
         raise Cancelled("registration cancelled by the user")
 
 
-#: The network's arithmetic (``register_images(precision=...)``, ``morphseek register --precision``).
-PRECISIONS = defaults.PRECISIONS
-
-
 def cpu_has_bf16_units() -> bool:
     """Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids), on which oneDNN runs bf16
     convolutions 3-7x faster than float32 ones. CPUs without them emulate bf16, up to 15x slower
@@ -141,8 +137,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     "auto" is bfloat16 on a CPU with bf16 matrix units (:func:`cpu_has_bf16_units`: the network's
     steps about 1.5x faster at 2 mm, the same Dice to a few hundredths, docs/QUALITY.md section 17)
     and float32 everywhere else (on CUDA the network is not what a registration waits for)."""
-    if precision not in PRECISIONS:
-        raise MorphSeekError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in defaults.PRECISIONS:
+        raise MorphSeekError(f"precision must be one of {', '.join(defaults.PRECISIONS)}, got {precision!r}")
     if precision == "auto":
         return "bfloat16" if device.type == "cpu" and cpu_has_bf16_units() else "float32"
     return precision

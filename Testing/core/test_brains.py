@@ -221,3 +221,20 @@ def test_distillation_pulls_the_network_towards_the_teachers_refined_map(tmp_pat
     with pytest.raises(MorphSeekError, match="another run: teacher"):
         _check_same_run(tmp_path / "warm", config.run_config(), result.model.config, other, result.model)
 
+
+
+def test_scan_pairs_are_distinct_training_pairs_drawn_the_same_on_every_run(tmp_path):
+    # what scripts/grpo_brain.py --scans and benchmarks/grpo_gradient_terms.py call "N labelled pairs"
+    data = _prepared(tmp_path, {"train": ["a", "b", "c"], "heldback": ["x"]})
+    ref = io.model_grid_at(data.reference, 4.0, 4)
+    pairs = data.scan_pairs(4, ref)
+    assert len({s.pair for s in pairs}) == 4 and all(s.pair in data.train_pairs for s in pairs)
+    again = data.scan_pairs(4, ref)
+    assert [s.pair for s in again] == [s.pair for s in pairs]
+    assert all(torch.equal(a.moving, b.moving) and torch.equal(a.fixed, b.fixed) for a, b in zip(pairs, again))
+    # pair i is scan_pair with the draw 10_000 + i
+    first = data.scan_pair(*pairs[0].pair, np.random.default_rng(10_000), ref)
+    assert torch.equal(first.moving, pairs[0].moving) and torch.equal(first.fixed, pairs[0].fixed)
+    for bad in (0, len(data.train_pairs) + 1):
+        with pytest.raises(MorphSeekError, match="distinct pairs of the 3 training subjects"):
+            data.scan_pairs(bad, ref)
