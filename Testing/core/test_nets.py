@@ -23,6 +23,8 @@ from morphseek.nets import (
     kl_standard_normal,
     ldvn_log_prob,
 )
+from morphseek.nets import voxelmorph
+from morphseek.nets.base import inference_conv3d
 from morphseek.nets.voxelmorph import upsampled_conv
 from morphseek.nets.transmorph import (
     MASK_VALUE,
@@ -167,13 +169,13 @@ def test_voxelmorph_inference_path_equals_the_training_path(config, monkeypatch)
     torch.testing.assert_close(inferred, trained.detach(), rtol=1e-4, atol=1e-6)
 
 
-def test_decode_layouts_in_training_and_in_registration():
+def test_decode_layouts_in_training_and_in_registration(monkeypatch):
     # full-resolution convolutions run channels-last without gradients on the CPU; in train mode
     # (training's own steps without gradients) on the plain path, in eval mode (registration) on the
-    # coarse-grid one, which never calls the first full-resolution block as a module
+    # coarse-grid one, whose blocks run through inference_conv3d rather than as modules
     model = build_model({"backbone": "tiny"})
     assert len(model.backbone.full_res_convs) >= 2
-    first, second = [], []
+    first, second, inferred = [], [], []
     model.backbone.full_res_convs[0].register_forward_pre_hook(
         lambda module, args: first.append(args[0].is_contiguous(memory_format=torch.channels_last_3d)))
     model.backbone.full_res_convs[1].register_forward_pre_hook(
@@ -182,12 +184,56 @@ def test_decode_layouts_in_training_and_in_registration():
     enc = model.encode(moving, fixed)
     model.train()
     model.decode(enc.skips, enc.mu)
+
+    def recording(x, weight, bias, stride=1, padding=1):
+        if tuple(x.shape[2:]) == (16, 16, 32):
+            inferred.append(x.is_contiguous(memory_format=torch.channels_last_3d))
+        return inference_conv3d(x, weight, bias, stride, padding)
+
+    monkeypatch.setattr(voxelmorph, "inference_conv3d", recording)
     with torch.no_grad():
         model.decode(enc.skips, enc.mu)
+        assert not inferred  # train mode without gradients: the plain path
         model.eval()
         model.decode(enc.skips, enc.mu)
     assert first == [False, True]  # train mode: plain, then channels-last without gradients
-    assert len(second) == 3 and second[-1]  # eval mode: the coarse-grid path, channels-last
+    assert len(second) == 2  # eval mode calls no full-resolution block as a module
+    assert inferred and all(inferred)  # ... but through inference_conv3d, channels-last
+
+
+@pytest.mark.parametrize("shape,out_channels,stride,padding", [
+    ((1, 2, 16, 16, 12), 16, 2, 1),  # the model grid's first encoder convolution (PyTorch's native kernel)
+    ((1, 2, 16, 16, 12), 16, 1, 1),
+    ((1, 8, 5, 6, 7), 12, 1, 0),
+    ((2, 4, 8, 8, 8), 3, 1, 1),
+])
+def test_inference_conv3d_equals_conv3d(shape, out_channels, stride, padding):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(shape, generator=g)
+    weight = torch.randn(out_channels, shape[1], 3, 3, 3, generator=g)
+    bias = torch.randn(out_channels, generator=g)
+    expected = torch.nn.functional.conv3d(x, weight, bias, stride=stride, padding=padding)
+    with torch.no_grad():
+        for layout in (torch.contiguous_format, torch.channels_last_3d):
+            got = inference_conv3d(x.contiguous(memory_format=layout), weight, bias, stride, padding)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+        # under bf16 autocast the call is F.conv3d's, which autocast casts
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert inference_conv3d(x, weight, bias, stride, padding).dtype == torch.bfloat16
+    # with gradients it is F.conv3d's too: differentiable
+    w = weight.clone().requires_grad_()
+    inference_conv3d(x, w, bias, stride, padding).sum().backward()
+    assert w.grad is not None and w.grad.shape == weight.shape
+
+
+def test_voxelmorph_inference_encoder_equals_the_training_path():
+    model = build_model({"backbone": "tiny"}).eval()
+    moving, fixed = pair((16, 32, 48))
+    skips, top = model.backbone.encode(moving, fixed)  # gradients enabled: the modules' own path
+    with torch.no_grad():
+        fast_skips, fast_top = model.backbone.encode(moving, fixed)
+    for a, b in zip([*skips, top], [*fast_skips, fast_top]):
+        torch.testing.assert_close(b, a.detach(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("coarse_size,batch", [((1, 1, 1), 1), ((2, 3, 5), 1), ((4, 4, 6), 1), ((2, 3, 5), 3)])

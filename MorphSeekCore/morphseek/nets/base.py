@@ -16,11 +16,30 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MorphSeekError
 
 Tensor = torch.Tensor
+
+
+def inference_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int = 1, padding: int = 1) -> Tensor:
+    """``F.conv3d`` for registration on the CPU (no gradients), through oneDNN wherever it runs.
+
+    For a float32 input PyTorch takes its native kernel (im2col and a matrix product) when batch x
+    channels x depth x height is at most 20480, a rule made for 2D images that ignores the third
+    axis: the model grid's small 3D convolutions then take 2-10x as long as oneDNN's (a quarter of
+    the network's time at 2 mm in float32; docs/QUALITY.md section 19). The same values to float
+    rounding. Anything else (autograd, autocast, other devices or types) takes ``F.conv3d``."""
+    if (_ONEDNN_CONV is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and torch.backends.mkldnn.is_available()):
+        return _ONEDNN_CONV(x, weight, bias, [padding] * 3, [stride] * 3, [1] * 3, 1)
+    return F.conv3d(x, weight, bias, stride=stride, padding=padding)
+
+
+_ONEDNN_CONV = getattr(torch.ops.aten, "mkldnn_convolution", None)
 
 
 def flow_conv(in_channels: int, kernel_size: int = 3) -> nn.Conv3d:

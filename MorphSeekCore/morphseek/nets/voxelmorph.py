@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MorphSeekError
-from .base import Backbone, Tensor, flow_conv
+from .base import Backbone, Tensor, flow_conv, inference_conv3d
 
 
 class ConvBlock(nn.Sequential):
@@ -31,6 +31,13 @@ class ConvBlock(nn.Sequential):
             nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1),
             nn.LeakyReLU(0.2),
         )
+
+    def infer(self, x: Tensor) -> Tensor:
+        """The block for registration on the CPU without gradients: the convolution through
+        :func:`inference_conv3d`, its activation in place (no second full-size tensor)."""
+        conv = self[0]
+        return F.leaky_relu_(inference_conv3d(x, conv.weight, conv.bias, conv.stride[0], conv.padding[0]),
+                             self[1].negative_slope)
 
 
 class VoxelMorph(Backbone):
@@ -84,8 +91,9 @@ class VoxelMorph(Backbone):
         self.check_pair(moving, fixed)
         x = torch.cat([moving, fixed], dim=1)
         skips = [x]
+        inference = x.device.type == "cpu" and not torch.is_grad_enabled() and not self.training
         for block in self.encoder:
-            x = block(x)
+            x = block.infer(x) if inference else block(x)
             skips.append(x)
         top = skips.pop()
         return skips, top
@@ -119,17 +127,18 @@ class VoxelMorph(Backbone):
         are never made, and the full-resolution convolutions run channels-last (oneDNN's faster
         kernels).
         Training keeps the plain path (its gradients need the intermediate tensors)."""
-        x = self.up_convs[0](z)
+        x = self.up_convs[0].infer(z)
         # the blocks whose input is an upsampled level and a skip: the next levels', then the first
         # full-resolution one (or, without any, the flow convolution)
         readers = [*self.up_convs[1:], *self.full_res_convs[:1]]
         for block, skip in zip(readers, reversed(skips)):
-            x = block[1](upsampled_conv(block[0], x, skip))  # convolution, then its LeakyReLU
+            x = F.leaky_relu_(upsampled_conv(block[0], x, skip), block[1].negative_slope)
         if not self.full_res_convs:
             return upsampled_conv(self.flow, x, skips[0]).contiguous()
         for block in self.full_res_convs[1:]:
-            x = block(x)
-        return self.flow(x).contiguous()
+            x = block.infer(x)
+        flow = inference_conv3d(x, self.flow.weight, self.flow.bias, 1, self.flow.padding[0])
+        return flow.contiguous()
 
 
 def _two_tap_kernels(weight: Tensor) -> Tensor:
@@ -163,7 +172,8 @@ def upsampled_conv(conv: nn.Conv3d, coarse: Tensor, skip: Tensor) -> Tensor:
         up = F.interpolate(coarse, size=skip.shape[2:], mode="nearest")
         return conv(torch.cat([up, skip], dim=1)).contiguous(memory_format=torch.channels_last_3d)
     batch, channels, out_channels = coarse.shape[0], coarse.shape[1], conv.out_channels
-    parities = F.conv3d(F.pad(coarse, (1, 1, 1, 1, 1, 1)), _two_tap_kernels(conv.weight[:, :channels]))
+    parities = inference_conv3d(F.pad(coarse, (1, 1, 1, 1, 1, 1)), _two_tap_kernels(conv.weight[:, :channels]),
+                                None, padding=0)
     parities = parities.unflatten(1, (2, 2, 2, out_channels))  # (B, pd, ph, pw, O, D + 1, H + 1, W + 1)
     d, h, w = size
     out = torch.empty(batch, d, 2, h, 2, w, 2, out_channels, dtype=parities.dtype, device=parities.device)
@@ -174,5 +184,5 @@ def upsampled_conv(conv: nn.Conv3d, coarse: Tensor, skip: Tensor) -> Tensor:
                 out[:, :, pd, :, ph, :, pw] = part.permute(0, 2, 3, 4, 1)
     out = out.view(batch, 2 * d, 2 * h, 2 * w, out_channels).permute(0, 4, 1, 2, 3)  # channels-last
     skip = skip.contiguous(memory_format=torch.channels_last_3d)
-    out += F.conv3d(skip, conv.weight[:, channels:], conv.bias, padding=1)
+    out += inference_conv3d(skip, conv.weight[:, channels:], conv.bias)
     return out
