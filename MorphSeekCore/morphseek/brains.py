@@ -192,14 +192,16 @@ class BrainSet:
     def sample_pair(self, rng: np.random.Generator, model_ref: sitk.Image,
                     percentiles: Sequence[float] = (1.0, 99.0), same_subject: float = 0.1,
                     identical: float = 0.1, clean: bool = False,
-                    fine_ref: sitk.Image | None = None) -> PairSample:
+                    fine_ref: sitk.Image | None = None, elastic_vox: float = 1.5) -> PairSample:
         """A random training pair on ``model_ref`` (images and labels). With probability
         ``identical`` the fixed image IS the moving one: the loss is then lowest for u = 0, which
         teaches the network to stop moving once a pair is aligned (without such pairs it learns a
         small bias that every refinement step adds again: a self-registration drift).
         ``clean``: also the two images without noise (``moving_clean``, ``fixed_clean``; the noisy
         ones are the same either way). ``fine_ref``: also the same pair on that grid (``io.fine_grid``
-        of the subjects' grid and ``model_ref``; ``PairSample.fine``), where fine steps run."""
+        of the subjects' grid and ``model_ref``; ``PairSample.fine``), where fine steps run.
+        ``elastic_vox``: the largest elastic displacement of each subject's random deformation
+        (voxels of the subjects' grid; :func:`random_deformation`)."""
         moving_id = self.train_ids[rng.integers(len(self.train_ids))]
         others = [i for i in self.train_ids if i != moving_id]
         fixed_id = moving_id if rng.random() < same_subject or not others else others[rng.integers(len(others))]
@@ -207,7 +209,7 @@ class BrainSet:
         shape = self.labels[moving_id].shape[2:]
         warped = []
         for subject in (moving_id, fixed_id):
-            disp = random_deformation(shape, rng)
+            disp = random_deformation(shape, rng, elastic_vox=elastic_vox)
             lab = geometry.warp_labels(self.labels[subject], disp)[0, 0].numpy()
             warped.append(np.where(lab >= 500, 0, lab) if strip else lab)
         contrast = random_contrast(int(max(w.max() for w in warped)), rng)

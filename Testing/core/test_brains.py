@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from morphseek import geometry, io
+from morphseek import brains, geometry, io
 from morphseek.brains import EVAL_LABELS, BrainSet, t1_image
 from morphseek.errors import MorphSeekError
 
@@ -69,6 +69,23 @@ def test_a_synthesised_pair_has_images_in_range_and_only_evaluation_labels(tmp_p
     assert values <= {0, 2, 3, 4}  # skull (502) is not an evaluation label
     identical = data.sample_pair(np.random.default_rng(1), ref, identical=1.0)
     assert torch.equal(identical.moving, identical.fixed)
+
+
+def test_a_synthesised_pair_deforms_each_subject_as_far_as_asked(tmp_path, monkeypatch):
+    data = _prepared(tmp_path, {"train": ["a", "b"], "heldback": ["x"]})
+    ref = io.model_grid_at(data.reference, 4.0, 4)
+    sizes, real = [], brains.random_deformation
+
+    def recording(shape, rng, **kwargs):
+        disp = real(shape, rng, **kwargs)
+        sizes.append(float((disp - disp.mean(dim=(2, 3, 4), keepdim=True)).abs().max()))
+        return disp
+
+    monkeypatch.setattr(brains, "random_deformation", recording)
+    for elastic in (0.0, 6.0):
+        data.sample_pair(np.random.default_rng(1), ref, identical=0.0, elastic_vox=elastic)
+    assert len(sizes) == 4  # one deformation per subject
+    assert max(sizes[2:]) > max(sizes[:2]) + 1.0  # the same draws, a larger elastic part
 
 
 def test_a_scan_pair_is_made_as_the_held_back_pairs_are(tmp_path):
