@@ -443,13 +443,23 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onFinished(self, result) -> None:
         if self._runKind == "finetune":
-            validation = (result or {}).get("validation") or {}
-            heldBack = (_(", held-back Dice {dice:.1f} %").format(dice=validation["val_dice"])
-                        if "val_dice" in validation else "")
-            self._status(_("Fine-tuned checkpoint written: {path}{heldBack}").format(
-                path=self._parameterNode.checkpointOut, heldBack=heldBack))
-            self._parameterNode.modelPath = self._parameterNode.checkpointOut
-            self.ui.modelPathLineEdit.currentPath = self._parameterNode.checkpointOut
+            result = result or {}
+            after = (result.get("validation") or {}).get("val_dice")
+            before = (result.get("validation_start") or {}).get("val_dice")
+            heldBack = ""
+            if after is not None:
+                heldBack = (_(", held-back Dice {before:.1f} % -> {after:.1f} %").format(before=before, after=after)
+                            if before is not None else _(", held-back Dice {dice:.1f} %").format(dice=after))
+            path = self._parameterNode.checkpointOut
+            if result.get("held_back_fell"):
+                # the model it started from registers the held-back cases better: keep it in use
+                self._status(_("Fine-tuned checkpoint written: {path}{heldBack}. Fine-tuning lowered "
+                               "held-back Dice, so the model in use is unchanged; choose the checkpoint "
+                               "yourself if these cases do not represent yours.").format(path=path, heldBack=heldBack))
+                return
+            self._status(_("Fine-tuned checkpoint written: {path}{heldBack}").format(path=path, heldBack=heldBack))
+            self._parameterNode.modelPath = path
+            self.ui.modelPathLineEdit.currentPath = path
             return
         self._outputs = result
         self._viewState = None  # the preview stays in the views: it is the result

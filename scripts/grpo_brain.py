@@ -90,9 +90,6 @@ def main(argv: list[str] | None = None) -> int:
                                   clean=run_config.clean_similarity, fine_ref=fine_ref, elastic_vox=args.elastic)
                  for i in range(args.pairs)]
     val = data.val_samples(model_ref, percentiles, fine_ref)
-    before = evaluate_pairs(model, val, args.steps, args.fine_steps)
-    print(f"start: held-back Dice {before['val_dice']:.2f} ± {before['val_dice_std']:.2f} %, "
-          f"NJD {before['val_njd']:.3f} %", flush=True)
 
     def progress(episode: int, episodes: int, row: dict) -> None:
         if "val_dice" in row:
@@ -105,12 +102,16 @@ def main(argv: list[str] | None = None) -> int:
                         validate_every=args.val_every, checkpoint_every=args.val_every)
     result = grpo_finetune(model, train, val, config, run_config=run_config, out=args.out,
                            log=args.out.with_suffix(""), resume=True, progress=progress)
+    before = result.validation_start  # evaluated by grpo_finetune before its first episode (kept on resume)
     after = result.validation or evaluate_pairs(model, val, args.steps, args.fine_steps)
     summary = {"model": str(args.model), "pairs": args.pairs, "episodes": result.done, "fine_steps": args.fine_steps,
                "lambda_dice": args.lambda_dice, "lambda_warm": args.lambda_warm, "policy": not args.no_policy,
                "trainable": args.trainable, "lr": args.lr, "tau": args.tau, "scans": args.scans,
                "noisy_warm": args.noisy_warm, "elastic": args.elastic, "before": before, "after": after}
     args.out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if before:  # (not in checkpoints written before it was kept)
+        print(f"start: held-back Dice {before['val_dice']:.2f} ± {before['val_dice_std']:.2f} %, "
+              f"NJD {before['val_njd']:.3f} %")
     print(f"after {result.done} episodes: held-back Dice {after['val_dice']:.2f} ± "
           f"{after['val_dice_std']:.2f} %, NJD {after['val_njd']:.3f} %")
     return 0

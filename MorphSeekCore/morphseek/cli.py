@@ -408,10 +408,13 @@ def _run_finetune(args) -> int:
     # Ctrl-C: the episodes done are checkpointed and main() says what was kept (exit status 130)
     result = grpo_finetune(model, train, val, config, out=out, log=log, resume=args.resume,
                            progress=not args.no_progress, run_config=run_config)
-    v = result.validation
-    if v:
-        print(f"Held-back pairs: Dice {v['val_dice']:.2f} +/- {v['val_dice_std']:.2f} %, "
-              f"NJD {v['val_njd']:.3f} +/- {v['val_njd_std']:.3f} %", file=sys.stderr)
+    for when, v in (("before fine-tuning", result.validation_start), ("after", result.validation)):
+        if v:
+            print(f"Held-back pairs, {when}: Dice {v['val_dice']:.2f} +/- {v['val_dice_std']:.2f} %, "
+                  f"NJD {v['val_njd']:.3f} +/- {v['val_njd_std']:.3f} %", file=sys.stderr)
+    if result.held_back_fell:
+        print(f"Fine-tuning lowered held-back Dice: keep using {args.model} unless these pairs do not "
+              "represent your cases", file=sys.stderr)
     print(f"Wrote {out}", file=sys.stderr)
     return 0
 

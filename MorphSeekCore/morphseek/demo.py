@@ -91,8 +91,9 @@ def _run_demo(out: Path, final: Path, model: Path, dataset, sample, steps, adapt
                                           validate_every=max(episodes, 1)),
                                out=finetuned, log=out / "finetune.log", progress=True, run_config=run_config)
         timings["finetune_seconds"] = time.perf_counter() - tic
-        print(f"held-back Dice after fine-tuning (model grid, {steps} steps): "
-              f"{result.validation.get('val_dice', float('nan')):.2f} %")
+        print(f"held-back Dice (model grid, {steps} steps): "
+              f"{result.validation_start.get('val_dice', float('nan')):.2f} % before fine-tuning, "
+              f"{result.validation.get('val_dice', float('nan')):.2f} % after")
         print(f"\n[3/3] the fine-tuned model registers {name} again")
         tic = time.perf_counter()
         after, _ = _register(dataset, pair, finetuned, steps, adapt, device, seed)

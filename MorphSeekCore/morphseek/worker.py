@@ -327,7 +327,8 @@ def run_finetune(job: dict, protocol: Protocol) -> dict:
     # (the protocol's names; a finished job was never stopped: a stop kills the process)
     return {"checkpoint": job["checkpoint"], "episodes_done": result.done,
             "optimizer_steps": result.optimizer_steps, "stopped": False,
-            "validation": _json_ready(result.validation)}
+            "validation": _json_ready(result.validation),
+            "validation_start": _json_ready(result.validation_start), "held_back_fell": result.held_back_fell}
 
 
 def run_devices(job: dict, protocol: Protocol) -> dict:

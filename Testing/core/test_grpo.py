@@ -373,6 +373,41 @@ def test_cancel_keeps_the_last_checkpoint_and_resume_continues(subjects, tmp_pat
     assert [row["episode"] for row in RunLogger(log, append=True).rows()] == [0, 1, 2]
 
 
+def test_fine_tuning_reports_the_held_back_evaluation_it_started_from(subjects, lively_model, tmp_path):
+    # the model as it came is evaluated on the held-back pairs before the first episode: what the
+    # fine-tuned model is judged against (CLI, worker and panel); a resumed run keeps that figure
+    import copy
+    import dataclasses
+
+    from morphseek.checkpoint import load_checkpoint
+
+    model = copy.deepcopy(lively_model)
+    train, val = [_sample(subjects[0], subjects[1])], [_sample(subjects[2], subjects[3])]
+    expected = evaluate_pairs(model, val, steps=2)
+    config = GRPOConfig(steps=2, trajectories=2, episodes=2, learning_rate=1e-2)
+    out = tmp_path / "ft"
+    result = grpo_finetune(model, train, val, config, out=out)
+    assert result.validation_start == pytest.approx(expected) and expected["val_pairs"] == 1
+    assert result.validation["val_dice"] != pytest.approx(expected["val_dice"])  # the model moved
+    assert result.held_back_fell == (result.validation["val_dice"] < expected["val_dice"])
+    saved, _, _ = load_checkpoint(out)
+    resumed = grpo_finetune(saved, train, val, dataclasses.replace(config, episodes=3), out=out, resume=True)
+    assert resumed.done == 3 and resumed.validation_start == pytest.approx(expected)
+    assert not grpo_finetune(copy.deepcopy(lively_model), train, [], config).validation_start  # none to evaluate
+
+
+def test_held_back_fell_compares_the_end_with_the_start():
+    from morphseek.train.contract import TrainResult
+
+    def result(start, end):
+        return TrainResult(None, None, 1, 1, validation={} if end is None else {"val_dice": end},
+                           validation_start={} if start is None else {"val_dice": start})
+
+    assert result(71.8, 70.6).held_back_fell and not result(71.8, 72.4).held_back_fell
+    assert not result(71.8, 71.8).held_back_fell and not result(None, 70.0).held_back_fell
+    assert not result(71.8, None).held_back_fell
+
+
 def test_head_only_fine_tuning_moves_the_policy_head_alone(subjects, lively_model):
     import copy
 

@@ -139,6 +139,25 @@ assert ui.finetuneButton.text == "Fine-tune" and ui.finetuneButton.enabled and u
 assert ui.finetuneStatusLabel.text.startswith("Fine-tuned checkpoint written: /tmp/tuned.pt"), ui.finetuneStatusLabel.text
 assert "81.5" in ui.finetuneStatusLabel.text and parameters.modelPath == "/tmp/tuned.pt"
 
+# A fine-tuning that lowered held-back Dice: both figures shown, the model in use left as it was.
+parameters.modelPath, parameters.checkpointOut = "/tmp/start.pt", "/tmp/tuned-worse.pt"
+widget._run = FakeRun([RunUpdate("finished", "fine-tuning finished", 1.0, "done",
+                                 {"validation": {"val_dice": 70.6}, "validation_start": {"val_dice": 71.8},
+                                  "held_back_fell": True})])
+widget._runKind = "finetune"
+widget.onPoll()
+text = ui.finetuneStatusLabel.text
+assert "71.8 % -> 70.6 %" in text and "model in use is unchanged" in text and "/tmp/tuned-worse.pt" in text, text
+assert parameters.modelPath == "/tmp/start.pt"
+# ... and one that raised it: both figures, the fine-tuned model in use
+parameters.checkpointOut = "/tmp/tuned-better.pt"
+widget._run = FakeRun([RunUpdate("finished", "fine-tuning finished", 1.0, "done",
+                                 {"validation": {"val_dice": 72.4}, "validation_start": {"val_dice": 71.8},
+                                  "held_back_fell": False})])
+widget._runKind = "finetune"
+widget.onPoll()
+assert "71.8 % -> 72.4 %" in ui.finetuneStatusLabel.text and parameters.modelPath == "/tmp/tuned-better.pt"
+
 # Scene close: the nodes of the closing scene are let go.
 widget._stepCandidates, widget._trainingChart = object(), object()
 widget.onSceneStartClose(None, None)

@@ -146,7 +146,8 @@ def test_finetune_from_scene_writes_a_checkpoint_that_registers(case, scene, sub
     assert stages.count("warmup") == 1 and stages.count("grpo") == 1
     grpo = next(e for e in events if e["stage"] == "grpo")
     assert grpo["done"] == grpo["total"] == 1 and np.isfinite(grpo["reward_mean"])
-    assert "val_dice" in result.validation, "the held-back case was not validated"
+    assert "val_dice" in result.validation and "val_dice" in result.validation_start, \
+        "the held-back case was not validated before and after"
     net, config, _ = load_checkpoint(out)
     assert config.stage == "finetune"
     outputs = logic.register(cases[0].volume, cases[1].volume, cases[0].segmentation, cases[1].segmentation,

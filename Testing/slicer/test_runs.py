@@ -328,6 +328,9 @@ def test_finetune_in_the_worker_writes_a_checkpoint_and_a_live_chart(pair, datas
     assert run.chart is not None and run.chart.GetNthPlotSeriesNode(0).GetTableNode().GetNumberOfRows() >= 1
     result = updates[-1].payload
     assert Path(result["checkpoint"]) == out.resolve() and out.is_file() and result["episodes_done"] == 2
+    # 3 cases hold none back: no held-back evaluation before GRPO or after it, so nothing fell
+    # (test_finetune_scene.py has held-back cases; the panel's use of these: module_widget_checks.py)
+    assert result["validation_start"] == result["validation"] == {} and result["held_back_fell"] is False
     from morphseek.checkpoint import load_checkpoint
 
     load_checkpoint(out)  # the checkpoint loads as a model

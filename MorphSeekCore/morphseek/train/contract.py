@@ -53,6 +53,16 @@ class TrainResult:
     last: dict[str, Any] = field(default_factory=dict)  # the last row logged ({} when none)
     history: list[dict[str, Any]] = field(default_factory=list)  # the rows logged by this call
     validation: dict[str, float] = field(default_factory=dict)  # the last held-back evaluation ({} when none)
+    # the held-back evaluation of the model as it came, before any training ({} when none): what
+    # ``validation`` is to be compared with (GRPO; a warm-up starts from an untrained network)
+    validation_start: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def held_back_fell(self) -> bool:
+        """Whether held-back Dice ended lower than the model's own before training (False when
+        either evaluation is missing): then the model it started from registers these pairs better."""
+        start, end = self.validation_start.get("val_dice"), self.validation.get("val_dice")
+        return start is not None and end is not None and end < start
 
 
 def default_log(out: str | Path | None) -> Path | None:

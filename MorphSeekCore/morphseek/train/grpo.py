@@ -99,7 +99,9 @@ def grpo_finetune(
     run_config: RunConfig | None = None,
 ) -> TrainResult:
     """Fine-tune a warmed-up MorphSeekNet with GRPO on ``train`` pairs (labelled or label-free),
-    ``val``: labelled held-back pairs evaluated every ``validate_every`` episodes and after the last.
+    ``val``: labelled held-back pairs evaluated before the first episode (``TrainResult.validation_start``:
+    the model as it came, kept in the checkpoint across resumes), every ``validate_every`` episodes and
+    after the last.
     The trainers' contract (``train.contract``): ``out`` (optional here), ``log`` (default beside
     ``out``; one row per optimizer step, validation columns on the rows after an evaluation),
     ``resume``, ``progress(episode, episodes, row)``, ``cancel`` and the returned ``TrainResult``.
@@ -157,6 +159,11 @@ def grpo_finetune(
             optimizer.load_state_dict(extra["optimizer"])
         controller.load_state_dict(grpo_state["controller"])
         start_episode, optimizer_steps = int(grpo_state["episode"]), int(grpo_state["optimizer_steps"])
+        validation_start = dict(grpo_state.get("validation_start") or {})
+    elif val:  # the model as it came, on the same held-back pairs: what fine-tuning is judged against
+        validation_start = evaluate_pairs(model, val, config.steps, config.fine_steps)
+    else:
+        validation_start = {}
     run_log = RunLog(log if log is not None else default_log(out), resume,
                      lambda row: int(row.get("episode", 0)) < start_episode)
 
@@ -172,7 +179,8 @@ def grpo_finetune(
         if out is None:
             return
         state = {"grpo": {"episode": episode, "optimizer_steps": optimizer_steps,
-                          "controller": controller.state_dict(), "config": dataclasses.asdict(config)}}
+                          "controller": controller.state_dict(), "config": dataclasses.asdict(config),
+                          "validation_start": validation_start}}
         saved_config = run_config.with_stage("finetune", grpo=dataclasses.asdict(config))
         save_checkpoint(out, model, saved_config, optimizer=optimizer, state=state)
         saved = episode
@@ -247,4 +255,4 @@ def grpo_finetune(
             bar.close()
     rows = run_log.rows
     return TrainResult(model, checkpoint_files(out)[0] if out is not None else None, max(episodes, start_episode),
-                       optimizer_steps, rows[-1] if rows else {}, rows, validation)
+                       optimizer_steps, rows[-1] if rows else {}, rows, validation, validation_start)
