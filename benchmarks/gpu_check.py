@@ -241,7 +241,7 @@ def register_speed(device, args) -> dict:
                                  "error": f"{type(error).__name__}: {str(error)[:300]}"})
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-        del model
+        model = None  # frees its memory before the next backbone (the closure above reads the name)
     return {"rows": rows}
 
 

@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -257,7 +256,7 @@ def main() -> int:
         for row in rows:
             handle.write(json.dumps({**row, "machine": platform.machine(), "cpus": os.cpu_count(),
                                      "time": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
-    print(f"| size | pair | morphseek s (runs) | CPU s | peak MB | ANTs SyN s (runs) | CPU s | peak MB | SyN / morphseek (wall, CPU) "
+    print("| size | pair | morphseek s (runs) | CPU s | peak MB | ANTs SyN s (runs) | CPU s | peak MB | SyN / morphseek (wall, CPU) "
           "| Dice %: morphseek, SyN |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from morphseek import io, prealign
+from morphseek import prealign
 from morphseek.errors import Cancelled, MorphSeekError
 from test_io import image_from_function, rotation  # the same geometry helpers as the io tests
 
