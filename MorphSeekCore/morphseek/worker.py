@@ -269,12 +269,16 @@ def finetune(dataset: str | Path, model: str | Path, checkpoint: str | Path, *, 
     keep one contract (``train.contract``); ``progress`` receives each row as a dict:
     ``{"stage": "warmup" | "grpo", "done", "total", **metrics of that row}``. On ``cancel()`` what is
     done is checkpointed and ``Cancelled`` raised. Returns GRPO's ``TrainResult``."""
-    from .checkpoint import load_checkpoint, resolve_device
+    from .checkpoint import check_checkpoint_target, load_checkpoint, resolve_device
     from .data import load_dataset, load_samples
+    from .evaluate import evaluate_pairs
     from .train.grpo import GRPOConfig, grpo_finetune
     from .train.warmup import WarmupConfig, warmup
 
     out = Path(checkpoint)
+    # never over the starting model (or the cases): the panel offers its model in use as the
+    # starting point, and a run that lowers held-back Dice must leave that model as it was
+    check_checkpoint_target(out, overwrite=True, inputs=[model, dataset])
     torch_device = resolve_device(device)
     net, run_config, _ = load_checkpoint(model, device=torch_device)
     data = load_dataset(dataset)
@@ -292,18 +296,26 @@ def finetune(dataset: str | Path, model: str | Path, checkpoint: str | Path, *, 
             return None
         return lambda done, total, row: progress({"stage": stage, "done": done, "total": total, **row})
 
+    config = GRPOConfig(steps=int(steps), trajectories=int(trajectories), tau=float(tau), episodes=int(episodes))
+    start = {}
     if warmup_iterations > 0:
-        config = WarmupConfig(grid=grid, iterations=int(warmup_iterations), similarity=run_config.similarity)
+        # the model as it came, on the held-back pairs: what the run is judged against (GRPO's own
+        # starting figure would be the warmed-up model's)
+        val = load_samples(data, data.val_pairs, run_config, torch_device, net.divisor, grid or None)
+        start = evaluate_pairs(net, val, config.steps, config.fine_steps) if val else {}
+        warm_config = WarmupConfig(grid=grid, iterations=int(warmup_iterations), similarity=run_config.similarity)
         # its log apart from GRPO's (which is beside the checkpoint: NAME.log.jsonl / .csv)
-        warmup(net, data, config, out, log=out.with_suffix(".warmup.log"), progress=report("warmup"), cancel=cancel,
+        warmup(net, data, warm_config, out, log=out.with_suffix(".warmup.log"), progress=report("warmup"), cancel=cancel,
                device=torch_device)
         net, run_config, _ = load_checkpoint(out, device=torch_device)
     # as register_images prepares a pair for this model: by its voxel size, else onto its grid
     train = load_samples(data, data.train_pairs, run_config, torch_device, net.divisor, grid or None)
     val = load_samples(data, data.val_pairs, run_config, torch_device, net.divisor, grid or None)
-    config = GRPOConfig(steps=int(steps), trajectories=int(trajectories), tau=float(tau), episodes=int(episodes))
-    return grpo_finetune(net, train, val, config, out=out, progress=report("grpo"), cancel=cancel,
-                         run_config=run_config)
+    result = grpo_finetune(net, train, val, config, out=out, progress=report("grpo"), cancel=cancel,
+                           run_config=run_config)
+    if warmup_iterations > 0:
+        result.validation_start = start
+    return result
 
 
 def run_finetune(job: dict, protocol: Protocol) -> dict:

@@ -226,6 +226,27 @@ def test_inference_conv3d_equals_conv3d(shape, out_channels, stride, padding):
     assert w.grad is not None and w.grad.shape == weight.shape
 
 
+def test_inference_conv3d_takes_onednn_only_where_it_should(monkeypatch):
+    from morphseek.nets import base
+
+    calls = []
+    real = base._ONEDNN_CONV
+    if real is None or not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch has no oneDNN")
+    monkeypatch.setattr(base, "_ONEDNN_CONV", lambda *args: calls.append(1) or real(*args))
+    x, weight = torch.randn(1, 2, 8, 8, 8), torch.randn(4, 2, 3, 3, 3)
+    with torch.no_grad():
+        inference_conv3d(x, weight, None)
+        assert len(calls) == 1  # float32, CPU, no gradients: oneDNN, whatever PyTorch's rule says
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inference_conv3d(x, weight, None)
+        inference_conv3d(x.double(), weight.double(), None)
+        with torch.backends.mkldnn.flags(enabled=False):
+            inference_conv3d(x, weight, None)
+    inference_conv3d(x, weight.requires_grad_(), None)
+    assert len(calls) == 1  # autocast, float64, oneDNN switched off and autograd: F.conv3d
+
+
 def test_voxelmorph_inference_encoder_equals_the_training_path():
     model = build_model({"backbone": "tiny"}).eval()
     moving, fixed = pair((16, 32, 48))

@@ -242,6 +242,46 @@ def test_fine_tuning_a_model_whose_grid_follows_the_voxel_size(tmp_path):
         finetune(BRAIN_SAMPLE, BRAIN_MODEL, tmp_path / "other", warmup_iterations=5, episodes=1, device="cpu")
 
 
+def test_fine_tuning_never_writes_over_its_starting_model(pair, tmp_path):
+    import shutil
+
+    from morphseek.checkpoint import checkpoint_files
+    from morphseek.errors import MorphSeekError
+    from morphseek.worker import finetune
+
+    start = tmp_path / "start.pt"
+    for source, target in zip(checkpoint_files(pair / "tiny.pt"), checkpoint_files(start)):
+        shutil.copy(source, target)
+    before = checkpoint_files(start)[0].read_bytes()
+    for out in (start, tmp_path / "start.safetensors"):
+        with pytest.raises(MorphSeekError, match="would overwrite the input"):
+            finetune(tmp_path / "no-cases", start, out, episodes=1, device="cpu")
+    assert checkpoint_files(start)[0].read_bytes() == before
+
+
+def test_with_a_warm_up_the_run_is_judged_against_the_model_as_it_came(pair, tmp_path):
+    # held-back Dice "before" is the starting model's, not the warmed-up one GRPO starts from
+    import torch
+
+    from morphseek.checkpoint import load_checkpoint
+    from morphseek.data import load_dataset, load_samples
+    from morphseek.evaluate import evaluate_pairs
+    from morphseek.synth import write_dataset
+    from morphseek.worker import finetune
+
+    cases = tmp_path / "cases"
+    write_dataset(cases, n_subjects=6, shape=(32, 32, 32), seed=0, n_labels=4)
+    net, run_config, _ = load_checkpoint(pair / "tiny.pt")
+    data = load_dataset(cases)
+    val = load_samples(data, data.val_pairs, run_config, torch.device("cpu"), net.divisor, (32, 32, 32))
+    assert val  # 6 subjects hold 2 back
+    expected = evaluate_pairs(net, val, steps=1)
+    result = finetune(cases, pair / "tiny.pt", tmp_path / "tuned", warmup_iterations=3, episodes=1, steps=1,
+                      trajectories=2, device="cpu")
+    assert result.validation_start == pytest.approx(expected)
+    assert result.held_back_fell == (result.validation["val_dice"] < expected["val_dice"])
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pre-alignment forks only on Linux")
 def test_registration_job_pre_aligns_in_a_child_started_before_torch(pair, tmp_path):
     """The worker reads the pair and starts the affine pre-alignment in a child process before it

@@ -34,7 +34,7 @@ def inference_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int
     rounding. Anything else (autograd, autocast, other devices or types) takes ``F.conv3d``."""
     if (_ONEDNN_CONV is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and torch.backends.mkldnn.is_available()):
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return _ONEDNN_CONV(x, weight, bias, [padding] * 3, [stride] * 3, [1] * 3, 1)
     return F.conv3d(x, weight, bias, stride=stride, padding=padding)
 

@@ -160,6 +160,8 @@ def grpo_finetune(
         controller.load_state_dict(grpo_state["controller"])
         start_episode, optimizer_steps = int(grpo_state["episode"]), int(grpo_state["optimizer_steps"])
         validation_start = dict(grpo_state.get("validation_start") or {})
+        if validation_start.get("val_pairs") != len(val):  # other held-back pairs now: not comparable
+            validation_start = {}
     elif val:  # the model as it came, on the same held-back pairs: what fine-tuning is judged against
         validation_start = evaluate_pairs(model, val, config.steps, config.fine_steps)
     else:
