@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--elastic", type=float, default=1.5,
                    help="synthesised pairs (without --scans): the largest elastic displacement of each subject's "
                         "random deformation, voxels of 2 mm (default 1.5, the warm-up's)")
+    p.add_argument("--same-subject", action="store_true",
+                   help="synthesised pairs (without --scans): both images of a pair from one subject, each "
+                        "deformed on its own (what aligns them is the deformation, not two anatomies)")
     p.add_argument("--noisy-warm", action="store_true",
                    help="with --scans: no noise-free images, so L_warm compares the noisy scans presmoothed, as "
                         "on a user's pairs (default: the noise-free scans when the warm-up compared noise-free images)")
@@ -69,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    if args.scans and args.elastic != 1.5:
-        p.error("--elastic is for the synthesised pairs (--scans pairs are undeformed, as the held-back ones)")
+    if args.scans and (args.elastic != 1.5 or args.same_subject):
+        p.error("--elastic and --same-subject are for the synthesised pairs (--scans pairs are undeformed pairs "
+                "of two subjects, as the held-back ones)")
     if args.noisy_warm and not args.scans:
         p.error("--noisy-warm is for --scans pairs (the synthesised ones always have their noise-free images)")
     torch.set_num_threads(args.threads)
@@ -87,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--pairs with --scans: {error}")
     else:  # with the noise-free images when the warm-up compared those: GRPO's L_warm does the same
         train = [data.sample_pair(np.random.default_rng(10_000 + i), model_ref, percentiles, identical=0.0,
-                                  clean=run_config.clean_similarity, fine_ref=fine_ref, elastic_vox=args.elastic)
+                                  clean=run_config.clean_similarity, fine_ref=fine_ref, elastic_vox=args.elastic,
+                                  same_subject=1.0 if args.same_subject else 0.1)
                  for i in range(args.pairs)]
     val = data.val_samples(model_ref, percentiles, fine_ref)
 
@@ -107,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"model": str(args.model), "pairs": args.pairs, "episodes": result.done, "fine_steps": args.fine_steps,
                "lambda_dice": args.lambda_dice, "lambda_warm": args.lambda_warm, "policy": not args.no_policy,
                "trainable": args.trainable, "lr": args.lr, "tau": args.tau, "scans": args.scans,
-               "noisy_warm": args.noisy_warm, "elastic": args.elastic, "before": before, "after": after}
+               "noisy_warm": args.noisy_warm, "elastic": args.elastic,
+               "same_subject": args.same_subject, "before": before, "after": after}
     args.out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     if before:  # (not in checkpoints written before it was kept)
         print(f"start: held-back Dice {before['val_dice']:.2f} ± {before['val_dice_std']:.2f} %, "
