@@ -297,7 +297,7 @@ def finetune(dataset: str | Path, model: str | Path, checkpoint: str | Path, *, 
         return lambda done, total, row: progress({"stage": stage, "done": done, "total": total, **row})
 
     config = GRPOConfig(steps=int(steps), trajectories=int(trajectories), tau=float(tau), episodes=int(episodes))
-    start = {}
+    start = None  # GRPO evaluates the model it is given
     if warmup_iterations > 0:
         # the model as it came, on the held-back pairs: what the run is judged against (GRPO's own
         # starting figure would be the warmed-up model's)
@@ -311,11 +311,8 @@ def finetune(dataset: str | Path, model: str | Path, checkpoint: str | Path, *, 
     # as register_images prepares a pair for this model: by its voxel size, else onto its grid
     train = load_samples(data, data.train_pairs, run_config, torch_device, net.divisor, grid or None)
     val = load_samples(data, data.val_pairs, run_config, torch_device, net.divisor, grid or None)
-    result = grpo_finetune(net, train, val, config, out=out, progress=report("grpo"), cancel=cancel,
-                           run_config=run_config)
-    if warmup_iterations > 0:
-        result.validation_start = start
-    return result
+    return grpo_finetune(net, train, val, config, out=out, progress=report("grpo"), cancel=cancel,
+                         run_config=run_config, validation_start=start)
 
 
 def run_finetune(job: dict, protocol: Protocol) -> dict:

@@ -91,9 +91,9 @@ class VoxelMorph(Backbone):
         self.check_pair(moving, fixed)
         x = torch.cat([moving, fixed], dim=1)
         skips = [x]
-        inference = x.device.type == "cpu" and not torch.is_grad_enabled() and not self.training
+        registering = _cpu_no_grad(x) and not self.training
         for block in self.encoder:
-            x = block.infer(x) if inference else block(x)
+            x = block.infer(x) if registering else block(x)
             skips.append(x)
         top = skips.pop()
         return skips, top
@@ -104,7 +104,7 @@ class VoxelMorph(Backbone):
                 f"VoxelMorph.decode expects {len(self.up_convs)} skips and a latent with "
                 f"{self.top_channels} channels, got {len(skips)} skips and latent {tuple(z.shape)}"
             )
-        cpu_no_grad = z.device.type == "cpu" and not torch.is_grad_enabled()
+        cpu_no_grad = _cpu_no_grad(z)
         if cpu_no_grad and not self.training:
             return self._decode_for_inference(skips, z)
         # training, including its steps without gradients (train mode): one path, so that a training
@@ -139,6 +139,11 @@ class VoxelMorph(Backbone):
             x = block.infer(x)
         flow = inference_conv3d(x, self.flow.weight, self.flow.bias, 1, self.flow.padding[0])
         return flow.contiguous()
+
+
+def _cpu_no_grad(x: Tensor) -> bool:
+    """On the CPU without gradients: registration there (eval mode) takes the inference paths."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
 def _two_tap_kernels(weight: Tensor) -> Tensor:

@@ -97,11 +97,13 @@ def grpo_finetune(
     progress: bool | Progress | None = None,
     cancel: Callable[[], bool] | None = None,
     run_config: RunConfig | None = None,
+    validation_start: dict[str, float] | None = None,
 ) -> TrainResult:
     """Fine-tune a warmed-up MorphSeekNet with GRPO on ``train`` pairs (labelled or label-free),
     ``val``: labelled held-back pairs evaluated before the first episode (``TrainResult.validation_start``:
-    the model as it came, kept in the checkpoint across resumes), every ``validate_every`` episodes and
-    after the last.
+    the model as it came, kept in the checkpoint across resumes; ``validation_start`` given: that
+    figure instead, e.g. of the model before a warm-up that led to this one), every
+    ``validate_every`` episodes and after the last.
     The trainers' contract (``train.contract``): ``out`` (optional here), ``log`` (default beside
     ``out``; one row per optimizer step, validation columns on the rows after an evaluation),
     ``resume``, ``progress(episode, episodes, row)``, ``cancel`` and the returned ``TrainResult``.
@@ -162,6 +164,8 @@ def grpo_finetune(
         validation_start = dict(grpo_state.get("validation_start") or {})
         if validation_start.get("val_pairs") != len(val):  # other held-back pairs now: not comparable
             validation_start = {}
+    elif validation_start is not None:
+        validation_start = dict(validation_start)
     elif val:  # the model as it came, on the same held-back pairs: what fine-tuning is judged against
         validation_start = evaluate_pairs(model, val, config.steps, config.fine_steps)
     else:
