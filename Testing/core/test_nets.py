@@ -24,7 +24,7 @@ from morphseek.nets import (
     ldvn_log_prob,
 )
 from morphseek.nets import voxelmorph
-from morphseek.nets.base import inference_conv3d
+from morphseek.nets.base import few_output_conv3d, inference_conv3d
 from morphseek.nets.voxelmorph import upsampled_conv
 from morphseek.nets.transmorph import (
     MASK_VALUE,
@@ -224,6 +224,33 @@ def test_inference_conv3d_equals_conv3d(shape, out_channels, stride, padding):
     w = weight.clone().requires_grad_()
     inference_conv3d(x, w, bias, stride, padding).sum().backward()
     assert w.grad is not None and w.grad.shape == weight.shape
+
+
+@pytest.mark.parametrize("shape,out_channels", [
+    ((1, 16, 8, 6, 5), 3),  # the flow convolution: depth a multiple of 4, packed
+    ((2, 5, 12, 4, 4), 1),
+    ((1, 16, 4, 3, 3), 4),
+    ((1, 16, 6, 6, 5), 3),  # depth not a multiple of 4: the plain convolution
+    ((1, 4, 8, 6, 5), 5),  # too many outputs to pack
+])
+def test_few_output_conv3d_equals_conv3d(shape, out_channels):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g)
+    weight = torch.randn(out_channels, shape[1], 3, 3, 3, generator=g)
+    bias = torch.randn(out_channels, generator=g)
+    expected = torch.nn.functional.conv3d(x, weight, bias, padding=1)
+    with torch.no_grad():
+        for layout in (torch.contiguous_format, torch.channels_last_3d):
+            got = few_output_conv3d(x.contiguous(memory_format=layout), weight, bias)
+            assert got.shape == expected.shape
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(few_output_conv3d(x, weight, None), expected - bias.view(1, -1, 1, 1, 1),
+                                   rtol=1e-5, atol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # F.conv3d on the packed kernel: bf16's rounding
+            torch.testing.assert_close(few_output_conv3d(x, weight, bias).float(), expected, rtol=0.05, atol=0.5)
+    w = weight.clone().requires_grad_()  # with gradients: the plain, differentiable convolution
+    few_output_conv3d(x, w, bias).sum().backward()
+    assert w.grad is not None
 
 
 def test_inference_conv3d_takes_onednn_only_where_it_should(monkeypatch):

@@ -41,6 +41,38 @@ def inference_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int
 
 _ONEDNN_CONV = getattr(torch.ops.aten, "mkldnn_convolution", None)
 
+FLOW_PACK = 4  # depth phases per output channel of :func:`few_output_conv3d`
+
+
+def few_output_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """A 3x3x3, stride-1, zero-padded convolution with at most 4 output channels (the flow
+    convolution), for registration (no gradients): the same values to float rounding.
+
+    oneDNN's CPU kernels compute output channels in blocks of 16, so a 3-channel output costs as
+    much as a 16-channel one (60 ms of a float32 brain registration's fine step, a fifth of the
+    network's peak rate). Here output depth d = 4 d' + p of channel c becomes channel (c, p) of a
+    convolution with stride 4 along depth and a 6-deep kernel (phase p's taps at depths p .. p + 2,
+    zeros elsewhere): 12 of the 16 channels used, 2.7x fewer products. Depths that are not a
+    multiple of 4, gradients, or other layers take :func:`inference_conv3d`."""
+    out_channels, k = weight.shape[0], FLOW_PACK
+    if (torch.is_grad_enabled() or x.dim() != 5 or x.shape[2] % k or out_channels * k > 16
+            or tuple(weight.shape[2:]) != (3, 3, 3)):
+        return inference_conv3d(x, weight, bias)
+    packed = weight.new_zeros(out_channels, k, weight.shape[1], k + 2, 3, 3)
+    for phase in range(k):
+        packed[:, phase, :, phase:phase + 3] = weight
+    packed = packed.flatten(0, 1)  # channel (c, p), p minor
+    bias = None if bias is None else bias.repeat_interleave(k)
+    if (_ONEDNN_CONV is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled):
+        phases = _ONEDNN_CONV(x, packed, bias, [1, 1, 1], [k, 1, 1], [1, 1, 1], 1)
+    else:
+        phases = F.conv3d(x, packed, bias, stride=(k, 1, 1), padding=1)
+    batch, _, depth, height, width = phases.shape
+    return phases.view(batch, out_channels, k, depth, height, width).transpose(2, 3).reshape(
+        batch, out_channels, depth * k, height, width)
+
 
 def flow_conv(in_channels: int, kernel_size: int = 3) -> nn.Conv3d:
     """The final convolution to a 3-channel displacement, initialised as VoxelMorph does

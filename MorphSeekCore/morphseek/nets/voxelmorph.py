@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MorphSeekError
-from .base import Backbone, Tensor, flow_conv, inference_conv3d
+from .base import Backbone, Tensor, few_output_conv3d, flow_conv, inference_conv3d
 
 
 class ConvBlock(nn.Sequential):
@@ -137,8 +137,9 @@ class VoxelMorph(Backbone):
             return upsampled_conv(self.flow, x, skips[0]).contiguous()
         for block in self.full_res_convs[1:]:
             x = block.infer(x)
-        flow = inference_conv3d(x, self.flow.weight, self.flow.bias, 1, self.flow.padding[0])
-        return flow.contiguous()
+        if self.flow.kernel_size == (3, 3, 3) and self.flow.padding == (1, 1, 1):
+            return few_output_conv3d(x, self.flow.weight, self.flow.bias).contiguous()
+        return inference_conv3d(x, self.flow.weight, self.flow.bias, 1, self.flow.padding[0]).contiguous()
 
 
 def _cpu_no_grad(x: Tensor) -> bool:
@@ -180,13 +181,14 @@ def upsampled_conv(conv: nn.Conv3d, coarse: Tensor, skip: Tensor) -> Tensor:
     parities = inference_conv3d(F.pad(coarse, (1, 1, 1, 1, 1, 1)), _two_tap_kernels(conv.weight[:, :channels]),
                                 None, padding=0)
     parities = parities.unflatten(1, (2, 2, 2, out_channels))  # (B, pd, ph, pw, O, D + 1, H + 1, W + 1)
+    # parity (pd, ph, pw)'s outputs start at voxel (pd, ph, pw): one strided view reads them all
+    # (the offset folded into the parity strides), one copy interleaves them
+    s = parities.stride()
     d, h, w = size
+    parities = parities.as_strided((batch, 2, 2, 2, out_channels, d, h, w),
+                                   (s[0], s[1] + s[5], s[2] + s[6], s[3] + s[7], *s[4:]), parities.storage_offset())
     out = torch.empty(batch, d, 2, h, 2, w, 2, out_channels, dtype=parities.dtype, device=parities.device)
-    for pd in (0, 1):
-        for ph in (0, 1):
-            for pw in (0, 1):
-                part = parities[:, pd, ph, pw, :, pd:pd + d, ph:ph + h, pw:pw + w]
-                out[:, :, pd, :, ph, :, pw] = part.permute(0, 2, 3, 4, 1)
+    out.copy_(parities.permute(0, 5, 1, 6, 2, 7, 3, 4))
     out = out.view(batch, 2 * d, 2 * h, 2 * w, out_channels).permute(0, 4, 1, 2, 3)  # channels-last
     skip = skip.contiguous(memory_format=torch.channels_last_3d)
     out += inference_conv3d(skip, conv.weight[:, channels:], conv.bias)
