@@ -545,7 +545,7 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             run = FinetuneRun(slicer.mrmlScene, dataset, p.modelPath or None, p.checkpointOut,
                               warmup_iterations=p.warmupIterations, episodes=p.episodes,
                               steps=p.steps, trajectories=max(2, p.trajectories),
-                              tau=float(p.temperature), device=p.device, launch=self._launch()).start()
+                              device=p.device, launch=self._launch()).start()  # GRPO's own temperature, not the candidates'
         except Exception as error:  # MorphSeekError: too few cases, no shared segment, a 2D volume...
             if exported is not None:
                 exported.cleanup()

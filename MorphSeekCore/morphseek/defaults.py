@@ -16,8 +16,15 @@ STEPS = 3
 #: structures a few millimetres wide; the same network one step finer gained 6-8 Dice points on
 #: held-back brains (docs/QUALITY.md section 11)
 FINE_STEPS = 1
-#: Sampling temperature tau: exploration in GRPO fine-tuning, candidates in test-time search.
+#: Sampling temperature tau of the candidates in test-time search (METHOD.md's starting choice).
 TAU = 0.3
+#: Sampling temperature tau of GRPO fine-tuning's trajectories. Below METHOD.md's starting 0.3: the
+#: warm-up leaves sigma at the prior's 1 (at tau = 0 only the KL term reaches it), so one sampled
+#: latent at 0.3 costs the brain model 10 Dice points and GRPO's soft-Dice term spends itself on
+#: repairing that noise, which the mean latent registration runs never has: fine-tuning at 0.3
+#: lowered held-back Dice even on the very pairs it trained on. At 0.05 a sample costs 0.14 points
+#: on the training subjects' pairs (docs/QUALITY.md section 21, benchmarks/grpo_noise_bias.py).
+GRPO_TAU = 0.05
 #: Trajectories J (the sampled candidates of one step) at registration: 1 = deterministic (tau unused).
 SEARCH_TRAJECTORIES = 1
 #: Trajectories J per step in GRPO fine-tuning (METHOD.md).

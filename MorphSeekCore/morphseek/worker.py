@@ -262,7 +262,7 @@ def run_register(job: dict, protocol: Protocol, inputs: RegisterInputs | None = 
 
 def finetune(dataset: str | Path, model: str | Path, checkpoint: str | Path, *, warmup_iterations: int = 0,
              episodes: int = defaults.PANEL_EPISODES, steps: int = defaults.STEPS,
-             trajectories: int = defaults.PANEL_TRAJECTORIES, tau: float = defaults.TAU, device: str = "auto",
+             trajectories: int = defaults.PANEL_TRAJECTORIES, tau: float = defaults.GRPO_TAU, device: str = "auto",
              progress: Callable[[dict], None] | None = None, cancel: Callable[[], bool] | None = None):
     """Warm-up (when ``warmup_iterations`` > 0) then GRPO on a folder or manifest of labelled cases
     (docs/DATA.md), the checkpoint written to ``checkpoint`` (its run log beside it). Both trainers
@@ -331,7 +331,7 @@ def run_finetune(job: dict, protocol: Protocol) -> dict:
                       episodes=int(settings.get("episodes", defaults.PANEL_EPISODES)),
                       steps=int(settings.get("steps", defaults.STEPS)),
                       trajectories=int(settings.get("trajectories", defaults.PANEL_TRAJECTORIES)),
-                      tau=float(settings.get("tau", defaults.TAU)),
+                      tau=float(settings.get("tau", defaults.GRPO_TAU)),
                       device=str(settings.get("device", "auto")), progress=progress)
     # (the protocol's names; a finished job was never stopped: a stop kills the process)
     return {"checkpoint": job["checkpoint"], "episodes_done": result.done,

@@ -357,7 +357,7 @@ class SceneLogic:
     @staticmethod
     def finetune(dataset: str | Path, model: Any = None, checkpoint_out: str | Path | None = None, *,
                  warmup_iterations: int = 0, episodes: int = 20, steps: int = 3, trajectories: int = 4,
-                 tau: float = 0.3, device: str = "auto", progress: ProgressCallback | None = None,
+                 tau: float = defaults.GRPO_TAU, device: str = "auto", progress: ProgressCallback | None = None,
                  cancel: CancelCallback | None = None):
         """Warm-up (optional, ``warmup_iterations`` > 0) then GRPO on a folder or manifest of labelled
         cases (see docs/DATA.md); the checkpoint is written to ``checkpoint_out``. Thread-safe (no

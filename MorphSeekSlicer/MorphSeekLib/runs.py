@@ -21,6 +21,7 @@ from typing import Any
 import SimpleITK as sitk
 import slicer
 
+from morphseek import defaults
 from morphseek.errors import MorphSeekError
 
 from . import mrml, preview
@@ -241,7 +242,7 @@ class FinetuneRun(WorkerRun):
 
     def __init__(self, scene: slicer.vtkMRMLScene, dataset: Any, model: Any, checkpoint: str | Path, *,
                  warmup_iterations: int = 0, episodes: int = 20, steps: int = 3, trajectories: int = 4,
-                 tau: float = 0.3, device: str = "auto", launch: WorkerLaunch | None = None,
+                 tau: float = defaults.GRPO_TAU, device: str = "auto", launch: WorkerLaunch | None = None,
                  chartName: str = "MorphSeek fine-tuning"):
         super().__init__(scene, launch)
         self.exported = dataset if hasattr(dataset, "manifest") else None

@@ -122,6 +122,27 @@ assert [r["fine_steps"] for r in requested] == [None, 0]  # the checkbox: the en
 assert requested[0]["steps"] == 3 and requested[0]["prealign"] == "affine" and len(shown) == 2
 assert widget._run is None and ui.registerButton.enabled
 
+# Fine-tune runs GRPO at its own temperature, not at the candidates' temperature of Register.
+finetune_requests = []
+
+
+def recording_run(*args, **kwargs):
+    finetune_requests.append(kwargs)
+    raise MorphSeekError("stopped after the request (no worker in this check)")
+
+
+original_run, module.FinetuneRun = module.FinetuneRun, recording_run
+widget._launch = lambda: None  # (no PythonSlicer here)
+parameters.finetuneFromScene, parameters.datasetPath, parameters.temperature = False, "/tmp/cases", 0.3
+parameters.checkpointOut = "/tmp/tuned.pt"
+try:
+    widget.onFinetuneOrCancel()
+finally:
+    module.FinetuneRun = original_run
+    del widget._launch
+assert len(finetune_requests) == 1 and "tau" not in finetune_requests[0], (finetune_requests, shown)  # runs.FinetuneRun's default
+assert widget._run is None and len(shown) == 3
+
 # One update whose display fails (a progress row without payload) must not drop the final update.
 parameters.checkpointOut = "/tmp/tuned.pt"
 widget._run = FakeRun([RunUpdate("progress", "grpo 1/2", 0.5, "grpo", None),

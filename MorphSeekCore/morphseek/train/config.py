@@ -23,7 +23,7 @@ class GRPOConfig:
     steps: int = defaults.STEPS  # T, refinement steps per pair (one optimiser step each)
     fine_steps: int = 0  # of which the last ones on the pairs' fine grids (PairSample.fine), as registration runs them
     trajectories: int = defaults.GRPO_TRAJECTORIES  # J, sampled latents per step
-    tau: float = defaults.TAU  # exploration temperature
+    tau: float = defaults.GRPO_TAU  # exploration temperature (METHOD.md's 0.3 costs the mean latent, defaults.py)
     w_dice: float = defaults.W_DICE  # reward weight of the Dice gain (> 0)
     w_njd: float = defaults.W_NJD  # reward weight of the folding fraction (< 0)
     lambda_warm: float = 1.0  # weight of the warm-up objective (tau = 0, current state)
