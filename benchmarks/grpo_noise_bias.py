@@ -47,7 +47,7 @@ def sampled_dice(model, samples, steps: int, fine_steps: int, tau: float, seed: 
         total = None
         for t in range(steps):
             on_fine = t >= steps - fine_steps
-            if on_fine and total is not None and total.shape[2:] != sample.on_grid(True).moving.shape[2:]:
+            if on_fine and t == steps - fine_steps and total is not None:  # the map so far onto the fine grid
                 total = sample.map_to_fine(total)
             pair = sample.on_grid(on_fine)
             enc = model.encode(pair.moving if total is None else warp(pair.moving, total), pair.fixed)
@@ -77,14 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     data = BrainSet.open(args.data)
     steps, fine_steps = 3, 1
+    command = "python " + " ".join([Path(__file__).relative_to(REPO).as_posix(),
+                                    *(argv if argv is not None else sys.argv[1:])])
     if args.noise_cost:
-        return noise_cost(args, data, steps, fine_steps)
+        return noise_cost(args, data, steps, fine_steps, command)
     results = []
     for tau in args.taus:
-        model, run_config, _ = load_checkpoint(args.model)
-        model_ref = io.model_grid_at(data.reference, run_config.spacing, model.divisor, run_config.direction)
-        fine_ref = io.fine_grid(data.reference, model_ref, model.divisor)
-        pairs = data.val_samples(model_ref, run_config.percentiles, fine_ref)
+        model, run_config, _ = load_checkpoint(args.model)  # each fine-tune from the starting model
+        pairs = data.val_samples(*grids(data, model, run_config))
         config = GRPOConfig(steps=steps, fine_steps=fine_steps, trajectories=4 if tau > 0 else 1, tau=tau,
                             episodes=args.episodes, policy=False, validate_every=args.episodes,
                             checkpoint_every=args.episodes)
@@ -105,18 +105,21 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "data": str(args.data), "pairs": "held-back, trained on",
-                                    "command": "python " + " ".join([Path(__file__).relative_to(REPO).as_posix(),
-                                                                     *(argv if argv is not None else sys.argv[1:])]),
-                                    "results": results}, indent=1) + "\n")
+                                    "command": command, "results": results}, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 
 
-def noise_cost(args, data: BrainSet, steps: int, fine_steps: int) -> int:
-    model, run_config, _ = load_checkpoint(args.model)
+def grids(data: BrainSet, model, run_config) -> tuple:
+    """(model grid, percentiles, fine grid) of ``data``'s pairs for ``model``, as grpo_brain.py makes them."""
     model_ref = io.model_grid_at(data.reference, run_config.spacing, model.divisor, run_config.direction)
-    fine_ref = io.fine_grid(data.reference, model_ref, model.divisor)
-    pairs = data.scan_pairs(args.cost_pairs, model_ref, run_config.percentiles, fine_ref)
+    return model_ref, run_config.percentiles, io.fine_grid(data.reference, model_ref, model.divisor)
+
+
+def noise_cost(args, data: BrainSet, steps: int, fine_steps: int, command: str) -> int:
+    model, run_config, _ = load_checkpoint(args.model)
+    model_ref, percentiles, fine_ref = grids(data, model, run_config)
+    pairs = data.scan_pairs(args.cost_pairs, model_ref, percentiles, fine_ref)
     rows = []
     for tau in args.noise_cost:
         dice = [sampled_dice(model, pairs, steps, fine_steps, tau, seed) for seed in range(args.seeds if tau else 1)]
@@ -125,9 +128,7 @@ def noise_cost(args, data: BrainSet, steps: int, fine_steps: int) -> int:
     out = args.out.with_name(args.out.stem + "_cost.json")
     out.write_text(json.dumps({"model": args.model, "data": str(args.data), "pairs": f"{args.cost_pairs} scan pairs "
                                "of the training subjects", "steps": steps, "fine_steps": fine_steps,
-                               "command": "python " + " ".join([Path(__file__).relative_to(REPO).as_posix(),
-                                                                *sys.argv[1:]]),
-                               "rows": rows}, indent=1) + "\n")
+                               "command": command, "rows": rows}, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 

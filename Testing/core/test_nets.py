@@ -246,6 +246,8 @@ def test_few_output_conv3d_equals_conv3d(shape, out_channels):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(few_output_conv3d(x, weight, None), expected - bias.view(1, -1, 1, 1, 1),
                                    rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(few_output_conv3d(x, weight, bias, padding=0),  # other paddings: plain
+                                   torch.nn.functional.conv3d(x, weight, bias), rtol=1e-5, atol=1e-4)
         with torch.autocast("cpu", dtype=torch.bfloat16):  # F.conv3d on the packed kernel: bf16's rounding
             torch.testing.assert_close(few_output_conv3d(x, weight, bias).float(), expected, rtol=0.05, atol=0.5)
     w = weight.clone().requires_grad_()  # with gradients: the plain, differentiable convolution

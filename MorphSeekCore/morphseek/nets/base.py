@@ -24,18 +24,21 @@ from ..errors import MorphSeekError
 Tensor = torch.Tensor
 
 
-def inference_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int = 1, padding: int = 1) -> Tensor:
+def inference_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int | tuple[int, int, int] = 1,
+                     padding: int = 1) -> Tensor:
     """``F.conv3d`` for registration on the CPU (no gradients), through oneDNN wherever it runs.
 
     For a float32 input PyTorch takes its native kernel (im2col and a matrix product) when batch x
     channels x depth x height is at most 20480, a rule made for 2D images that ignores the third
     axis: the model grid's small 3D convolutions then take 2-10x as long as oneDNN's (a quarter of
     the network's time at 2 mm in float32; docs/QUALITY.md section 19). The same values to float
-    rounding. Anything else (autograd, autocast, other devices or types) takes ``F.conv3d``."""
+    rounding. Anything else (autograd, autocast, other devices or types) takes ``F.conv3d``.
+    ``stride``: one for every axis, or one per axis (D, H, W)."""
+    stride = [stride] * 3 if isinstance(stride, int) else list(stride)
     if (_ONEDNN_CONV is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
-        return _ONEDNN_CONV(x, weight, bias, [padding] * 3, [stride] * 3, [1] * 3, 1)
+        return _ONEDNN_CONV(x, weight, bias, [padding] * 3, stride, [1] * 3, 1)
     return F.conv3d(x, weight, bias, stride=stride, padding=padding)
 
 
@@ -44,8 +47,8 @@ _ONEDNN_CONV = getattr(torch.ops.aten, "mkldnn_convolution", None)
 FLOW_PACK = 4  # depth phases per output channel of :func:`few_output_conv3d`
 
 
-def few_output_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """A 3x3x3, stride-1, zero-padded convolution with at most 4 output channels (the flow
+def few_output_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int = 1) -> Tensor:
+    """:func:`inference_conv3d` (stride 1) for a convolution with at most 4 output channels (the flow
     convolution), for registration (no gradients): the same values to float rounding.
 
     oneDNN's CPU kernels compute output channels in blocks of 16, so a 3-channel output costs as
@@ -53,22 +56,17 @@ def few_output_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     network's peak rate). Here output depth d = 4 d' + p of channel c becomes channel (c, p) of a
     convolution with stride 4 along depth and a 6-deep kernel (phase p's taps at depths p .. p + 2,
     zeros elsewhere): 12 of the 16 channels used, 2.7x fewer products. Depths that are not a
-    multiple of 4, gradients, or other layers take :func:`inference_conv3d`."""
+    multiple of 4, gradients, other kernels or paddings take :func:`inference_conv3d` as it is."""
     out_channels, k = weight.shape[0], FLOW_PACK
     if (torch.is_grad_enabled() or x.dim() != 5 or x.shape[2] % k or out_channels * k > 16
-            or tuple(weight.shape[2:]) != (3, 3, 3)):
-        return inference_conv3d(x, weight, bias)
+            or tuple(weight.shape[2:]) != (3, 3, 3) or padding != 1):
+        return inference_conv3d(x, weight, bias, 1, padding)
     packed = weight.new_zeros(out_channels, k, weight.shape[1], k + 2, 3, 3)
     for phase in range(k):
         packed[:, phase, :, phase:phase + 3] = weight
     packed = packed.flatten(0, 1)  # channel (c, p), p minor
     bias = None if bias is None else bias.repeat_interleave(k)
-    if (_ONEDNN_CONV is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled):
-        phases = _ONEDNN_CONV(x, packed, bias, [1, 1, 1], [k, 1, 1], [1, 1, 1], 1)
-    else:
-        phases = F.conv3d(x, packed, bias, stride=(k, 1, 1), padding=1)
+    phases = inference_conv3d(x, packed, bias, (k, 1, 1), 1)
     batch, _, depth, height, width = phases.shape
     return phases.view(batch, out_channels, k, depth, height, width).transpose(2, 3).reshape(
         batch, out_channels, depth * k, height, width)

@@ -137,9 +137,7 @@ class VoxelMorph(Backbone):
             return upsampled_conv(self.flow, x, skips[0]).contiguous()
         for block in self.full_res_convs[1:]:
             x = block.infer(x)
-        if self.flow.kernel_size == (3, 3, 3) and self.flow.padding == (1, 1, 1):
-            return few_output_conv3d(x, self.flow.weight, self.flow.bias).contiguous()
-        return inference_conv3d(x, self.flow.weight, self.flow.bias, 1, self.flow.padding[0]).contiguous()
+        return few_output_conv3d(x, self.flow.weight, self.flow.bias, self.flow.padding[0]).contiguous()
 
 
 def _cpu_no_grad(x: Tensor) -> bool:
