@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lambda-warm", type=float, default=GRPOConfig.lambda_warm,
                    help="weight of the warm-up objective L_warm (with --lambda-dice: how much the policy term weighs "
                         "against the other two)")
+    p.add_argument("--lambda-reg", type=float, default=None,
+                   help="diffusion weight inside L_warm (default: the warm-up run's); raise it to hold folding down")
     p.add_argument("--no-policy", action="store_true",
                    help="the same step without the policy term (L_warm and soft Dice only): the Dice-supervised control")
     p.add_argument("--trainable", choices=TRAINABLE, default="all",
@@ -103,14 +105,16 @@ def main(argv: list[str] | None = None) -> int:
 
     config = GRPOConfig(steps=args.steps, fine_steps=args.fine_steps, trajectories=args.trajectories, tau=args.tau,
                         episodes=args.episodes, learning_rate=args.lr, lambda_dice=args.lambda_dice,
-                        lambda_warm=args.lambda_warm, policy=not args.no_policy, trainable=args.trainable,
+                        lambda_warm=args.lambda_warm, lambda_reg=args.lambda_reg, policy=not args.no_policy,
+                        trainable=args.trainable,
                         validate_every=args.val_every, checkpoint_every=args.val_every)
     result = grpo_finetune(model, train, val, config, run_config=run_config, out=args.out,
                            log=args.out.with_suffix(""), resume=True, progress=progress)
     before = result.validation_start  # evaluated by grpo_finetune before its first episode (kept on resume)
     after = result.validation or evaluate_pairs(model, val, args.steps, args.fine_steps)
     summary = {"model": str(args.model), "pairs": args.pairs, "episodes": result.done, "fine_steps": args.fine_steps,
-               "lambda_dice": args.lambda_dice, "lambda_warm": args.lambda_warm, "policy": not args.no_policy,
+               "lambda_dice": args.lambda_dice, "lambda_warm": args.lambda_warm,
+               "lambda_reg": args.lambda_reg, "policy": not args.no_policy,
                "trainable": args.trainable, "lr": args.lr, "tau": args.tau, "scans": args.scans,
                "noisy_warm": args.noisy_warm, "elastic": args.elastic,
                "same_subject": args.same_subject, "before": before, "after": after}
