@@ -426,3 +426,6 @@ def test_head_only_fine_tuning_moves_the_policy_head_alone(subjects, lively_mode
     assert all(p.requires_grad for p in model.parameters())  # the frozen weights are handed back trainable
     with pytest.raises(MorphSeekError, match="trainable must be one of"):
         GRPOConfig(trainable="decoder").check()
+    with pytest.raises(MorphSeekError, match="lambda_reg must be >= 0"):
+        GRPOConfig(lambda_reg=-1.0).check()
+    GRPOConfig(lambda_reg=0.0).check()  # no diffusion term is allowed, as in the warm-up

@@ -74,5 +74,7 @@ class GRPOConfig:
             problems.append(f"trainable must be one of {TRAINABLE} (got {self.trainable!r})")
         if min(self.lambda_warm, self.lambda_dice) < 0:
             problems.append("lambda_warm and lambda_dice must be >= 0")
+        if self.lambda_reg is not None and self.lambda_reg < 0:
+            problems.append(f"lambda_reg must be >= 0 (got {self.lambda_reg})")
         if problems:
             raise MorphSeekError("GRPO configuration: " + "; ".join(problems))
