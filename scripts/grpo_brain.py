@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the same step without the policy term (L_warm and soft Dice only): the Dice-supervised control")
     p.add_argument("--trainable", choices=TRAINABLE, default="all",
                    help="what GRPO updates: every weight, or the policy head alone")
+    p.add_argument("--seed", type=int, default=GRPOConfig.seed,
+                   help="seed of the episodes' pair order and sampled latents (the labelled pairs stay the same)")
     p.add_argument("--val-every", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, required=True)
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     config = GRPOConfig(steps=args.steps, fine_steps=args.fine_steps, trajectories=args.trajectories, tau=args.tau,
                         episodes=args.episodes, learning_rate=args.lr, lambda_dice=args.lambda_dice,
                         lambda_warm=args.lambda_warm, lambda_reg=args.lambda_reg, policy=not args.no_policy,
-                        trainable=args.trainable,
+                        trainable=args.trainable, seed=args.seed,
                         validate_every=args.val_every, checkpoint_every=args.val_every)
     result = grpo_finetune(model, train, val, config, run_config=run_config, out=args.out,
                            log=args.out.with_suffix(""), resume=True, progress=progress)
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"model": str(args.model), "pairs": args.pairs, "episodes": result.done, "fine_steps": args.fine_steps,
                "lambda_dice": args.lambda_dice, "lambda_warm": args.lambda_warm,
                "lambda_reg": args.lambda_reg, "policy": not args.no_policy,
-               "trainable": args.trainable, "lr": args.lr, "tau": args.tau, "scans": args.scans,
+               "trainable": args.trainable, "seed": args.seed, "lr": args.lr, "tau": args.tau, "scans": args.scans,
                "noisy_warm": args.noisy_warm, "elastic": args.elastic,
                "same_subject": args.same_subject, "before": before, "after": after}
     args.out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
