@@ -12,7 +12,9 @@ NJD % and SDlogJ come from the Jacobian determinant of the map (``export.jacobia
 Rows: no registration (the pairs are affinely aligned), ANTs SyN (antspyx defaults: affine then
 SyN, mutual information / cross-correlation; a benchmark-only extra, never a product dependency),
 the network after 1, 2 and 3 steps (the last on the fine grid, ``defaults.FINE_STEPS``), the network
-with every step on the model grid (``fine_steps=0``, the fast setting), the network in float32 where
+with every step on the model grid (``fine_steps=0``, the fast setting), the network seeing the whole
+grid at every step (``crop=False``, ``--no-crop``: the default crops each step's input to the images'
+content, ``defaults.CROP_MARGIN``), the network in float32 where
 the default precision (``defaults.PRECISION``, "auto") chose bf16 (a CPU with bf16 matrix units),
 and the network followed by test-time optimisation (--adapt).
 Seconds are wall time of the whole registration (reading excluded) with --threads threads, as a
@@ -149,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
                                  device="cpu", keep_step_images=False)
         coarse_seconds = time.perf_counter() - tic  # before scoring (until 2026-12-02 this row's time included it)
         add(f"MorphSeek {args.steps}, none fine", {**score(fixed_seg, moving_seg, coarse.field), "seconds": coarse_seconds})
+        tic = time.perf_counter()  # the network on the whole grid at every step (--no-crop), as before 2026-12-03
+        whole = register_images(fixed, moving, args.model, steps=args.steps, prealign=args.prealign, device="cpu",
+                                keep_step_images=False, crop=False)
+        whole_seconds = time.perf_counter() - tic
+        add(f"MorphSeek {args.steps}, whole grid", {**score(fixed_seg, moving_seg, whole.field), "seconds": whole_seconds})
         precisions.add(result.settings["precision"])
         if result.settings["precision"] != "float32":
             for _ in range(2):  # timed as the default row is, on a second call in this arithmetic

@@ -98,11 +98,12 @@ def result_metrics(result, fixed_seg: sitk.Image) -> list[dict]:
 
 def evaluate_dataset(data: str | Path, model: MorphSeekNet | str | Path, out: str | Path, steps: int = defaults.STEPS,
                      trajectories: int = defaults.SEARCH_TRAJECTORIES, tau: float = defaults.TAU, prealign: str = "none", device: str = "auto",
-                     all_pairs: bool = False, precision: str = defaults.PRECISION) -> dict:
+                     all_pairs: bool = False, precision: str = defaults.PRECISION,
+                     crop: bool = True) -> dict:
     """``morphseek evaluate``: register every evaluation pair of ``data`` (its val pairs, or all with
     ``all_pairs``) and write ``evaluation.json`` and ``evaluation.csv`` into ``out``; returns the
-    summary (per step: mean and std over pairs of each of ``METRICS``). ``precision``: the
-    network's arithmetic, as for ``register_images``."""
+    summary (per step: mean and std over pairs of each of ``METRICS``). ``precision`` and
+    ``crop``: as for ``register_images``."""
     dataset = load_dataset(data, require_labels=True)
     pairs = (dataset.train_pairs + dataset.val_pairs) if all_pairs else dataset.val_pairs
     if not pairs:
@@ -114,7 +115,7 @@ def evaluate_dataset(data: str | Path, model: MorphSeekNet | str | Path, out: st
         fixed_seg = images.fixed_seg
         result = register_images(images.fixed, images.moving, net, fixed_seg=fixed_seg, moving_seg=images.moving_seg,
                                  steps=steps, trajectories=trajectories, tau=tau, prealign=prealign, device=device,
-                                 precision=precision, keep_step_images=True,
+                                 precision=precision, crop=crop, keep_step_images=True,
                                  names={"fixed": images.names["fixed"], "moving": images.names["moving"]})
         base = {"moving": moving_id, "fixed": fixed_id}
         rows.append({**base, "step": 0, "dice": result.initial_dice, "njd_percent": None,

@@ -264,3 +264,30 @@ def gaussian_blur(volume: torch.Tensor, sigma: float | Sequence[float]) -> torch
     # A kernel longer than the axis adds nothing but cost: replicate padding covers the rest.
     radii = [min(max(1, math.ceil(3.0 * s)), n - 1) if s > 0 else 0 for s, n in zip(sigmas, volume.shape[2:])]
     return blur_axes(volume, sigmas, radii, pad=True)
+
+
+def content_box(images: Sequence[Tensor], divisor: int, margin: int, threshold: float = 0.1,
+                pool: int = 4) -> tuple[slice, slice, slice] | None:
+    """The box of a grid that the network needs to see: every voxel where any of ``images``
+    (normalised intensities, (1, 1, D, H, W)) has a local mean (``pool`` voxels wide, so that noise
+    does not count) above ``threshold``, widened by ``margin`` voxels and grown to whole multiples of
+    ``divisor`` (centred, inside the grid). None when that is the whole grid (or nothing is above
+    the threshold)."""
+    shape = tuple(images[0].shape[2:])
+    mask = None
+    for image in images:
+        local = F.avg_pool3d(image.float(), pool, stride=pool, ceil_mode=True) > threshold
+        mask = local if mask is None else mask | local
+    found = torch.nonzero(mask[0, 0])
+    if found.numel() == 0:
+        return None
+    low, high = found.min(0).values * pool, (found.max(0).values + 1) * pool
+    box = []
+    for n, lo, hi in zip(shape, low.tolist(), high.tolist()):
+        lo, hi = max(0, lo - margin), min(n, hi + margin)
+        size = min(n, -(-(hi - lo) // divisor) * divisor)
+        lo = min(max(0, (lo + hi - size) // 2), n - size)  # centred on the content, inside the grid
+        box.append(slice(lo, lo + size))
+    if all(s.stop - s.start == n for s, n in zip(box, shape)):
+        return None
+    return tuple(box)

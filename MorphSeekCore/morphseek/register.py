@@ -204,6 +204,7 @@ def refine(
     precision: str = "float32",
     initial: torch.Tensor | None = None,
     first_index: int = 1,
+    crop_margin: int | None = None,
 ) -> list[StepTensors]:
     """T refinement steps on the grid of ``moving``/``fixed`` (the model grid, or the fine grid). With
     ``trajectories`` J > 1, each step scores the mean
@@ -220,7 +221,9 @@ def refine(
     then gives the same candidates on every device). ``precision``: the network's arithmetic,
     "float32" (the default, as training and evaluation run it) or "bfloat16" (:func:`mixed_precision`;
     "auto" is resolved by :func:`resolve_precision`). ``initial``: the total map to start from (the
-    previous steps', on this grid; default none), the steps then numbered from ``first_index``."""
+    previous steps', on this grid; default none), the steps then numbered from ``first_index``.
+    ``crop_margin``: the network sees only ``geometry.content_box`` of the current state and the
+    fixed image widened by this many voxels, its step zero outside (None: the whole grid)."""
     if steps < 1 or trajectories < 1:
         raise MorphSeekError(f"steps and trajectories must be >= 1 (got {steps}, {trajectories})")
     use_labels = moving_labels is not None and fixed_labels is not None
@@ -245,12 +248,15 @@ def refine(
     for t in range(first_index, first_index + steps):
         _check_cancel(cancel)
         start = time.perf_counter()
+        box = (geometry.content_box([state, fixed], model.divisor, crop_margin)
+               if crop_margin is not None else None)
+        view = (slice(None), slice(None), *box) if box is not None else (...,)
         with mixed_precision(model, device, precision):
-            enc = model.encode(state, fixed)
+            enc = model.encode(state[view], fixed[view])
         if not score:
             with mixed_precision(model, device, precision):
                 step_field = model.decode(enc.skips, enc.mu).float()
-            total = geometry.compose(total, step_field)
+            total = _compose(total, step_field, box)
             if t < first_index + steps - 1:  # the last step's warped image is never used
                 state = geometry.warp(moving, total)
             nan = float("nan")
@@ -269,7 +275,7 @@ def refine(
             size = z.shape[0]
             with mixed_precision(model, device, precision):
                 step_field = model.decode(_expand(enc.skips, size), z).float()
-            candidate_total = geometry.compose(total.expand(size, -1, -1, -1, -1), step_field)
+            candidate_total = _compose(total.expand(size, -1, -1, -1, -1), step_field, box)
             warped = geometry.warp(moving.expand(size, -1, -1, -1, -1), candidate_total)
             sim_value = torch.stack([sim(warped[b:b + 1], fixed) for b in range(size)])
             sim_gain = (prev_sim - sim_value) / prev_sim.abs().clamp(min=1e-12)
@@ -301,6 +307,18 @@ def refine(
         if on_step is not None:
             on_step(record)
     return results
+
+
+def _compose(total: torch.Tensor, step: torch.Tensor, box: tuple[slice, slice, slice] | None) -> torch.Tensor:
+    """``geometry.compose(total, step)`` for a step made on the box ``box`` of the map's grid (None:
+    the whole grid) and zero outside it: there the map stays what it was, and only the box is
+    resampled."""
+    if box is None:
+        return geometry.compose(total, step)
+    out = total.clone()
+    out[(slice(None), slice(None), *box)] = step + geometry.warp(total, step, mode="bilinear", padding_mode="border",
+                                                                 region=box)
+    return out
 
 
 @dataclass
@@ -495,6 +513,7 @@ def register_images(
     grid: tuple[int, int, int] | None = None,
     keep_step_images: bool = True,
     precision: str = defaults.PRECISION,
+    crop: bool = True,
     adapt: int = 0,
     adapt_settings: AdaptSettings | None = None,
     progress: ProgressCallback | None = None,
@@ -514,6 +533,8 @@ def register_images(
     and between steps and candidates.
     ``fine_steps``: how many of the ``steps`` (the last ones) run on a grid of half the model grid's
     spacing (``io.fine_grid``; None: :func:`resolve_fine_steps`).
+    ``crop``: each step's network sees only the box around the images' content
+    (``defaults.CROP_MARGIN``; False: the whole grid, as training does).
     ``adapt`` > 0 adds one more step after the network's: that many iterations of test-time
     optimisation of the total map on this pair (``morphseek.adapt``; ``adapt_settings`` for the rest).
     ``prealigned``: the affine pre-alignment of this pair already computed
@@ -688,7 +709,8 @@ def register_images(
 
     try:
         search = dict(trajectories=trajectories, tau=tau, label_values=label_values, similarity=config.similarity,
-                      generator=generator, cancel=cancel, precision=precision)
+                      generator=generator, cancel=cancel, precision=precision,
+                      crop_margin=defaults.CROP_MARGIN if crop else None)
         tensors = (refine(net, moving_t, fixed_t, steps=steps - fine_steps, moving_labels=moving_l,
                           fixed_labels=fixed_l, on_step=finish_step, **search) if steps > fine_steps else [])
         if fine_ref is not None:
@@ -715,7 +737,7 @@ def register_images(
                 "fine_grid": list(fine.ref.GetSize()[::-1]) if fine is not None else None,
                 "trajectories": trajectories, "tau": tau, "prealign": prealign, "adapt": adapt,
                 "adapt_settings": asdict(adapt_settings) if adapt else None,
-                "precision": precision,
+                "precision": precision, "crop_margin": defaults.CROP_MARGIN if crop else None,
                 "device": str(torch_device), "seed": seed, "grid": list(grid),
                 "model": str(model) if isinstance(model, (str, Path)) else net.config.get("backbone", "model"),
                 "labels": label_values}

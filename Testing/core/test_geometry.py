@@ -211,3 +211,23 @@ def test_grid_sample_keeps_one_batch_when_the_sources_gradient_is_needed(monkeyp
     finally:
         torch.set_num_threads(threads)
     assert calls == [1, 2]
+
+
+def test_content_box_holds_the_content_and_its_margin_in_whole_multiples_of_the_divisor():
+    shape = (48, 64, 40)
+    image = torch.zeros(1, 1, *shape)
+    image[..., 12:30, 20:41, 9:23] = 0.8  # the content
+    noise = torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(0)) * 0.15  # faint background
+    box = geometry.content_box([image + noise * (image == 0)], divisor=8, margin=4)
+    assert box is not None
+    for s, n, (lo, hi) in zip(box, shape, ((12, 30), (20, 41), (9, 23))):
+        assert 0 <= s.start and s.stop <= n and (s.stop - s.start) % 8 == 0
+        assert s.start <= lo - 4 and s.stop >= hi + 4  # the content and its margin (to the pooled 4 voxels)
+        assert s.stop - s.start <= hi - lo + 2 * 4 + 2 * 4 + 8  # not much more: pooling and rounding
+    # a second image widens the box to both contents; content everywhere or nowhere: the whole grid
+    other = torch.zeros(1, 1, *shape)
+    other[..., 36:44, 2:6, 30:38] = 1.0
+    both = geometry.content_box([image, other], divisor=8, margin=4)
+    assert both[0].stop >= 44 + 4 and both[1].start == 0 and both[2].stop >= 38
+    assert geometry.content_box([torch.ones(1, 1, *shape)], 8, 4) is None
+    assert geometry.content_box([torch.zeros(1, 1, *shape)], 8, 4) is None
