@@ -223,7 +223,8 @@ def refine(
     "auto" is resolved by :func:`resolve_precision`). ``initial``: the total map to start from (the
     previous steps', on this grid; default none), the steps then numbered from ``first_index``.
     ``crop_margin``: the network sees only ``geometry.content_box`` of the current state and the
-    fixed image widened by this many voxels, its step zero outside (None: the whole grid)."""
+    fixed image widened by this many voxels, its step fading to zero over them and zero outside
+    (None: the whole grid)."""
     if steps < 1 or trajectories < 1:
         raise MorphSeekError(f"steps and trajectories must be >= 1 (got {steps}, {trajectories})")
     use_labels = moving_labels is not None and fixed_labels is not None
@@ -256,7 +257,7 @@ def refine(
         if not score:
             with mixed_precision(model, device, precision):
                 step_field = model.decode(enc.skips, enc.mu).float()
-            total = _compose(total, step_field, box)
+            total = _compose(total, step_field, box, crop_margin)
             if t < first_index + steps - 1:  # the last step's warped image is never used
                 state = geometry.warp(moving, total)
             nan = float("nan")
@@ -275,7 +276,7 @@ def refine(
             size = z.shape[0]
             with mixed_precision(model, device, precision):
                 step_field = model.decode(_expand(enc.skips, size), z).float()
-            candidate_total = _compose(total.expand(size, -1, -1, -1, -1), step_field, box)
+            candidate_total = _compose(total.expand(size, -1, -1, -1, -1), step_field, box, crop_margin)
             warped = geometry.warp(moving.expand(size, -1, -1, -1, -1), candidate_total)
             sim_value = torch.stack([sim(warped[b:b + 1], fixed) for b in range(size)])
             sim_gain = (prev_sim - sim_value) / prev_sim.abs().clamp(min=1e-12)
@@ -309,12 +310,26 @@ def refine(
     return results
 
 
-def _compose(total: torch.Tensor, step: torch.Tensor, box: tuple[slice, slice, slice] | None) -> torch.Tensor:
+def _compose(total: torch.Tensor, step: torch.Tensor, box: tuple[slice, slice, slice] | None,
+             margin: int | None) -> torch.Tensor:
     """``geometry.compose(total, step)`` for a step made on the box ``box`` of the map's grid (None:
     the whole grid) and zero outside it: there the map stays what it was, and only the box is
-    resampled."""
+    resampled. The step fades to zero linearly over the box's outer ``margin`` voxels (empty
+    background by construction, ``geometry.content_box``) where the box ends inside the grid, so
+    that the map has no seam there (a visible line in the Jacobian without it)."""
     if box is None:
         return geometry.compose(total, step)
+    shape = total.shape[2:]
+    for axis, (s, n) in enumerate(zip(box, shape)):
+        ramp = torch.ones(s.stop - s.start, dtype=step.dtype, device=step.device)
+        fade = torch.arange(1, margin + 1, dtype=step.dtype, device=step.device) / (margin + 1)
+        if s.start > 0:
+            ramp[:margin] = fade
+        if s.stop < n:
+            ramp[-margin:] = torch.minimum(ramp[-margin:], fade.flip(0))
+        view = [1, 1, 1]
+        view[axis] = -1
+        step = step * ramp.view(1, 1, *view)
     out = total.clone()
     out[(slice(None), slice(None), *box)] = step + geometry.warp(total, step, mode="bilinear", padding_mode="border",
                                                                  region=box)

@@ -360,7 +360,11 @@ def test_each_step_sees_only_the_box_around_the_content_and_leaves_the_map_alone
     last = steps[-1].total[0]
     # the map where the network did not look is the one it started from; inside, the step moved it
     assert torch.equal(last[:, outside], start[0][:, outside])
-    assert float((last - start[0]).abs().amax()) > 1e-3
+    moved = (last - start[0]).abs().amax(dim=0)
+    assert float(moved.amax()) > 0.1
+    # no seam where the box ends inside the grid: the step fades out over its outer margin
+    first = box[0].start
+    assert first > 0 and float(moved[first].amax()) < 0.3 * float(moved.amax())
     refine(net, moving, fixed, steps=2, crop_margin=4)
     assert all(tuple(m.shape[2:]) != shape for m, _ in net.seen[1:])  # every step saw a box, not the grid
     whole = refine(net, moving, fixed, steps=1, initial=start)  # crop_margin None: the whole grid
