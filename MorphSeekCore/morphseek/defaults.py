@@ -18,9 +18,10 @@ STEPS = 3
 FINE_STEPS = 1
 #: The network of each step sees only the box around the images' content (``geometry.content_box``:
 #: where either image, averaged over 4^3 voxels, is above 0.1 of its normalised range), widened by
-#: this many voxels of the step's grid; the step's map is left as it was outside. On skull-stripped
-#: brains that is half the voxels or less: the network 1.2-1.3x faster per registration, Dice level
-#: (+0.09 points on training subjects' pairs, docs/QUALITY.md section 23). None: the whole grid.
+#: this many voxels of the step's grid (the step fades out over them); the map is left as it was
+#: outside. On the skull-stripped held-back SynthSeg brains 1.28x faster per registration at -0.07
+#: Dice (+0.09 on training subjects' pairs); where the anatomy fills the grid the box is the whole
+#: grid (docs/QUALITY.md section 23). ``register_images(crop=False)``: the whole grid.
 CROP_MARGIN = 4
 #: Sampling temperature tau of the candidates in test-time search (METHOD.md's starting choice).
 TAU = 0.3
