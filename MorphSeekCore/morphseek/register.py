@@ -323,9 +323,9 @@ def _compose(total: torch.Tensor, step: torch.Tensor, box: tuple[slice, slice, s
     for axis, (s, n) in enumerate(zip(box, shape)):
         ramp = torch.ones(s.stop - s.start, dtype=step.dtype, device=step.device)
         fade = torch.arange(1, margin + 1, dtype=step.dtype, device=step.device) / (margin + 1)
-        if s.start > 0:
+        if s.start > 0 and margin:
             ramp[:margin] = fade
-        if s.stop < n:
+        if s.stop < n and margin:
             ramp[-margin:] = torch.minimum(ramp[-margin:], fade.flip(0))
         view = [1, 1, 1]
         view[axis] = -1
