@@ -365,6 +365,10 @@ def test_each_step_sees_only_the_box_around_the_content_and_leaves_the_map_alone
     # no seam where the box ends inside the grid: the step fades out over its outer margin
     first = box[0].start
     assert first > 0 and float(moved[first].amax()) < 0.3 * float(moved.amax())
+    # the same for the sampled candidates of a search, whichever is kept
+    searched = refine(net, moving, fixed, steps=1, trajectories=3, tau=0.5, crop_margin=4, initial=start,
+                      generator=torch.Generator().manual_seed(0))
+    assert torch.equal(searched[0].total[0][:, outside], start[0][:, outside])
     refine(net, moving, fixed, steps=2, crop_margin=4)
     assert all(tuple(m.shape[2:]) != shape for m, _ in net.seen[1:])  # every step saw a box, not the grid
     whole = refine(net, moving, fixed, steps=1, initial=start)  # crop_margin None: the whole grid
