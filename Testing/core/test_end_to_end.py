@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from morphseek import cli, geometry, metrics
+from morphseek import cli, defaults, geometry, metrics
 from morphseek.checkpoint import load_checkpoint, save_checkpoint
 from morphseek.data import load_dataset
 from morphseek.errors import Cancelled
@@ -101,6 +101,10 @@ def test_cli_register_and_evaluate_on_files(trained, dataset_path, tmp_path, cap
     report = json.loads((out / "report.json").read_text())
     assert report["steps"][-1]["dice_percent"] > report["initial_dice_percent"]
     assert (out / "step_02" / "warped_seg.nii.gz").exists()
+    assert report["settings"]["crop_margin"] == defaults.CROP_MARGIN  # the content box by default
+    code = cli.main(["register", "--fixed", str(f.image), "--moving", str(m.image), "--model", str(ckpt),
+                     "--steps", "1", "--prealign", "none", "--device", "cpu", "--no-crop", "--out", str(tmp_path / "whole")])
+    assert code == 0 and json.loads((tmp_path / "whole" / "report.json").read_text())["settings"]["crop_margin"] is None
 
     code = cli.main(["evaluate", "--data", str(dataset_path), "--model", str(ckpt), "--steps", "1",
                      "--device", "cpu", "--out", str(tmp_path / "eval")])

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from morphseek import defaults
 from morphseek.worker import JobError, Protocol, read_job, registration_stage, write_job
 
 ENGINE = Path(__file__).resolve().parents[2] / "MorphSeekCore"
@@ -186,6 +187,20 @@ def test_a_jobs_fine_steps_reach_the_engine(pair, tmp_path):
         assert events[-1]["result"]["report"]["settings"]["fine_steps"] == 0
     events, _, status = run_worker(job(1, "fine"))
     assert status == 1 and events[-1]["error"] == "input" and "physical spacing" in events[-1]["message"]
+
+
+def test_a_jobs_crop_setting_reaches_the_engine(pair, tmp_path):
+    """``settings.crop``: absent lets each step's network see the content box (``defaults.CROP_MARGIN``),
+    false the whole grid; the report says which ran."""
+    for crop in ("absent", False):
+        settings = {"steps": 1, "device": "cpu", "prealign": "none", **({"crop": crop} if crop != "absent" else {})}
+        events, stderr, status = run_worker(write_job(
+            {"kind": "register", "model": str(pair / "tiny.pt"), "output": str(tmp_path / f"out{crop}"),
+             "inputs": {k: str(pair / f"{k}.nrrd") for k in ("fixed", "moving")}, "settings": settings},
+            tmp_path / f"{crop}.json"))
+        assert status == 0, stderr[-3000:]
+        expected = defaults.CROP_MARGIN if crop == "absent" else None
+        assert events[-1]["result"]["report"]["settings"]["crop_margin"] == expected
 
 
 def test_a_missing_model_is_an_input_error_naming_the_file(pair, tmp_path):
