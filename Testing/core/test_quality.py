@@ -37,6 +37,16 @@ def _image(shape_xyz=(30, 26, 22), spacing=(1.2, 0.9, 1.5), seed=0, oblique=True
     return image
 
 
+def _brain_sample_pair() -> tuple[sitk.Image, sitk.Image, sitk.Image, sitk.Image, Path]:
+    """The demo's held-back pair of the shipped brain sample (09 -> 10): fixed, moving, their
+    labels, and the shipped brain model's path."""
+    root = Path(__file__).resolve().parents[2]
+    sample = root / "Resources" / "SampleData" / "brain"
+    fixed, moving = io.read_image(sample / "10_t1.nii.gz"), io.read_image(sample / "09_t1.nii.gz")
+    fixed_seg, moving_seg = io.read_labels(sample / "10_seg.nii.gz"), io.read_labels(sample / "09_seg.nii.gz")
+    return fixed, moving, fixed_seg, moving_seg, root / "Resources" / "Models" / "morphseek-brain"
+
+
 class SpyNet(MorphSeekNet):
     """A real tiny network that records the tensors registration hands it."""
 
@@ -264,11 +274,7 @@ def test_the_brain_models_last_step_runs_on_the_fine_grid_and_raises_dice():
     """defaults.FINE_STEPS: the brain model's third step runs on the 2 mm grid of the sample's 2 mm
     images (docs/QUALITY.md section 11: +6-8 Dice points on held-back brains); ``fine_steps=0``
     keeps every step on the 4 mm model grid; both start with the same two steps."""
-    root = Path(__file__).resolve().parents[2]
-    sample = root / "Resources" / "SampleData" / "brain"
-    fixed, moving = io.read_image(sample / "10_t1.nii.gz"), io.read_image(sample / "09_t1.nii.gz")
-    fixed_seg, moving_seg = io.read_labels(sample / "10_seg.nii.gz"), io.read_labels(sample / "09_seg.nii.gz")
-    model = root / "Resources" / "Models" / "morphseek-brain"
+    fixed, moving, fixed_seg, moving_seg, model = _brain_sample_pair()
     runs = {fine: register_images(fixed, moving, model, fixed_seg=fixed_seg, moving_seg=moving_seg, prealign="none",
                                   device="cpu", fine_steps=fine, keep_step_images=False) for fine in (None, 0)}
     fine, coarse = runs[None], runs[0]
@@ -316,11 +322,7 @@ def test_the_brain_model_in_bf16_gives_the_float32_registration_to_rounding():
     bf16, its policy head and everything outside it in float32. On the brain sample the total map
     differs from float32's by rounding (measured: 0.01 mm on average), Dice by hundredths of a point
     (docs/QUALITY.md section 17); the report records the arithmetic used."""
-    root = Path(__file__).resolve().parents[2]
-    sample = root / "Resources" / "SampleData" / "brain"
-    fixed, moving = io.read_image(sample / "10_t1.nii.gz"), io.read_image(sample / "09_t1.nii.gz")
-    fixed_seg, moving_seg = io.read_labels(sample / "10_seg.nii.gz"), io.read_labels(sample / "09_seg.nii.gz")
-    model = root / "Resources" / "Models" / "morphseek-brain"
+    fixed, moving, fixed_seg, moving_seg, model = _brain_sample_pair()
     from morphseek.register import cpu_has_bf16_units
 
     # where bf16 is emulated (no AMX; "auto" never picks it there) the fine step's 1.4 M voxels cost
@@ -379,11 +381,7 @@ def test_the_brain_model_on_the_content_box_registers_as_on_the_whole_grid():
     """Registration's default crop (``crop=True``) against the whole grid, on the brain sample: the
     same Dice at every step to a few tenths (docs/QUALITY.md section 23: +0.09 on average on
     training subjects' pairs), the same folding order, and the report says which ran."""
-    root = Path(__file__).resolve().parents[2]
-    sample = root / "Resources" / "SampleData" / "brain"
-    fixed, moving = io.read_image(sample / "10_t1.nii.gz"), io.read_image(sample / "09_t1.nii.gz")
-    fixed_seg, moving_seg = io.read_labels(sample / "10_seg.nii.gz"), io.read_labels(sample / "09_seg.nii.gz")
-    model = root / "Resources" / "Models" / "morphseek-brain"
+    fixed, moving, fixed_seg, moving_seg, model = _brain_sample_pair()
     runs = {crop: register_images(fixed, moving, model, fixed_seg=fixed_seg, moving_seg=moving_seg, prealign="none",
                                   device="cpu", precision="float32", crop=crop, keep_step_images=False)
             for crop in (True, False)}
