@@ -319,10 +319,9 @@ def _compose(total: torch.Tensor, step: torch.Tensor, box: tuple[slice, slice, s
     that the map has no seam there (a visible line in the Jacobian without it)."""
     if box is None:
         return geometry.compose(total, step)
-    shape = total.shape[2:]
-    for axis, (s, n) in enumerate(zip(box, shape)):
+    fade = torch.arange(1, margin + 1, dtype=step.dtype, device=step.device) / (margin + 1)
+    for axis, (s, n) in enumerate(zip(box, total.shape[2:])):
         ramp = torch.ones(s.stop - s.start, dtype=step.dtype, device=step.device)
-        fade = torch.arange(1, margin + 1, dtype=step.dtype, device=step.device) / (margin + 1)
         if s.start > 0 and margin:
             ramp[:margin] = fade
         if s.stop < n and margin:
