@@ -50,7 +50,7 @@ class AdaptSettings:
     #: normalised intensity (the images are on [0, 1]), dilated by one voxel; 0 updates everywhere.
     #: In the empty background Adam's per-voxel normalisation turns noise gradients into full-size
     #: steps: on whole-head images those folded 0.5 % of the voxels (docs/QUALITY.md section 2)
-    foreground: float = 0.1
+    foreground: float = defaults.FOREGROUND
 
 
 def fine_grid_shape(shape: tuple[int, ...], factor: int = 2) -> tuple[int, int, int]:

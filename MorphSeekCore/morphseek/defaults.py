@@ -16,8 +16,12 @@ STEPS = 3
 #: structures a few millimetres wide; the same network one step finer gained 6-8 Dice points on
 #: held-back brains (docs/QUALITY.md section 11)
 FINE_STEPS = 1
+#: Where an image has content: its normalised intensity (on [0, 1]), averaged over a few voxels so
+#: that noise does not count, above this. The network's box (``geometry.content_box``) and the
+#: region adapt updates (``AdaptSettings.foreground``) both start from it.
+FOREGROUND = 0.1
 #: The network of each step sees only the box around the images' content (``geometry.content_box``:
-#: where either image, averaged over 4^3 voxels, is above 0.1 of its normalised range), widened by
+#: where either image, averaged over 4^3 voxels, is above ``FOREGROUND``), widened by
 #: this many voxels of the step's grid (the step fades out over them); the map is left as it was
 #: outside. On the skull-stripped held-back SynthSeg brains 1.28x faster per registration at -0.07
 #: Dice (+0.09 on training subjects' pairs); where the anatomy fills the grid the box is the whole

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import defaults
 from .errors import MorphSeekError
 
 Tensor = torch.Tensor
@@ -266,7 +267,7 @@ def gaussian_blur(volume: torch.Tensor, sigma: float | Sequence[float]) -> torch
     return blur_axes(volume, sigmas, radii, pad=True)
 
 
-def content_box(images: Sequence[Tensor], divisor: int, margin: int, threshold: float = 0.1,
+def content_box(images: Sequence[Tensor], divisor: int, margin: int, threshold: float = defaults.FOREGROUND,
                 pool: int = 4) -> tuple[slice, slice, slice] | None:
     """The box of a grid that the network needs to see: every voxel where any of ``images``
     (normalised intensities, (1, 1, D, H, W)) has a local mean (``pool`` voxels wide, so that noise
