@@ -127,14 +127,23 @@ class VoxelMorph(Backbone):
         are never made, and the full-resolution convolutions run channels-last (oneDNN's faster
         kernels).
         Training keeps the plain path (its gradients need the intermediate tensors)."""
+        return self.full_resolution_tail(self.half_resolution_features(skips, z), skips[0])
+
+    def half_resolution_features(self, skips: list[Tensor], z: Tensor) -> Tensor:
+        """The inference decoder up to its last level: the features at half resolution (the last
+        up-convolution's output, before it is upsampled and joined with the input pair)."""
         x = self.up_convs[0].infer(z)
-        # the blocks whose input is an upsampled level and a skip: the next levels', then the first
-        # full-resolution one (or, without any, the flow convolution)
-        readers = [*self.up_convs[1:], *self.full_res_convs[:1]]
-        for block, skip in zip(readers, reversed(skips)):
+        # the up-convolutions whose input is an upsampled level and a skip (all but the input pair's)
+        for block, skip in zip(self.up_convs[1:], reversed(skips[1:])):
             x = F.leaky_relu_(upsampled_conv(block[0], x, skip), block[1].negative_slope)
+        return x
+
+    def full_resolution_tail(self, x: Tensor, pair: Tensor) -> Tensor:
+        """The inference decoder's rest: half-resolution features ``x`` upsampled and joined with the
+        input ``pair`` -> the full-resolution convolutions -> the flow (most of a 2 mm step's time)."""
         if not self.full_res_convs:
-            return upsampled_conv(self.flow, x, skips[0]).contiguous()
+            return upsampled_conv(self.flow, x, pair).contiguous()
+        x = F.leaky_relu_(upsampled_conv(self.full_res_convs[0][0], x, pair), self.full_res_convs[0][1].negative_slope)
         for block in self.full_res_convs[1:]:
             x = block.infer(x)
         return few_output_conv3d(x, self.flow.weight, self.flow.bias, self.flow.padding[0]).contiguous()
