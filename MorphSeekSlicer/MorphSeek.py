@@ -119,6 +119,8 @@ class MorphSeekParameterNode:
     steps: Annotated[int, WithinRange(1, 10)] = 3
     #: the last step on the fine grid (the engine's choice for the model, ``fine_steps=None``); off: 0
     fineLastStep: bool = True
+    #: each step's network sees only the box around the volumes' content (``register_images(crop=True)``)
+    contentBox: bool = True
     trajectories: Annotated[int, WithinRange(1, 16)] = 1  # J, candidates per step (METHOD.md)
     temperature: Annotated[float, WithinRange(0, 1)] = 0.3
     prealign: bool = True
@@ -394,7 +396,7 @@ class MorphSeekWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 model=p.modelPath or None, steps=p.steps, trajectories=p.trajectories,
                 tau=float(p.temperature), device=p.device, prealign="affine" if p.prealign else "none",
                 adapt=p.adaptIterations, adapt_lambda=float(p.adaptLambda),
-                fine_steps=None if p.fineLastStep else 0)
+                fine_steps=None if p.fineLastStep else 0, crop=p.contentBox)
             with slicer.util.WaitCursor():
                 run = RegistrationRun(self.logic.sceneLogic, request, self._launch()).start()
         except Exception as error:  # MorphSeekError: bad input, missing model; nothing was created

@@ -127,6 +127,7 @@ class RegistrationRequest:
     #: of the steps, how many (the last) run on the fine grid (None: the engine's choice for the model)
     fine_steps: int | None = None
     adapt_lambda: float = defaults.ADAPT_LAMBDA  # its regulariser weight: higher, smoother (``AdaptSettings.lambda_reg``)
+    crop: bool = True  # each step's network on the box around the images' content (False: the whole grid)
 
     @property
     def total_steps(self) -> int:
@@ -243,11 +244,13 @@ class SceneLogic:
                 model=None, steps: int = 3, trajectories: int = 1, tau: float = 0.3, device: str = "auto",
                 prealign: str = "affine", seed: int = 0, output_name: str | None = None,
                 adapt: int = 0, adapt_lambda: float = defaults.ADAPT_LAMBDA,
-                fine_steps: int | None = None) -> RegistrationRequest:
+                fine_steps: int | None = None, crop: bool = True) -> RegistrationRequest:
         """Read and check the inputs (nothing is created in the scene). ``adapt``: iterations of
         test-time optimisation after the network's steps (one more step; 0: none); ``adapt_lambda``
         its regulariser weight (higher: a smoother map, for some Dice); ``fine_steps``: how many of the
-        steps (the last) run on a grid of half the model's spacing (None: the engine's choice)."""
+        steps (the last) run on a grid of half the model's spacing (None: the engine's choice);
+        ``crop``: each step's network sees only the box around the images' content (False: the
+        whole grid)."""
         if fixed_volume is None or moving_volume is None:
             raise MorphSeekError("choose a fixed and a moving volume")
         if fixed_volume is moving_volume:
@@ -289,7 +292,7 @@ class SceneLogic:
             device=device or "auto", prealign=prealign, seed=int(seed), names=names,
             fixed_volume_id=fixed_volume.GetID(),
             output_name=output_name or f"{moving_volume.GetName()} to {fixed_volume.GetName()}",
-            adapt=int(adapt), adapt_lambda=float(adapt_lambda), fine_steps=fine_steps,
+            adapt=int(adapt), adapt_lambda=float(adapt_lambda), fine_steps=fine_steps, crop=bool(crop),
         )
 
     # -- phase 2 ------------------------------------------------------------------------------
@@ -306,6 +309,7 @@ class SceneLogic:
             steps=request.steps, fine_steps=request.fine_steps, trajectories=request.trajectories, tau=request.tau,
             prealign=request.prealign, device=request.device, seed=request.seed, adapt=request.adapt,
             adapt_settings=AdaptSettings(lambda_reg=request.adapt_lambda), progress=progress, cancel=cancel, names=request.names,
+            crop=request.crop,
         )
 
     # -- phase 3 ------------------------------------------------------------------------------
@@ -342,14 +346,14 @@ class SceneLogic:
                  steps: int = 3, trajectories: int = 1, device: str = "auto", progress: ProgressCallback | None = None,
                  cancel: CancelCallback | None = None, tau: float = 0.3, prealign: str = "affine",
                  seed: int = 0, adapt: int = 0, adapt_lambda: float = defaults.ADAPT_LAMBDA,
-                 fine_steps: int | None = None) -> RegistrationOutputs:
+                 fine_steps: int | None = None, crop: bool = True) -> RegistrationOutputs:
         """Register ``moving_volume`` to ``fixed_volume`` and return the created nodes (synchronous).
         ``adapt`` > 0: that many iterations of test-time optimisation after the network's steps,
         with regulariser weight ``adapt_lambda``."""
         request = self.prepare(fixed_volume, moving_volume, fixed_segmentation, moving_segmentation, model=model,
                                steps=steps, trajectories=trajectories, tau=tau, device=device,
                                prealign=prealign, seed=seed, adapt=adapt, adapt_lambda=adapt_lambda,
-                               fine_steps=fine_steps)
+                               fine_steps=fine_steps, crop=crop)
         result = self.compute(request, progress=progress, cancel=cancel)
         return self.create_nodes(request, result)
 

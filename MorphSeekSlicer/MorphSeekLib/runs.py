@@ -210,7 +210,7 @@ class RegistrationRun(WorkerRun):
                "settings": {"steps": request.steps, "trajectories": request.trajectories, "tau": request.tau,
                             "prealign": request.prealign, "adapt": request.adapt,
                             "adapt_lambda": request.adapt_lambda, "fine_steps": request.fine_steps,
-                            "device": request.device,
+                            "crop": request.crop, "device": request.device,
                             "seed": request.seed}}
         self._start_worker(job)
         return self

@@ -48,6 +48,7 @@ parameters = logic.getParameterNode()
 assert isinstance(parameters, module.MorphSeekParameterNode)
 assert parameters.steps == 3 and parameters.device == "auto" and parameters.prealign is True
 assert parameters.fineLastStep is True  # the engine's choice for the model (fine_steps=None)
+assert parameters.contentBox is True  # as morphseek register: each step's network on the content box
 assert parameters.adaptIterations == 30 and type(parameters.adaptIterations) is int  # noqa: E721
 assert parameters.adaptLambda == module.ADAPT_LAMBDA_DEFAULT == 1.5 and type(parameters.adaptLambda) is float  # noqa: E721
 counts = ("steps", "trajectories", "adaptIterations", "warmupIterations", "episodes")
@@ -69,7 +70,7 @@ for element in ui_root.iter("widget"):
     properties = {p.get("name"): p for p in element.findall("property")}
     if "SlicerParameterName" in properties:
         bindings[properties["SlicerParameterName"].find("string").text] = (element.get("class"), properties)
-assert {"steps", "fineLastStep", "trajectories", "adaptIterations", "warmupIterations", "episodes", "fixedVolume"} <= set(bindings)
+assert {"steps", "fineLastStep", "contentBox", "trajectories", "adaptIterations", "warmupIterations", "episodes", "fixedVolume"} <= set(bindings)
 for name, (widget_class, properties) in bindings.items():
     owner = qt if widget_class.startswith("Q") else ctk if widget_class.startswith("ctk") else slicer
     createGuiConnector(getattr(owner, widget_class)(), module.MorphSeekParameterNode.dataType(name))

@@ -111,14 +111,16 @@ original_prepare, SceneLogic.prepare = SceneLogic.prepare, prepare
 widget._ensureDependencies, widget._showError = (lambda: True), shown.append
 widget._run, widget._runKind = None, None
 try:
-    for iterations, smoothness, fine in ((30, 1.5, True), (0, 4.0, False)):
+    for iterations, smoothness, fine, box in ((30, 1.5, True, True), (0, 4.0, False, False)):
         parameters.adaptIterations, parameters.adaptLambda, parameters.fineLastStep = iterations, smoothness, fine
+        parameters.contentBox = box
         widget.onRegisterOrCancel()
 finally:
     SceneLogic.prepare = original_prepare
 assert [r["adapt"] for r in requested] == [30, 0] and all(type(r["adapt"]) is int for r in requested)  # noqa: E721
 assert [r["adapt_lambda"] for r in requested] == [1.5, 4.0]
 assert [r["fine_steps"] for r in requested] == [None, 0]  # the checkbox: the engine's choice, or none
+assert [r["crop"] for r in requested] == [True, False]  # the content-box checkbox reaches the request
 assert requested[0]["steps"] == 3 and requested[0]["prealign"] == "affine" and len(shown) == 2
 assert widget._run is None and ui.registerButton.enabled
 

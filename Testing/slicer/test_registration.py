@@ -190,6 +190,28 @@ def test_cancel_callback_of_the_in_process_registration_leaves_no_nodes(case):
     assert node_ids(scene) == before
 
 
+def test_the_content_box_setting_reaches_the_engine(case, monkeypatch):
+    """``crop`` (the panel's "Network on the content only", ``register_images(crop=...)``): on by
+    default, as ``morphseek register``; off, the engine is asked for the whole grid."""
+    import morphseek.register
+
+    scene, nodes, model = case
+    asked = []
+
+    def register_images(*args, **kwargs):
+        asked.append(kwargs["crop"])
+        raise Cancelled()
+
+    monkeypatch.setattr(morphseek.register, "register_images", register_images)
+    logic = SceneLogic(scene)
+    for crop in (None, False):
+        request = logic.prepare(nodes["fixed"], nodes["moving"], model=model, steps=STEPS, device="cpu",
+                                **({} if crop is None else {"crop": crop}))
+        with pytest.raises(Cancelled):
+            logic.compute(request)
+    assert asked == [True, False]
+
+
 def test_bad_inputs_give_clear_errors_and_change_nothing(case, tmp_path, monkeypatch):
     scene, nodes, model = case
     logic = SceneLogic(scene)

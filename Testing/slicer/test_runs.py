@@ -148,6 +148,7 @@ def test_test_time_optimisation_arrives_as_one_more_step_of_the_live_preview(pai
     job = json.loads((run.folder / "job.json").read_text())
     assert job["settings"]["adapt"] == 4 and job["settings"]["adapt_lambda"] == 2.0
     assert job["settings"]["fine_steps"] is None  # the engine chooses for the model (``resolve_fine_steps``)
+    assert job["settings"]["crop"] is True  # each step's network on the content box, as the worker reads it
     live = []  # (step, kind, steps in the preview) as each step arrives
 
     def record(updates):
