@@ -15,12 +15,13 @@ student's encoder, policy head and latent are the teacher's.
 Records: each pair is registered by the teacher as ``morphseek register`` runs it (3 steps, the
 last on the fine grid, each on the content box); every network call's half-resolution features,
 input pair and step are kept (float16). Pairs: two training subjects (a tenth of them one subject
-twice: a pair that needs no step), each randomly deformed, T1-like as the held-back scans are or in a
+twice), each with its own random deformation, T1-like as the held-back scans are or in a
 random contrast (half each), a fifth not skull-stripped. No held-back subject is read. The last
 tenth of the pairs is kept aside to report the student's error on pairs it was not fitted to.
 Training: Adam on random 48^3 crops of the records, mean squared error to the teacher's step in
 voxels, the crops' outer 2 voxels left out (there the student's zero padding is not the image's);
-cosine learning rate. Rerunning the command with the same arguments gives the same model.
+cosine learning rate. The pairs, crops and initial weights follow --seed (the threads' sums may
+differ in the last bits from run to run).
 """
 
 from __future__ import annotations
