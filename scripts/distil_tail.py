@@ -42,7 +42,7 @@ import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from morphseek import geometry, io, synth  # noqa: E402
+from morphseek import geometry, io  # noqa: E402
 from morphseek.brains import BrainSet, random_contrast, random_deformation, t1_image  # noqa: E402
 from morphseek.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from morphseek.errors import MorphSeekError  # noqa: E402
@@ -52,6 +52,7 @@ from morphseek.register import register_images  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 CROP = 24  # half-resolution voxels per crop side (48 at full resolution)
 BORDER = 2  # full-resolution voxels at a crop's edge left out of the loss (two 3x3x3 convolutions)
+TAIL = ("backbone.full_res_convs.", "backbone.flow.")  # the weights the student has of its own
 
 
 def training_pair(brains: BrainSet, rng: np.random.Generator) -> tuple[sitk.Image, sitk.Image]:
@@ -70,11 +71,10 @@ def training_pair(brains: BrainSet, rng: np.random.Generator) -> tuple[sitk.Imag
     for labels in warped:
         if t1:
             array = t1_image(labels, rng, skull_strip=strip)
-        else:
+            images.append(io.from_array(array, brains.reference))
+        else:  # the warm-up's own synthesis of a random contrast
             labels = np.where(labels >= 500, 0, labels) if strip else labels
-            array = synth.synthesise_image(labels, seed=rng, label_means=contrast, blur_sigma=(0.3, 1.0),
-                                           bias_strength=0.3, noise_std=0.03)
-        images.append(io.from_array(array, brains.reference))
+            images.append(brains.synthesised_images(labels, contrast, rng, clean=False)[0])
     return images[1], images[0]
 
 
@@ -152,11 +152,10 @@ def student_of(teacher, widths: list[int]):
     levels = len(teacher.backbone.enc_channels)
     config["dec_channels"] = list(config["dec_channels"][:levels]) + widths
     student = build_model(config)
-    kept = {k: v for k, v in teacher.state_dict().items()
-            if not k.startswith(("backbone.full_res_convs.", "backbone.flow."))}
+    kept = {k: v for k, v in teacher.state_dict().items() if not k.startswith(TAIL)}
     student.load_state_dict(kept, strict=False)
     for name, parameter in student.named_parameters():
-        parameter.requires_grad_(name.startswith(("backbone.full_res_convs.", "backbone.flow.")))
+        parameter.requires_grad_(name.startswith(TAIL))
     return student
 
 
@@ -214,9 +213,6 @@ def main(argv: list[str] | None = None) -> int:
             student.train()
             log.append(entry)
             print(json.dumps(entry), flush=True)
-    student.eval()
-    for parameter in student.parameters():
-        parameter.requires_grad_(True)
     saved = config.to_dict()
     saved["provenance"] = {**dict(saved.get("provenance") or {}), "distilled": {
         "from": str(args.teacher), "widths": args.widths, "pairs": args.pairs, "iterations": args.iterations,

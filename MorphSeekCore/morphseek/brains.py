@@ -183,9 +183,10 @@ class BrainSet:
         return (io.from_array(noisy, self.reference),
                 None if noise_free is None else io.from_array(noise_free, self.reference))
 
-    def _images(self, labels: np.ndarray, contrast: np.ndarray, rng: np.random.Generator,
-                clean: bool) -> tuple[sitk.Image, sitk.Image | None]:
-        """(noisy image, the same without noise or None); the same random draws either way."""
+    def synthesised_images(self, labels: np.ndarray, contrast: np.ndarray, rng: np.random.Generator,
+                           clean: bool) -> tuple[sitk.Image, sitk.Image | None]:
+        """A label map in ``contrast`` with the warm-up's blur, bias and noise, on the subjects' grid:
+        (noisy image, the same without noise or None); the same random draws either way."""
         return self._on_reference(synth.synthesise_image(labels, seed=rng, label_means=contrast, blur_sigma=(0.3, 1.0),
                                                          bias_strength=0.3, noise_std=0.03, clean=clean), clean)
 
@@ -215,7 +216,7 @@ class BrainSet:
         contrast = random_contrast(int(max(w.max() for w in warped)), rng)
         images = []  # per subject: the image, its noise-free version (or None), its evaluation labels
         for lab in warped:
-            noisy, noise_free = self._images(lab, contrast, rng, clean)
+            noisy, noise_free = self.synthesised_images(lab, contrast, rng, clean)
             brain = evaluation_labels(lab).astype(np.int16)
             images.append((noisy, noise_free, io.from_array(brain, self.reference)))
         if rng.random() < identical:

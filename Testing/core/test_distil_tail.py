@@ -22,7 +22,7 @@ def test_the_student_keeps_every_weight_but_the_tail_and_trains_only_the_tail():
     student = distil_tail.student_of(teacher, [3])
     assert student.backbone.dec_channels == [8, 8, 8, 3]
     theirs = teacher.state_dict()
-    tail = ("backbone.full_res_convs.", "backbone.flow.")
+    tail = distil_tail.TAIL
     for name, value in student.state_dict().items():
         if not name.startswith(tail):
             assert torch.equal(value, theirs[name]), name
