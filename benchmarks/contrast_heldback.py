@@ -36,23 +36,12 @@ from morphseek import brains, io
 REPO = Path(__file__).resolve().parents[1]
 
 
-def t2_means(max_label: int) -> np.ndarray:
-    """A T2-like mean intensity per label id: CSF bright, grey matter mid, white matter dark."""
-    t1 = brains.t1_means(max_label)
-    means = np.full_like(t1, 0.5)  # cortex and the rest
-    means[t1 == 0.9] = 0.25  # white matter
-    means[t1 == 0.15] = 0.95  # CSF
-    means[t1 == 0.68] = 0.4  # deep grey
-    means[0] = 0.0
-    return means
-
-
 def image(labels: np.ndarray, contrast: str, rng: np.random.Generator) -> np.ndarray:
     if contrast == "whole-head":
         return brains.t1_image(labels, rng, skull_strip=False)
     if contrast == "t1":
         return brains.t1_image(labels, rng)
-    return brains.scan_image(labels, rng, t2_means)
+    return brains.scan_image(labels, rng, brains.t2_means)
 
 
 def on_voxels(labels: sitk.Image, spacing: float | None) -> sitk.Image:

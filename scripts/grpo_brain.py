@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from morphseek import defaults, io
-from morphseek.brains import BrainSet
+from morphseek.brains import SCAN_CONTRASTS, BrainSet
 from morphseek.checkpoint import load_checkpoint
 from morphseek.errors import MorphSeekError
 from morphseek.train.config import TRAINABLE
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scans", action="store_true",
                    help="labelled pairs made as the held-back ones are (BrainSet.scan_pair: two training subjects' "
                         "own anatomy as T1-like scans) instead of the warm-up's random contrasts and deformations")
+    p.add_argument("--contrast", choices=sorted(SCAN_CONTRASTS), default="t1",
+                   help="with --scans: the labelled scans' contrast (default t1; validate on held-back images of the "
+                        "same contrast: --data runs/brains-t2 from benchmarks/contrast_heldback.py)")
     p.add_argument("--elastic", type=float, default=1.5,
                    help="synthesised pairs (without --scans): the largest elastic displacement of each subject's "
                         "random deformation, voxels of 2 mm (default 1.5, the warm-up's)")
@@ -79,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.scans and (args.elastic != 1.5 or args.same_subject):
         p.error("--elastic and --same-subject are for the synthesised pairs (--scans pairs are undeformed pairs "
                 "of two subjects, as the held-back ones)")
+    if args.contrast != "t1" and not args.scans:
+        p.error("--contrast is for --scans pairs (the synthesised ones draw a random contrast per pair)")
     if args.noisy_warm and not args.scans:
         p.error("--noisy-warm is for --scans pairs (the synthesised ones always have their noise-free images)")
     torch.set_num_threads(args.threads)
@@ -90,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.scans:  # distinct ordered pairs of training subjects, in a fixed shuffled order
         clean = run_config.clean_similarity and not args.noisy_warm
         try:
-            train = data.scan_pairs(args.pairs, model_ref, percentiles, fine_ref, clean=clean)
+            train = data.scan_pairs(args.pairs, model_ref, percentiles, fine_ref, clean=clean,
+                                    contrast=args.contrast)
         except MorphSeekError as error:  # --pairs out of range
             p.error(f"--pairs with --scans: {error}")
     else:  # with the noise-free images when the warm-up compared those: GRPO's L_warm does the same

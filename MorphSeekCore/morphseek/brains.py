@@ -58,6 +58,21 @@ def t1_means(max_label: int) -> np.ndarray:
     return means
 
 
+def t2_means(max_label: int) -> np.ndarray:
+    """A T2-like mean intensity per label id: CSF bright, grey matter mid, white matter dark."""
+    t1 = t1_means(max_label)
+    means = np.full_like(t1, 0.5)  # cortex and the rest
+    means[t1 == 0.9] = 0.25  # white matter
+    means[t1 == 0.15] = 0.95  # CSF
+    means[t1 == 0.68] = 0.4  # deep grey
+    means[0] = 0.0
+    return means
+
+
+#: the scans' contrasts by name (``scan_image``'s ``means``)
+SCAN_CONTRASTS = {"t1": t1_means, "t2": t2_means}
+
+
 def scan_image(labels: np.ndarray, rng: np.random.Generator, means: Callable[[int], np.ndarray] = t1_means,
                skull_strip: bool = True, clean: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """An image (float32 [0, 1]) of a label map in the contrast ``means(max_label)`` (one mean per
@@ -225,22 +240,27 @@ class BrainSet:
 
     def scan_pair(self, moving_id: str, fixed_id: str, rng: np.random.Generator, model_ref: sitk.Image,
                   percentiles: Sequence[float] = (1.0, 99.0), fine_ref: sitk.Image | None = None,
-                  clean: bool = False) -> PairSample:
+                  clean: bool = False, contrast: str = "t1") -> PairSample:
         """A labelled pair made as the held-back ones are (``scripts/prepare_brains.py``): the two
-        subjects' own label maps, undeformed and skull-stripped, as T1-like scans (:func:`t1_image`,
-        own noise, blur and bias) with the evaluation labels: what a user's few labelled T1 cases
-        look like, where ``sample_pair`` draws the warm-up's random contrasts and deformations.
-        ``clean``: also the noise-free images (which a user's pairs do not have; the noisy ones are
-        the same either way), as ``sample_pair``. On ``fine_ref`` too when given."""
+        subjects' own label maps, undeformed and skull-stripped, as scans (:func:`scan_image`, own
+        noise, blur and bias; ``contrast`` one of ``SCAN_CONTRASTS``, T1-like by default) with the
+        evaluation labels: what a user's few labelled cases look like, where ``sample_pair`` draws
+        the warm-up's random contrasts and deformations. ``clean``: also the noise-free images
+        (which a user's pairs do not have; the noisy ones are the same either way), as
+        ``sample_pair``. On ``fine_ref`` too when given."""
+        if contrast not in SCAN_CONTRASTS:
+            raise MorphSeekError(f"unknown scan contrast {contrast!r}: one of {', '.join(SCAN_CONTRASTS)}")
+        means = SCAN_CONTRASTS[contrast]
         images = []
         for subject in (moving_id, fixed_id):
             labels = self.labels[subject][0, 0].numpy()
-            images.append((*self._on_reference(t1_image(labels, rng, clean=clean), clean),
+            images.append((*self._on_reference(scan_image(labels, rng, means, clean=clean), clean),
                            io.from_array(evaluation_labels(labels).astype(np.int16), self.reference)))
         return _pair_sample(images, (moving_id, fixed_id), model_ref, percentiles, fine_ref)
 
     def scan_pairs(self, count: int, model_ref: sitk.Image, percentiles: Sequence[float] = (1.0, 99.0),
-                   fine_ref: sitk.Image | None = None, clean: bool = False) -> list[PairSample]:
+                   fine_ref: sitk.Image | None = None, clean: bool = False,
+                   contrast: str = "t1") -> list[PairSample]:
         """``count`` distinct ordered pairs of training subjects as :meth:`scan_pair` makes them, in a
         fixed shuffled order with fixed draws (the same pairs on every run: "N labelled cases")."""
         if not 1 <= count <= len(self.train_pairs):
@@ -248,7 +268,7 @@ class BrainSet:
                                  f"ask for 1 to {len(self.train_pairs)}, not {count}")
         order = np.random.default_rng(10_000).permutation(len(self.train_pairs))[:count]
         return [self.scan_pair(*self.train_pairs[k], np.random.default_rng(10_000 + i), model_ref, percentiles,
-                               fine_ref, clean=clean) for i, k in enumerate(order)]
+                               fine_ref, clean=clean, contrast=contrast) for i, k in enumerate(order)]
 
     def heldback_files(self, subject: str) -> tuple[Path, Path]:
         """(T1-like image, evaluation labels) written for a held-back subject."""

@@ -107,6 +107,22 @@ def test_a_scan_pair_is_made_as_the_held_back_pairs_are(tmp_path):
         assert float(image[full[subject] >= 500].mean()) < 0.1  # the skull was stripped
 
 
+def test_a_t2_like_scan_pair_has_the_same_anatomy_in_the_other_contrast(tmp_path):
+    # scripts/grpo_brain.py --scans --contrast t2: the ventricle brightest, white matter darkest
+    data = _prepared(tmp_path, {"train": ["a", "b"], "heldback": ["x"]})
+    ref = io.model_grid_at(data.reference, 4.0, 4)
+    t1 = data.scan_pair("a", "b", np.random.default_rng(3), ref)
+    t2 = data.scan_pair("a", "b", np.random.default_rng(3), ref, contrast="t2")
+    assert torch.equal(t2.fixed_labels, t1.fixed_labels) and torch.equal(t2.moving_labels, t1.moving_labels)
+    for image, labels in ((t2.moving, t2.moving_labels), (t2.fixed, t2.fixed_labels)):
+        means = {v: float(image[labels == v].mean()) for v in (2, 3, 4)}
+        assert means[4] > means[3] > means[2]
+    # the held-back T2-like images of benchmarks/contrast_heldback.py use the same contrast
+    assert brains.SCAN_CONTRASTS["t2"] is brains.t2_means
+    with pytest.raises(MorphSeekError, match="unknown scan contrast 'flair': one of t1, t2"):
+        data.scan_pair("a", "b", np.random.default_rng(3), ref, contrast="flair")
+
+
 def test_clean_images_are_the_same_pair_without_noise(tmp_path):
     """``clean=True`` adds the noise-free images and changes nothing else (the same random draws);
     they follow the same anatomy (strongly correlated with the noisy ones); test_synth checks that
