@@ -117,8 +117,6 @@ def test_a_t2_like_scan_pair_has_the_same_anatomy_in_the_other_contrast(tmp_path
     for image, labels in ((t2.moving, t2.moving_labels), (t2.fixed, t2.fixed_labels)):
         means = {v: float(image[labels == v].mean()) for v in (2, 3, 4)}
         assert means[4] > means[3] > means[2]
-    # the held-back T2-like images of benchmarks/contrast_heldback.py use the same contrast
-    assert brains.SCAN_CONTRASTS["t2"] is brains.t2_means
     with pytest.raises(MorphSeekError, match="unknown scan contrast 'flair': one of t1, t2"):
         data.scan_pair("a", "b", np.random.default_rng(3), ref, contrast="flair")
 
