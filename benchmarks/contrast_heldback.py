@@ -39,9 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 def image(labels: np.ndarray, contrast: str, rng: np.random.Generator) -> np.ndarray:
     if contrast == "whole-head":
         return brains.t1_image(labels, rng, skull_strip=False)
-    if contrast == "t1":
-        return brains.t1_image(labels, rng)
-    return brains.scan_image(labels, rng, brains.t2_means)
+    return brains.scan_image(labels, rng, brains.SCAN_CONTRASTS[contrast])
 
 
 def on_voxels(labels: sitk.Image, spacing: float | None) -> sitk.Image:
@@ -62,7 +60,7 @@ def on_voxels(labels: sitk.Image, spacing: float | None) -> sitk.Image:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=REPO / "runs" / "brains", help="prepared brain folder")
-    p.add_argument("--contrast", choices=["t2", "whole-head", "t1"], required=True)
+    p.add_argument("--contrast", choices=[*brains.SCAN_CONTRASTS, "whole-head"], required=True)
     p.add_argument("--spacing", type=float, default=None, help="voxel size of the images in mm (default: the labels')")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
