@@ -120,7 +120,7 @@ class MorphSeekParameterNode:
     #: the last step on the fine grid (the engine's choice for the model, ``fine_steps=None``); off: 0
     fineLastStep: bool = True
     #: each step's network sees only the box around the volumes' content (``register_images(crop=True)``)
-    contentBox: bool = True
+    contentBox: bool = defaults.CROP
     trajectories: Annotated[int, WithinRange(1, 16)] = 1  # J, candidates per step (METHOD.md)
     temperature: Annotated[float, WithinRange(0, 1)] = 0.3
     prealign: bool = True

@@ -146,7 +146,7 @@ def _add_registration_options(p, prealign: str) -> None:
                    help="the network's arithmetic (default %(default)s: bfloat16 on CPUs with bf16 matrix units "
                    "(AMX), about 1.5x faster steps at the same Dice; float32 elsewhere). float32: the same "
                    "numbers on every CPU")
-    p.add_argument("--no-crop", dest="crop", action="store_false",
+    p.add_argument("--no-crop", dest="crop", action="store_false", default=defaults.CROP,
                    help="let the network see the whole grid at every step (default: only the box around the "
                    f"images' content, {defaults.CROP_MARGIN} voxels wider: faster on images with much empty "
                    "background, Dice level)")

@@ -27,6 +27,9 @@ FOREGROUND = 0.1
 #: Dice (+0.09 on training subjects' pairs); where the anatomy fills the grid the box is the whole
 #: grid (docs/QUALITY.md section 23). ``register_images(crop=False)``: the whole grid.
 CROP_MARGIN = 4
+#: Whether registration uses that box: the default of ``register_images(crop=...)``, the CLI (``--no-crop``
+#: turns it off), the worker's ``settings.crop`` and the Slicer panel's "Network on the content only".
+CROP = True
 #: Sampling temperature tau of the candidates in test-time search (METHOD.md's starting choice).
 TAU = 0.3
 #: Sampling temperature tau of GRPO fine-tuning's trajectories. Below METHOD.md's starting 0.3: the

@@ -99,7 +99,7 @@ def result_metrics(result, fixed_seg: sitk.Image) -> list[dict]:
 def evaluate_dataset(data: str | Path, model: MorphSeekNet | str | Path, out: str | Path, steps: int = defaults.STEPS,
                      trajectories: int = defaults.SEARCH_TRAJECTORIES, tau: float = defaults.TAU, prealign: str = "none", device: str = "auto",
                      all_pairs: bool = False, precision: str = defaults.PRECISION,
-                     crop: bool = True) -> dict:
+                     crop: bool = defaults.CROP) -> dict:
     """``morphseek evaluate``: register every evaluation pair of ``data`` (its val pairs, or all with
     ``all_pairs``) and write ``evaluation.json`` and ``evaluation.csv`` into ``out``; returns the
     summary (per step: mean and std over pairs of each of ``METRICS``). ``precision`` and

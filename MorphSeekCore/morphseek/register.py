@@ -527,7 +527,7 @@ def register_images(
     grid: tuple[int, int, int] | None = None,
     keep_step_images: bool = True,
     precision: str = defaults.PRECISION,
-    crop: bool = True,
+    crop: bool = defaults.CROP,
     adapt: int = 0,
     adapt_settings: AdaptSettings | None = None,
     progress: ProgressCallback | None = None,

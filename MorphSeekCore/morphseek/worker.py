@@ -25,7 +25,7 @@ lines on its standard output, one object per line, each with an ``"event"`` key:
     ``settings.fine_steps``: how many of the network's last steps run on the fine grid (absent or
     null: ``register.resolve_fine_steps``). ``settings.precision``: the network's arithmetic
     (``register.resolve_precision``; absent: ``defaults.PRECISION``). ``settings.crop``: false lets
-    the network see the whole grid (``register_images``'s ``crop``; absent: true).
+    the network see the whole grid (``register_images``'s ``crop``; absent: ``defaults.CROP``).
 ``{"event": "done", "result": {...}}`` or ``{"event": "error", "error": kind, "message": ...,
 "traceback": ...}``
     the last line. ``error`` kinds: ``input`` (a MorphSeekError: the message names the file and the
@@ -252,7 +252,7 @@ def run_register(job: dict, protocol: Protocol, inputs: RegisterInputs | None = 
         trajectories=int(settings.get("trajectories", defaults.SEARCH_TRAJECTORIES)),
         tau=float(settings.get("tau", defaults.TAU)), prealign=str(settings.get("prealign", defaults.PREALIGN)),
         device=str(settings.get("device", "auto")), seed=int(settings.get("seed", 0)), adapt=adapt,
-        precision=str(settings.get("precision", defaults.PRECISION)), crop=bool(settings.get("crop", True)),
+        precision=str(settings.get("precision", defaults.PRECISION)), crop=bool(settings.get("crop", defaults.CROP)),
         adapt_settings=AdaptSettings(lambda_reg=float(settings.get("adapt_lambda", defaults.ADAPT_LAMBDA))),
         prealigned=inputs.child.result if inputs.child is not None else None,
         keep_step_images=True, progress=progress, names=names)

@@ -127,7 +127,7 @@ class RegistrationRequest:
     #: of the steps, how many (the last) run on the fine grid (None: the engine's choice for the model)
     fine_steps: int | None = None
     adapt_lambda: float = defaults.ADAPT_LAMBDA  # its regulariser weight: higher, smoother (``AdaptSettings.lambda_reg``)
-    crop: bool = True  # each step's network on the box around the images' content (False: the whole grid)
+    crop: bool = defaults.CROP  # each step's network on the box around the images' content (False: the whole grid)
 
     @property
     def total_steps(self) -> int:
@@ -244,7 +244,7 @@ class SceneLogic:
                 model=None, steps: int = 3, trajectories: int = 1, tau: float = 0.3, device: str = "auto",
                 prealign: str = "affine", seed: int = 0, output_name: str | None = None,
                 adapt: int = 0, adapt_lambda: float = defaults.ADAPT_LAMBDA,
-                fine_steps: int | None = None, crop: bool = True) -> RegistrationRequest:
+                fine_steps: int | None = None, crop: bool = defaults.CROP) -> RegistrationRequest:
         """Read and check the inputs (nothing is created in the scene). ``adapt``: iterations of
         test-time optimisation after the network's steps (one more step; 0: none); ``adapt_lambda``
         its regulariser weight (higher: a smoother map, for some Dice); ``fine_steps``: how many of the
@@ -346,7 +346,7 @@ class SceneLogic:
                  steps: int = 3, trajectories: int = 1, device: str = "auto", progress: ProgressCallback | None = None,
                  cancel: CancelCallback | None = None, tau: float = 0.3, prealign: str = "affine",
                  seed: int = 0, adapt: int = 0, adapt_lambda: float = defaults.ADAPT_LAMBDA,
-                 fine_steps: int | None = None, crop: bool = True) -> RegistrationOutputs:
+                 fine_steps: int | None = None, crop: bool = defaults.CROP) -> RegistrationOutputs:
         """Register ``moving_volume`` to ``fixed_volume`` and return the created nodes (synchronous).
         ``adapt`` > 0: that many iterations of test-time optimisation after the network's steps,
         with regulariser weight ``adapt_lambda``."""
