@@ -9,8 +9,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from . import defaults, io
 from .checkpoint import find_checkpoint, load_checkpoint, resolve_device
 from .data import load_dataset, load_samples, read_pair
