@@ -69,7 +69,8 @@ class MorphSeek(ScriptedLoadableModule):
 
 
 def registerSampleData() -> bool:
-    """The shipped sample pair (fixed and moving volume with their segmentations) in the Sample Data
+    """The shipped sample pair (two held-back brains of the brain sample, fixed and moving volume with
+    their segmentations; what the brain model registers in ``morphseek demo``) in the Sample Data
     module, loaded from the extension's own files. False when the Sample Data module or the files
     are absent (a minimal Slicer build, a checkout without Resources/SampleData)."""
     try:
@@ -87,9 +88,11 @@ def registerSampleData() -> bool:
     types = ["VolumeFile", "VolumeFile", "SegmentationFile", "SegmentationFile"]
     icon = Path(__file__).resolve().parent / "Resources" / "Icons" / "MorphSeek.png"
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category=SAMPLE_CATEGORY, sampleName="MorphSeekSamplePair", thumbnailFileName=str(icon),
-        uris=[path.as_uri() for path in files], fileNames=[path.name for path in files],
-        nodeNames=["MorphSeek fixed", "MorphSeek moving", "MorphSeek fixed seg", "MorphSeek moving seg"],
+        category=SAMPLE_CATEGORY, sampleName="MorphSeekBrainPair", thumbnailFileName=str(icon),
+        # the file names Sample Data caches them under: the brain sample's own (10_t1.nii.gz...) are too plain
+        uris=[path.as_uri() for path in files], fileNames=[f"MorphSeek-brain-{path.name}" for path in files],
+        nodeNames=["MorphSeek fixed brain 10", "MorphSeek moving brain 09", "MorphSeek fixed brain 10 seg",
+                   "MorphSeek moving brain 09 seg"],
         loadFileType=types)
     return True
 

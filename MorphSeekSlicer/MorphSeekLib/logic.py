@@ -34,7 +34,7 @@ from morphseek.errors import MorphSeekError
 
 from . import mrml, preview, training
 
-DEFAULT_MODEL_NAME = "morphseek-default.safetensors"  # + its .json beside it
+DEFAULT_MODEL_NAME = "morphseek-brain.safetensors"  # the brain model (+ its .json beside it): an empty Model field
 ProgressCallback = Callable[[Any], None]
 CancelCallback = Callable[[], bool]
 

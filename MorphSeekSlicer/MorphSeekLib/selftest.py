@@ -25,15 +25,19 @@ TRAJECTORIES = 2
 LABELS = {"ventricle": 1, "cortex": 2, "thalamus": 3, "stem": 4}
 FIXED_GEOMETRY = ((1.2, 1.0, 1.4), (-18.0, 12.0, 4.0), 0.15)  # spacing, origin, rotation about z
 MOVING_GEOMETRY = ((1.1, 1.05, 1.3), (-16.0, 10.0, 5.0), 0.05)
-WARP_TOLERANCE = 1e-3  # intensities in [0, 1]
+WARP_TOLERANCE = 1e-3  # of the moving image's intensity range (the synthetic case's is [0, 1])
 
-SAMPLE_FILES = {"fixed": "fixed.nii.gz", "moving": "moving.nii.gz",
-                "fixed_seg": "fixed_seg.nii.gz", "moving_seg": "moving_seg.nii.gz"}
-# The shipped model on the sample pair (3 steps, 1 candidate, no pre-alignment), measured: mean Dice
-# 62.6 % before, 73.2 % after (+10.6 points), 0.38 % folded voxels. The checks leave room for other
-# CPUs/GPUs and retrained models, but fail for a model that does not register (identity: +0 points).
-SAMPLE_MIN_DICE_GAIN = 5.0  # percentage points
-SAMPLE_MAX_NJD_PERCENT = 1.0
+# The sample pair, relative to Resources/SampleData: the brain sample's two held-back subjects (2 mm,
+# T1-like, 31 structures; Resources/SampleData/brain/README.md), subject 09 onto subject 10 as in
+# ``morphseek demo``.
+SAMPLE_FILES = {"fixed": "brain/10_t1.nii.gz", "moving": "brain/09_t1.nii.gz",
+                "fixed_seg": "brain/10_seg.nii.gz", "moving_seg": "brain/09_seg.nii.gz"}
+# The shipped brain model on the sample pair (3 steps, the last on the 2 mm fine grid, 1 candidate,
+# no pre-alignment), measured: mean Dice 56.8 % before, 70.2 % after (+13.4 points), 0.010 % folded
+# voxels. The checks leave room for other CPUs/GPUs and retrained models, but fail for a model that
+# does not register (identity: +0 points) or folds more than the limit.
+SAMPLE_MIN_DICE_GAIN = 8.0  # percentage points
+SAMPLE_MAX_NJD_PERCENT = 0.5
 
 
 def with_geometry(array: np.ndarray, spacing, origin, angle: float) -> sitk.Image:
@@ -225,9 +229,13 @@ def check_registration(scene: slicer.vtkMRMLScene, nodes: dict, outputs, labels:
     mask = comparable_voxels(outputs, mrml.volume_to_image(nodes["moving"]), mrml.volume_to_image(nodes["fixed"]))
     if mask.mean() < 0.3:
         failures.append(f"only {100 * mask.mean():.0f} % of the voxels can be compared")
-    elif np.abs(slicer_warp - engine_warp)[mask].max() > WARP_TOLERANCE:
-        failures.append(f"Slicer's resampling differs from the engine's warp by "
-                        f"{np.abs(slicer_warp - engine_warp)[mask].max():.2e}")
+    else:
+        moving_values = slicer.util.arrayFromVolume(nodes["moving"])
+        value_range = float(moving_values.max()) - float(moving_values.min())
+        difference = np.abs(slicer_warp - engine_warp)[mask].max() / max(value_range, 1e-12)
+        if difference > WARP_TOLERANCE:
+            failures.append(f"Slicer's resampling differs from the engine's warp by {difference:.2e} of the "
+                            "moving image's intensity range")
     if outputs.warped_segmentation is not None:
         values = set(np.unique(sitk.GetArrayViewFromImage(outputs.result.warped_seg))) - {0}
         if not values <= allowed:
