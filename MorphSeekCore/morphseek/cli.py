@@ -353,6 +353,10 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--w-njd", type=options.number(maximum=0.0), default=d.w_njd, help="reward weight of the folding fraction (default %(default)s)")
     parser.add_argument("--lambda-warm", type=options.non_negative_float, default=d.lambda_warm, help="weight of L_warm (default %(default)s)")
     parser.add_argument("--lambda-dice", type=options.non_negative_float, default=d.lambda_dice, help="weight of the soft-Dice loss (default %(default)s)")
+    parser.add_argument("--lambda-reg", type=options.non_negative_float, default=d.lambda_reg,
+                        help="diffusion weight inside L_warm (default: the warm-up's). With --lambda-warm 30 "
+                        "--lambda-dice 30 --lambda-reg 2 GRPO beat the brain model on held-back pairs of its "
+                        "sequence (docs/QUALITY.md section 28)")
     parser.add_argument("--target-kl", type=options.positive_float, default=None, help="KL target per latent dimension (default: max(2 x the warm-up policy's KL, 0.01))")
     parser.add_argument("--ldvn", choices=LDVN_MODES, default=d.ldvn, help="LDVN scale (default %(default)s)")
     parser.add_argument("--lr", type=options.positive_float, default=d.learning_rate, help="Adam learning rate (default %(default)s)")
@@ -404,7 +408,7 @@ def _run_finetune(args) -> int:
               file=sys.stderr)
     config = GRPOConfig(steps=args.steps, trajectories=args.trajectories, tau=args.tau, w_dice=args.w_dice,
                         w_njd=args.w_njd, lambda_warm=args.lambda_warm, lambda_dice=args.lambda_dice,
-                        target_kl=args.target_kl, ldvn=args.ldvn, learning_rate=args.lr, episodes=args.episodes,
+                        lambda_reg=args.lambda_reg, target_kl=args.target_kl, ldvn=args.ldvn, learning_rate=args.lr, episodes=args.episodes,
                         validate_every=args.val_every, seed=args.seed)
     n_lab = sum(check_pair_labels(s) for s in train)
     print(f"GRPO fine-tuning {args.model} on {len(train)} pairs ({n_lab} labelled, "

@@ -165,9 +165,10 @@ def test_cli_warmup_then_finetune_on_a_labelled_folder(dataset_path, tmp_path):
     assert "val_dice" in rows[-1]  # the last iteration validates on the held-back pairs
     assert cli.main(["finetune", "--model", str(warm), "--data", str(dataset_path), "--out", str(ft),
                      "--steps", "2", "--trajectories", "2", "--episodes", "1", "--device", "cpu",
-                     "--no-progress"]) == 0
+                     "--lambda-reg", "2", "--no-progress"]) == 0
     _, config, extra = load_checkpoint(ft)
     assert config.stage == "finetune" and config.grpo["trajectories"] == 2
+    assert config.grpo["lambda_reg"] == 2.0  # L_warm's diffusion weight, not the warm-up's
 
 
 def test_cli_turns_out_of_memory_into_a_clear_message(monkeypatch, capsys, tmp_path):

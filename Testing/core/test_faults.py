@@ -310,6 +310,7 @@ NUMERIC_CASES = [
     ("finetune", ["--lr", "0"], "--lr"),
     ("finetune", ["--tau", "0"], "--tau"),
     ("finetune", ["--w-njd", "5"], "--w-njd"),
+    ("finetune", ["--lambda-reg", "-1"], "--lambda-reg"),
     ("demo", ["--steps", "0"], "--steps"),
     ("demo", ["--episodes", "-1"], "--episodes"),
     ("demo", ["--adapt", "-3"], "--adapt"),
