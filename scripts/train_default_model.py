@@ -1,5 +1,6 @@
-"""Train the model the Slicer extension ships (Resources/Models/morphseek-default.safetensors + .json) and the sample
-pair it ships (Resources/SampleData/), from synthetic data only: nothing downloaded, reproducible.
+"""Train the synthetic default model (Resources/Models/morphseek-default.safetensors + .json) and its synthetic sample
+pair (Resources/SampleData/*.nii.gz), from synthetic data only: nothing downloaded, reproducible. The engine's tests and
+benchmarks of a fixed-grid model use them; the Slicer extension ships the brain model and the brain sample pair instead.
 
     .venv/bin/python scripts/train_default_model.py            # ~15-25 min on 2 CPU cores
     .venv/bin/python scripts/train_default_model.py --warmup-iterations 50 --episodes 2 --out /tmp/m   # smoke run
