@@ -226,11 +226,12 @@ def check_registration(scene: slicer.vtkMRMLScene, nodes: dict, outputs, labels:
             failures.append(f"{kind} sequence has {sequence.GetNumberOfDataNodes()} items")
     slicer_warp = slicer_resampled_through(scene, nodes["moving"], nodes["fixed"], outputs.transform)
     engine_warp = sitk.GetArrayFromImage(outputs.result.warped).astype(np.float64)
-    mask = comparable_voxels(outputs, mrml.volume_to_image(nodes["moving"]), mrml.volume_to_image(nodes["fixed"]))
+    moving_image = mrml.volume_to_image(nodes["moving"])
+    mask = comparable_voxels(outputs, moving_image, mrml.volume_to_image(nodes["fixed"]))
     if mask.mean() < 0.3:
         failures.append(f"only {100 * mask.mean():.0f} % of the voxels can be compared")
     else:
-        moving_values = slicer.util.arrayFromVolume(nodes["moving"])
+        moving_values = sitk.GetArrayViewFromImage(moving_image)
         value_range = float(moving_values.max()) - float(moving_values.min())
         difference = np.abs(slicer_warp - engine_warp)[mask].max() / max(value_range, 1e-12)
         if difference > WARP_TOLERANCE:
