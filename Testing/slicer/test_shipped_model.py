@@ -175,25 +175,28 @@ def only_visible(segmentations, shown) -> None:
         node.GetDisplayNode().SetVisibility(node is shown)
 
 
+def axial_heights(image: sitk.Image, mask: np.ndarray) -> np.ndarray:
+    """The axial position (mm, RAS S = LPS z) of each voxel of ``image`` where ``mask`` (k, j, i) is
+    true, on a grid in any axis order (the brain sample's is LIA: S runs along its second axis)."""
+    k, j, i = np.nonzero(mask)
+    index = np.stack([i, j, k], axis=1).astype(np.float64)
+    matrix = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
+    return (np.asarray(image.GetOrigin()) + index @ matrix.T)[:, 2]
+
+
 def labelled_centre_axial_offset(scene, nodes) -> float:
-    """The axial position (mm, RAS S = LPS z) of the centre of the fixed segmentation: the slice a
-    user looks at first (the volume's centre lies low in the brain sample's head-sized grid)."""
+    """The axial position of the centre of the fixed segmentation: the slice a user looks at first
+    (the volume's centre lies low in the brain sample's head-sized grid)."""
     scheme = mrml.label_scheme(nodes["fixed_seg"], nodes["moving_seg"])
     labels = mrml.segmentation_to_labels(nodes["fixed_seg"], nodes["fixed"], scheme, scene)
-    k, j, i = np.nonzero(sitk.GetArrayViewFromImage(labels))
-    centre = [float(np.mean(a)) for a in (i, j, k)]
-    return float(labels.TransformContinuousIndexToPhysicalPoint(centre)[2])
+    return float(axial_heights(labels, sitk.GetArrayViewFromImage(labels) > 0).mean())
 
 
 def most_folded_axial_offset(jacobian: sitk.Image) -> tuple[float, int]:
-    """The axial position (mm, RAS S = LPS z) of the slice with the most folded voxels, and their
-    count, on a grid in any axis order (the brain sample's is LIA: S runs along its second axis)."""
-    k, j, i = np.nonzero(sitk.GetArrayViewFromImage(jacobian) <= 0)
-    if len(i) == 0:
+    """The axial position of the slice with the most folded voxels, and their count."""
+    heights = np.round(axial_heights(jacobian, sitk.GetArrayViewFromImage(jacobian) <= 0), 3)
+    if len(heights) == 0:
         return 0.0, 0
-    index = np.stack([i, j, k], axis=1).astype(np.float64)
-    matrix = np.asarray(jacobian.GetDirection()).reshape(3, 3) * np.asarray(jacobian.GetSpacing())
-    heights = np.round((np.asarray(jacobian.GetOrigin()) + index @ matrix.T)[:, 2], 3)
     values, counts = np.unique(heights, return_counts=True)
     return float(values[np.argmax(counts)]), int(counts.max())
 
