@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                         "the same numbers on every CPU)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "compare_models.json")
     p.add_argument("--summarise", type=Path, metavar="RESULT",
-                   help="register nothing: print the table of an earlier result file (and add the paired summary "
-                        "to it if it lacks it)")
+                   help="register nothing: print the table of an earlier result file from its per-pair rows, and "
+                        "write that summary into the file in place of the one it had")
     args = p.parse_args(argv)
     if args.summarise:
         result = json.loads(args.summarise.read_text())
